@@ -1,0 +1,26 @@
+# Two commands do all set-up: `make demo` and `make test`. Each creates .venv, installs torch 2.13.0
+# (the CPU build on these machines) only when no torch is importable, then the package with its extras.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: install demo test bench-cpu clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+
+demo: install
+	$(PY) -m elbokto.cli demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench-cpu: install
+	$(PY) -m pytest benchmarks -q --benchmark-enable
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache runs
