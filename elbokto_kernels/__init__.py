@@ -1,0 +1,13 @@
+"""elbokto_kernels: fused masked log-likelihood (ELBO) kernels for masked diffusion LMs.
+
+``fused_elbo`` scores logits; ``fused_linear_elbo`` scores final hidden states through the LM head
+without materialising the logits. Both take the masked copies of every sample at once and return
+one float32 ELBO estimate per sample. Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1),
+"cpu" (C++), "torch" (reference path); "auto" picks.
+"""
+
+from .backends import BACKENDS
+from .elbo import fused_elbo
+from .linear_elbo import fused_linear_elbo
+
+__all__ = ["fused_elbo", "fused_linear_elbo", "BACKENDS"]

@@ -1,0 +1,107 @@
+"""``fused_elbo``: per-sample ELBO from logits, one fused pass over the masked rows.
+
+Registered as the custom op ``elbokto::fused_elbo`` with its autograd, so torch.compile treats it as
+opaque. The op returns ``(out, lse)``: the per-row log-sum-exp is saved for the backward, which
+recomputes the softmax and applies the per-row scale ``grad_out[sample] * w`` (upstream gradients
+differ per sample, so nothing is precomputed for a scalar upstream).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backends import resolve_backend, row_ops
+from .rows import check_elbo_inputs, gather_masked_rows, masked_index, rows_at
+
+
+def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
+               sample_index: Tensor, num_samples: int, *, backend: str = "auto") -> Tensor:
+    """Weighted masked log-likelihood summed per sample: the Monte-Carlo ELBO of each sample.
+
+    ``out[b] = sum_{c: sample_index[c] = b} sum_p mask[c, p] * w[c, p] * log_softmax(logits[c, p])[targets[c, p]]``
+
+    Args:
+        logits: [C, L, V] float32 / bfloat16 / float16, any strides (C copies of length L).
+        targets: [C, L] integer clean tokens; ignored where ``mask`` is False (e.g. -100).
+        mask: [C, L] bool, True where the position was masked and is scored.
+        weights: [C] (per copy) or [C, L] (per position) float, e.g. ``1 / (t * K)``: the caller
+            folds the 1/K of the Monte-Carlo mean in.
+        sample_index: [C] integer, the sample in [0, num_samples) each copy belongs to.
+        num_samples: number of samples B (samples without copies get 0).
+        backend: "auto" (triton on CUDA, the C++ kernel on CPU when it builds, else torch),
+            "triton", "torch" or "cpu".
+
+    Returns:
+        [num_samples] float32. Differentiable w.r.t. ``logits``; the gradient comes back in
+        logits' dtype, exactly zero at unmasked positions. One host sync (the masked-row count) in
+        forward and one in backward.
+    """
+    if logits.dim() != 3 or not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be floating [C, L, V], got {logits.dtype} "
+                         f"{tuple(logits.shape)}")
+    if targets.dim() != 2 or tuple(targets.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"targets must be [C, L] = {list(logits.shape[:2])}, got "
+                         f"{tuple(targets.shape)}")
+    check_elbo_inputs(targets, mask, weights, sample_index, num_samples, logits.device)
+    name = resolve_backend(backend, logits.device)
+    out, _ = torch.ops.elbokto.fused_elbo(logits, targets, mask, weights, sample_index,
+                                          num_samples, name)
+    return out
+
+
+@torch.library.custom_op("elbokto::fused_elbo", mutates_args=())
+def _fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
+                sample_index: Tensor, num_samples: int, backend: str) -> tuple[Tensor, Tensor]:
+    C, L, V = logits.shape
+    rows = gather_masked_rows(targets, mask, weights, sample_index, V, num_samples)
+    # reshape is a view for contiguous logits and for vocabulary slices; a copy only when C and L
+    # cannot be merged (e.g. a transposed view).
+    lse, target_logit = row_ops(backend).row_lse(logits.reshape(C * L, V), rows.index,
+                                                 rows.target, None)
+    out = torch.zeros(num_samples, dtype=torch.float32, device=logits.device)
+    out.index_add_(0, rows.sample, rows.scale * (target_logit - lse))
+    lse_full = torch.zeros(C * L, dtype=torch.float32, device=logits.device)
+    lse_full[rows.index] = lse
+    return out, lse_full.view(C, L)
+
+
+@_fused_elbo.register_fake
+def _(logits, targets, mask, weights, sample_index, num_samples, backend):
+    return (logits.new_empty(num_samples, dtype=torch.float32),
+            logits.new_empty(targets.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("elbokto::fused_elbo_backward", mutates_args=())
+def _fused_elbo_backward(grad_out: Tensor, logits: Tensor, targets: Tensor, mask: Tensor,
+                         weights: Tensor, sample_index: Tensor, lse: Tensor,
+                         backend: str) -> Tensor:
+    C, L, V = logits.shape
+    rows = rows_at(masked_index(mask), targets, weights, sample_index)
+    scale = grad_out.float()[rows.sample] * rows.scale
+    grad = torch.zeros((C * L, V), dtype=logits.dtype, device=logits.device)
+    row_ops(backend).row_grad(logits.reshape(C * L, V), rows.index, rows.target,
+                              lse.reshape(-1)[rows.index], scale, None, grad)
+    return grad.view(C, L, V)
+
+
+@_fused_elbo_backward.register_fake
+def _(grad_out, logits, targets, mask, weights, sample_index, lse, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, mask, weights, sample_index, _, backend = inputs
+    ctx.save_for_backward(logits, targets, mask, weights, sample_index, output[1])
+    ctx.backend = backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    logits, targets, mask, weights, sample_index, lse = ctx.saved_tensors
+    grad = torch.ops.elbokto.fused_elbo_backward(grad_out, logits, targets, mask, weights,
+                                                 sample_index, lse, ctx.backend)
+    return grad, None, None, None, None, None, None
+
+
+_fused_elbo.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,191 @@
+"""``fused_linear_elbo``: per-sample ELBO from final hidden states, never materialising logits.
+
+Only the masked rows are gathered (``h``: [M, D]). The vocabulary is walked in chunks of Vc
+columns: a GEMM gives the float32 logits of all M rows for that chunk, a backend row primitive
+folds them into the running log-sum-exp (forward) or turns them into the logit gradient
+(backward), and further GEMMs give dH and dW for the chunk. Chunking over the vocabulary rather
+than over rows means each dW chunk is ONE GEMM over all M rows (float32 accumulation inside the
+GEMM, no float32 [V, D] buffer), while dH ([M, D], small) accumulates in float32 across chunks.
+Peak extra memory: M * Vc * (4 + itemsize) bytes for the chunk, plus 4 * M * D for dH.
+
+FLOPs: forward 2MDV, backward 6MDV (logits recomputed, dH, dW); dW is skipped when the head is
+frozen (LoRA), dH when the hidden states need no gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import resolve_backend, row_ops
+from .rows import check_elbo_inputs, gather_masked_rows, masked_index, rows_at
+
+# Float32 elements of one logit chunk: 2^27 (512 MiB) on GPU, 2^22 (16 MiB) on CPU.
+_CHUNK_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 22}
+
+
+def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
+                      weights: Tensor, sample_index: Tensor, num_samples: int, *,
+                      bias: Tensor | None = None, softcap: float | None = None,
+                      chunk_size: int | None = None, backend: str = "auto") -> Tensor:
+    """``fused_elbo`` of ``logits = hidden @ weight.T (+ bias)``, soft-capped when asked.
+
+    Args:
+        hidden: [C, L, D] float32 / bfloat16 / float16 final hidden states.
+        weight: [V, D] LM-head weight, hidden's dtype. bias: optional [V], same dtype.
+        targets, mask, weights, sample_index, num_samples: as in ``fused_elbo``.
+        softcap: Gemma-style final-logit soft-capping ``s * tanh(logits / s)``; None for none.
+        chunk_size: vocabulary columns per chunk; None picks one from a memory budget.
+        backend: "auto", "triton", "torch" or "cpu" for the row primitives (GEMMs are torch's).
+
+    Returns:
+        [num_samples] float32, differentiable w.r.t. hidden, weight and bias (gradients in their
+        dtypes; float32 accumulation). No [C * L, V] tensor is ever built.
+    """
+    if hidden.dim() != 3 or not hidden.dtype.is_floating_point:
+        raise ValueError(f"hidden must be floating [C, L, D], got {hidden.dtype} "
+                         f"{tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2] or weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must be [V, D={hidden.shape[2]}] of dtype {hidden.dtype}, got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != weight.dtype):
+        raise ValueError(f"bias must be [V={weight.shape[0]}] of dtype {weight.dtype}, got "
+                         f"{bias.dtype} {tuple(bias.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    if tuple(targets.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"targets must be [C, L] = {list(hidden.shape[:2])}, got "
+                         f"{tuple(targets.shape)}")
+    check_elbo_inputs(targets, mask, weights, sample_index, num_samples, hidden.device)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device}, expected {hidden.device}")
+    name = resolve_backend(backend, hidden.device)
+    out, _ = torch.ops.elbokto.fused_linear_elbo(
+        hidden, weight, bias, targets, mask, weights, sample_index, num_samples,
+        None if softcap is None else float(softcap), chunk_size or 0, name)
+    return out
+
+
+def _vocab_chunks(vocab: int, num_rows: int, chunk_size: int, device: torch.device):
+    if not chunk_size:
+        budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"])
+        chunk_size = max(128, budget // max(num_rows, 1) // 128 * 128)
+    for start in range(0, vocab, chunk_size):
+        yield start, min(start + chunk_size, vocab)
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """float32 ``a @ b``: a half-precision GEMM with float32 output on CUDA, float32 elsewhere."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], start: int, end: int):
+    z = _mm_f32(h, weight[start:end].t())
+    if bias is not None:
+        z += bias[start:end].float()
+    return z
+
+
+@torch.library.custom_op("elbokto::fused_linear_elbo", mutates_args=())
+def _fused_linear_elbo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                       mask: Tensor, weights: Tensor, sample_index: Tensor, num_samples: int,
+                       softcap: Optional[float], chunk_size: int,
+                       backend: str) -> tuple[Tensor, Tensor]:
+    C, L, D = hidden.shape
+    rows = gather_masked_rows(targets, mask, weights, sample_index, weight.shape[0], num_samples)
+    h = hidden.reshape(C * L, D)[rows.index]
+    ops = row_ops(backend)
+    lse = torch.full((rows.count,), float("-inf"), dtype=torch.float32, device=hidden.device)
+    target_logit = torch.zeros_like(lse)
+    for start, end in _vocab_chunks(weight.shape[0], rows.count, chunk_size, hidden.device):
+        z = _chunk_logits(h, weight, bias, start, end)
+        chunk_lse, chunk_target = ops.row_lse(z, None, rows.target - start, softcap)
+        lse = torch.logaddexp(lse, chunk_lse)
+        target_logit += chunk_target
+    out = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
+    out.index_add_(0, rows.sample, rows.scale * (target_logit - lse))
+    lse_full = torch.zeros(C * L, dtype=torch.float32, device=hidden.device)
+    lse_full[rows.index] = lse
+    return out, lse_full.view(C, L)
+
+
+@_fused_linear_elbo.register_fake
+def _(hidden, weight, bias, targets, mask, weights, sample_index, num_samples, softcap,
+      chunk_size, backend):
+    return (hidden.new_empty(num_samples, dtype=torch.float32),
+            hidden.new_empty(targets.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("elbokto::fused_linear_elbo_backward", mutates_args=())
+def _fused_linear_elbo_backward(
+        grad_out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+        targets: Tensor, mask: Tensor, weights: Tensor, sample_index: Tensor, lse: Tensor,
+        softcap: Optional[float], chunk_size: int, backend: str, needs_hidden_grad: bool,
+        needs_weight_grad: bool, needs_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_hidden, grad_weight, grad_bias); an unneeded one is an empty tensor."""
+    C, L, D = hidden.shape
+    rows = rows_at(masked_index(mask), targets, weights, sample_index)
+    h = hidden.reshape(C * L, D)[rows.index]
+    scale = grad_out.float()[rows.sample] * rows.scale
+    row_lse = lse.reshape(-1)[rows.index]
+    ops = row_ops(backend)
+    grad_h = torch.zeros((rows.count, D) if needs_hidden_grad else (0,), dtype=torch.float32,
+                         device=hidden.device)
+    grad_w = torch.zeros_like(weight) if needs_weight_grad else weight.new_empty(0)
+    grad_b = torch.zeros_like(bias) if needs_bias_grad else weight.new_empty(0)
+    for start, end in _vocab_chunks(weight.shape[0], rows.count, chunk_size, hidden.device):
+        z = _chunk_logits(h, weight, bias, start, end)
+        # float32 inputs: the gradient overwrites its logits in place (each element is read
+        # before it is written by the same program); half inputs need a half copy for the GEMMs.
+        dz = z if hidden.dtype == torch.float32 else torch.empty_like(z, dtype=hidden.dtype)
+        ops.row_grad(z, None, rows.target - start, row_lse, scale, softcap, dz)
+        if needs_hidden_grad:
+            grad_h += _mm_f32(dz, weight[start:end])
+        if needs_weight_grad:
+            grad_w[start:end] = _mm_f32(dz.t(), h)
+        if needs_bias_grad:
+            grad_b[start:end] = dz.float().sum(0)
+    if needs_hidden_grad:
+        full = torch.zeros((C * L, D), dtype=hidden.dtype, device=hidden.device)
+        full[rows.index] = grad_h.to(hidden.dtype)
+        grad_h = full.view(C, L, D)
+    else:
+        grad_h = hidden.new_empty(0)
+    return grad_h, grad_w, grad_b
+
+
+@_fused_linear_elbo_backward.register_fake
+def _(grad_out, hidden, weight, bias, targets, mask, weights, sample_index, lse, softcap,
+      chunk_size, backend, needs_hidden_grad, needs_weight_grad, needs_bias_grad):
+    def maybe(flag, like):
+        return torch.empty_like(like) if flag else like.new_empty(0)
+    return (maybe(needs_hidden_grad, hidden), maybe(needs_weight_grad, weight),
+            maybe(needs_bias_grad, weight if bias is None else bias))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, targets, mask, weights, sample_index, _, softcap, chunk_size,
+     backend) = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, mask, weights, sample_index, output[1])
+    ctx.options = (softcap, chunk_size, backend)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    hidden, weight, bias, targets, mask, weights, sample_index, lse = ctx.saved_tensors
+    needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+    grad_h, grad_w, grad_b = torch.ops.elbokto.fused_linear_elbo_backward(
+        grad_out, hidden, weight, bias, targets, mask, weights, sample_index, lse, *ctx.options,
+        needs_h, needs_w, needs_b and bias is not None)
+    return (grad_h if needs_h else None, grad_w if needs_w else None,
+            grad_b if needs_b and bias is not None else None) + (None,) * 8
+
+
+_fused_linear_elbo.register_autograd(_backward, setup_context=_setup_context)

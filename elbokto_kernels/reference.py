@@ -1,0 +1,71 @@
+"""The "torch" backend: the numerical reference path of the two row primitives.
+
+Plain PyTorch, chunked over rows so that at most one chunk of float32 log-softmax is alive at a
+time. Every backend implements the same two primitives (see ``backends.RowOps``):
+
+``row_lse(x, rows, targets, softcap) -> (lse, target_logit)``
+    x: [N, V] any float dtype, any strides; rows: int64 [M] row ids into x, or None for all N rows;
+    targets: int64 [M] column of the clean token, or outside [0, V) when it lies in another
+    vocabulary chunk. Returns float32 [M] log-sum-exp over the (soft-capped) row and float32 [M]
+    soft-capped logit at the target (0 where the target is outside [0, V)).
+
+``row_grad(x, rows, targets, lse, scale, softcap, out)``
+    Writes ``out[rows] = scale * (onehot(target) - exp(z - lse)) * dz/dx`` in out's dtype, with
+    z = softcap * tanh(x / softcap) (or z = x). out: contiguous [N, V]; other rows untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Rows per chunk are chosen so that a chunk of float32 logits stays near this many elements.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(num_rows: int, vocab: int):
+    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    for start in range(0, num_rows, step):
+        yield start, min(start + step, num_rows)
+
+
+def _load(x: Tensor, rows: Tensor | None, start: int, end: int, softcap: float | None):
+    block = (x[start:end] if rows is None else x[rows[start:end]]).float()
+    if softcap is None:
+        return block, None
+    th = torch.tanh(block / softcap)
+    return softcap * th, th
+
+
+def _target_onehot(targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    inside = (targets >= 0) & (targets < vocab)
+    return inside, targets.clamp(0, max(vocab - 1, 0)).unsqueeze(1)
+
+
+def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None):
+    num_rows, vocab = targets.numel(), x.shape[1]
+    lse = torch.empty(num_rows, dtype=torch.float32, device=x.device)
+    target_logit = torch.empty_like(lse)
+    for start, end in _chunks(num_rows, vocab):
+        z, _ = _load(x, rows, start, end, softcap)
+        inside, col = _target_onehot(targets[start:end], vocab)
+        lse[start:end] = torch.logsumexp(z, dim=1)
+        target_logit[start:end] = torch.where(inside, z.gather(1, col).squeeze(1), 0.0)
+    return lse, target_logit
+
+
+def row_grad(x: Tensor, rows: Tensor | None, targets: Tensor, lse: Tensor, scale: Tensor,
+             softcap: float | None, out: Tensor) -> None:
+    num_rows, vocab = targets.numel(), x.shape[1]
+    for start, end in _chunks(num_rows, vocab):
+        z, th = _load(x, rows, start, end, softcap)
+        s = scale[start:end].unsqueeze(1)
+        grad = torch.exp(z - lse[start:end].unsqueeze(1)).mul_(-s)
+        inside, col = _target_onehot(targets[start:end], vocab)
+        grad.scatter_add_(1, col, torch.where(inside.unsqueeze(1), s, 0.0))
+        if th is not None:
+            grad.mul_(1.0 - th * th)
+        if rows is None:
+            out[start:end] = grad.to(out.dtype)
+        else:
+            out[rows[start:end]] = grad.to(out.dtype)

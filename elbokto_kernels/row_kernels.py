@@ -1,0 +1,119 @@
+"""The "triton" backend: Triton kernels for the two row primitives (contract in ``reference``).
+
+One program per masked row streams the vocabulary in blocks of BLOCK_V:
+``_row_lse_kernel`` keeps an online log-sum-exp (one exp per element plus one per block),
+``_row_grad_kernel`` recomputes the softmax from the saved LSE and writes the scaled gradient.
+Arithmetic is float32 whatever the input dtype; offsets are int64 (C*L*V passes 2^31 at LLaDA
+shapes). tanh is written with exp because libdevice tanh does not run under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+def _block_v(vocab: int) -> int:
+    # Larger blocks amortise the interpreter's per-op cost; on GPU 4096 x fp32 per program keeps
+    # 8 warps busy without spilling.
+    cap = 16384 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+    return max(16, min(cap, triton.next_power_of_2(max(vocab, 1))))
+
+
+@triton.jit
+def _softcap(x, softcap):
+    # tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits at +-inf, no libdevice.
+    th = 1.0 - 2.0 / (tl.exp(2.0 * x / softcap) + 1.0)
+    return softcap * th, th
+
+
+@triton.jit
+def _row_lse_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr, tlogit_ptr,
+                    vocab, softcap,
+                    HAS_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + pid).to(tl.int64)
+    else:
+        row = pid
+    x_row = x_ptr + row * stride_xr
+    target = tl.load(targets_ptr + pid)
+    # A finite floor for the running max, so exp(m_old - m_new) never sees (-inf) - (-inf).
+    m = -3.0e38
+    s = 0.0
+    t_acc = tl.zeros([BLOCK_V], tl.float32)
+    for v0 in range(0, vocab, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        valid = cols < vocab
+        z = tl.load(x_row + cols * stride_xv, mask=valid, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z, _ = _softcap(z, softcap)
+        z = tl.where(valid, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+        t_acc += tl.where(cols == target, z, 0.0)
+    tl.store(lse_ptr + pid, m + tl.log(s))
+    tl.store(tlogit_ptr + pid, tl.sum(t_acc, axis=0))
+
+
+@triton.jit
+def _row_grad_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr, scale_ptr,
+                     out_ptr, stride_or, vocab, softcap,
+                     HAS_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + pid).to(tl.int64)
+    else:
+        row = pid
+    x_row = x_ptr + row * stride_xr
+    out_row = out_ptr + row * stride_or
+    target = tl.load(targets_ptr + pid)
+    lse = tl.load(lse_ptr + pid)
+    scale = tl.load(scale_ptr + pid)
+    for v0 in range(0, vocab, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        valid = cols < vocab
+        z = tl.load(x_row + cols * stride_xv, mask=valid, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z, th = _softcap(z, softcap)
+        # The true-class term is added in float32 before the cast, so (1 - p) keeps its digits.
+        grad = scale * (tl.where(cols == target, 1.0, 0.0) - tl.exp(z - lse))
+        if HAS_SOFTCAP:
+            grad = grad * (1.0 - th * th)
+        tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _launch_args(x: Tensor, rows: Tensor | None, softcap: float | None):
+    vocab = x.shape[1]
+    block = _block_v(vocab)
+    meta = dict(HAS_ROWS=rows is not None, HAS_SOFTCAP=softcap is not None, BLOCK_V=block,
+                num_warps=8 if block >= 4096 else 4)
+    return vocab, 0.0 if softcap is None else float(softcap), meta
+
+
+def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None):
+    num_rows = targets.numel()
+    lse = torch.empty(num_rows, dtype=torch.float32, device=x.device)
+    target_logit = torch.empty_like(lse)
+    if num_rows == 0:
+        return lse, target_logit
+    vocab, cap, meta = _launch_args(x, rows, softcap)
+    _row_lse_kernel[(num_rows,)](
+        x, x.stride(0), x.stride(1), rows if rows is not None else targets, targets, lse,
+        target_logit, vocab, cap, **meta)
+    return lse, target_logit
+
+
+def row_grad(x: Tensor, rows: Tensor | None, targets: Tensor, lse: Tensor, scale: Tensor,
+             softcap: float | None, out: Tensor) -> None:
+    num_rows = targets.numel()
+    if num_rows == 0:
+        return
+    vocab, cap, meta = _launch_args(x, rows, softcap)
+    _row_grad_kernel[(num_rows,)](
+        x, x.stride(0), x.stride(1), rows if rows is not None else targets, targets, lse, scale,
+        out, out.stride(0), vocab, cap, **meta)
