@@ -1,0 +1,220 @@
+"""fused_elbo and fused_linear_elbo, every backend, against the float64 oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elbo_oracle import BACKENDS, assert_close, elbo_oracle, linear_oracle, tolerances
+from elbokto_kernels import fused_elbo, fused_linear_elbo
+from elbokto_kernels.backends import resolve_backend
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "cpu":
+        from elbokto_kernels import cpu
+        if not cpu.available():
+            pytest.skip("the C++ kernel did not build here")
+    return request.param
+
+
+def make_case(C, L, V, *, seed, num_samples=3, p_mask=0.5, per_position=False, scale=3.0,
+              dtype=torch.float32):
+    """Random logits [C, L, V], targets (-100 where unmasked), mask, weights, sample_index."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(C, L, V, generator=g) * scale).to(dtype)
+    mask = torch.rand(C, L, generator=g) < p_mask
+    targets = torch.randint(0, V, (C, L), generator=g).masked_fill(~mask, -100)
+    weights = torch.rand((C, L) if per_position else (C,), generator=g) + 0.5
+    # The last sample gets no copies: its output and gradient must be exactly zero.
+    sample_index = torch.randint(0, max(num_samples - 1, 1), (C,), generator=g)
+    return logits, targets, mask, weights, sample_index, num_samples
+
+
+def check_elbo(backend, logits, targets, mask, weights, sample_index, num_samples, seed=0):
+    dtype = logits.dtype
+    value_tol, grad_tol = tolerances(dtype)
+    x = logits.detach().requires_grad_()
+    out = fused_elbo(x, targets, mask, weights, sample_index, num_samples, backend=backend)
+    x64 = logits.detach().double().requires_grad_()
+    ref = elbo_oracle(x64, targets, mask, weights, sample_index, num_samples)
+    assert out.dtype == torch.float32 and out.shape == (num_samples,)
+    assert_close(out, ref, value_tol, "values")
+    upstream = torch.randn(num_samples, generator=torch.Generator().manual_seed(seed))
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    (ref_grad,) = torch.autograd.grad(ref, x64, upstream.double())
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    assert_close(grad, ref_grad, grad_tol, "gradients")
+    assert torch.all(grad[~mask] == 0), "unmasked positions must get exactly zero gradient"
+    return out, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_position", [False, True])
+def test_elbo_random(backend, dtype, per_position):
+    for seed in range(2):
+        case = make_case(5, 7, 37, seed=seed, per_position=per_position, dtype=dtype)
+        out, _ = check_elbo(backend, *case, seed=seed)
+        assert out[-1] == 0
+
+
+def test_elbo_llada_vocab(backend):
+    logits, targets, mask, weights, sample_index, n = make_case(2, 2, 126464, seed=1, p_mask=1.0)
+    check_elbo(backend, logits, targets, mask, weights, sample_index, n)
+
+
+def test_elbo_one_row(backend):
+    check_elbo(backend, torch.randn(1, 1, 50), torch.tensor([[7]]), torch.tensor([[True]]),
+               torch.tensor([2.0]), torch.tensor([0]), 1)
+
+
+def test_elbo_nothing_masked(backend):
+    logits, targets, mask, weights, sample_index, n = make_case(3, 4, 11, seed=2, p_mask=0.0)
+    x = logits.requires_grad_()
+    out = fused_elbo(x, targets, mask, weights, sample_index, n, backend=backend)
+    assert torch.equal(out, torch.zeros(n))
+    (grad,) = torch.autograd.grad(out, x, torch.randn(n))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_elbo_extreme_logits(backend, dtype):
+    # +-1e4 logits: a naive exp overflows; the online max must keep every term finite.
+    case = make_case(3, 5, 40, seed=3, scale=1e4, dtype=dtype)
+    out, grad = check_elbo(backend, *case)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+
+
+def test_elbo_non_contiguous(backend):
+    logits, targets, mask, weights, sample_index, n = make_case(4, 6, 33, seed=4)
+    wide = torch.randn(4, 6, 40)
+    wide[..., :33] = logits
+    check_elbo(backend, wide[..., :33], targets, mask, weights, sample_index, n)  # vocab slice
+    transposed = logits.transpose(0, 1).contiguous().transpose(0, 1)  # C and L not mergeable
+    assert not transposed.is_contiguous()
+    check_elbo(backend, transposed, targets, mask, weights, sample_index, n)
+
+
+def test_elbo_bad_targets(backend):
+    logits, targets, mask, weights, sample_index, n = make_case(3, 4, 10, seed=5, p_mask=1.0)
+    for bad in (10, -1):
+        t = targets.clone()
+        t[2, 1] = bad
+        with pytest.raises(ValueError, match=rf"target {bad} at copy 2, position 1 .*\[0, 10\)"):
+            fused_elbo(logits, t, mask, weights, sample_index, n, backend=backend)
+    with pytest.raises(ValueError, match="sample_index"):
+        fused_elbo(logits, targets, mask, weights, sample_index, 0, backend=backend)
+
+
+def test_elbo_input_errors():
+    logits, targets, mask, weights, sample_index, n = make_case(3, 4, 10, seed=6)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        fused_elbo(logits, targets, mask.int(), weights, sample_index, n)
+    with pytest.raises(ValueError, match="weights must be floating"):
+        fused_elbo(logits, targets, mask, weights[:2], sample_index, n)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_elbo(logits, targets, mask, weights, sample_index, n, backend="cuda")
+    with pytest.raises(ValueError, match="targets must be"):
+        fused_elbo(logits, targets[:, :2], mask, weights, sample_index, n)
+
+
+def test_auto_backend_on_cpu():
+    assert resolve_backend("auto", torch.device("cpu")) in ("cpu", "torch")
+
+
+def make_linear_case(C, L, D, V, *, seed, dtype=torch.float32, bias=False, scale=1.0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(C, L, D, generator=g) * scale).to(dtype)
+    weight = (torch.randn(V, D, generator=g) / D ** 0.5).to(dtype)
+    b = (torch.randn(V, generator=g)).to(dtype) if bias else None
+    _, targets, mask, weights, sample_index, n = make_case(C, L, V, seed=seed, **kw)
+    return hidden, weight, b, (targets, mask, weights, sample_index, n)
+
+
+def check_linear(backend, hidden, weight, bias, rest, *, softcap=None, chunk_size=None,
+                 grads=(True, True, True), seed=0):
+    value_tol, grad_tol = tolerances(hidden.dtype)
+    leaves = [t.detach().requires_grad_(need) if t is not None else None
+              for t, need in zip((hidden, weight, bias), grads)]
+    out = fused_linear_elbo(leaves[0], leaves[1], *rest, bias=leaves[2], softcap=softcap,
+                            chunk_size=chunk_size, backend=backend)
+    leaves64 = [t.detach().double().requires_grad_(need) if t is not None else None
+                for t, need in zip((hidden, weight, bias), grads)]
+    ref = linear_oracle(leaves64[0], leaves64[1], leaves64[2], softcap, *rest)
+    assert_close(out, ref, value_tol, "values")
+    upstream = torch.randn(rest[-1], generator=torch.Generator().manual_seed(seed))
+    wanted = [(a, b) for a, b in zip(leaves, leaves64) if a is not None and a.requires_grad]
+    got = torch.autograd.grad(out, [a for a, _ in wanted], upstream)
+    expected = torch.autograd.grad(ref, [b for _, b in wanted], upstream.double())
+    for (leaf, _), g, e in zip(wanted, got, expected):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape
+        assert_close(g, e, grad_tol, "gradient")
+    return out, got
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_linear_random(backend, dtype, softcap):
+    hidden, weight, bias, rest = make_linear_case(4, 6, 16, 37, seed=7, dtype=dtype, bias=True,
+                                                  scale=2.0, per_position=dtype == torch.float32)
+    # chunk_size 16 splits V = 37 into three chunks: the running LSE merge is exercised.
+    for chunk_size in (None, 16):
+        out, grads = check_linear(backend, hidden, weight, bias, rest, softcap=softcap,
+                                  chunk_size=chunk_size)
+        assert out[-1] == 0
+        grad_hidden = grads[0]
+        assert torch.all(grad_hidden[~rest[1]] == 0)
+
+
+def test_linear_llada_vocab(backend):
+    hidden, weight, bias, rest = make_linear_case(1, 3, 8, 126464, seed=8, p_mask=1.0)
+    check_linear(backend, hidden, weight, None, rest, softcap=30.0)
+
+
+def test_linear_frozen_head_and_no_bias(backend):
+    hidden, weight, _, rest = make_linear_case(3, 5, 12, 29, seed=9)
+    check_linear(backend, hidden, weight, None, rest, grads=(True, False, False))
+    check_linear(backend, hidden, weight, None, rest, grads=(False, True, False))
+
+
+def test_linear_nothing_masked_and_one_row(backend):
+    hidden, weight, bias, rest = make_linear_case(2, 3, 8, 19, seed=10, bias=True, p_mask=0.0)
+    out, grads = check_linear(backend, hidden, weight, bias, rest)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    hidden, weight, bias, rest = make_linear_case(1, 1, 8, 19, seed=11, bias=True, p_mask=1.0)
+    check_linear(backend, hidden, weight, bias, rest)
+
+
+def test_linear_extreme_and_non_contiguous(backend):
+    hidden, weight, bias, rest = make_linear_case(3, 4, 8, 23, seed=12, scale=300.0)
+    view = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+    out, _ = check_linear(backend, view, weight, bias, rest)
+    assert torch.isfinite(out).all()
+
+
+def test_linear_errors():
+    hidden, weight, bias, (targets, mask, weights, sample_index, n) = make_linear_case(
+        2, 3, 8, 19, seed=13, p_mask=1.0)
+    bad = targets.clone()
+    bad[1, 2] = 19
+    with pytest.raises(ValueError, match="target 19 at copy 1, position 2"):
+        fused_linear_elbo(hidden, weight, bad, mask, weights, sample_index, n)
+    with pytest.raises(ValueError, match="weight must be"):
+        fused_linear_elbo(hidden, weight.double(), targets, mask, weights, sample_index, n)
+    with pytest.raises(ValueError, match="softcap must be positive"):
+        fused_linear_elbo(hidden, weight, targets, mask, weights, sample_index, n, softcap=0.0)
+
+
+def test_custom_ops_opcheck():
+    logits, targets, mask, weights, sample_index, n = make_case(3, 4, 10, seed=14)
+    logits.requires_grad_()
+    torch.library.opcheck(torch.ops.elbokto.fused_elbo.default,
+                          (logits, targets, mask, weights, sample_index, n, "torch"))
+    hidden, weight, bias, rest = make_linear_case(3, 4, 8, 10, seed=14, bias=True)
+    torch.library.opcheck(torch.ops.elbokto.fused_linear_elbo.default,
+                          (hidden.requires_grad_(), weight.requires_grad_(),
+                           bias.requires_grad_(), *rest, 2.0, 4, "torch"))
