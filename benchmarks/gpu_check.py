@@ -1,0 +1,237 @@
+"""The prepared GPU check: correctness at real shapes, then forward+backward timings of every variant.
+
+    python benchmarks/gpu_check.py            # on a CUDA GPU; about 5 to 8 minutes on an H100
+    python benchmarks/gpu_check.py --dry-run  # tiny shapes on CPU (Triton interpreter); in make test
+
+Step 1 checks the Triton path against a float64 oracle (a slice of rows) and against the torch
+path at LLaDA shapes. Step 2 measures the bf16 GEMM rate and the device-to-device copy bandwidth,
+the two hardware limits the kernels are judged against (DESIGN.md §5). Step 3 times forward +
+backward (median of triton.testing.do_bench) of:
+
+  fused_linear_elbo: triton, torch path, eager (masked rows -> matmul -> float32 log_softmax ->
+      gather -> index_add), torch.compile(eager), F.linear_cross_entropy (reference and chunked),
+      Liger's fused linear cross-entropy (when importable);
+  fused_elbo: triton, torch path, eager (full float32 log_softmax + gather + index_add),
+      torch.compile(eager).
+
+Inputs: [C, L] = 2M positions of which M are masked (the masked rows are half of all rows), D =
+4096, V in {126464 (LLaDA), 151936 (Dream)}, M in {2048, 8192, 16384}, bf16. TFLOP/s count 6MDV;
+"floor" is 6MDV at the measured GEMM rate; "peak GB" is the workspace of one step: peak memory
+beyond its inputs and the gradients it returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, Triton interpreter")
+    p.add_argument("--vocab", type=int, nargs="*", default=None, help="override vocabulary sizes")
+    p.add_argument("--rows", type=int, nargs="*", default=None, help="override masked-row counts")
+    p.add_argument("--skip-compile", action="store_true", help="leave torch.compile out")
+    return p.parse_args()
+
+
+ARGS = parse_args()
+if ARGS.dry_run:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from baselines import (eager_elbo, eager_linear, liger_linear, make_inputs,  # noqa: E402
+                       torch_lce_linear)
+from elbokto_kernels import fused_elbo, fused_linear_elbo  # noqa: E402
+
+if ARGS.dry_run:
+    DEVICE, HIDDEN, VOCABS, ROWS, SEQ = torch.device("cpu"), 64, (1000, 1503), (32, 64), 16
+else:
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --dry-run for the CPU smoke test")
+    DEVICE, HIDDEN, VOCABS, ROWS, SEQ = torch.device("cuda"), 4096, (126464, 151936), \
+        (2048, 8192, 16384), 512
+VOCABS = ARGS.vocab or VOCABS
+ROWS = ARGS.rows or ROWS
+DTYPE = torch.bfloat16
+
+
+# ---- measurement -------------------------------------------------------------------------------
+
+def median_ms(fn) -> float:
+    fn()  # compile / warm caches outside the measurement
+    if DEVICE.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, return_mode="median")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_gb(fn, grad_bytes: int) -> float:
+    """Workspace of one step: peak memory beyond its inputs and the gradients it returns."""
+    if DEVICE.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base - grad_bytes) / 1e9
+
+
+def gemm_tflops(m: int, d: int, v: int) -> float:
+    a = torch.randn(m, d, device=DEVICE, dtype=DTYPE)
+    b = torch.randn(v, d, device=DEVICE, dtype=DTYPE)
+    return 2 * m * d * v / median_ms(lambda: a @ b.T) / 1e9
+
+
+def copy_gbps(nbytes: int = 1 << 32) -> float:
+    n = (nbytes if DEVICE.type == "cuda" else 1 << 24) // 2
+    src = torch.randn(n, device=DEVICE, dtype=DTYPE)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / median_ms(lambda: dst.copy_(src)) / 1e6
+
+
+def linear_variants():
+    v = {"triton": lambda h, w, a: fused_linear_elbo(h, w, **a, backend="triton"),
+         "torch path": lambda h, w, a: fused_linear_elbo(h, w, **a, backend="torch"),
+         "eager": eager_linear}
+    if not ARGS.dry_run and not ARGS.skip_compile:
+        v["compile(eager)"] = torch.compile(eager_linear, dynamic=True)
+    if hasattr(F, "linear_cross_entropy"):
+        v["F.linear_cross_entropy"] = lambda h, w, a: torch_lce_linear(h, w, a, chunked=False)
+        v["F.linear_cross_entropy chunked"] = lambda h, w, a: torch_lce_linear(h, w, a, True)
+    if not ARGS.dry_run:
+        try:
+            import liger_kernel  # noqa: F401
+            v["liger flce"] = liger_linear
+        except ImportError:
+            pass
+    return v
+
+
+def elbo_variants():
+    v = {"triton": lambda x, a: fused_elbo(x, **a, backend="triton"),
+         "torch path": lambda x, a: fused_elbo(x, **a, backend="torch"),
+         "eager": eager_elbo}
+    if not ARGS.dry_run and not ARGS.skip_compile:
+        v["compile(eager)"] = torch.compile(eager_elbo, dynamic=True)
+    return v
+
+
+# ---- step 1: correctness -----------------------------------------------------------------------
+
+def rel_err(x, y):
+    return ((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-30)).item()
+
+
+def check_correctness() -> None:
+    v = VOCABS[0]
+    m = min(ROWS)
+    a, up = make_inputs(m, v, DEVICE, SEQ, seed=1)
+    D = HIDDEN
+    h = (torch.randn(*a["mask"].shape, D, device=DEVICE) * 2).to(DTYPE).requires_grad_()
+    w = (torch.randn(v, D, device=DEVICE) / D ** 0.5).to(DTYPE).requires_grad_()
+    results = {}
+    for backend in ("triton", "torch"):
+        out = fused_linear_elbo(h, w, **a, softcap=30.0, backend=backend)
+        results[backend] = (out, *torch.autograd.grad(out, (h, w), up))
+    worst = [rel_err(x, y) for x, y in zip(results["triton"], results["torch"])]
+    print(f"linear triton vs torch path (M={m}, V={v}, softcap 30): value {worst[0]:.1e}, "
+          f"dH {worst[1]:.1e}, dW {worst[2]:.1e}")
+    assert worst[0] < 1e-4 and max(worst[1:]) < 1e-2, "linear triton disagrees with torch path"
+    # float64 oracle on the first copy alone (its rows fit in float64 at full vocabulary).
+    one = {**a, "mask": a["mask"].clone()}
+    one["mask"][1:] = False
+    out = fused_linear_elbo(h, w, **one, backend="triton")
+    logits = h[0].double() @ w.double().T
+    logp = torch.log_softmax(logits, -1).gather(1, one["targets"][0].clamp(min=0)[:, None])[:, 0]
+    ref = (logp * one["mask"][0] * one["weights"][0]).sum()
+    err = rel_err(out[0:1], ref.reshape(1))
+    print(f"linear triton vs float64 oracle: value {err:.1e}")
+    assert err < 1e-4, "linear triton disagrees with the float64 oracle"
+    x = (torch.randn(*a["mask"].shape, v, device=DEVICE) * 4).to(DTYPE).requires_grad_()
+    got = {}
+    for backend in ("triton", "torch"):
+        out = fused_elbo(x, **a, backend=backend)
+        got[backend] = (out, *torch.autograd.grad(out, x, up))
+    ref = eager_elbo(x.double(), a)
+    (ref_grad,) = torch.autograd.grad(ref, x, up.double())
+    errs = [rel_err(got["triton"][0], ref), rel_err(got["triton"][1], ref_grad),
+            rel_err(got["torch"][0], ref)]
+    print(f"elbo triton vs float64: value {errs[0]:.1e}, grad {errs[1]:.1e}; torch path value "
+          f"{errs[2]:.1e}")
+    assert errs[0] < 1e-4 and errs[1] < 1e-2 and errs[2] < 1e-4, "fused_elbo disagrees"
+
+
+# ---- step 3: timings ---------------------------------------------------------------------------
+
+def measure(name, fn, inputs, upstream):
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def step():
+        torch.autograd.grad(fn(*inputs), leaves, upstream)
+
+    try:
+        return median_ms(step), peak_extra_gb(step, sum(t.nbytes for t in leaves))
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return float("nan"), float("inf")
+    except Exception as err:  # a third-party variant that does not run here is reported, not fatal
+        print(f"  {name}: {type(err).__name__}: {str(err)[:120]}")
+        return float("nan"), float("nan")
+
+
+def main() -> None:
+    device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU (dry run)"
+    print(f"device: {device_name}; torch {torch.__version__}")
+    check_correctness()
+    bandwidth = copy_gbps()
+    print(f"device-to-device copy: {bandwidth:.0f} GB/s")
+    header = f"{'op':<7}{'V':>7}{'M':>6}  {'variant':<31}{'ms':>9}{'TFLOP/s':>9}{'vs limit':>10}" \
+             f"{'peak GB':>9}"
+    rows = []
+    for v in VOCABS:
+        for m in ROWS:
+            a, up = make_inputs(m, v, DEVICE, SEQ)
+            D = HIDDEN
+            flops = 6 * m * D * v
+            rate = gemm_tflops(m, D, v)
+            floor_ms = flops / rate / 1e9
+            h = (torch.randn(*a["mask"].shape, D, device=DEVICE)).to(DTYPE).requires_grad_()
+            w = (torch.randn(v, D, device=DEVICE) / D ** 0.5).to(DTYPE).requires_grad_()
+            for name, fn in linear_variants().items():
+                ms, gb = measure(name, fn, (h, w, a), up)
+                rows.append(("linear", v, m, name, ms, flops / ms / 1e9, ms / floor_ms, gb))
+            rows.append(("linear", v, m, f"GEMM floor ({rate:.0f} TFLOP/s)", floor_ms,
+                         rate, 1.0, float("nan")))
+            del h, w
+            x = torch.randn(*a["mask"].shape, v, device=DEVICE).to(DTYPE).requires_grad_()
+            # Bytes the op must move: masked rows read once, their gradient written once.
+            must_move = m * v * x.element_size() * 2
+            for name, fn in elbo_variants().items():
+                ms, gb = measure(name, fn, (x, a), up)
+                rows.append(("elbo", v, m, name, ms, float("nan"),
+                             must_move / ms / 1e6 / bandwidth, gb))
+            del x
+            if DEVICE.type == "cuda":
+                torch.cuda.empty_cache()
+    print(header)
+    for op, v, m, name, ms, tflops, ratio, gb in rows:
+        limit = f"{ratio:.2f}x" if op == "linear" else f"{ratio:.0%} BW"
+        print(f"{op:<7}{v:>7}{m:>6}  {name:<31}{ms:>9.2f}{tflops:>9.1f}{limit:>10}{gb:>9.2f}")
+    print("vs limit: linear = time / GEMM floor (lower is better); elbo = must-move bytes "
+          "(masked rows read once + gradient written once) / time / copy bandwidth")
+
+
+if __name__ == "__main__":
+    main()
