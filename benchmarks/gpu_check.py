@@ -48,6 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 from baselines import (eager_elbo, eager_linear, liger_linear, make_inputs,  # noqa: E402
                        torch_lce_linear)
 from elbokto_kernels import fused_elbo, fused_linear_elbo  # noqa: E402
+from elbokto_kernels.oracle import elbo_oracle, linear_elbo_oracle, relative_error  # noqa: E402
 
 if ARGS.dry_run:
     DEVICE, HIDDEN, VOCABS, ROWS, SEQ = torch.device("cpu"), 64, (1000, 1503), (32, 64), 16
@@ -59,6 +60,9 @@ else:
 VOCABS = ARGS.vocab or VOCABS
 ROWS = ARGS.rows or ROWS
 DTYPE = torch.bfloat16
+# bf16 gradients: 1e-2 (DESIGN.md §4); the interpreter truncates float32 -> bf16 stores instead of
+# rounding them, which biases every element towards zero and doubles the error.
+GRAD_TOL = 2e-2 if ARGS.dry_run else 1e-2
 
 
 # ---- measurement -------------------------------------------------------------------------------
@@ -130,47 +134,37 @@ def elbo_variants():
 
 # ---- step 1: correctness -----------------------------------------------------------------------
 
-def rel_err(x, y):
-    return ((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-30)).item()
-
-
 def check_correctness() -> None:
-    v = VOCABS[0]
-    m = min(ROWS)
+    v, m, D = VOCABS[0], min(ROWS), HIDDEN
     a, up = make_inputs(m, v, DEVICE, SEQ, seed=1)
-    D = HIDDEN
     h = (torch.randn(*a["mask"].shape, D, device=DEVICE) * 2).to(DTYPE).requires_grad_()
     w = (torch.randn(v, D, device=DEVICE) / D ** 0.5).to(DTYPE).requires_grad_()
     results = {}
     for backend in ("triton", "torch"):
         out = fused_linear_elbo(h, w, **a, softcap=30.0, backend=backend)
         results[backend] = (out, *torch.autograd.grad(out, (h, w), up))
-    worst = [rel_err(x, y) for x, y in zip(results["triton"], results["torch"])]
-    print(f"linear triton vs torch path (M={m}, V={v}, softcap 30): value {worst[0]:.1e}, "
-          f"dH {worst[1]:.1e}, dW {worst[2]:.1e}")
-    assert worst[0] < 1e-4 and max(worst[1:]) < 1e-2, "linear triton disagrees with torch path"
-    # float64 oracle on the first copy alone (its rows fit in float64 at full vocabulary).
-    one = {**a, "mask": a["mask"].clone()}
-    one["mask"][1:] = False
-    out = fused_linear_elbo(h, w, **one, backend="triton")
-    logits = h[0].double() @ w.double().T
-    logp = torch.log_softmax(logits, -1).gather(1, one["targets"][0].clamp(min=0)[:, None])[:, 0]
-    ref = (logp * one["mask"][0] * one["weights"][0]).sum()
-    err = rel_err(out[0:1], ref.reshape(1))
+    errs = [relative_error(x, y) for x, y in zip(results["triton"], results["torch"])]
+    print(f"linear triton vs torch path (M={m}, V={v}, softcap 30): value {errs[0]:.1e}, "
+          f"dH {errs[1]:.1e}, dW {errs[2]:.1e}")
+    assert errs[0] < 1e-4 and max(errs[1:]) < GRAD_TOL, "linear triton disagrees with torch path"
+    # The float64 oracle on the first copy alone: its rows fit in float64 at full vocabulary.
+    first = {k: t[:1] if torch.is_tensor(t) else t for k, t in a.items()}
+    h1, w1 = h[:1].detach(), w.detach()
+    out = fused_linear_elbo(h1, w1, **first, softcap=30.0, backend="triton")
+    ref = linear_elbo_oracle(h1.double(), w1.double(), None, 30.0, **first)
+    err = relative_error(out, ref)
     print(f"linear triton vs float64 oracle: value {err:.1e}")
     assert err < 1e-4, "linear triton disagrees with the float64 oracle"
     x = (torch.randn(*a["mask"].shape, v, device=DEVICE) * 4).to(DTYPE).requires_grad_()
-    got = {}
+    x64 = x.detach().double().requires_grad_()
+    ref = elbo_oracle(x64, **a)
+    (ref_grad,) = torch.autograd.grad(ref, x64, up.double())
     for backend in ("triton", "torch"):
         out = fused_elbo(x, **a, backend=backend)
-        got[backend] = (out, *torch.autograd.grad(out, x, up))
-    ref = eager_elbo(x.double(), a)
-    (ref_grad,) = torch.autograd.grad(ref, x, up.double())
-    errs = [rel_err(got["triton"][0], ref), rel_err(got["triton"][1], ref_grad),
-            rel_err(got["torch"][0], ref)]
-    print(f"elbo triton vs float64: value {errs[0]:.1e}, grad {errs[1]:.1e}; torch path value "
-          f"{errs[2]:.1e}")
-    assert errs[0] < 1e-4 and errs[1] < 1e-2 and errs[2] < 1e-4, "fused_elbo disagrees"
+        (grad,) = torch.autograd.grad(out, x, up)
+        errs = relative_error(out, ref), relative_error(grad, ref_grad)
+        print(f"elbo {backend} vs float64 oracle: value {errs[0]:.1e}, grad {errs[1]:.1e}")
+        assert errs[0] < 1e-4 and errs[1] < GRAD_TOL, f"fused_elbo ({backend}) disagrees"
 
 
 # ---- step 3: timings ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elbo_oracle import BACKENDS, assert_close, elbo_oracle, linear_oracle, tolerances
+from elbo_oracle import BACKENDS, assert_close, elbo_oracle, linear_elbo_oracle, tolerances
 from elbokto_kernels import fused_elbo, fused_linear_elbo
 from elbokto_kernels.backends import resolve_backend
 
@@ -143,7 +143,7 @@ def check_linear(backend, hidden, weight, bias, rest, *, softcap=None, chunk_siz
                             chunk_size=chunk_size, backend=backend)
     leaves64 = [t.detach().double().requires_grad_(need) if t is not None else None
                 for t, need in zip((hidden, weight, bias), grads)]
-    ref = linear_oracle(leaves64[0], leaves64[1], leaves64[2], softcap, *rest)
+    ref = linear_elbo_oracle(leaves64[0], leaves64[1], leaves64[2], softcap, *rest)
     assert_close(out, ref, value_tol, "values")
     upstream = torch.randn(rest[-1], generator=torch.Generator().manual_seed(seed))
     wanted = [(a, b) for a, b in zip(leaves, leaves64) if a is not None and a.requires_grad]
