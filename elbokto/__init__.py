@@ -4,4 +4,17 @@ The algorithm layer on top of :mod:`elbokto_kernels`: deterministic draws, ELBO 
 the ELBO-KTO loss, diagnostics, data, trainer, sampler and CLI.
 """
 
-__all__: list[str] = []
+from elbokto.diagnostics import PsiEstimate, estimate_psi
+from elbokto.draws import Draws, MCConfig, sample_draws
+from elbokto.loss import elbo_dpo_loss, elbo_kto_loss, kl_baseline
+
+__all__ = [
+    "Draws",
+    "MCConfig",
+    "PsiEstimate",
+    "elbo_dpo_loss",
+    "elbo_kto_loss",
+    "estimate_psi",
+    "kl_baseline",
+    "sample_draws",
+]

@@ -1,0 +1,85 @@
+"""Psi(S): the Monte-Carlo noise that the ELBO-KTO bias and variance bounds scale with (DESIGN.md §2).
+
+    Psi(S) = (m-1)/m * (v - c) = mean_i Var_MC(r_i - mean_j r_j)
+
+v: mean per-item MC variance of the margins r_i; c: mean MC covariance between distinct items.
+Estimate it from R >= 2 independent redraws (fresh seeds) of the margins of one fixed batch, once
+per estimator setting (n_t, n_yt, antithetic, sharing, CRN), to choose a setting by a number.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["PsiEstimate", "estimate_psi"]
+
+
+@dataclass(frozen=True)
+class PsiEstimate:
+    """Sample estimates (unbiased over redraws, divisor R - 1) from a margins matrix [R, m].
+
+    Attributes:
+        psi: mean_i Var_MC(r_i - mean_j r_j), computed in this form (no cancellation when c ~ v,
+            the regime that shared draws aim for); equals (m-1)/m * (v - c) up to rounding.
+        v: mean_i Var_MC(r_i).
+        c: mean over i != j of Cov_MC(r_i, r_j).
+        psi_baseline: mean_i Var_MC(r_i - b) for the baseline passed to :func:`estimate_psi`, else
+            None. For the batch-mean baseline b0 = mean_j r_j, psi_baseline - psi = Var_MC(b - b0).
+        num_redraws: R.
+        batch_size: m.
+    """
+
+    psi: float
+    v: float
+    c: float
+    psi_baseline: float | None
+    num_redraws: int
+    batch_size: int
+
+
+def estimate_psi(margins: Tensor, baseline: Tensor | float | None = None) -> PsiEstimate:
+    """Estimate Psi(S) from R independent redraws of the margins of the same m items.
+
+    Args:
+        margins: float [R, m]; row k holds r_1..r_m (policy ELBO - reference ELBO) under redraw k.
+        baseline: optional baseline b, the same for every item: a float, a scalar tensor, or a
+            float tensor [R] (one value per redraw, e.g. a KL estimate drawn with the margins).
+
+    Returns:
+        PsiEstimate with Python floats, computed in float64 (a diagnostic: it syncs with the host).
+    """
+    if not isinstance(margins, Tensor) or not margins.is_floating_point() or margins.dim() != 2:
+        got = f"{margins.dtype} {list(margins.shape)}" if isinstance(margins, Tensor) else type(margins).__name__
+        raise ValueError(f"margins must be a floating tensor [R, m]; got {got}")
+    num_redraws, batch_size = margins.shape
+    if num_redraws < 2 or batch_size < 2:
+        raise ValueError(f"margins is [{num_redraws}, {batch_size}]; need R >= 2 redraws and m >= 2 items")
+    r = margins.detach().to(torch.float64)
+
+    def var(x: Tensor) -> Tensor:
+        """Unbiased variance over the redraws (dim 0)."""
+        return ((x - x.mean(0)) ** 2).sum(0) / (num_redraws - 1)
+
+    v = var(r).mean()
+    # sum_{i,j} Cov(r_i, r_j) = Var(sum_i r_i): the off-diagonal part without an [m, m] matrix.
+    c = (var(r.sum(1)) - batch_size * v) / (batch_size * (batch_size - 1))
+    psi = var(r - r.mean(1, keepdim=True)).mean()
+
+    psi_baseline = None
+    if baseline is not None:
+        b = baseline.detach() if isinstance(baseline, Tensor) else baseline
+        b = torch.as_tensor(b, dtype=torch.float64, device=r.device)
+        if b.dim() == 0:
+            b = b.expand(num_redraws)
+        if b.shape != (num_redraws,):
+            raise ValueError(f"baseline must be a scalar or [R] = [{num_redraws}]; got {list(b.shape)}")
+        psi_baseline = float(var(r - b[:, None]).mean())
+    return PsiEstimate(
+        psi=float(psi),
+        v=float(v),
+        c=float(c),
+        psi_baseline=psi_baseline,
+        num_redraws=num_redraws,
+        batch_size=batch_size,
+    )

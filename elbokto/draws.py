@@ -1,0 +1,284 @@
+"""Deterministic Monte-Carlo draws: which response tokens each copy masks, and with what weight.
+
+A batch of B examples becomes B*K *copies* (K = n_t * n_yt: n_t noise levels, n_yt masks per level).
+Every random number is a pure function of (seed, step, uid, copy, relative position) computed by a
+counter-based integer hash (splitmix64's finaliser in wrapping int64 arithmetic) on the inputs'
+device. There is no RNG state, so a draw does not depend on the batch order or its companions, the
+reference ELBO can be precomputed offline and matched exactly, a resumed run replays its draws, and
+CPU and CUDA give identical masks (integer ops and exact float64 ops only).
+
+Estimators (DESIGN.md §2; both are unbiased for the ELBO, see ``sample_draws`` for the details):
+
+- ``fixed_count``: l ~ Uniform{1..L}, a uniformly random subset of exactly l response tokens,
+  weight L / l;
+- ``bernoulli``: t ~ Uniform(0, 1], each response token masked independently with probability t,
+  weight 1 / t.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["Draws", "MCConfig", "sample_draws"]
+
+
+@dataclass
+class MCConfig:
+    """How the Monte-Carlo ELBO estimate draws its copies. Defaults follow the ELBO-KTO paper."""
+
+    estimator: Literal["fixed_count", "bernoulli"] = field(
+        default="fixed_count",
+        metadata={
+            "help": "ELBO estimator: 'fixed_count' (mask exactly l ~ U{1..L} response tokens, weight "
+            "L/l; lower variance) or 'bernoulli' (mask each token with probability t ~ U(0,1], "
+            "weight 1/t)."
+        },
+    )
+    n_t: int = field(default=8, metadata={"help": "Noise levels (t or l) drawn per example."})
+    n_yt: int = field(default=1, metadata={"help": "Masks drawn per noise level."})
+    antithetic: bool = field(
+        default=True,
+        metadata={
+            "help": "Stratify the n_t noise levels of an example: level j uses (j + u) / n_t with "
+            "one u per example, instead of n_t independent uniforms."
+        },
+    )
+    share_across_batch: bool = field(
+        default=False,
+        metadata={
+            "help": "Give every example of a batch the same noise levels and the same uniform per "
+            "relative response position (common random numbers across items; the draws then depend "
+            "on (seed, step) only, not on the example uid)."
+        },
+    )
+    eps: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Bernoulli only: a copy whose t falls below eps (probability eps) is drawn from "
+            "the size-biased law (one uniformly chosen response token plus each other token with "
+            "probability t, weight L/|S|) instead of weight 1/t. Exactly unbiased; bounds every "
+            "weight by max(1/eps, L). 0 disables it (plain 1/t, whose variance grows like "
+            "log(1/t_min))."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ("fixed_count", "bernoulli"):
+            raise ValueError(f"estimator={self.estimator!r}; expected 'fixed_count' or 'bernoulli'")
+        for name in ("n_t", "n_yt"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected an integer >= 1")
+        for name in ("antithetic", "share_across_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r}; expected a bool")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 <= self.eps < 1:
+            raise ValueError(f"eps={self.eps!r}; expected a float in [0, 1)")
+
+    @property
+    def num_copies(self) -> int:
+        """K = n_t * n_yt: copies per example."""
+        return self.n_t * self.n_yt
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The copies of one batch. C = B * K; copy c = b*K + j*n_yt + i (example b, level j, mask i).
+
+    Attributes:
+        mask: bool [C, seq_len]. True = replaced by the mask token; only inside the example's
+            response window [prompt_len, prompt_len + response_len).
+        weight: float32 [C]. Per-copy weight, ALREADY divided by K, so that
+            B_hat[b] = sum over the copies c of b of weight[c] * sum_{p: mask[c, p]} log pi(y_p | ...).
+            0 for an example with an empty response.
+        sample_index: int64 [C]. The example b each copy belongs to (c // K).
+        t: float32 [C]. Noise level of the copy, for diagnostics: t for bernoulli, l / L for
+            fixed_count, 0 for an empty response.
+    """
+
+    mask: Tensor
+    weight: Tensor
+    sample_index: Tensor
+    t: Tensor
+
+
+# --- counter-based hash -------------------------------------------------------------------------
+# torch has no usable uint64 arithmetic: the splitmix64 finaliser runs on int64, whose + and * wrap
+# modulo 2^64 on CPU and CUDA like uint64 would. Right shifts of int64 are arithmetic, so the
+# sign-extended high bits are masked off to get the logical shift.
+
+def _int64(x: int) -> int:
+    """The int64 with the same low 64 bits as the Python int ``x``."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >> 63 else x
+
+
+_GOLDEN = _int64(0x9E3779B97F4A7C15)
+_MUL1 = _int64(0xBF58476D1CE4E5B9)
+_MUL2 = _int64(0x94D049BB133111EB)
+_INT64_MAX = (1 << 63) - 1
+
+# Independent streams, so that e.g. the noise level and the mask of a copy are not correlated.
+_STREAM_LEVEL, _STREAM_POSITION, _STREAM_FORCED = 1, 2, 3
+_STREAM_SHARED = 1 << 8  # or-ed in when draws are shared across the batch
+
+
+def _shr(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 by 0 < k < 64."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(z: Tensor) -> Tensor:
+    """splitmix64 finaliser: a bijection of int64 with full avalanche."""
+    z = (z ^ _shr(z, 30)) * _MUL1
+    z = (z ^ _shr(z, 27)) * _MUL2
+    return z ^ _shr(z, 31)
+
+
+def _combine(h: Tensor, v: Tensor) -> Tensor:
+    """Hash of the key sequence (..., v) from the hash h of (...); broadcasts."""
+    return _mix(h ^ _mix(v + _GOLDEN))
+
+
+def _unit(h: Tensor) -> Tensor:
+    """float64 uniform in [0, 1) from the top 53 bits of h (exact: k * 2^-53)."""
+    return _shr(h, 11).to(torch.float64) * 2.0**-53
+
+
+def sample_draws(
+    config: MCConfig,
+    prompt_lengths: Tensor,
+    response_lengths: Tensor,
+    seq_len: int,
+    *,
+    uids: Tensor,
+    seed: int,
+    step: int = 0,
+    validate: bool = True,
+) -> Draws:
+    """Draw the K masked copies of every example of a batch, vectorised on the inputs' device.
+
+    Args:
+        config: the Monte-Carlo configuration.
+        prompt_lengths: int64 [B]. The response of example b starts at position prompt_lengths[b].
+        response_lengths: int64 [B]. L_b >= 0 response tokens, the only maskable ones.
+        seq_len: length of the (padded) sequences; prompt_len + response_len <= seq_len.
+        uids: int64 [B]. Example ids, any int64 (negative or hashed ids are fine); the draws of an
+            example depend on its uid, never on its place in the batch.
+        seed: any Python int (reduced modulo 2^64).
+        step: any Python int, e.g. the epoch or optimizer step, so that revisits draw afresh.
+        validate: check the length values; that costs one host sync when the inputs live on an
+            accelerator, so a hot loop with trusted inputs may pass False.
+
+    Returns:
+        Draws with C = B * K copies; the K copies of example b are rows b*K .. b*K + K - 1.
+
+    Noise levels (level j of n_t, shared by the n_yt masks of that level): with ``antithetic``,
+    one u ~ U[0, 1) per (uid, step) and level j uses the stratum j: fixed_count takes
+    a_j = (j + u) / n_t and l = floor(a_j * L) + 1; bernoulli takes t_j = (j + 1 - u) / n_t in (0, 1].
+    Otherwise each level has its own u_j (a_j = u_j, t_j = 1 - u_j). Every copy's t (or l) thus
+    keeps its exact marginal law U(0, 1] (or U{1..L}): nothing is floored or forced, and the
+    estimate is unbiased (up to the 2^-53 resolution of the uniforms).
+
+    Masks: fixed_count masks the l response positions with the smallest hash keys, a uniformly
+    random l-subset, weight L / (l K). Bernoulli masks position p when its uniform is < t, weight
+    1 / (t K); an empty mask is legal and contributes 0. If t < eps the copy instead masks one
+    uniformly chosen response position plus each other one with probability t, with weight
+    L / (|S| K): P(S) = |S|/L * t^(|S|-1) (1-t)^(L-|S|), so E[L/|S| * F(S)] = E_bern(t)[F(S)] / t
+    for every F with F(empty) = 0, i.e. the same expectation as the 1/t estimator at that t, with a
+    bounded weight. An example with L = 0 gets no mask and weight 0.
+
+    With ``share_across_batch`` the uid is left out of the hash: all examples share u (or u_j) and
+    the per-relative-position uniforms, so equal-length responses get identical masks.
+    """
+    _check_inputs(prompt_lengths, response_lengths, seq_len, uids, validate)
+    device = prompt_lengths.device
+    n_t, n_yt, num_copies = config.n_t, config.n_yt, config.num_copies
+    batch = prompt_lengths.shape[0]
+
+    def stream(tag: int) -> Tensor:
+        """Hash of (seed, stream, step[, uid]): int64 [B]."""
+        if config.share_across_batch:
+            tag |= _STREAM_SHARED
+        h = _combine(torch.tensor(_int64(seed), dtype=torch.int64, device=device), torch.tensor(tag, device=device))
+        h = _combine(h, torch.tensor(_int64(step), dtype=torch.int64, device=device))
+        return h.expand(batch) if config.share_across_batch else _combine(h, uids)
+
+    copy = torch.arange(num_copies, device=device)
+    level = copy // n_yt  # [K]
+    h_level = stream(_STREAM_LEVEL)
+    if config.antithetic:
+        u = _unit(h_level)[:, None].expand(batch, num_copies)
+        stratum, strata = level.to(torch.float64), n_t
+    else:
+        u = _unit(_combine(h_level[:, None], level))  # [B, K], one uniform per level
+        stratum, strata = torch.zeros(num_copies, dtype=torch.float64, device=device), 1
+
+    lengths = response_lengths[:, None]  # [B, 1]
+    relative = torch.arange(seq_len, device=device) - prompt_lengths[:, None]  # [B, S]
+    in_window = ((relative >= 0) & (relative < lengths))[:, None, :]  # [B, 1, S]
+    h_position = _combine(_combine(stream(_STREAM_POSITION)[:, None], copy)[:, :, None], relative[:, None, :])
+    has_response = lengths > 0
+
+    if config.estimator == "fixed_count":
+        a = (stratum + u) / strata  # [B, K] in [0, 1]; may round up to 1.0, hence the clamp
+        count = torch.minimum(torch.floor(a * lengths).to(torch.int64) + 1, lengths)
+        # Ranking iid keys picks a uniformly random subset; positions outside the window sort last
+        # (in-window keys are < 2^62, the sentinel is 2^63 - 1).
+        keys = torch.where(in_window, _shr(h_position, 2), _INT64_MAX).reshape(batch * num_copies, seq_len)
+        order = torch.argsort(keys, dim=-1, stable=True)
+        take = torch.arange(seq_len, device=device) < count.reshape(-1, 1)
+        mask = torch.zeros_like(take).scatter_(1, order, take)
+        denominator = count.clamp(min=1).to(torch.float64) * num_copies
+        weight = torch.where(has_response, lengths / denominator, 0.0)
+        t = torch.where(has_response, count.to(torch.float64) / lengths.clamp(min=1), 0.0)
+    else:
+        t = (stratum + 1.0 - u) / strata  # [B, K] in (0, 1]
+        mask = in_window & (_unit(h_position) < t[:, :, None])
+        weight = 1.0 / (t * num_copies)
+        if config.eps > 0:
+            small = t < config.eps
+            forced = _shr(_combine(stream(_STREAM_FORCED)[:, None], copy), 1) % lengths.clamp(min=1)
+            mask = mask | (small[:, :, None] & in_window & (relative[:, None, :] == forced[:, :, None]))
+            size = mask.sum(-1).clamp(min=1).to(torch.float64)
+            weight = torch.where(small, lengths / (size * num_copies), weight)
+        weight = torch.where(has_response, weight, 0.0)
+        t = torch.where(has_response, t, 0.0)
+        mask = mask.reshape(batch * num_copies, seq_len)
+
+    return Draws(
+        mask=mask,
+        weight=weight.reshape(-1).to(torch.float32),
+        sample_index=torch.arange(batch, device=device).repeat_interleave(num_copies),
+        t=t.reshape(-1).to(torch.float32),
+    )
+
+
+def _check_inputs(
+    prompt_lengths: Tensor, response_lengths: Tensor, seq_len: int, uids: Tensor, validate: bool
+) -> None:
+    tensors = {"prompt_lengths": prompt_lengths, "response_lengths": response_lengths, "uids": uids}
+    for name, x in tensors.items():
+        if not isinstance(x, Tensor) or x.dtype != torch.int64 or x.dim() != 1:
+            got = f"{x.dtype} {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be an int64 tensor [B]; got {got}")
+    shapes = {name: x.shape[0] for name, x in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"batch sizes differ: {shapes}")
+    devices = {name: str(x.device) for name, x in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"inputs on different devices: {devices}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+        raise ValueError(f"seq_len={seq_len!r}; expected an integer >= 0")
+    if validate and prompt_lengths.numel() > 0:
+        ends = prompt_lengths + response_lengths
+        bad = (prompt_lengths < 0) | (response_lengths < 0) | (ends > seq_len)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"example {b}: prompt_length {int(prompt_lengths[b])} and response_length "
+                f"{int(response_lengths[b])} must be >= 0 with a sum <= seq_len {seq_len}"
+            )

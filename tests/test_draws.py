@@ -1,0 +1,335 @@
+import math
+
+import pytest
+import torch
+
+from elbokto.draws import Draws, MCConfig, _int64, _mix, sample_draws
+
+# --- a toy "model" and the exact ELBO by enumeration ---------------------------------------------
+
+
+def toy_logp(sub: torch.Tensor) -> torch.Tensor:
+    """log pi(y^i | y with S masked) for every response position i: float64 [N, L] from bool [N, L].
+
+    Depends on the position, on |S| (non-linearly) and on which neighbours are masked, so that
+    the ELBO estimate is sensitive to the joint law of the mask, not only to its marginals.
+    """
+    n, length = sub.shape
+    s = sub.to(torch.float64)
+    i = torch.arange(length, dtype=torch.float64)
+    left = torch.nn.functional.pad(s, (1, 0))[:, :-1]
+    right = torch.nn.functional.pad(s, (0, 1))[:, 1:]
+    frac = s.sum(-1, keepdim=True) / length
+    return -(0.2 + 0.15 * i + 2.0 * frac**2 + 0.6 * left + 0.35 * right * (1 + 0.5 * i) + 0.3 * left * right)
+
+
+def exact_elbo(length: int) -> float:
+    """B = sum_{S != {}} (|S|-1)! (L-|S|)! / L! * sum_{i in S} f(i, S)."""
+    codes = torch.arange(1, 2**length)
+    subsets = (codes[:, None] >> torch.arange(length)) & 1 == 1
+    sizes = subsets.sum(-1)
+    coef = torch.tensor(
+        [math.factorial(k - 1) * math.factorial(length - k) / math.factorial(length) for k in sizes.tolist()],
+        dtype=torch.float64,
+    )
+    return float((coef * (toy_logp(subsets) * subsets).sum(-1)).sum())
+
+
+def estimates(draws: Draws, prompt_lengths: torch.Tensor, length: int, num_copies: int) -> torch.Tensor:
+    """Per-example ELBO estimates float64 [N] of the toy model from draws of responses of one length."""
+    window = prompt_lengths.repeat_interleave(num_copies)[:, None] + torch.arange(length)
+    sub = draws.mask.gather(1, window)
+    per_copy = draws.weight.to(torch.float64) * (toy_logp(sub) * sub).sum(-1)
+    return per_copy.reshape(-1, num_copies).sum(-1)
+
+
+def toy_batch(n: int, length: int, seed: int = 0):
+    """n examples with the same response length, uids spread over int64, prompts of 0..2 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    uids = torch.randint(-(2**62), 2**62, (n,), generator=gen)
+    prompt_lengths = torch.randint(0, 3, (n,), generator=gen)
+    return prompt_lengths, torch.full((n,), length), uids
+
+
+def assert_unbiased(values: torch.Tensor, target: float, z: float = 4.0) -> None:
+    se = float(values.std() / math.sqrt(values.numel()))
+    err = float(values.mean()) - target
+    assert abs(err) < z * se + 1e-6 * abs(target), f"mean {float(values.mean()):.5f} vs exact {target:.5f}: {err / se:.1f} standard errors"
+
+
+NUM_EXAMPLES = 12_000
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        MCConfig(estimator="fixed_count", n_t=4, n_yt=1, antithetic=True),
+        MCConfig(estimator="fixed_count", n_t=3, n_yt=2, antithetic=False),
+        MCConfig(estimator="bernoulli", n_t=4, n_yt=1, antithetic=True, eps=0.0),
+        MCConfig(estimator="bernoulli", n_t=2, n_yt=2, antithetic=False, eps=0.0),
+        # eps large enough that the size-biased branch is exercised in ~30% of the copies.
+        MCConfig(estimator="bernoulli", n_t=4, n_yt=1, antithetic=True, eps=0.3),
+        MCConfig(estimator="bernoulli", n_t=1, n_yt=1, antithetic=False, eps=0.3),
+    ],
+    ids=lambda c: f"{c.estimator}-nt{c.n_t}-nyt{c.n_yt}-anti{c.antithetic}-eps{c.eps}",
+)
+@pytest.mark.parametrize("length", [1, 5])
+def test_unbiased_against_enumeration(config, length):
+    prompt_lengths, response_lengths, uids = toy_batch(NUM_EXAMPLES, length)
+    draws = sample_draws(config, prompt_lengths, response_lengths, 2 + length + 1, uids=uids, seed=11, step=3)
+    assert_unbiased(estimates(draws, prompt_lengths, length, config.num_copies), exact_elbo(length))
+
+
+def test_antithetic_reduces_variance():
+    prompt_lengths, response_lengths, uids = toy_batch(4000, 6)
+    spread = {}
+    for antithetic in (True, False):
+        config = MCConfig(n_t=4, antithetic=antithetic)
+        draws = sample_draws(config, prompt_lengths, response_lengths, 9, uids=uids, seed=2)
+        spread[antithetic] = float(estimates(draws, prompt_lengths, 6, 4).var())
+    assert spread[True] < 0.8 * spread[False]
+
+
+def _llada_floor_draws(n: int, length: int, floor: float, gen: torch.Generator) -> Draws:
+    """Textbook Bernoulli draws from torch's RNG, with LLaDA's t = floor + (1 - floor) * u."""
+    t = floor + (1 - floor) * (1 - torch.rand(n, generator=gen, dtype=torch.float64))
+    mask = torch.rand(n, length, generator=gen, dtype=torch.float64) < t[:, None]
+    return Draws(mask=mask, weight=(1 / t).float(), sample_index=torch.arange(n), t=t.float())
+
+
+def test_harness_catches_biased_estimators():
+    """The enumeration test is not vacuous: it passes the textbook estimator and fails biased ones."""
+    length, n = 5, 20_000
+    target = exact_elbo(length)
+    starts = torch.zeros(n, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(0)
+    assert_unbiased(estimates(_llada_floor_draws(n, length, 0.0, gen), starts, length, 1), target)
+    # Flooring t changes its law.
+    with pytest.raises(AssertionError, match="standard errors"):
+        assert_unbiased(estimates(_llada_floor_draws(n, length, 0.1, gen), starts, length, 1), target)
+
+    # Right count l and uniform per-position marginals l/L, wrong joint law: a cyclic block of l
+    # tokens instead of a uniformly random l-subset (the toy model sees masked neighbours).
+    _, response_lengths, uids = toy_batch(n, length)
+    draws = sample_draws(MCConfig(n_t=1), starts, response_lengths, length, uids=uids, seed=5)
+    count = draws.mask.sum(-1, keepdim=True)
+    offset = (torch.arange(length) - torch.randint(0, length, (n, 1), generator=gen)) % length
+    block = Draws(mask=offset < count, weight=draws.weight, sample_index=draws.sample_index, t=draws.t)
+    with pytest.raises(AssertionError, match="standard errors"):
+        assert_unbiased(estimates(block, starts, length, 1), target)
+
+
+# --- structure of the draws ----------------------------------------------------------------------
+
+
+def _ragged_batch():
+    prompt_lengths = torch.tensor([0, 3, 5, 2, 1])
+    response_lengths = torch.tensor([7, 4, 0, 1, 9])
+    uids = torch.tensor([10, -7, 2**63 - 1, -(2**63), 123456789012345])
+    return prompt_lengths, response_lengths, uids, 12
+
+
+@pytest.mark.parametrize("estimator", ["fixed_count", "bernoulli"])
+@pytest.mark.parametrize("share", [False, True])
+def test_masks_stay_in_response_window(estimator, share):
+    prompt_lengths, response_lengths, uids, seq_len = _ragged_batch()
+    config = MCConfig(estimator=estimator, n_t=3, n_yt=2, share_across_batch=share, eps=0.2)
+    for seed in range(20):
+        draws = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=seed)
+        k = config.num_copies
+        assert draws.mask.shape == (5 * k, seq_len) and draws.mask.dtype == torch.bool
+        assert draws.weight.shape == draws.t.shape == (5 * k,)
+        assert draws.weight.dtype == draws.t.dtype == torch.float32
+        assert torch.equal(draws.sample_index, torch.arange(5).repeat_interleave(k))
+        start = prompt_lengths.repeat_interleave(k)[:, None]
+        end = start + response_lengths.repeat_interleave(k)[:, None]
+        position = torch.arange(seq_len)
+        assert not (draws.mask & ((position < start) | (position >= end))).any()
+        empty = response_lengths.repeat_interleave(k) == 0
+        assert (draws.weight[empty] == 0).all() and (draws.t[empty] == 0).all()
+        assert (draws.weight[~empty] > 0).all()
+
+
+def test_fixed_count_masks_exactly_l_tokens():
+    prompt_lengths, response_lengths, uids, seq_len = _ragged_batch()
+    config = MCConfig(n_t=4, n_yt=3)
+    k = config.num_copies
+    draws = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=1, step=9)
+    length = response_lengths.repeat_interleave(k)
+    count = draws.mask.sum(-1)
+    full = length > 0
+    assert ((count >= 1) & (count <= length))[full].all()
+    assert torch.allclose(draws.t[full], (count / length)[full].float())
+    assert torch.allclose(draws.weight[full], (length / (count * k))[full].float())
+    # The n_yt masks of one level share l (and t), and differ in which tokens they mask.
+    per_level = count.reshape(5, 4, 3)
+    assert (per_level == per_level[..., :1]).all()
+    masks = draws.mask.reshape(5, 4, 3, seq_len)[4]
+    assert not all(torch.equal(masks[j, 0], masks[j, 1]) for j in range(4))
+
+
+def test_stratified_levels():
+    """Antithetic: level j's t (or l / L) falls in stratum j, for each example."""
+    n_t, length = 4, 64
+    prompt_lengths, response_lengths, uids = toy_batch(50, length)
+    bern = sample_draws(MCConfig(estimator="bernoulli", n_t=n_t), prompt_lengths, response_lengths, 67, uids=uids, seed=0)
+    t = bern.t.double().reshape(50, n_t)
+    j = torch.arange(n_t)
+    assert ((t > j / n_t) & (t <= (j + 1) / n_t)).all()
+    fixed = sample_draws(MCConfig(n_t=n_t), prompt_lengths, response_lengths, 67, uids=uids, seed=0)
+    count = fixed.mask.sum(-1).reshape(50, n_t)
+    assert ((count > j * length // n_t) & (count <= (j + 1) * length // n_t)).all()
+
+
+def test_bernoulli_eps_branch_bounds_weights():
+    """Copies with t < eps mask at least one token and get weight L/(|S| K) <= max(1/eps, L)/K."""
+    prompt_lengths, response_lengths, uids = toy_batch(3000, 7)
+    config = MCConfig(estimator="bernoulli", n_t=2, eps=0.05)
+    draws = sample_draws(config, prompt_lengths, response_lengths, 10, uids=uids, seed=4)
+    small = draws.t < 0.05
+    assert small.sum() > 50
+    size = draws.mask.sum(-1)
+    assert (size[small] >= 1).all()
+    assert torch.allclose(draws.weight[small], (7 / (size[small] * 2)).float())
+    assert torch.allclose(draws.weight[~small], 1 / (draws.t[~small] * 2))
+    assert draws.weight.max() <= 1 / (0.05 * 2) + 1e-3
+
+
+# --- determinism ---------------------------------------------------------------------------------
+
+
+def _rows(draws: Draws, k: int, b: int, prompt_length: int, response_length: int):
+    """Draws of example b, with the mask cut to its response window."""
+    rows = slice(b * k, (b + 1) * k)
+    return draws.mask[rows, prompt_length : prompt_length + response_length], draws.weight[rows], draws.t[rows]
+
+
+@pytest.mark.parametrize("estimator", ["fixed_count", "bernoulli"])
+def test_draws_depend_on_uid_not_on_the_batch(estimator):
+    prompt_lengths, response_lengths, uids, seq_len = _ragged_batch()
+    config = MCConfig(estimator=estimator, n_t=2, n_yt=2, eps=0.2)
+    k = config.num_copies
+    base = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=7, step=2)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    # A shuffled batch, with the prompts shifted by one and two extra companions.
+    shifted = torch.cat([prompt_lengths[perm] + 1, torch.tensor([0, 2])])
+    other = sample_draws(
+        config,
+        shifted,
+        torch.cat([response_lengths[perm], torch.tensor([3, 5])]),
+        seq_len + 1,
+        uids=torch.cat([uids[perm], torch.tensor([99, 100])]),
+        seed=7,
+        step=2,
+    )
+    for new, old in enumerate(perm.tolist()):
+        mine = _rows(base, k, old, int(prompt_lengths[old]), int(response_lengths[old]))
+        theirs = _rows(other, k, new, int(shifted[new]), int(response_lengths[old]))
+        for a, b in zip(mine, theirs):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("estimator", ["fixed_count", "bernoulli"])
+def test_step_and_seed_change_the_draws(estimator):
+    prompt_lengths, response_lengths, uids = toy_batch(64, 20)
+    config = MCConfig(estimator=estimator)
+    base = sample_draws(config, prompt_lengths, response_lengths, 23, uids=uids, seed=0, step=0)
+    again = sample_draws(config, prompt_lengths, response_lengths, 23, uids=uids, seed=0, step=0)
+    assert torch.equal(base.mask, again.mask) and torch.equal(base.weight, again.weight)
+    for kwargs in ({"seed": 0, "step": 1}, {"seed": 1, "step": 0}, {"seed": 2**64 + 1, "step": 0}):
+        changed = sample_draws(config, prompt_lengths, response_lengths, 23, uids=uids, **kwargs)
+        assert (changed.t != base.t).any()
+        assert (changed.mask != base.mask).any(-1).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("estimator", ["fixed_count", "bernoulli"])
+def test_share_across_batch(estimator):
+    prompt_lengths = torch.tensor([0, 2, 1, 3])
+    response_lengths = torch.tensor([6, 6, 6, 4])
+    uids = torch.tensor([1, 2, 3, 4])
+    k, seq_len = 4, 10
+    shared = MCConfig(estimator=estimator, n_t=2, n_yt=2, share_across_batch=True, eps=0.0)
+    draws = sample_draws(shared, prompt_lengths, response_lengths, seq_len, uids=uids, seed=3)
+    rows = [_rows(draws, k, b, int(prompt_lengths[b]), int(response_lengths[b])) for b in range(4)]
+    for b in (1, 2):  # same length as example 0: identical relative masks, weights and levels
+        for a, c in zip(rows[0], rows[b]):
+            assert torch.equal(a, c)
+    if estimator == "bernoulli":  # a shorter response still shares t and the per-position uniforms
+        assert torch.equal(rows[3][2], rows[0][2])
+        assert torch.equal(rows[3][0], rows[0][0][:, :4])
+    # Independent of the uids, but not of the seed; without sharing, items differ.
+    relabelled = sample_draws(shared, prompt_lengths, response_lengths, seq_len, uids=uids + 50, seed=3)
+    assert torch.equal(relabelled.mask, draws.mask)
+    private = sample_draws(
+        MCConfig(estimator=estimator, n_t=2, n_yt=2, eps=0.0), prompt_lengths, response_lengths, seq_len, uids=uids, seed=3
+    )
+    assert not torch.equal(private.t[:k], private.t[k : 2 * k])
+
+
+# --- the hash ------------------------------------------------------------------------------------
+
+
+def _splitmix64_finaliser(x: int) -> int:
+    """Reference in Python's unbounded ints, on uint64."""
+    m = (1 << 64) - 1
+    x &= m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def test_int64_mix_matches_uint64_splitmix():
+    """Wrapping int64 arithmetic and masked shifts reproduce the uint64 finaliser bit for bit."""
+    values = [0, 1, -1, 2**63 - 1, -(2**63), 0x9E3779B97F4A7C15 - 2**64, 12345, -987654321]
+    values += torch.randint(-(2**63), 2**63 - 1, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = _mix(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert got == [_int64(_splitmix64_finaliser(v)) for v in values]
+
+
+def test_uniforms_look_uniform():
+    prompt_lengths, response_lengths, uids = toy_batch(20_000, 1)
+    t = sample_draws(MCConfig(estimator="bernoulli", n_t=1, antithetic=False, eps=0.0), prompt_lengths,
+                     response_lengths, 3, uids=uids, seed=0).t.double()
+    counts = torch.histc(t, bins=20, min=0, max=1)
+    expected = t.numel() / 20
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 45  # 19 degrees of freedom: P(chi2 > 45) ~ 7e-4
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"estimator": "uniform"}, "estimator='uniform'"),
+        ({"n_t": 0}, "n_t=0"),
+        ({"n_yt": 1.5}, "n_yt=1.5"),
+        ({"antithetic": 1}, "antithetic=1"),
+        ({"eps": 1.0}, "eps=1.0"),
+        ({"eps": -0.1}, "eps=-0.1"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MCConfig(**kwargs)
+
+
+def test_num_copies():
+    assert MCConfig().num_copies == 8
+    assert MCConfig(n_t=3, n_yt=5).num_copies == 15
+
+
+def test_input_validation():
+    p, r, u = torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([0, 1])
+    config = MCConfig()
+    with pytest.raises(ValueError, match="example 1: prompt_length 2 and response_length 4"):
+        sample_draws(config, p, r, 5, uids=u, seed=0)
+    with pytest.raises(ValueError, match="example 0"):
+        sample_draws(config, p, torch.tensor([-1, 0]), 8, uids=u, seed=0)
+    with pytest.raises(ValueError, match="uids must be an int64 tensor"):
+        sample_draws(config, p, r, 8, uids=u.int(), seed=0)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        sample_draws(config, p, r, 8, uids=torch.tensor([0]), seed=0)
+    empty = sample_draws(config, p[:0], r[:0], 8, uids=u[:0], seed=0)
+    assert empty.mask.shape == (0, 8) and empty.weight.shape == (0,)
