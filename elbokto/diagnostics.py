@@ -50,7 +50,7 @@ def estimate_psi(margins: Tensor, baseline: Tensor | float | None = None) -> Psi
         PsiEstimate with Python floats, computed in float64 (a diagnostic: it syncs with the host).
     """
     if not isinstance(margins, Tensor) or not margins.is_floating_point() or margins.dim() != 2:
-        got = f"{margins.dtype} {list(margins.shape)}" if isinstance(margins, Tensor) else type(margins).__name__
+        got = f"{margins.dtype} {list(margins.shape)}" if isinstance(margins, Tensor) else type(margins)
         raise ValueError(f"margins must be a floating tensor [R, m]; got {got}")
     num_redraws, batch_size = margins.shape
     if num_redraws < 2 or batch_size < 2:

@@ -5,7 +5,7 @@ Every random number is a pure function of (seed, step, uid, copy, relative posit
 counter-based integer hash (splitmix64's finaliser in wrapping int64 arithmetic) on the inputs'
 device. There is no RNG state, so a draw does not depend on the batch order or its companions, the
 reference ELBO can be precomputed offline and matched exactly, a resumed run replays its draws, and
-CPU and CUDA give identical masks (integer ops and exact float64 ops only).
+CPU and CUDA give identical draws (integer ops and correctly rounded float64 ops only).
 
 Estimators (DESIGN.md §2; both are unbiased for the ELBO, see ``sample_draws`` for the details):
 
@@ -138,9 +138,17 @@ def _mix(z: Tensor) -> Tensor:
     return z ^ _shr(z, 31)
 
 
-def _combine(h: Tensor, v: Tensor) -> Tensor:
+def _combine(h: Tensor | int, v: Tensor) -> Tensor:
     """Hash of the key sequence (..., v) from the hash h of (...); broadcasts."""
     return _mix(h ^ _mix(v + _GOLDEN))
+
+
+def _host_key(*values: int) -> int:
+    """Hash of a sequence of Python ints, on CPU tensors: no host-device copy, hence no sync."""
+    h = torch.zeros((), dtype=torch.int64)
+    for v in values:
+        h = _combine(h, torch.tensor(_int64(v)))
+    return int(h)
 
 
 def _unit(h: Tensor) -> Tensor:
@@ -180,8 +188,8 @@ def sample_draws(
     one u ~ U[0, 1) per (uid, step) and level j uses the stratum j: fixed_count takes
     a_j = (j + u) / n_t and l = floor(a_j * L) + 1; bernoulli takes t_j = (j + 1 - u) / n_t in (0, 1].
     Otherwise each level has its own u_j (a_j = u_j, t_j = 1 - u_j). Every copy's t (or l) thus
-    keeps its exact marginal law U(0, 1] (or U{1..L}): nothing is floored or forced, and the
-    estimate is unbiased (up to the 2^-53 resolution of the uniforms).
+    keeps its exact marginal law U(0, 1] (or U{1..L}): nothing is floored, and the estimate is
+    unbiased (up to the 2^-53 resolution of the uniforms).
 
     Masks: fixed_count masks the l response positions with the smallest hash keys, a uniformly
     random l-subset, weight L / (l K). Bernoulli masks position p when its uniform is < t, weight
@@ -202,10 +210,8 @@ def sample_draws(
     def stream(tag: int) -> Tensor:
         """Hash of (seed, stream, step[, uid]): int64 [B]."""
         if config.share_across_batch:
-            tag |= _STREAM_SHARED
-        h = _combine(torch.tensor(_int64(seed), dtype=torch.int64, device=device), torch.tensor(tag, device=device))
-        h = _combine(h, torch.tensor(_int64(step), dtype=torch.int64, device=device))
-        return h.expand(batch) if config.share_across_batch else _combine(h, uids)
+            return torch.full((batch,), _host_key(seed, tag | _STREAM_SHARED, step), device=device)
+        return _combine(_host_key(seed, tag, step), uids)
 
     copy = torch.arange(num_copies, device=device)
     level = copy // n_yt  # [K]
@@ -263,7 +269,7 @@ def _check_inputs(
     tensors = {"prompt_lengths": prompt_lengths, "response_lengths": response_lengths, "uids": uids}
     for name, x in tensors.items():
         if not isinstance(x, Tensor) or x.dtype != torch.int64 or x.dim() != 1:
-            got = f"{x.dtype} {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            got = f"{x.dtype} {list(x.shape)}" if isinstance(x, Tensor) else type(x)
             raise ValueError(f"{name} must be an int64 tensor [B]; got {got}")
     shapes = {name: x.shape[0] for name, x in tensors.items()}
     if len(set(shapes.values())) != 1:

@@ -62,9 +62,10 @@ def elbo_kto_loss(
         saturated_fraction (share of examples with |beta * (r - b0)| > 6).
     """
     _check_elbos(policy_elbo=policy_elbo, ref_elbo=ref_elbo)
-    if not isinstance(desirable, Tensor) or desirable.dtype != torch.bool or desirable.shape != policy_elbo.shape:
-        got = f"{desirable.dtype} {list(desirable.shape)}" if isinstance(desirable, Tensor) else type(desirable).__name__
-        raise ValueError(f"desirable must be a bool tensor of shape {list(policy_elbo.shape)}; got {got}")
+    shape = policy_elbo.shape
+    if not isinstance(desirable, Tensor) or desirable.dtype != torch.bool or desirable.shape != shape:
+        got = f"{desirable.dtype} {list(desirable.shape)}" if isinstance(desirable, Tensor) else type(desirable)
+        raise ValueError(f"desirable must be a bool tensor of shape {list(shape)}; got {got}")
     _check_positive(beta=beta)
     for name, value in {"lambda_d": lambda_d, "lambda_u": lambda_u}.items():
         if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
@@ -72,7 +73,9 @@ def elbo_kto_loss(
     if baseline not in ("batch_mean", "none", "kl"):
         raise ValueError(f"baseline={baseline!r}; expected 'batch_mean', 'none' or 'kl'")
     if (kl is None) != (baseline != "kl"):
-        raise ValueError(f"kl is required with baseline='kl' and only then; got baseline={baseline!r}, kl={kl!r}")
+        raise ValueError(
+            f"kl is required with baseline='kl' and only then; got baseline={baseline!r}, kl={kl!r}"
+        )
 
     dtype = torch.promote_types(policy_elbo.dtype, torch.float32)
     policy = policy_elbo.to(dtype)
@@ -147,7 +150,10 @@ def elbo_dpo_loss(
         (share of pairs whose chosen reward is the larger).
     """
     _check_elbos(
-        policy_chosen=policy_chosen, ref_chosen=ref_chosen, policy_rejected=policy_rejected, ref_rejected=ref_rejected
+        policy_chosen=policy_chosen,
+        ref_chosen=ref_chosen,
+        policy_rejected=policy_rejected,
+        ref_rejected=ref_rejected,
     )
     _check_positive(beta=beta)
     dtype = torch.promote_types(policy_chosen.dtype, torch.float32)
@@ -193,11 +199,12 @@ def _check_elbos(**tensors: Tensor) -> None:
     first_name, first = next(iter(tensors.items()))
     for name, x in tensors.items():
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 1:
-            got = f"{x.dtype} {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            got = f"{x.dtype} {list(x.shape)}" if isinstance(x, Tensor) else type(x)
             raise ValueError(f"{name} must be a floating tensor [m]; got {got}")
         if x.shape != first.shape or x.device != first.device:
             raise ValueError(
-                f"{name} is {list(x.shape)} on {x.device} but {first_name} is {list(first.shape)} on {first.device}"
+                f"{name} is {list(x.shape)} on {x.device} "
+                f"but {first_name} is {list(first.shape)} on {first.device}"
             )
 
 

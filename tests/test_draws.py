@@ -54,7 +54,8 @@ def toy_batch(n: int, length: int, seed: int = 0):
 def assert_unbiased(values: torch.Tensor, target: float, z: float = 4.0) -> None:
     se = float(values.std() / math.sqrt(values.numel()))
     err = float(values.mean()) - target
-    assert abs(err) < z * se + 1e-6 * abs(target), f"mean {float(values.mean()):.5f} vs exact {target:.5f}: {err / se:.1f} standard errors"
+    message = f"mean {float(values.mean()):.5f} vs exact {target:.5f}: {err / max(se, 1e-300):.1f} standard errors"
+    assert abs(err) < z * se + 1e-6 * abs(target), message
 
 
 NUM_EXAMPLES = 12_000
@@ -172,7 +173,8 @@ def test_stratified_levels():
     """Antithetic: level j's t (or l / L) falls in stratum j, for each example."""
     n_t, length = 4, 64
     prompt_lengths, response_lengths, uids = toy_batch(50, length)
-    bern = sample_draws(MCConfig(estimator="bernoulli", n_t=n_t), prompt_lengths, response_lengths, 67, uids=uids, seed=0)
+    config = MCConfig(estimator="bernoulli", n_t=n_t)
+    bern = sample_draws(config, prompt_lengths, response_lengths, 67, uids=uids, seed=0)
     t = bern.t.double().reshape(50, n_t)
     j = torch.arange(n_t)
     assert ((t > j / n_t) & (t <= (j + 1) / n_t)).all()
@@ -201,7 +203,8 @@ def test_bernoulli_eps_branch_bounds_weights():
 def _rows(draws: Draws, k: int, b: int, prompt_length: int, response_length: int):
     """Draws of example b, with the mask cut to its response window."""
     rows = slice(b * k, (b + 1) * k)
-    return draws.mask[rows, prompt_length : prompt_length + response_length], draws.weight[rows], draws.t[rows]
+    window = slice(prompt_length, prompt_length + response_length)
+    return draws.mask[rows, window], draws.weight[rows], draws.t[rows]
 
 
 @pytest.mark.parametrize("estimator", ["fixed_count", "bernoulli"])
@@ -260,9 +263,8 @@ def test_share_across_batch(estimator):
     # Independent of the uids, but not of the seed; without sharing, items differ.
     relabelled = sample_draws(shared, prompt_lengths, response_lengths, seq_len, uids=uids + 50, seed=3)
     assert torch.equal(relabelled.mask, draws.mask)
-    private = sample_draws(
-        MCConfig(estimator=estimator, n_t=2, n_yt=2, eps=0.0), prompt_lengths, response_lengths, seq_len, uids=uids, seed=3
-    )
+    unshared = MCConfig(estimator=estimator, n_t=2, n_yt=2, eps=0.0)
+    private = sample_draws(unshared, prompt_lengths, response_lengths, seq_len, uids=uids, seed=3)
     assert not torch.equal(private.t[:k], private.t[k : 2 * k])
 
 
@@ -333,3 +335,18 @@ def test_input_validation():
         sample_draws(config, p, r, 8, uids=torch.tensor([0]), seed=0)
     empty = sample_draws(config, p[:0], r[:0], 8, uids=u[:0], seed=0)
     assert empty.mask.shape == (0, 8) and empty.weight.shape == (0,)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("estimator", ["fixed_count", "bernoulli"])
+@pytest.mark.parametrize("share", [False, True])
+def test_cuda_draws_match_cpu(estimator, share):
+    prompt_lengths, response_lengths, uids, seq_len = _ragged_batch()
+    config = MCConfig(estimator=estimator, n_t=3, n_yt=2, share_across_batch=share, eps=0.2)
+    cpu = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=8, step=5)
+    cuda = sample_draws(
+        config, prompt_lengths.cuda(), response_lengths.cuda(), seq_len, uids=uids.cuda(), seed=8, step=5
+    )
+    for name in ("mask", "weight", "sample_index", "t"):
+        assert torch.equal(getattr(cuda, name).cpu(), getattr(cpu, name)), name

@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from elbokto.diagnostics import estimate_psi
+
+
+def _synthetic(num_redraws: int, m: int, a: float, b: float, seed: int = 0) -> torch.Tensor:
+    """r_i = mu_i + a * Z_shared + b * eps_i: v = a^2 + b^2, c = a^2, psi = (m-1)/m * b^2."""
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.randn(m, generator=gen, dtype=torch.float64) * 50
+    shared = torch.randn(num_redraws, 1, generator=gen, dtype=torch.float64)
+    own = torch.randn(num_redraws, m, generator=gen, dtype=torch.float64)
+    return mu + a * shared + b * own
+
+
+def test_recovers_known_structure():
+    num_redraws, m, a, b = 20_000, 6, 2.0, 0.5
+    est = estimate_psi(_synthetic(num_redraws, m, a, b))
+    # Relative standard error of a variance estimate from R draws is ~sqrt(2 / R) = 1%.
+    assert est.v == pytest.approx(a**2 + b**2, rel=0.04)
+    assert est.c == pytest.approx(a**2, rel=0.05)
+    assert est.psi == pytest.approx((m - 1) / m * b**2, rel=0.04)
+    assert (est.num_redraws, est.batch_size, est.psi_baseline) == (num_redraws, m, None)
+
+
+def test_identity_holds_exactly():
+    """(m-1)/m * (v - c) == mean_i Var(r_i - mean_j r_j) for sample moments, not only in expectation."""
+    margins = _synthetic(5, 4, 1.0, 3.0, seed=1) + torch.randn(5, 4, dtype=torch.float64)
+    est = estimate_psi(margins.float())
+    assert est.psi == pytest.approx((4 - 1) / 4 * (est.v - est.c), rel=1e-6)
+
+
+def test_constant_baselines_cost_var_of_their_difference():
+    margins = _synthetic(50, 5, 1.5, 1.0, seed=2)
+    est = estimate_psi(margins)
+    b0 = margins.mean(1)
+    gen = torch.Generator().manual_seed(3)
+    noisy = torch.randn(50, generator=gen, dtype=torch.float64)
+    for baseline in (torch.zeros(50), 7.0, noisy * 2, b0 + 0.1 * noisy):
+        with_b = estimate_psi(margins, baseline=baseline)
+        gap = torch.as_tensor(baseline, dtype=torch.float64) - b0
+        assert with_b.psi_baseline - est.psi == pytest.approx(float(gap.var()), rel=1e-9, abs=1e-9)
+        assert with_b.psi_baseline >= est.psi - 1e-12
+    assert estimate_psi(margins, baseline=b0).psi_baseline == pytest.approx(est.psi, rel=1e-12)
+
+
+def test_shared_noise_lowers_psi():
+    """Same total per-item variance; moving it into the shared component leaves less Psi."""
+    private = estimate_psi(_synthetic(2000, 8, 0.0, 2.0)).psi
+    shared = estimate_psi(_synthetic(2000, 8, math.sqrt(3.0), 1.0)).psi
+    assert shared < 0.4 * private
+
+
+@pytest.mark.parametrize(
+    "margins, kwargs, match",
+    [
+        (torch.zeros(1, 4), {}, "need R >= 2 redraws and m >= 2 items"),
+        (torch.zeros(4, 1), {}, "need R >= 2"),
+        (torch.zeros(4), {}, "floating tensor \\[R, m\\]"),
+        (torch.zeros(4, 3, dtype=torch.int64), {}, "floating tensor"),
+        (torch.zeros(4, 3), {"baseline": torch.zeros(3)}, "baseline must be a scalar or \\[R\\] = \\[4\\]"),
+    ],
+)
+def test_validation(margins, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        estimate_psi(margins, **kwargs)

@@ -1,0 +1,191 @@
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from elbokto.loss import elbo_dpo_loss, elbo_kto_loss, kl_baseline
+
+KTO_METRICS = {
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "count/chosen",
+    "count/rejected",
+    "elbo/policy",
+    "elbo/reference",
+    "kl",
+    "saturated_fraction",
+}
+
+
+def _batch(m: int = 7, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    policy = (torch.randn(m, generator=gen, dtype=torch.float64) * 20 - 300).float().requires_grad_()
+    noise = torch.randn(m, generator=gen, dtype=torch.float64) * 15
+    ref = (policy.detach().double() + noise).float().requires_grad_()
+    desirable = torch.rand(m, generator=gen) < 0.5
+    desirable[0], desirable[1] = True, False
+    return policy, ref, desirable
+
+
+def _expected(policy, ref, desirable, beta, lambda_d, lambda_u, b0):
+    """Loss and d loss / d policy in float64, with b0 a constant."""
+    r = policy.detach().double() - ref.detach().double()
+    s = desirable.double() * 2 - 1
+    lam = torch.where(desirable, lambda_d, lambda_u).double()
+    sig = torch.sigmoid(beta * s * (r - b0))
+    m = r.numel()
+    return (lam * (1 - sig)).sum() / m, -lam * beta * s * sig * (1 - sig) / m
+
+
+@pytest.mark.parametrize("baseline", ["batch_mean", "none", "kl"])
+@pytest.mark.parametrize("beta, lambda_d, lambda_u", [(0.1, 1.0, 1.0), (0.2, 1.5, 0.7)])
+def test_kto_loss_value_and_gradient(baseline, beta, lambda_d, lambda_u):
+    policy, ref, desirable = _batch()
+    kl = torch.tensor(3.25) if baseline == "kl" else None
+    loss, metrics = elbo_kto_loss(
+        policy, ref, desirable, beta=beta, lambda_d=lambda_d, lambda_u=lambda_u, baseline=baseline, kl=kl
+    )
+    r = policy.detach().double() - ref.detach().double()
+    b0 = {"batch_mean": float(r.mean()), "none": 0.0, "kl": 3.25}[baseline]
+    value, grad = _expected(policy, ref, desirable, beta, lambda_d, lambda_u, b0)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert math.isclose(float(loss.detach()), float(value), rel_tol=1e-5)
+    loss.backward()
+    # The baseline is a constant: the gradient is the formula's with b0 frozen, not through the mean.
+    torch.testing.assert_close(policy.grad.double(), grad, rtol=1e-4, atol=1e-8)
+    assert ref.grad is None
+    assert set(metrics) == KTO_METRICS
+    assert all(not v.requires_grad and v.shape == () and v.is_floating_point() for v in metrics.values())
+    assert math.isclose(float(metrics["kl"]), b0, rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_kto_metrics():
+    policy = torch.tensor([-10.0, -20.0, -30.0, -40.0])
+    ref = torch.tensor([-12.0, -19.0, -100.0, -40.0])
+    desirable = torch.tensor([True, True, False, False])
+    _, metrics = elbo_kto_loss(policy, ref, desirable, beta=0.5, baseline="none")
+    expected = {
+        "rewards/chosen": 0.5 * (2 - 1) / 2,
+        "rewards/rejected": 0.5 * (70 + 0) / 2,
+        "rewards/margins": 0.25 - 17.5,
+        "count/chosen": 2,
+        "count/rejected": 2,
+        "elbo/policy": -25,
+        "elbo/reference": -42.75,
+        "kl": 0,
+        "saturated_fraction": 0.25,  # only |0.5 * 70| > 6
+    }
+    assert {k: pytest.approx(float(v)) for k, v in metrics.items()} == expected
+
+
+def test_kto_one_sided_batch_has_no_nan():
+    policy, ref, _ = _batch(5)
+    loss, metrics = elbo_kto_loss(policy, ref, torch.ones(5, dtype=torch.bool))
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert float(metrics["rewards/rejected"]) == 0 and float(metrics["count/rejected"]) == 0
+
+
+def test_kto_empty_batch_gives_zero_loss():
+    policy = torch.zeros(0, requires_grad=True)
+    loss, metrics = elbo_kto_loss(policy, torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+    assert float(loss.detach()) == 0 and all(float(v) == 0 for v in metrics.values())
+    loss.backward()
+    assert policy.grad.shape == (0,)
+
+
+def test_kto_kl_baseline_is_clamped():
+    policy, ref, desirable = _batch()
+    loss, metrics = elbo_kto_loss(policy, ref, desirable, baseline="kl", kl=torch.tensor(-4.0))
+    value, _ = _expected(policy, ref, desirable, 0.1, 1.0, 1.0, 0.0)
+    assert math.isclose(float(loss.detach()), float(value), rel_tol=1e-5) and float(metrics["kl"]) == 0
+
+
+def test_kto_float64_stays_float64():
+    policy, ref, desirable = _batch()
+    loss, _ = elbo_kto_loss(policy.double(), ref.double(), desirable)
+    assert loss.dtype == torch.float64
+
+
+def test_kl_baseline():
+    policy = torch.tensor([1.0, 2.0, 6.0], requires_grad=True)
+    kl = kl_baseline(policy, torch.tensor([0.0, 0.0, 3.0]))
+    assert float(kl) == 2.0 and not kl.requires_grad
+    assert float(kl_baseline(torch.tensor([1.0]), torch.tensor([5.0]))) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"desirable": torch.tensor([1, 0, 1])}, "desirable must be a bool tensor"),
+        ({"ref_elbo": torch.zeros(4)}, "ref_elbo is \\[4\\]"),
+        ({"policy_elbo": torch.zeros(3, 1)}, "policy_elbo must be a floating tensor"),
+        ({"ref_elbo": torch.zeros(3, dtype=torch.int64)}, "ref_elbo must be a floating tensor"),
+        ({"beta": 0.0}, "beta=0.0"),
+        ({"lambda_u": -1.0}, "lambda_u=-1.0"),
+        ({"baseline": "mean"}, "baseline='mean'"),
+        ({"baseline": "kl"}, "kl is required"),
+        ({"kl": torch.tensor(1.0)}, "kl is required with baseline='kl' and only then"),
+        ({"baseline": "kl", "kl": torch.ones(2)}, "kl must be a floating scalar"),
+    ],
+)
+def test_kto_validation(kwargs, match):
+    desirable = torch.tensor([True, False, True])
+    args = {"policy_elbo": torch.zeros(3), "ref_elbo": torch.zeros(3), "desirable": desirable}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        elbo_kto_loss(args.pop("policy_elbo"), args.pop("ref_elbo"), args.pop("desirable"), **args)
+
+
+def test_dpo_loss_value_gradient_and_metrics():
+    gen = torch.Generator().manual_seed(1)
+    pc, rc, pr, rr = (torch.randn(6, generator=gen) * 10 - 200 for _ in range(4))
+    pc.requires_grad_(), pr.requires_grad_(), rc.requires_grad_()
+    loss, metrics = elbo_dpo_loss(pc, rc, pr, rr, beta=0.2)
+    logits = 0.2 * ((pc.detach().double() - rc.detach().double()) - (pr.detach().double() - rr.double()))
+    expected = -torch.nn.functional.logsigmoid(logits).mean()
+    assert math.isclose(float(loss.detach()), float(expected), rel_tol=1e-5)
+    loss.backward()
+    sig = torch.sigmoid(-logits)
+    torch.testing.assert_close(pc.grad.double(), -0.2 * sig / 6, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(pr.grad.double(), 0.2 * sig / 6, rtol=1e-4, atol=1e-9)
+    assert rc.grad is None
+    assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"}
+    accuracy = float((logits > 0).double().mean())
+    assert math.isclose(float(metrics["rewards/accuracies"]), accuracy, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="ref_rejected is \\[5\\]"):
+        elbo_dpo_loss(pc, rc, pr, rr[:5])
+
+
+# --- data parallel: the baseline is the mean over all ranks -------------------------------------
+
+RANK_MARGINS = ([1.0, 2.0, 6.0], [-4.0, 10.0, 0.5, 3.0, 7.5])  # different sizes: sum / count matters
+
+
+def _worker(rank: int, world_size: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        margins = torch.tensor(RANK_MARGINS[rank])
+        policy = (margins - 50).requires_grad_()
+        ref = torch.full_like(margins, -50.0)
+        desirable = torch.arange(margins.numel()) % 2 == 0
+        loss, metrics = elbo_kto_loss(policy, ref, desirable, beta=0.3)
+        everything = torch.tensor(RANK_MARGINS[0] + RANK_MARGINS[1], dtype=torch.float64)
+        b0 = float(everything.mean())
+        assert math.isclose(float(metrics["kl"]), b0, rel_tol=1e-6), (rank, float(metrics["kl"]), b0)
+        value, grad = _expected(policy, ref, desirable, 0.3, 1.0, 1.0, b0)  # the LOCAL m
+        assert math.isclose(float(loss.detach()), float(value), rel_tol=1e-5)
+        loss.backward()
+        torch.testing.assert_close(policy.grad.double(), grad, rtol=1e-4, atol=1e-9)
+        kl = kl_baseline(policy, ref)
+        assert math.isclose(float(kl), b0, rel_tol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_mean_baseline_is_global_across_ranks(tmp_path):
+    mp.spawn(_worker, args=(2, os.fspath(tmp_path / "init")), nprocs=2, join=True)
