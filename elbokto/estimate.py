@@ -1,0 +1,97 @@
+"""One-pass ELBO estimation: the B*K noisy copies of a batch through ONE batched forward.
+
+For a transformers model the LM head is bypassed: while the model runs, its output-embedding module
+computes ``fused_linear_elbo`` on the final hidden states of the masked rows (with its own weight,
+bias and the config's ``final_logit_softcapping``) and hands the model an empty logits tensor.
+Running inside the head's forward is what keeps this right under FSDP, where the head weight is
+only gathered during that forward. Any other module that returns logits goes through
+``fused_elbo``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from elbokto.draws import Draws
+from elbokto_kernels import fused_elbo, fused_linear_elbo
+
+
+def noisy_copies(input_ids: Tensor, draws: Draws, mask_token_id: int) -> Tensor:
+    """int64 [C, T]: copy c is ``input_ids[sample_index[c]]`` with its drawn positions masked."""
+    clean = input_ids[draws.sample_index]
+    return clean.masked_fill(draws.mask, mask_token_id)
+
+
+def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_token_id: int,
+                  attention_mask: Tensor | None = None, shift_logits: bool = False,
+                  backend: str = "auto") -> Tensor:
+    """Monte-Carlo ELBO of every example: float32 [B], differentiable w.r.t. the model.
+
+    Args:
+        model: a transformers model with a linear output embedding (fused head), or any module
+            whose output is logits [C, T, V] or has ``.logits``.
+        input_ids: int64 [B, T] clean sequences (prompt then response, padded).
+        draws: from :func:`elbokto.sample_draws`; ``draws.mask`` is [C, T] with C = B*K, or a
+            subset of the copies (``sample_index`` says whose they are).
+        mask_token_id: the id that replaces masked tokens (LLaDA 126336, Dream 151666).
+        attention_mask: optional [B, T] (1 = real token); repeated for every copy.
+        shift_logits: the model's output at position p predicts token p + 1 (Dream).
+        backend: kernel backend, see :func:`elbokto_kernels.fused_elbo`.
+    """
+    num_samples = input_ids.shape[0]
+    noisy = noisy_copies(input_ids, draws, mask_token_id)
+    targets = input_ids[draws.sample_index]
+    mask = draws.mask
+    if shift_logits:
+        # The output at p - 1 scores token p: move targets and mask one place left.
+        targets = torch.cat([targets[:, 1:], targets[:, :1]], dim=1)
+        # Position 0 has no predecessor; it is always prompt, so its mask is always False.
+        mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    copy_attention = None if attention_mask is None else attention_mask[draws.sample_index]
+    elbo_args = (targets, mask, draws.weight, draws.sample_index, num_samples)
+    head = _fusable_head(model)
+    if head is None:
+        out = model(input_ids=noisy, attention_mask=copy_attention)
+        logits = out if isinstance(out, Tensor) else out.logits
+        return fused_elbo(logits, *elbo_args, backend=backend)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    with _fused_head(head, elbo_args, softcap, backend) as result:
+        model(input_ids=noisy, attention_mask=copy_attention, use_cache=False)
+    if not result:
+        raise RuntimeError(f"{type(model).__name__}'s forward never called its output embedding")
+    return result[0]
+
+
+def _fusable_head(model: nn.Module) -> nn.Linear | None:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    # Only a plain Linear is replaced: a head with adapters (e.g. LoRA on lm_head) keeps its own
+    # forward, and its logits go through fused_elbo instead.
+    return head if type(head) is nn.Linear else None
+
+
+@contextmanager
+def _fused_head(head: nn.Linear, elbo_args: tuple, softcap: float | None, backend: str):
+    """Within the block, ``head(hidden)`` stores the fused ELBO in the yielded list and returns
+    an empty [..., 0] logits tensor (whatever the model does to logits afterwards is then free)."""
+    result: list[Tensor] = []
+
+    def forward(hidden: Tensor) -> Tensor:
+        weight, bias = head.weight, head.bias
+        # Under autocast the head would run in the autocast dtype; the fused op does the same.
+        dtype = (torch.get_autocast_dtype(hidden.device.type)
+                 if torch.is_autocast_enabled(hidden.device.type) else weight.dtype)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        result.append(fused_linear_elbo(hidden, weight, *elbo_args, bias=bias, softcap=softcap,
+                                        backend=backend))
+        return hidden.new_empty(*hidden.shape[:-1], 0)
+
+    head.forward = forward
+    try:
+        yield result
+    finally:
+        del head.forward

@@ -1,0 +1,207 @@
+"""ELBOKTOObjective: draws -> policy and reference ELBOs on the same noisy copies -> loss.
+
+One call is one training step's loss for a batch dict:
+
+    input_ids        int64 [B, T]   prompt then response, padded
+    attention_mask   [B, T]         optional (1 = real token)
+    prompt_lengths   int64 [B]      the response starts there
+    response_lengths int64 [B]      only these tokens are ever masked
+    desirable        bool [B]
+    uid              int64 [B]      stable example id: the draws are a function of it
+
+The reference sees exactly the policy's noisy copies (common random numbers), without gradients. It
+is a frozen model, the policy itself with its PEFT adapters disabled, or a precomputed ``ref_elbo``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from elbokto.draws import Draws, MCConfig, sample_draws
+from elbokto.estimate import elbo_estimate
+from elbokto.loss import elbo_kto_loss, kl_baseline
+
+BATCH_KEYS = ("input_ids", "prompt_lengths", "response_lengths", "desirable", "uid")
+# 2^64 / golden ratio as a signed int64: mixes two uids into the uid of their mismatched pair.
+_UID_MIX = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+@dataclass
+class ObjectiveOutput:
+    """What one objective call returns.
+
+    loss: scalar float32. With ``backward_done`` the gradients are already in the policy's
+        ``.grad`` and ``loss`` is detached: calling backward on it again is an error by design.
+    metrics: detached scalars named like TRL's KTO trainer (see :func:`elbo_kto_loss`).
+    policy_elbo, ref_elbo: float32 [B], detached.
+    """
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+    policy_elbo: Tensor
+    ref_elbo: Tensor
+    backward_done: bool = False
+
+
+@dataclass
+class ELBOKTOObjective:
+    """ELBO-KTO on a batch, DESIGN.md §2. Paper defaults: beta 0.1, n_t 8, n_yt 1, batch_mean.
+
+    Attributes:
+        mc: how the Monte-Carlo copies are drawn.
+        beta, lambda_d, lambda_u, baseline: as in :func:`elbokto.elbo_kto_loss`.
+        seed: seed of the draws (with uid and step they fix every mask).
+        mc_chunk_size: copies per forward. None: all B*K copies in one pass, and the caller calls
+            ``loss.backward()``. An int: memory stays flat in K; a no-grad pass gives B_hat and
+            dLoss/dB_hat, then each chunk of copies runs forward AND backward with that per-sample
+            scale, so the output comes with ``backward_done=True`` and a detached loss. The policy
+            forward must then be deterministic (no dropout), as it must for CRN anyway.
+        mask_token_id: None reads ``policy.config.mask_token_id``.
+        shift_logits: the model's logits at p predict token p + 1 (Dream).
+        pad_token_id: fills the mismatched pairs of baseline="kl" (attention-masked when the batch
+            has an attention mask).
+        backend: kernel backend ("auto", "triton", "cpu", "torch").
+    """
+
+    mc: MCConfig = field(default_factory=MCConfig)
+    beta: float = 0.1
+    lambda_d: float = 1.0
+    lambda_u: float = 1.0
+    baseline: str = "batch_mean"
+    seed: int = 0
+    mc_chunk_size: int | None = None
+    mask_token_id: int | None = None
+    shift_logits: bool = False
+    pad_token_id: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mc_chunk_size is not None and self.mc_chunk_size < 1:
+            raise ValueError(f"mc_chunk_size must be a positive int or None, got "
+                             f"{self.mc_chunk_size}")
+        if self.baseline not in ("batch_mean", "none", "kl"):
+            raise ValueError(f"baseline={self.baseline!r}; expected 'batch_mean', 'none' or 'kl'")
+
+    def __call__(self, policy: nn.Module, batch: Mapping[str, Tensor], *,
+                 reference: nn.Module | None = None, ref_elbo: Tensor | None = None,
+                 step: int = 0) -> ObjectiveOutput:
+        _check_batch(batch)
+        draws = self.draws(batch, step)
+        if ref_elbo is None:
+            ref_elbo = self.reference_elbo(policy, batch, draws, reference)
+        elif reference is not None:
+            raise ValueError("pass either reference or ref_elbo, not both")
+        ref_elbo = ref_elbo.detach().float()
+        kl = self._kl(policy, reference, batch, step) if self.baseline == "kl" else None
+        if self.mc_chunk_size is None:
+            policy_elbo = self.elbo(policy, batch, draws)
+            loss, metrics = self._loss(policy_elbo, ref_elbo, batch, kl)
+            return ObjectiveOutput(loss, metrics, policy_elbo.detach(), ref_elbo)
+        with torch.no_grad():
+            policy_elbo = self.elbo(policy, batch, draws)
+        leaf = policy_elbo.requires_grad_()
+        with torch.enable_grad():
+            loss, metrics = self._loss(leaf, ref_elbo, batch, kl)
+            (scale,) = torch.autograd.grad(loss, leaf)
+        for chunk in _copy_chunks(draws, self.mc_chunk_size):
+            self._estimate(policy, batch, chunk).backward(scale)
+        return ObjectiveOutput(loss.detach(), metrics, policy_elbo.detach(), ref_elbo,
+                               backward_done=True)
+
+    def draws(self, batch: Mapping[str, Tensor], step: int = 0) -> Draws:
+        """The B*K copies of the batch at this step (a pure function of seed, uid and step)."""
+        return sample_draws(self.mc, batch["prompt_lengths"], batch["response_lengths"],
+                            batch["input_ids"].shape[1], uids=batch["uid"], seed=self.seed,
+                            step=step)
+
+    def elbo(self, model: nn.Module, batch: Mapping[str, Tensor], draws: Draws) -> Tensor:
+        """B_hat float32 [B] of ``model``, in chunks of mc_chunk_size copies when set."""
+        if self.mc_chunk_size is None:
+            return self._estimate(model, batch, draws)
+        return sum(self._estimate(model, batch, chunk)
+                   for chunk in _copy_chunks(draws, self.mc_chunk_size))
+
+    @torch.no_grad()
+    def reference_elbo(self, policy: nn.Module, batch: Mapping[str, Tensor], draws: Draws,
+                       reference: nn.Module | None) -> Tensor:
+        """B_hat_ref [B] on the policy's draws: ``reference``, or the adapter-free policy."""
+        if reference is not None:
+            return self.elbo(reference, batch, draws)
+        disable_adapter = getattr(policy, "disable_adapter", None)
+        if disable_adapter is None:
+            raise ValueError("no reference: pass reference= (a frozen model), ref_elbo= "
+                             "(precomputed), or a PEFT policy whose adapters can be disabled")
+        with disable_adapter():
+            return self.elbo(policy, batch, draws)
+
+    def _estimate(self, model: nn.Module, batch: Mapping[str, Tensor], draws: Draws) -> Tensor:
+        return elbo_estimate(model, batch["input_ids"], draws,
+                             mask_token_id=self._mask_token_id(model),
+                             attention_mask=batch.get("attention_mask"),
+                             shift_logits=self.shift_logits, backend=self.backend)
+
+    def _mask_token_id(self, model: nn.Module) -> int:
+        if self.mask_token_id is not None:
+            return self.mask_token_id
+        mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+        if mask_id is None:
+            raise ValueError(f"{type(model).__name__} has no config.mask_token_id: pass "
+                             "mask_token_id (LLaDA 126336, Dream 151666)")
+        return mask_id
+
+    def _loss(self, policy_elbo, ref_elbo, batch, kl):
+        return elbo_kto_loss(policy_elbo, ref_elbo, batch["desirable"], beta=self.beta,
+                             lambda_d=self.lambda_d, lambda_u=self.lambda_u,
+                             baseline=self.baseline, kl=kl)
+
+    @torch.no_grad()
+    def _kl(self, policy, reference, batch, step) -> Tensor:
+        """KTO's z0: detached ELBO margin of mismatched pairs (prompt i, response of i + 1)."""
+        mismatched = mismatched_batch(batch, self.pad_token_id)
+        draws = self.draws(mismatched, step)
+        policy_elbo = self.elbo(policy, mismatched, draws)
+        return kl_baseline(policy_elbo, self.reference_elbo(policy, mismatched, draws, reference))
+
+
+def mismatched_batch(batch: Mapping[str, Tensor], pad_token_id: int) -> dict[str, Tensor]:
+    """Each prompt i with the response of example (i + 1) mod B, right-padded with pad_token_id.
+
+    One host sync (the new padded length). The uid of a pair mixes both uids, so its draws differ
+    from either example's.
+    """
+    ids, prompt, response = batch["input_ids"], batch["prompt_lengths"], batch["response_lengths"]
+    donor = torch.roll(torch.arange(ids.shape[0], device=ids.device), -1)
+    new_response = response[donor]
+    lengths = prompt + new_response
+    pos = torch.arange(int(lengths.max()) if ids.shape[0] else 0, device=ids.device)
+    in_prompt = pos < prompt[:, None]
+    in_response = ~in_prompt & (pos < lengths[:, None])
+    donor_pos = (prompt[donor][:, None] + pos - prompt[:, None]).clamp(0, ids.shape[1] - 1)
+    from_prompt = ids.gather(1, pos.clamp(max=ids.shape[1] - 1).expand(ids.shape[0], -1))
+    from_donor = ids[donor].gather(1, donor_pos)
+    new_ids = torch.where(in_prompt, from_prompt,
+                          torch.where(in_response, from_donor, pad_token_id))
+    out = {"input_ids": new_ids, "prompt_lengths": prompt, "response_lengths": new_response,
+           "desirable": batch["desirable"],
+           "uid": batch["uid"] * _UID_MIX + batch["uid"][donor]}
+    if "attention_mask" in batch:
+        out["attention_mask"] = (in_prompt | in_response).to(batch["attention_mask"].dtype)
+    return out
+
+
+def _copy_chunks(draws: Draws, size: int):
+    for start in range(0, draws.mask.shape[0], size):
+        part = slice(start, start + size)
+        yield replace(draws, mask=draws.mask[part], weight=draws.weight[part],
+                      sample_index=draws.sample_index[part], t=draws.t[part])
+
+
+def _check_batch(batch: Mapping[str, Tensor]) -> None:
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"batch lacks {missing}; expected keys {list(BATCH_KEYS)} "
+                         "(+ optional attention_mask)")

@@ -1,0 +1,115 @@
+"""ELBOKTOObjective: the step's loss and gradients, references, chunking, the KL baseline."""
+
+import copy
+
+import pytest
+import torch
+
+from elbokto import MCConfig, elbo_kto_loss
+from elbokto.objective import ELBOKTOObjective, mismatched_batch
+from tiny_models import tiny_batch, tiny_gemma
+
+
+def policy_and_reference(seed=0):
+    reference = tiny_gemma(seed=seed)
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():  # move the policy away from the reference so margins are non-zero
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return policy, reference
+
+
+def param_grads(model):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            for p in model.parameters()]
+
+
+def test_loss_is_the_formula_on_the_estimates():
+    policy, reference = policy_and_reference()
+    batch = tiny_batch()
+    obj = ELBOKTOObjective(mc=MCConfig(n_t=4), beta=0.5, lambda_u=1.5)
+    out = obj(policy, batch, reference=reference, step=2)
+    draws = obj.draws(batch, step=2)
+    ref_elbo = obj.elbo(reference, batch, draws)
+    torch.testing.assert_close(out.ref_elbo, ref_elbo)  # same draws: common random numbers
+    r = out.policy_elbo.double() - ref_elbo.double()
+    sign = batch["desirable"].double() * 2 - 1
+    lam = torch.where(batch["desirable"], 1.0, 1.5).double()
+    expected = (lam * (1 - torch.sigmoid(0.5 * sign * (r - r.mean())))).mean()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-6, atol=1e-7)
+    out.loss.backward()
+    assert all(p.grad is None for p in reference.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+    assert set(out.metrics) >= {"rewards/chosen", "rewards/rejected", "rewards/margins", "kl"}
+
+
+def test_mc_chunk_size_equals_one_pass():
+    policy, reference = policy_and_reference(seed=1)
+    batch = tiny_batch(seed=1)
+    mc = MCConfig(n_t=3, n_yt=2)
+    whole = ELBOKTOObjective(mc=mc)(policy, batch, reference=reference)
+    whole.loss.backward()
+    expected = param_grads(policy)
+    policy.zero_grad(set_to_none=True)
+    chunked = ELBOKTOObjective(mc=mc, mc_chunk_size=5)(policy, batch, reference=reference)
+    assert chunked.backward_done and not chunked.loss.requires_grad
+    torch.testing.assert_close(chunked.loss, whole.loss.detach())
+    torch.testing.assert_close(chunked.policy_elbo, whole.policy_elbo)
+    for g, e in zip(param_grads(policy), expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_precomputed_reference_and_errors():
+    policy, reference = policy_and_reference()
+    batch = tiny_batch()
+    obj = ELBOKTOObjective(mc=MCConfig(n_t=2))
+    online = obj(policy, batch, reference=reference)
+    offline = obj(policy, batch, ref_elbo=online.ref_elbo)
+    torch.testing.assert_close(offline.loss, online.loss)
+    with pytest.raises(ValueError, match="no reference"):
+        obj(policy, batch)
+    with pytest.raises(ValueError, match="batch lacks"):
+        obj(policy, {k: v for k, v in batch.items() if k != "uid"}, reference=reference)
+    with pytest.raises(ValueError, match="mc_chunk_size"):
+        ELBOKTOObjective(mc_chunk_size=0)
+
+
+def test_peft_reference_is_the_policy_without_adapters():
+    peft = pytest.importorskip("peft")
+    base = tiny_gemma(seed=2)
+    frozen = copy.deepcopy(base)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           init_lora_weights=False)
+    policy = peft.get_peft_model(base, lora)
+    batch = tiny_batch(seed=2)
+    obj = ELBOKTOObjective(mc=MCConfig(n_t=2))
+    out = obj(policy, batch)
+    torch.testing.assert_close(out.ref_elbo, obj(policy, batch, reference=frozen).ref_elbo)
+    assert not torch.allclose(out.policy_elbo, out.ref_elbo)  # adapters are active for the policy
+    out.loss.backward()
+    assert all(p.grad is None for n, p in policy.named_parameters() if "lora" not in n)
+
+
+def test_kl_baseline():
+    policy, reference = policy_and_reference(seed=3)
+    batch = tiny_batch(seed=3)
+    out = ELBOKTOObjective(mc=MCConfig(n_t=2), baseline="kl")(policy, batch, reference=reference)
+    assert out.metrics["kl"] >= 0
+    assert torch.isfinite(out.loss)
+
+
+def test_mismatched_batch_pairs_prompt_with_next_response():
+    batch = tiny_batch(seed=4)
+    mm = mismatched_batch(batch, pad_token_id=0)
+    ids, p, r = batch["input_ids"], batch["prompt_lengths"], batch["response_lengths"]
+    for i in range(4):
+        j = (i + 1) % 4
+        pi, pj, rj = int(p[i]), int(p[j]), int(r[j])
+        assert torch.equal(mm["input_ids"][i, :pi], ids[i, :pi])
+        assert torch.equal(mm["input_ids"][i, pi:pi + rj], ids[j, pj:pj + rj])
+        assert int(mm["attention_mask"][i].sum()) == pi + rj
+        assert torch.all(mm["input_ids"][i, pi + rj:] == 0)
+    assert torch.equal(mm["response_lengths"], r.roll(-1))
+    assert len(set(mm["uid"].tolist()) & set(batch["uid"].tolist())) == 0

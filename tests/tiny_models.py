@@ -1,0 +1,37 @@
+"""Tiny bidirectional transformers models for tests (random weights, nothing downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
+
+VOCAB = 97
+MASK_ID = 96
+
+
+def tiny_gemma(seed: int = 0, *, softcap: bool = False):
+    """GemmaForCausalLM (or Gemma2 with final-logit soft-capping), bidirectional, dropout off."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                  use_bidirectional_attention=True, mask_token_id=MASK_ID,
+                  tie_word_embeddings=False)
+    if softcap:
+        model = Gemma2ForCausalLM(Gemma2Config(**common, final_logit_softcapping=3.0,
+                                               attn_logit_softcapping=None))
+    else:
+        model = GemmaForCausalLM(GemmaConfig(**common))
+    return model.float().eval()
+
+
+def tiny_batch(seed: int = 0, batch: int = 4, seq_len: int = 12):
+    """Batch dict with prompts of 3..5 tokens, responses of 2..6, right padding."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, 6, (batch,), generator=g)
+    response = torch.randint(2, 7, (batch,), generator=g)
+    ids = torch.randint(0, MASK_ID, (batch, seq_len), generator=g)
+    pos = torch.arange(seq_len)
+    real = pos < (prompt + response)[:, None]
+    return {"input_ids": ids.masked_fill(~real, 0), "attention_mask": real.long(),
+            "prompt_lengths": prompt, "response_lengths": response,
+            "desirable": torch.arange(batch) % 2 == 0, "uid": torch.arange(batch) * 7919 + seed}
