@@ -21,6 +21,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from elbokto.diagnostics import PsiEstimate, estimate_psi
 from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.loss import elbo_kto_loss, kl_baseline
@@ -137,6 +138,35 @@ class ELBOKTOObjective:
                              "(precomputed), or a PEFT policy whose adapters can be disabled")
         with disable_adapter():
             return self.elbo(policy, batch, draws)
+
+    @torch.no_grad()
+    def margins(self, policy: nn.Module, batch: Mapping[str, Tensor], *,
+                reference: nn.Module | None = None, redraws: int = 4, step: int = 0) -> Tensor:
+        """float32 [redraws, B]: r = B_hat_policy - B_hat_ref under independent redraws (seed + k).
+
+        The reference must be a model (or the adapter-free policy): a precomputed ref_elbo is
+        drawn once and would not share the redrawn copies.
+        """
+        rows = []
+        for k in range(redraws):
+            redraw = replace(self, seed=self.seed + k)
+            draws = redraw.draws(batch, step)
+            rows.append(redraw.elbo(policy, batch, draws)
+                        - redraw.reference_elbo(policy, batch, draws, reference))
+        return torch.stack(rows)
+
+    def psi(self, policy: nn.Module, batch: Mapping[str, Tensor], *,
+            reference: nn.Module | None = None, redraws: int = 4, step: int = 0) -> PsiEstimate:
+        """Psi(S), v(S), c(S) of this objective's MC setting on one batch (DESIGN.md §2), with
+        psi_baseline for the baseline this objective uses (batch_mean: equal to psi)."""
+        _check_batch(batch)
+        margins = self.margins(policy, batch, reference=reference, redraws=redraws, step=step)
+        baseline = {"batch_mean": margins.mean(1), "none": 0.0}.get(self.baseline)
+        if baseline is None:  # kl: the KL estimate redrawn alongside the margins
+            baseline = torch.stack([replace(self, seed=self.seed + k)._kl(policy, reference,
+                                                                         batch, step)
+                                    for k in range(redraws)])
+        return estimate_psi(margins, baseline)
 
     def _estimate(self, model: nn.Module, batch: Mapping[str, Tensor], draws: Draws) -> Tensor:
         return elbo_estimate(model, batch["input_ids"], draws,

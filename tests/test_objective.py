@@ -113,3 +113,20 @@ def test_mismatched_batch_pairs_prompt_with_next_response():
         assert torch.all(mm["input_ids"][i, pi + rj:] == 0)
     assert torch.equal(mm["response_lengths"], r.roll(-1))
     assert len(set(mm["uid"].tolist()) & set(batch["uid"].tolist())) == 0
+
+
+def test_psi_of_a_model_setting():
+    policy, reference = policy_and_reference(seed=5)
+    batch = tiny_batch(seed=5)
+    obj = ELBOKTOObjective(mc=MCConfig(n_t=2))
+    margins = obj.margins(policy, batch, reference=reference, redraws=6)
+    assert margins.shape == (6, 4)
+    assert margins.std(0).min() > 0  # redraws are independent: the margins move
+    est = obj.psi(policy, batch, reference=reference, redraws=6)
+    assert est.num_redraws == 6 and est.batch_size == 4
+    assert est.psi > 0
+    assert abs(est.psi_baseline - est.psi) < 1e-9 * max(1.0, est.psi)  # batch_mean: b = b0
+    none = ELBOKTOObjective(mc=MCConfig(n_t=2), baseline="none")
+    assert none.psi(policy, batch, reference=reference, redraws=6).psi_baseline >= est.psi - 1e-9
+    # Common random numbers: the same model as policy and reference gives zero margins.
+    assert torch.all(obj.margins(reference, batch, reference=reference, redraws=2) == 0)
