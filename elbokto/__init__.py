@@ -7,19 +7,23 @@ the ELBO-KTO loss, diagnostics, data, trainer, sampler and CLI.
 from elbokto.diagnostics import PsiEstimate, estimate_psi
 from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
+from elbokto.generate import GenerationConfig, decode_responses, generate
 from elbokto.loss import elbo_dpo_loss, elbo_kto_loss, kl_baseline
 from elbokto.objective import ELBOKTOObjective, ObjectiveOutput
 
 __all__ = [
     "Draws",
     "ELBOKTOObjective",
+    "GenerationConfig",
     "ObjectiveOutput",
     "MCConfig",
     "PsiEstimate",
+    "decode_responses",
     "elbo_dpo_loss",
     "elbo_estimate",
     "elbo_kto_loss",
     "estimate_psi",
+    "generate",
     "kl_baseline",
     "sample_draws",
 ]

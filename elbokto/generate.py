@@ -1,0 +1,234 @@
+"""LLaDA-style reverse-process sampler: fill a fully masked response, a few tokens per step.
+
+Each prompt gets a *canvas*: the prompt, then ``gen_length`` mask tokens. Prompts of different
+lengths are LEFT-padded, so every canvas ends at the same column and the response is the last
+``gen_length`` columns of all of them. The response is split into ``gen_length / block_length``
+blocks filled left to right (semi-autoregressive); each block gets ``steps / num_blocks`` steps.
+At each step the model scores the whole canvas, every still-masked position of the current block
+proposes a token (argmax, or a Gumbel-max sample at ``temperature > 0``), and the ``n`` proposals
+with the highest confidence are committed, ``n`` following LLaDA's schedule (the block's masks
+split evenly over its steps, the remainder to the first steps). Committed tokens are never
+revisited; prompt tokens and later blocks are never touched. The output length is fixed: decode
+up to the first EOS with :func:`decode_responses`.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GenerationConfig", "decode_responses", "generate"]
+
+
+@dataclass
+class GenerationConfig:
+    """How :func:`generate` runs the reverse process. Defaults: one 64-token block, one token per
+    step, greedy, LLaDA's low-confidence remasking."""
+
+    gen_length: int = field(default=64, metadata={"help": "Response tokens generated per prompt."})
+    steps: int = field(
+        default=64,
+        metadata={"help": "Model calls in total; a multiple of gen_length / block_length and at "
+                          "most gen_length."},
+    )
+    block_length: int = field(
+        default=64,
+        metadata={"help": "Semi-autoregressive block size: the response is filled block by block, "
+                          "left to right. Must divide gen_length (gen_length = one block)."},
+    )
+    temperature: float = field(
+        default=0.0,
+        metadata={"help": "0 = greedy (argmax); > 0 = sample from softmax(logits / temperature) "
+                          "with the Gumbel-max trick in float64."},
+    )
+    remasking: Literal["low_confidence", "random"] = field(
+        default="low_confidence",
+        metadata={"help": "Which proposals a step commits: 'low_confidence' keeps those with the "
+                          "highest probability of the proposed token (the rest are remasked); "
+                          "'random' keeps a uniformly random subset."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the sampler's torch.Generator."})
+    mask_token_id: int | None = field(
+        default=None,
+        metadata={"help": "Mask token id (LLaDA 126336, Dream 151666); default: the model's "
+                          "config.mask_token_id."},
+    )
+    shift_logits: bool = field(
+        default=False,
+        metadata={"help": "The model's output at position p predicts token p + 1 (Dream)."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("gen_length", "steps", "block_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected an integer >= 1")
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length={self.gen_length} is not a multiple of "
+                             f"block_length={self.block_length}")
+        if self.steps % self.num_blocks:
+            raise ValueError(f"steps={self.steps} is not a multiple of the number of blocks "
+                             f"{self.num_blocks} (gen_length={self.gen_length} / "
+                             f"block_length={self.block_length})")
+        if self.steps > self.gen_length:
+            raise ValueError(f"steps={self.steps} > gen_length={self.gen_length}: some steps would "
+                             f"unmask nothing; expected steps <= gen_length")
+        if (isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
+                or not self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature!r}; expected a float >= 0")
+        if self.remasking not in ("low_confidence", "random"):
+            raise ValueError(f"remasking={self.remasking!r}; expected 'low_confidence' or 'random'")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r}; expected an integer")
+        if self.mask_token_id is not None and (isinstance(self.mask_token_id, bool)
+                                               or not isinstance(self.mask_token_id, int)
+                                               or self.mask_token_id < 0):
+            raise ValueError(f"mask_token_id={self.mask_token_id!r}; expected None or an "
+                             f"integer >= 0")
+        if not isinstance(self.shift_logits, bool):
+            raise ValueError(f"shift_logits={self.shift_logits!r}; expected a bool")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: GenerationConfig, *,
+             pad_token_id: int) -> Tensor:
+    """Generate ``config.gen_length`` tokens after each prompt: int64 [B, gen_length], all unmasked.
+
+    Args:
+        model: a transformers-style masked diffusion LM (LLaDA, Dream, ...) in the mode the caller
+            wants (``model.eval()`` is the caller's job). Called as ``model(input_ids=canvas)`` when
+            all prompts have the same length, else ``model(input_ids=canvas,
+            attention_mask=mask)`` with ``canvas`` int64 [B, P + gen_length] and ``mask`` int64
+            [B, P + gen_length] (0 on the left padding). Its output is logits [B, T, V] or has
+            ``.logits``. A model that ignores ``attention_mask`` lets the response attend to the
+            padding: call it with equal-length prompts (e.g. one prompt at a time). A transformers
+            decoder made bidirectional with ``use_bidirectional_attention`` also needs
+            ``config.is_causal = False``, or its padded calls get a causal mask.
+        prompts: B >= 1 token-id sequences (lists or 1-D tensors), each non-empty (at least BOS),
+            of any lengths; P is the longest.
+        config: steps, blocks, temperature, remasking, seed, mask token, logit shift.
+        pad_token_id: fills the left padding (masked out, so its value does not matter to a model
+            that honours ``attention_mask``).
+
+    Positions are left to the model (``position_ids`` are not passed): with rotary embeddings the
+    attention scores depend only on relative positions, so left padding changes nothing.
+
+    Sampling at ``temperature`` T > 0 takes ``argmax(logits / T + G)`` with G standard Gumbel noise,
+    in float64 (the same law as LLaDA's ``argmax(exp(logits) / (-log u)^T)``, not the same draws).
+    Confidences are float64 ``softmax(logits)`` at the proposed token (as in LLaDA, logits not
+    divided by T), or uniform numbers for ``remasking='random'``. All randomness comes from one
+    ``torch.Generator`` seeded with ``config.seed`` on the model's device: the same call gives the
+    same tokens, but a prompt's sample depends on its batch companions when T > 0 or the remasking
+    is random.
+    """
+    mask_id = config.mask_token_id
+    if mask_id is None:
+        mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+    if mask_id is None:
+        raise ValueError(f"no mask token id: set GenerationConfig.mask_token_id, or "
+                         f"{type(model).__name__}.config.mask_token_id")
+    canvas, attention_mask = _build_canvas(prompts, config.gen_length, mask_id, pad_token_id,
+                                           _device_of(model))
+    generator = torch.Generator(device=canvas.device).manual_seed(config.seed)
+    model_kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    block_steps = config.steps // config.num_blocks
+    schedule = _transfer_schedule(config.block_length, block_steps)
+    rows = torch.arange(canvas.shape[0], device=canvas.device)[:, None]
+    for block in range(config.num_blocks):
+        start = canvas.shape[1] - config.gen_length + block * config.block_length
+        end = start + config.block_length
+        for num_transfer in schedule:
+            out = model(input_ids=canvas, **model_kwargs)
+            logits = out if isinstance(out, Tensor) else out.logits
+            # Only the current block can be committed, so only its logits are needed. With a
+            # shift, position p reads the output at p - 1 (start >= 1: prompts are non-empty).
+            offset = int(config.shift_logits)
+            logits = logits[:, start - offset:end - offset].to(canvas.device)
+            proposal, confidence = _propose(logits, config, generator)
+            block_tokens = canvas[:, start:end]
+            masked = block_tokens == mask_id
+            confidence = confidence.masked_fill(~masked, float("-inf"))
+            # Every row has the same number of masks left in the block (all canvases start with
+            # a full mask block and commit the same counts), so one top-k serves the batch and
+            # never reaches a -inf (already committed) position.
+            chosen = confidence.topk(num_transfer, dim=1).indices
+            block_tokens[rows, chosen] = proposal.gather(1, chosen)
+    return canvas[:, -config.gen_length:]
+
+
+def decode_responses(tokenizer, tokens: Tensor, eos_token_id: int | None = None) -> list[str]:
+    """Text of each generated row, cut before its first EOS; special tokens are skipped.
+
+    Args:
+        tokenizer: anything with ``decode(ids, skip_special_tokens=True)`` (a transformers
+            tokenizer).
+        tokens: int [B, L], e.g. the output of :func:`generate`.
+        eos_token_id: where to cut; default ``tokenizer.eos_token_id``; None there too: no cut.
+    """
+    if eos_token_id is None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    texts = []
+    for row in tokens.tolist():
+        if eos_token_id is not None and eos_token_id in row:
+            row = row[:row.index(eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def _build_canvas(prompts: Sequence[Sequence[int]], gen_length: int, mask_id: int, pad_id: int,
+                  device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """int64 [B, P + gen_length] canvases (padding, prompt, masks) and their int64 attention mask,
+    or None when no prompt is padded."""
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; expected at least one prompt")
+    rows = [torch.as_tensor(p, dtype=torch.int64).reshape(-1) for p in prompts]
+    for i, row in enumerate(rows):
+        if row.numel() == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (BOS)")
+    width = max(row.numel() for row in rows)
+    canvas = torch.full((len(rows), width + gen_length), mask_id, dtype=torch.int64)
+    canvas[:, :width] = pad_id
+    lengths = torch.tensor([row.numel() for row in rows])
+    for i, row in enumerate(rows):
+        canvas[i, width - row.numel():width] = row
+    canvas = canvas.to(device)
+    if bool((lengths == width).all()):
+        return canvas, None
+    real = torch.arange(width + gen_length) >= (width - lengths)[:, None]
+    return canvas, real.long().to(device)
+
+
+def _transfer_schedule(num_masks: int, steps: int) -> list[int]:
+    """LLaDA's get_num_transfer_tokens: ``num_masks`` split over ``steps``, remainder first."""
+    base, remainder = divmod(num_masks, steps)
+    return [base + 1] * remainder + [base] * (steps - remainder)
+
+
+def _propose(logits: Tensor, config: GenerationConfig,
+             generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """From logits [B, N, V]: proposed tokens int64 [B, N] and their float64 confidences [B, N]."""
+    logits = logits.double()
+    if config.temperature == 0:
+        proposal = logits.argmax(-1)
+    else:
+        uniform = torch.rand(logits.shape, dtype=torch.float64, device=logits.device,
+                             generator=generator)
+        gumbel = -torch.log(-torch.log(uniform))
+        proposal = (logits / config.temperature + gumbel).argmax(-1)
+    if config.remasking == "random":
+        confidence = torch.rand(proposal.shape, dtype=torch.float64, device=logits.device,
+                                generator=generator)
+    else:
+        confidence = logits.softmax(-1).gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+    return proposal, confidence
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return torch.device("cpu") if param is None else param.device

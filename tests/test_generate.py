@@ -1,0 +1,222 @@
+"""The reverse-process sampler on a tiny bidirectional Gemma, watched through a recording model."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import HfArgumentParser
+
+from elbokto import GenerationConfig, decode_responses, generate
+from tiny_models import MASK_ID, tiny_gemma
+
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    model = tiny_gemma()
+    # transformers builds a causal mask whenever a padding mask is passed unless config.is_causal
+    # is False (use_bidirectional_attention alone only covers the unpadded path).
+    model.config.is_causal = False
+    return model
+
+
+class Recorder(nn.Module):
+    """Passes calls through to ``inner`` and keeps a copy of every canvas and attention mask."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        self.canvases, self.masks = [], []
+
+    def forward(self, input_ids, attention_mask=None):
+        self.canvases.append(input_ids.clone())
+        self.masks.append(None if attention_mask is None else attention_mask.clone())
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+class FixedLogits(nn.Module):
+    """Returns the same logits [T, V] for every row of any canvas of length T (a plain tensor)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.register_buffer("logits", logits)
+        self.calls = []
+
+    def forward(self, input_ids):
+        self.calls.append(input_ids.clone())
+        return self.logits.expand(input_ids.shape[0], -1, -1)
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, MASK_ID, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_blocks_schedule_and_prompt(gemma):
+    # 2 blocks of 5 with 2 steps each: LLaDA's schedule commits 3 then 2 tokens per block.
+    config = GenerationConfig(gen_length=10, block_length=5, steps=4)
+    prompts = prompts_of([4, 2, 6])
+    model = Recorder(gemma)
+    out = generate(model, prompts, config, pad_token_id=PAD)
+
+    assert out.dtype == torch.int64 and out.shape == (3, 10)
+    assert not (out == MASK_ID).any()
+    assert len(model.canvases) == config.steps
+    expected_prompt = torch.tensor([[PAD] * (6 - len(p)) + p for p in prompts])
+    expected_mask = (torch.arange(16) >= torch.tensor([2, 4, 0])[:, None]).long()
+    assert all(torch.equal(mask, expected_mask) for mask in model.masks)
+    # What the model saw before each step, then the final canvas (step 4 = "block 2" of 2).
+    seen = model.canvases + [torch.cat([expected_prompt, out], 1)]
+    committed_per_step = []
+    for step, canvas in enumerate(seen):
+        block = step // 2
+        assert torch.equal(canvas[:, :6], expected_prompt)
+        response = canvas[:, 6:]
+        masked = response == MASK_ID
+        assert not masked[:, :5 * block].any()  # earlier blocks are complete
+        assert masked[:, 5 * (block + 1):].all()  # later blocks untouched
+        filled = ~masked
+        # A committed token is final: it equals the output.
+        assert torch.equal(response[filled], out[filled])
+        committed_per_step.append(filled.sum(1))
+    counts = torch.stack(committed_per_step).diff(dim=0)
+    assert counts.tolist() == [[3] * 3, [2] * 3, [3] * 3, [2] * 3]
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_batch_equals_each_prompt_alone(gemma, remasking):
+    config = GenerationConfig(gen_length=8, block_length=4, steps=4, remasking=remasking)
+    prompts = prompts_of([3, 7, 1, 5], seed=1)
+    batch = generate(gemma, prompts, config, pad_token_id=PAD)
+    if remasking == "low_confidence":
+        alone = torch.cat([generate(gemma, [p], config, pad_token_id=PAD) for p in prompts])
+        torch.testing.assert_close(batch, alone, rtol=0, atol=0)
+    # Pad value is irrelevant: padding is masked out.
+    other_pad = generate(gemma, prompts, config, pad_token_id=MASK_ID - 1)
+    torch.testing.assert_close(batch, other_pad, rtol=0, atol=0)
+
+
+def test_equal_lengths_pass_no_attention_mask(gemma):
+    model = Recorder(gemma)
+    generate(model, prompts_of([3, 3]), GenerationConfig(gen_length=4, steps=2, block_length=4),
+             pad_token_id=PAD)
+    assert model.masks == [None, None]
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_seeded_determinism(gemma, remasking):
+    prompts = prompts_of([2, 5], seed=2)
+
+    def run(seed):
+        config = GenerationConfig(gen_length=16, block_length=8, steps=8, temperature=1.0,
+                                  remasking=remasking, seed=seed)
+        return generate(gemma, prompts, config, pad_token_id=PAD)
+
+    first = run(0)
+    torch.testing.assert_close(first, run(0), rtol=0, atol=0)
+    assert not torch.equal(first, run(1))
+
+
+def test_low_confidence_commits_most_probable_first():
+    # Position j of the response is more peaked the larger w[j] is: commits go in order of w.
+    gen, vocab = 5, 7
+    weights = torch.tensor([1.0, 4.0, 0.5, 3.0, 2.0])
+    logits = torch.zeros(1 + gen, vocab + 1)
+    logits[1:, 2] = weights
+    model = FixedLogits(logits)
+    out = generate(model, [[1]], GenerationConfig(gen_length=gen, steps=gen, block_length=gen,
+                                                  mask_token_id=vocab), pad_token_id=PAD)
+    assert out.tolist() == [[2] * gen]
+    masked_before = [set((c[0, 1:] == vocab).nonzero().flatten().tolist()) for c in model.calls]
+    committed = [sorted(a - b) for a, b in zip(masked_before, masked_before[1:] + [set()])]
+    assert committed == [[1], [3], [4], [0], [2]]
+
+
+def test_temperature_samples_softmax_over_temperature():
+    # Gumbel-max with temperature T draws token v with probability softmax(logits / T)[v].
+    vocab, temperature, rows = 4, 2.0, 4000
+    logits = torch.zeros(2, vocab + 1)
+    logits[1, :vocab] = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    logits[:, vocab] = -math.inf  # the mask token is never proposed
+    config = GenerationConfig(gen_length=1, steps=1, block_length=1, temperature=temperature,
+                              mask_token_id=vocab, seed=5)
+    out = generate(FixedLogits(logits), [[0]] * rows, config, pad_token_id=PAD)
+    freq = torch.bincount(out[:, 0], minlength=vocab).double() / rows
+    want = torch.softmax(logits[1, :vocab].double() / temperature, 0)
+    # 4 standard errors at most.
+    assert ((freq - want).abs() <= 4 * (want * (1 - want) / rows).sqrt()).all(), (freq, want)
+
+
+class NextTokenLogits(nn.Module):
+    """A Dream-like model: its output at p is ``inner``'s output at p + 1 (a plain tensor)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+        return torch.cat([logits[:, 1:], logits[:, -1:]], dim=1)
+
+
+def test_shift_logits_undoes_a_next_token_head(gemma):
+    config = GenerationConfig(gen_length=6, steps=3, block_length=6, mask_token_id=MASK_ID)
+    prompts = prompts_of([2, 4], seed=3)
+    want = generate(gemma, prompts, config, pad_token_id=PAD)
+    shifted = GenerationConfig(gen_length=6, steps=3, block_length=6, mask_token_id=MASK_ID,
+                               shift_logits=True)
+    got = generate(NextTokenLogits(gemma), prompts, shifted, pad_token_id=PAD)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(gen_length=10, block_length=4), "not a multiple of block_length"),
+    (dict(gen_length=8, block_length=4, steps=3), "not a multiple of the number of blocks"),
+    (dict(gen_length=8, block_length=8, steps=16), "steps=16 > gen_length=8"),
+    (dict(gen_length=0), "gen_length=0"),
+    (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(remasking="top_k"), "remasking='top_k'"),
+    (dict(mask_token_id=-3), "mask_token_id=-3"),
+])
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**kwargs)
+
+
+def test_bad_inputs():
+    model = FixedLogits(torch.zeros(3, 4))
+    config = GenerationConfig(gen_length=2, steps=2, block_length=2)
+    with pytest.raises(ValueError, match="no mask token id"):
+        generate(model, [[1]], config, pad_token_id=PAD)
+    config = GenerationConfig(gen_length=2, steps=2, block_length=2, mask_token_id=3)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1], []], config, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate(model, [], config, pad_token_id=PAD)
+
+
+def test_config_fields_are_cli_flags():
+    (config,) = HfArgumentParser(GenerationConfig).parse_args_into_dataclasses(
+        ["--gen_length", "32", "--block_length", "8", "--steps", "16", "--remasking", "random",
+         "--temperature", "0.5", "--mask_token_id", "126336", "--shift_logits"])
+    assert config == GenerationConfig(gen_length=32, block_length=8, steps=16, remasking="random",
+                                      temperature=0.5, mask_token_id=126336, shift_logits=True)
+    (default,) = HfArgumentParser(GenerationConfig).parse_args_into_dataclasses([])
+    assert default == GenerationConfig() and default.mask_token_id is None
+
+
+class CharTokenizer:
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=False):
+        assert skip_special_tokens
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+def test_decode_responses_cuts_at_first_eos():
+    tokens = torch.tensor([[0, 1, 2, 3, 2], [3, 3, 3, 3, 3], [2, 0, 0, 0, 0]])
+    assert decode_responses(CharTokenizer(), tokens) == ["ab", "ddddd", ""]
+    assert decode_responses(CharTokenizer(), tokens, eos_token_id=3) == ["abc", "", "caaaa"]
