@@ -35,8 +35,8 @@ _UID_MIX = 0x9E3779B97F4A7C15 - (1 << 64)
 class ObjectiveOutput:
     """What one objective call returns.
 
-    loss: scalar float32. With ``backward_done`` the gradients are already in the policy's
-        ``.grad`` and ``loss`` is detached: calling backward on it again is an error by design.
+    loss: scalar float32; call ``backward()`` on it once, as usual (with mc_chunk_size, that
+        backward re-runs the policy chunk by chunk).
     metrics: detached scalars named like TRL's KTO trainer (see :func:`elbo_kto_loss`).
     policy_elbo, ref_elbo: float32 [B], detached.
     """
@@ -45,7 +45,6 @@ class ObjectiveOutput:
     metrics: dict[str, Tensor]
     policy_elbo: Tensor
     ref_elbo: Tensor
-    backward_done: bool = False
 
 
 @dataclass
@@ -56,11 +55,12 @@ class ELBOKTOObjective:
         mc: how the Monte-Carlo copies are drawn.
         beta, lambda_d, lambda_u, baseline: as in :func:`elbokto.elbo_kto_loss`.
         seed: seed of the draws (with uid and step they fix every mask).
-        mc_chunk_size: copies per forward. None: all B*K copies in one pass, and the caller calls
-            ``loss.backward()``. An int: memory stays flat in K; a no-grad pass gives B_hat and
-            dLoss/dB_hat, then each chunk of copies runs forward AND backward with that per-sample
-            scale, so the output comes with ``backward_done=True`` and a detached loss. The policy
-            forward must then be deterministic (no dropout), as it must for CRN anyway.
+        mc_chunk_size: copies per forward. None: all B*K copies in one pass with the graph kept
+            for backward. An int: memory stays flat in K. The forward is a no-grad pass giving B_hat
+            and dLoss/dB_hat; ``loss.backward()`` then re-runs each chunk of copies forward and
+            backward with that per-sample scale (times the incoming gradient, so gradient
+            accumulation's loss scaling still applies), like reentrant activation checkpointing.
+            The policy forward must be deterministic (no dropout), as it must for CRN anyway.
         mask_token_id: None reads ``policy.config.mask_token_id``.
         shift_logits: the model's logits at p predict token p + 1 (Dream).
         pad_token_id: fills the mismatched pairs of baseline="kl" (attention-masked when the batch
@@ -108,10 +108,16 @@ class ELBOKTOObjective:
         with torch.enable_grad():
             loss, metrics = self._loss(leaf, ref_elbo, batch, kl)
             (scale,) = torch.autograd.grad(loss, leaf)
-        for chunk in _copy_chunks(draws, self.mc_chunk_size):
-            self._estimate(policy, batch, chunk).backward(scale)
-        return ObjectiveOutput(loss.detach(), metrics, policy_elbo.detach(), ref_elbo,
-                               backward_done=True)
+
+        def backward(grad: Tensor) -> None:
+            for chunk in _copy_chunks(draws, self.mc_chunk_size):
+                part = self._estimate(policy, batch, chunk)
+                torch.autograd.backward((part * (scale * grad)).sum())
+
+        # A throwaway leaf makes the output require grad without tying it to the spent graph.
+        anchor = torch.zeros((), device=loss.device, requires_grad=True)
+        loss = _DeferredBackward.apply(loss.detach(), anchor, backward)
+        return ObjectiveOutput(loss, metrics, policy_elbo.detach(), ref_elbo)
 
     def draws(self, batch: Mapping[str, Tensor], step: int = 0) -> Draws:
         """The B*K copies of the batch at this step (a pure function of seed, uid and step)."""
@@ -235,3 +241,20 @@ def _check_batch(batch: Mapping[str, Tensor]) -> None:
     if missing:
         raise ValueError(f"batch lacks {missing}; expected keys {list(BATCH_KEYS)} "
                          "(+ optional attention_mask)")
+
+
+class _DeferredBackward(torch.autograd.Function):
+    """Returns the (already computed) loss; its backward runs ``backward(grad_output)``, which
+    re-computes the policy's graph piece by piece and backpropagates through it (reentrant, as
+    in activation checkpointing). Data-parallel engines see ordinary parameter gradients."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, anchor: Tensor, backward) -> Tensor:
+        ctx.run_backward = backward
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        with torch.enable_grad():
+            ctx.run_backward(grad)
+        return None, None, None

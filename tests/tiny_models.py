@@ -10,11 +10,14 @@ MASK_ID = 96
 
 
 def tiny_gemma(seed: int = 0, *, softcap: bool = False):
-    """GemmaForCausalLM (or Gemma2 with final-logit soft-capping), bidirectional, dropout off."""
+    """GemmaForCausalLM (or Gemma2 with final-logit soft-capping), bidirectional, dropout off.
+
+    transformers 5 honours use_bidirectional_attention only without a padding mask; is_causal=False
+    keeps the attention bidirectional when an attention mask is passed too."""
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                  use_bidirectional_attention=True, mask_token_id=MASK_ID,
+                  use_bidirectional_attention=True, is_causal=False, mask_token_id=MASK_ID,
                   tie_word_embeddings=False)
     if softcap:
         model = Gemma2ForCausalLM(Gemma2Config(**common, final_logit_softcapping=3.0,
