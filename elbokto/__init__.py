@@ -4,20 +4,30 @@ The algorithm layer on top of :mod:`elbokto_kernels`: deterministic draws, ELBO 
 the ELBO-KTO loss, diagnostics, data, trainer, sampler and CLI.
 """
 
+from elbokto.data import (DataConfig, DataStats, PreferenceCollator, build_dataset,
+                          check_class_balance, load_source, subsample_classes,
+                          tokenize_dataset, unpair)
 from elbokto.diagnostics import PsiEstimate, estimate_psi
 from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.generate import GenerationConfig, decode_responses, generate
 from elbokto.loss import elbo_dpo_loss, elbo_kto_loss, kl_baseline
 from elbokto.objective import ELBOKTOObjective, ObjectiveOutput
+from elbokto.tiny import build_tiny_tokenizer
 
 __all__ = [
+    "DataConfig",
+    "DataStats",
     "Draws",
     "ELBOKTOObjective",
     "GenerationConfig",
     "ObjectiveOutput",
     "MCConfig",
+    "PreferenceCollator",
     "PsiEstimate",
+    "build_dataset",
+    "build_tiny_tokenizer",
+    "check_class_balance",
     "decode_responses",
     "elbo_dpo_loss",
     "elbo_estimate",
@@ -25,5 +35,9 @@ __all__ = [
     "estimate_psi",
     "generate",
     "kl_baseline",
+    "load_source",
     "sample_draws",
+    "subsample_classes",
+    "tokenize_dataset",
+    "unpair",
 ]

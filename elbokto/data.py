@@ -1,0 +1,469 @@
+"""Preference data: load, unpair, subsample, tokenise, collate.
+
+ELBO-KTO learns from unpaired binary feedback: one prompt, one response, a desirable/undesirable
+label. The pipeline of :func:`build_dataset`:
+
+1. :func:`load_source`: a hub name, local JSON / JSONL / Parquet files (or a folder of them), or a
+   ``datasets.Dataset``.
+2. :func:`unpair`: the layout is detected from the columns (:func:`detect_layout`) and every row
+   becomes canonical unpaired rows ``prompt`` (chat messages), ``completion`` (str), ``label``
+   (bool), ``uid`` (int64). A paired row gives one desirable and one undesirable row.
+3. :func:`subsample_classes`: keep fractions of each class (the paper's imbalance study).
+4. :func:`tokenize_dataset`: chat-template prompt tokens + response tokens (+ end-of-turn token),
+   cut to ``max_length``.
+
+:class:`PreferenceCollator` pads rows into the batch dict that :class:`elbokto.ELBOKTOObjective`
+takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = {
+    "unpaired": ("prompt", "completion", "label"),
+    "paired": ("chosen", "rejected"),
+}
+_LAYOUT_HELP = ("unpaired: prompt, completion, label (TRL's KTO layout, e.g. "
+                "trl-lib/kto-mix-14k); paired: chosen, rejected, with a prompt column unless "
+                "chosen/rejected are message lists that start with the prompt turns (e.g. "
+                "HuggingFaceH4/ultrafeedback_binarized)")
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_MESSAGES = List({"role": Value("string"), "content": Value("string")})
+CANONICAL_FEATURES = Features({"prompt": _MESSAGES, "completion": Value("string"),
+                               "label": Value("bool"), "uid": Value("int64")})
+TOKEN_FEATURES = Features({"input_ids": List(Value("int32")), "prompt_length": Value("int64"),
+                           "response_length": Value("int64"), "desirable": Value("bool"),
+                           "uid": Value("int64"), "length": Value("int64")})
+# Per-row outcome of tokenize_dataset; counted after the map so that the counts also hold when
+# datasets serves the map from its cache (a counter inside the mapped function would stay at 0).
+_KEPT, _TRUNCATED, _LONG_PROMPT, _EMPTY = 0, 1, 2, 3
+
+
+@dataclass
+class DataConfig:
+    """Where the preference data comes from and how it becomes token rows (CLI flags)."""
+
+    dataset: str = field(metadata={"help": "Hub dataset name (e.g. trl-lib/kto-mix-14k), or a "
+                                           "local .json/.jsonl/.parquet file or folder of them."})
+    dataset_split: str = field(default="train", metadata={
+        "help": "Split of a hub dataset (e.g. train_prefs); local files are one split."})
+    max_length: int = field(default=1024, metadata={
+        "help": "Most tokens per example: responses are cut to fit, examples whose prompt "
+                "leaves no room for a response token are dropped."})
+    max_prompt_length: int | None = field(default=None, metadata={
+        "help": "Drop examples whose prompt has more tokens than this."})
+    append_eos: bool = field(default=True, metadata={
+        "help": "Append an end-of-turn token after each response."})
+    end_of_turn_token_id: int | None = field(default=None, metadata={
+        "help": "The token appended with append_eos; default: the tokenizer's eos_token_id."})
+    desirable_fraction: float = field(default=1.0, metadata={
+        "help": "Fraction of desirable examples kept (seeded), for class-imbalance studies."})
+    undesirable_fraction: float = field(default=1.0, metadata={
+        "help": "Fraction of undesirable examples kept (seeded)."})
+    shuffle_seed: int = field(default=0, metadata={
+        "help": "Seed of the shuffle after unpairing and of the class subsampling."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={
+        "help": "Round each batch's padded length up to a multiple of this."})
+    llada_padding: bool = field(default=False, metadata={
+        "help": "LLaDA's convention: pad with EOS and pass no attention mask."})
+
+    def __post_init__(self) -> None:
+        _check_lengths(self.max_length, self.max_prompt_length)
+        _check_fractions(self.desirable_fraction, self.undesirable_fraction)
+        _check_multiple(self.pad_to_multiple_of)
+
+    def end_of_turn(self, tokenizer) -> int | None:
+        """The token id appended after responses, or None when ``append_eos`` is off."""
+        if not self.append_eos:
+            return None
+        if self.end_of_turn_token_id is None:
+            return tokenizer.eos_token_id
+        return self.end_of_turn_token_id
+
+
+@dataclass
+class DataStats:
+    """What :func:`build_dataset` kept and dropped (counts of rows).
+
+    source_rows: rows in the source; unpaired_rows: after unpairing (2x for paired layouts);
+    n_desirable, n_undesirable: in the returned dataset; dropped_long_prompt: prompt longer than
+    max_prompt_length or leaving no room for one response token in max_length;
+    dropped_empty_response: zero response tokens; truncated_responses: kept, cut to max_length.
+    """
+
+    layout: str = ""
+    source_rows: int = 0
+    unpaired_rows: int = 0
+    n_desirable: int = 0
+    n_undesirable: int = 0
+    dropped_long_prompt: int = 0
+    dropped_empty_response: int = 0
+    truncated_responses: int = 0
+
+
+def build_dataset(config: DataConfig, tokenizer,
+                  source: Dataset | None = None) -> tuple[Dataset, DataStats]:
+    """Load, unpair, subsample and tokenise: the front door of the data pipeline.
+
+    Args:
+        config: see :class:`DataConfig`.
+        tokenizer: a transformers tokenizer with a chat template.
+        source: a ``datasets.Dataset`` used instead of ``config.dataset``.
+
+    Returns:
+        The token rows of :func:`tokenize_dataset` and the counts. Drops are logged as a warning.
+        Pass the class counts to :func:`check_class_balance` with the loss weights.
+    """
+    raw = load_source(config.dataset if source is None else source, config.dataset_split)
+    layout = detect_layout(raw.column_names)
+    rows = unpair(raw, seed=config.shuffle_seed)
+    kept = subsample_classes(rows, config.desirable_fraction, config.undesirable_fraction,
+                             seed=config.shuffle_seed)
+    data, stats = tokenize_dataset(kept, tokenizer, max_length=config.max_length,
+                                   max_prompt_length=config.max_prompt_length,
+                                   end_of_turn_token_id=config.end_of_turn(tokenizer))
+    stats.layout, stats.source_rows, stats.unpaired_rows = layout, len(raw), len(rows)
+    if len(data) == 0:
+        raise ValueError(f"no examples left: {stats}")
+    return data, stats
+
+
+def load_source(source: str | os.PathLike | Dataset | DatasetDict, split: str = "train") -> Dataset:
+    """A ``Dataset`` from a hub name, a local file or folder, or a (dict of) dataset(s).
+
+    Local ``.json`` (records or JSON lines), ``.jsonl`` and ``.parquet`` files load as one
+    split; a folder loads all such files under it (one format). A string that names no local
+    path is a hub dataset, unless it reads as a path (a known extension, a leading ``.``, ``/``
+    or ``~``, or more than one ``/``): then it is a missing file.
+    """
+    if isinstance(source, Dataset):
+        return source
+    if isinstance(source, DatasetDict):
+        return source[split]
+    path = Path(source).expanduser()
+    if path.exists():
+        files = [path]
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in _FILE_BUILDERS)
+        if not files:
+            raise FileNotFoundError(f"no {'/'.join(_FILE_BUILDERS)} files under {path}")
+        builders = {_FILE_BUILDERS.get(p.suffix) for p in files}
+        if len(builders) > 1 or None in builders:
+            raise ValueError(f"{path}: expected .json/.jsonl files or .parquet files, got "
+                             f"{sorted({p.suffix for p in files})}")
+        return load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
+    text = str(source)
+    if path.suffix in _FILE_BUILDERS or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"{text}: no such file or folder")
+    return load_dataset(text, split=split)
+
+
+def detect_layout(columns: Sequence[str]) -> str:
+    """``"unpaired"`` or ``"paired"`` from the column names; ValueError for anything else."""
+    for layout, needed in LAYOUTS.items():
+        if set(needed) <= set(columns):
+            return layout
+    raise ValueError(f"unknown preference layout: columns {sorted(columns)}; accepted layouts: "
+                     f"{_LAYOUT_HELP}")
+
+
+def unpair(dataset: Dataset, seed: int = 0) -> Dataset:
+    """Canonical unpaired rows of :data:`CANONICAL_FEATURES`: prompt, completion, label, uid.
+
+    A plain-string prompt becomes one user turn. A response (completion, chosen, rejected) that is
+    a message list ends with the assistant turn that is the completion; when it starts with a
+    non-assistant turn it carries its own prompt (every turn before the last) and the prompt column
+    is ignored, else its leading turns continue the prompt column's conversation. Paired rows give
+    a desirable and an undesirable row, shuffled with ``seed`` so that siblings are not adjacent.
+    """
+    layout = detect_layout(dataset.column_names)
+    paired = layout == "paired"
+    rows = dataset.map(_unpair_batch, batched=True, with_indices=True, fn_kwargs={"paired": paired},
+                       remove_columns=dataset.column_names, features=CANONICAL_FEATURES,
+                       desc=f"unpairing ({layout})")
+    return rows.shuffle(seed=seed) if paired else rows
+
+
+def _unpair_batch(batch: dict[str, list], indices: list[int], paired: bool) -> dict[str, list]:
+    out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
+    prompts = batch.get("prompt", [None] * len(indices))
+    responses = [("chosen", True), ("rejected", False)] if paired else [("completion", None)]
+    for i, row in enumerate(indices):
+        for column, label in responses:
+            prompt, completion = _split_response(prompts[i], batch[column][i], column, row)
+            out["prompt"].append(prompt)
+            out["completion"].append(completion)
+            out["label"].append(_label(batch["label"][i], row) if label is None else label)
+    out["uid"] = [example_uid(*example) for example in
+                  zip(out["prompt"], out["completion"], out["label"])]
+    return out
+
+
+def _split_response(prompt: Any, response: Any, column: str, row: int) -> tuple[list, str]:
+    """(prompt messages, completion text) of one response cell."""
+    if isinstance(response, str):
+        return _prompt_messages(prompt, row), response
+    messages = _messages(response, column, row)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError(f"row {row}, column {column!r}: a response message list must end with an "
+                         f"assistant turn, got {response!r:.200}")
+    before, completion = messages[:-1], messages[-1]["content"]
+    if before and before[0]["role"] != "assistant":
+        return before, completion
+    return _prompt_messages(prompt, row) + before, completion
+
+
+def _label(value: Any, row: int) -> bool:
+    # 0/1 integers are accepted; None or a string would otherwise pass bool() silently.
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"row {row}, column 'label': expected a bool, got {value!r}")
+
+
+def _prompt_messages(prompt: Any, row: int) -> list[dict[str, str]]:
+    if prompt is None:
+        raise ValueError(f"row {row}: no prompt: add a prompt column, or make the responses "
+                         "message lists that start with the prompt turns")
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return _messages(prompt, "prompt", row)
+
+
+def _messages(value: Any, column: str, row: int) -> list[dict[str, str]]:
+    if isinstance(value, list) and all(isinstance(m, Mapping) and isinstance(m.get("role"), str)
+                                       and isinstance(m.get("content"), str) for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ValueError(f"row {row}, column {column!r}: expected a string or a list of "
+                     f"{{'role': str, 'content': str}} messages, got {value!r:.200}")
+
+
+def example_uid(prompt: list[dict[str, str]], completion: str, label: bool) -> int:
+    """Stable 63-bit id of an example's content, in [0, 2^63) so that it fits int64.
+
+    A blake2b digest of (prompt roles and contents, completion, label): the same in every process
+    and run, unlike ``hash()``. Identical examples share a uid, hence their MC draws.
+    """
+    content = json.dumps([[[m["role"], m["content"]] for m in prompt], completion, bool(label)],
+                         ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.blake2b(content.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def subsample_classes(dataset: Dataset, desirable_fraction: float = 1.0,
+                      undesirable_fraction: float = 1.0, seed: int = 0) -> Dataset:
+    """Keep round(fraction * count) rows of each class, chosen at random with ``seed``.
+
+    The class is the ``label`` column (canonical rows) or ``desirable`` (token rows). Kept rows
+    stay in their order; with one seed a smaller fraction keeps a subset of a larger one.
+    """
+    _check_fractions(desirable_fraction, undesirable_fraction)
+    if desirable_fraction == undesirable_fraction == 1.0:
+        return dataset
+    labels = np.array(list(dataset["label" if "label" in dataset.column_names else "desirable"]),
+                      dtype=bool)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for cls, fraction in ((True, desirable_fraction), (False, undesirable_fraction)):
+        rows = np.flatnonzero(labels == cls)
+        keep.append(rng.permutation(rows)[:round(fraction * len(rows))])
+    return dataset.select(np.sort(np.concatenate(keep)))
+
+
+def check_class_balance(n_desirable: int, n_undesirable: int, lambda_d: float = 1.0,
+                        lambda_u: float = 1.0) -> float:
+    """The weighted class ratio lambda_D * n_D / (lambda_U * n_U); warns outside [1, 4/3].
+
+    KTO recommends weighting the classes so that this ratio lies in [1, 4/3]. The warning gives
+    the numbers and the lambda_d range that would fit. ``inf`` when there is no undesirable row.
+    """
+    if n_desirable < 0 or n_undesirable < 0 or n_desirable + n_undesirable == 0:
+        raise ValueError(f"class counts must be >= 0 and not both 0, got n_desirable="
+                         f"{n_desirable}, n_undesirable={n_undesirable}")
+    if lambda_d <= 0 or lambda_u <= 0:
+        raise ValueError(f"lambda_d and lambda_u must be > 0, got {lambda_d}, {lambda_u}")
+    ratio = math.inf
+    if n_undesirable:
+        ratio = lambda_d * n_desirable / (lambda_u * n_undesirable)
+    if not 1.0 <= ratio <= 4 / 3:
+        advice = ""
+        if n_desirable and n_undesirable:
+            low = lambda_u * n_undesirable / n_desirable
+            advice = f"; lambda_d in [{low:.4g}, {low * 4 / 3:.4g}] would fit"
+        warnings.warn(f"class balance lambda_D*n_D / (lambda_U*n_U) = {lambda_d}*{n_desirable} / "
+                      f"({lambda_u}*{n_undesirable}) = {ratio:.4g} is outside KTO's recommended "
+                      f"[1, 4/3]{advice}", stacklevel=2)
+    return ratio
+
+
+def tokenize_dataset(dataset: Dataset, tokenizer, *, max_length: int | None = 1024,
+                     max_prompt_length: int | None = None,
+                     end_of_turn_token_id: int | None | Literal["eos"] = "eos",
+                     ) -> tuple[Dataset, DataStats]:
+    """Token rows from canonical rows (see :func:`unpair`).
+
+    Prompt tokens: the chat template with ``add_generation_prompt=True``, tokenised without added
+    special tokens (the template writes its own). Response tokens: the completion tokenised on its
+    own, without special tokens, then ``end_of_turn_token_id`` ("eos": the tokenizer's; None:
+    nothing). So ``input_ids[:prompt_length]`` is exactly the templated prompt.
+
+    Length policy: a prompt longer than ``max_prompt_length``, or one that leaves no room for one
+    response token within ``max_length``, drops the example (a cut prompt would lose the context
+    the label was given for); a response that does not fit is cut at ``max_length`` (losing its
+    end-of-turn token, since it did not end there); an empty response drops the example.
+
+    Returns:
+        Rows of :data:`TOKEN_FEATURES`: input_ids list[int32], prompt_length int64,
+        response_length int64 (>= 1, incl. the end-of-turn token), desirable bool, uid int64,
+        length int64 (total, for transformers' ``group_by_length`` with
+        ``length_column_name="length"``); and the drop/cut counts.
+    """
+    _check_lengths(max_length, max_prompt_length)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no chat_template: set one (prompts are "
+                         "rendered with it)")
+    eot = tokenizer.eos_token_id if end_of_turn_token_id == "eos" else end_of_turn_token_id
+    if end_of_turn_token_id == "eos" and eot is None:
+        raise ValueError("the tokenizer has no eos_token_id: pass end_of_turn_token_id (None "
+                         "appends nothing)")
+    if len(dataset) == 0:  # map would not run, and the output would lack the columns
+        empty = Dataset.from_dict({k: [] for k in TOKEN_FEATURES}, features=TOKEN_FEATURES)
+        return empty, DataStats()
+    limits = {"max_length": max_length, "max_prompt_length": max_prompt_length, "eot": eot}
+    tokens = dataset.map(_tokenize_batch, batched=True,
+                         fn_kwargs={"tokenizer": tokenizer, **limits},
+                         remove_columns=dataset.column_names,
+                         features=Features({**TOKEN_FEATURES, "status": Value("int8")}),
+                         desc="tokenising")
+    counts = Counter(tokens["status"])
+    kept = tokens.filter(lambda status: [s <= _TRUNCATED for s in status], batched=True,
+                         input_columns="status").remove_columns("status")
+    n_desirable = sum(kept["desirable"])
+    stats = DataStats(n_desirable=n_desirable, n_undesirable=len(kept) - n_desirable,
+                      dropped_long_prompt=counts[_LONG_PROMPT],
+                      dropped_empty_response=counts[_EMPTY],
+                      truncated_responses=counts[_TRUNCATED])
+    if stats.dropped_long_prompt or stats.dropped_empty_response:
+        logger.warning("dropped %d of %d examples: %d with a prompt over max_prompt_length=%s or "
+                       "leaving no response token within max_length=%s, %d with an empty response",
+                       len(tokens) - len(kept), len(tokens), stats.dropped_long_prompt,
+                       max_prompt_length, max_length, stats.dropped_empty_response)
+    if stats.truncated_responses:
+        logger.info("cut %d responses to max_length=%s", stats.truncated_responses, max_length)
+    return kept, stats
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer, max_length: int | None,
+                    max_prompt_length: int | None, eot: int | None) -> dict[str, list]:
+    texts = tokenizer.apply_chat_template(batch["prompt"], tokenize=False,
+                                          add_generation_prompt=True)
+    prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    responses = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
+    out: dict[str, list] = {k: [] for k in ("input_ids", "prompt_length", "response_length",
+                                            "desirable", "uid", "length", "status")}
+    for prompt, response, label, uid in zip(prompts, responses, batch["label"], batch["uid"]):
+        response = response + ([] if eot is None else [eot])
+        room = math.inf if max_length is None else max_length - len(prompt)
+        status = _KEPT
+        if room < 1 or (max_prompt_length is not None and len(prompt) > max_prompt_length):
+            status = _LONG_PROMPT
+        elif not response:
+            status = _EMPTY
+        elif len(response) > room:
+            status, response = _TRUNCATED, response[:room]
+        out["input_ids"].append(prompt + response)
+        out["prompt_length"].append(len(prompt))
+        out["response_length"].append(len(response))
+        out["desirable"].append(label)
+        out["uid"].append(uid)
+        out["length"].append(len(prompt) + len(response))
+        out["status"].append(status)
+    return out
+
+
+class PreferenceCollator:
+    """Pads token rows into the batch dict of :class:`elbokto.ELBOKTOObjective`.
+
+    Dynamic right padding to the batch's longest row, rounded up to ``pad_to_multiple_of``.
+    Returns ``input_ids`` int64 [B, T], ``attention_mask`` int64 [B, T] (1 = real token),
+    ``prompt_lengths`` int64 [B], ``response_lengths`` int64 [B], ``desirable`` bool [B],
+    ``uid`` int64 [B].
+
+    ``llada_padding=True`` follows LLaDA: pass the EOS id as ``pad_token_id``; no attention_mask
+    key, so the model attends to the padding EOS tokens (never masked: they are not part of the
+    response). An example's ELBO then depends on how far its batch was padded; keep the attention
+    mask for values that must not (e.g. a precomputed reference).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None,
+                 llada_padding: bool = False) -> None:
+        _check_multiple(pad_to_multiple_of)
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.llada_padding = llada_padding
+
+    @classmethod
+    def from_config(cls, config: DataConfig, tokenizer) -> PreferenceCollator:
+        """Pads with the tokenizer's pad token, or its EOS with ``config.llada_padding``."""
+        pad = tokenizer.eos_token_id if config.llada_padding else tokenizer.pad_token_id
+        if pad is None:
+            raise ValueError(f"the tokenizer has no {'eos' if config.llada_padding else 'pad'} "
+                             "token to pad with")
+        return cls(pad, config.pad_to_multiple_of, config.llada_padding)
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        if not features:
+            raise ValueError("cannot collate an empty list of examples")
+        prompt = torch.tensor([int(f["prompt_length"]) for f in features], dtype=torch.long)
+        response = torch.tensor([int(f["response_length"]) for f in features], dtype=torch.long)
+        rows = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        if not torch.equal(lengths, prompt + response):
+            bad = int((lengths != prompt + response).nonzero()[0, 0])
+            raise ValueError(f"example {bad}: {int(lengths[bad])} input_ids but prompt_length "
+                             f"{int(prompt[bad])} + response_length {int(response[bad])}")
+        width = int(lengths.max())
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row)] = row
+        batch = {"input_ids": input_ids, "prompt_lengths": prompt, "response_lengths": response,
+                 "desirable": torch.tensor([bool(f["desirable"]) for f in features]),
+                 "uid": torch.tensor([int(f["uid"]) for f in features], dtype=torch.long)}
+        if not self.llada_padding:
+            batch["attention_mask"] = (torch.arange(width) < lengths[:, None]).long()
+        return batch
+
+
+def _check_lengths(max_length: int | None, max_prompt_length: int | None) -> None:
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive int or None, got {value}")
+
+
+def _check_fractions(*fractions: float) -> None:
+    if not all(0.0 <= f <= 1.0 for f in fractions):
+        raise ValueError(f"class fractions must lie in [0, 1], got {fractions}")
+
+
+def _check_multiple(pad_to_multiple_of: int | None) -> None:
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be a positive int or None, got "
+                         f"{pad_to_multiple_of}")
