@@ -1,34 +1,92 @@
-"""The ``elbokto`` command line.
+"""The ``elbokto`` command line. Flags come from the config dataclasses (HfArgumentParser).
 
-    elbokto selfcheck   every kernel backend against the float64 oracle
-    elbokto demo        the main job on the embedded default (for now: the kernel self-check)
+    elbokto train           ELBO-KTO on a preference dataset (torchrun / accelerate launch for
+                            several GPUs)
+    elbokto precompute-ref  reference ELBOs of a dataset, for training without a reference model
+    elbokto generate        sample responses with the reverse diffusion process
+    elbokto diagnose        Psi(S), v(S), c(S) of several Monte-Carlo settings
+    elbokto demo            the judge-free CPU demonstration (make demo)
+    elbokto selfcheck       every kernel backend against the float64 oracle
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
+from dataclasses import dataclass, field
+
+COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "demo", "selfcheck")
 
 
-def _selfcheck(_args) -> int:
-    from elbokto_kernels.selfcheck import run
-    return 0 if run() else 1
+@dataclass
+class PrecomputeExtras:
+    output_file: str = field(default="ref_elbo.pt", metadata={
+        "help": "Where to write the reference ELBOs (pass it to `train --ref_elbo_file`)."})
 
 
-COMMANDS = {
-    "selfcheck": (_selfcheck, "check every kernel backend against the float64 oracle"),
-    "demo": (_selfcheck, "run the embedded default job (the kernel self-check until the trainer "
-                         "lands)"),
-}
+@dataclass
+class DemoArgs:
+    output_dir: str = field(default="runs/demo", metadata={"help": "Where to write results."})
+    ablate: bool = field(default=False, metadata={
+        "help": "Also run the miniature of the paper's ablations (slower)."})
+    quick: bool = field(default=False, metadata={"help": "A seconds-long smoke run."})
+
+
+def _parse(prog: str, dataclasses, argv):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclasses, prog=f"elbokto {prog}")
+    return parser.parse_args_into_dataclasses(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="elbokto", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text)
-    args = parser.parse_args(argv)
-    return COMMANDS[args.command][0](args)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if command == "selfcheck":
+        from elbokto_kernels.selfcheck import run
+        return 0 if run() else 1
+    if command == "demo":
+        from elbokto.demo import run_demo
+        (args,) = _parse(command, [DemoArgs], rest)
+        run_demo(args.output_dir, ablate=args.ablate, quick=args.quick)
+        return 0
+
+    from elbokto import run
+    from elbokto.data import DataConfig
+    from elbokto.generate import GenerationConfig
+    from elbokto.models import ModelConfig
+    from elbokto.trainer import ELBOKTOConfig
+
+    if command == "train":
+        model_cfg, data_cfg, train_cfg = _parse(command, [ModelConfig, DataConfig, ELBOKTOConfig],
+                                                rest)
+        # --resume_from_checkpoint is TrainingArguments'; "last" resumes from the newest one.
+        resume = train_cfg.resume_from_checkpoint
+        run.train(model_cfg, data_cfg, train_cfg,
+                  resume_from_checkpoint=True if resume == "last" else resume)
+    elif command == "precompute-ref":
+        model_cfg, data_cfg, train_cfg, extras = _parse(
+            command, [ModelConfig, DataConfig, ELBOKTOConfig, PrecomputeExtras], rest)
+        table = run.precompute_ref(model_cfg, data_cfg, train_cfg, extras.output_file)
+        print(f"wrote {table.uids.numel()} reference ELBOs x {table.meta['epochs']} epochs to "
+              f"{extras.output_file}")
+    elif command == "generate":
+        model_cfg, gen_cfg, args = _parse(command, [ModelConfig, GenerationConfig,
+                                                    run.GenerateArgs], rest)
+        for text in run.generate_text(model_cfg, gen_cfg, args):
+            print(text)
+    elif command == "diagnose":
+        model_cfg, data_cfg, train_cfg, args = _parse(
+            command, [ModelConfig, DataConfig, ELBOKTOConfig, run.DiagnoseArgs], rest)
+        print(f"{'n_t':>4} {'n_yt':>5} {'estimator':>12} {'Psi':>11} {'v':>11} {'c':>11}")
+        for row in run.diagnose(model_cfg, data_cfg, train_cfg, args):
+            print(f"{row['n_t']:>4} {row['n_yt']:>5} {row['estimator']:>12} {row['psi']:>11.4g} "
+                  f"{row['v']:>11.4g} {row['c']:>11.4g}")
+    return 0
 
 
 if __name__ == "__main__":

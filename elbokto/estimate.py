@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 from elbokto.draws import Draws
@@ -52,12 +53,15 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
         mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
     copy_attention = None if attention_mask is None else attention_mask[draws.sample_index]
     elbo_args = (targets, mask, draws.weight, draws.sample_index, num_samples)
-    head = _fusable_head(model)
+    # DDP / FSDP / DeepSpeed wrappers are called as they are (their hooks must run); the head and
+    # the config are looked up on the wrapped model.
+    inner = extract_model_from_parallel(model)
+    head = _fusable_head(inner)
     if head is None:
         out = model(input_ids=noisy, attention_mask=copy_attention)
         logits = out if isinstance(out, Tensor) else out.logits
         return fused_elbo(logits, *elbo_args, backend=backend)
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    softcap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
     with _fused_head(head, elbo_args, softcap, backend) as result:
         model(input_ids=noisy, attention_mask=copy_attention, use_cache=False)
     if not result:
