@@ -90,9 +90,12 @@ def _fused_head(head: nn.Linear, elbo_args: tuple, softcap: float | None, backen
                  if torch.is_autocast_enabled(hidden.device.type) else weight.dtype)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        result.append(fused_linear_elbo(hidden, weight, *elbo_args, bias=bias, softcap=softcap,
-                                        backend=backend))
-        return hidden.new_empty(*hidden.shape[:-1], 0)
+        elbo = fused_linear_elbo(hidden, weight, *elbo_args, bias=bias, softcap=softcap,
+                                 backend=backend)
+        result.append(elbo)
+        # Empty logits that still hang off the ELBO's graph: DDP's search for unused parameters
+        # walks the graph of the forward's outputs, and must find every parameter used.
+        return hidden.new_zeros(*hidden.shape[:-1], 0) * elbo.sum()
 
     head.forward = forward
     try:

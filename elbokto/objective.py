@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 from elbokto.diagnostics import PsiEstimate, estimate_psi
@@ -183,7 +184,8 @@ class ELBOKTOObjective:
     def _mask_token_id(self, model: nn.Module) -> int:
         if self.mask_token_id is not None:
             return self.mask_token_id
-        mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+        config = getattr(extract_model_from_parallel(model), "config", None)
+        mask_id = getattr(config, "mask_token_id", None)
         if mask_id is None:
             raise ValueError(f"{type(model).__name__} has no config.mask_token_id: pass "
                              "mask_token_id (LLaDA 126336, Dream 151666)")
