@@ -3,7 +3,7 @@
     elbokto train           ELBO-KTO on a preference dataset (torchrun / accelerate launch for
                             several GPUs)
     elbokto precompute-ref  reference ELBOs of a dataset, for training without a reference model
-    elbokto generate        sample responses with the reverse diffusion process
+    elbokto generate        sample responses with the reverse diffusion process (JSON lines)
     elbokto diagnose        Psi(S), v(S), c(S) of several Monte-Carlo settings
     elbokto demo            the judge-free CPU demonstration (make demo)
     elbokto selfcheck       every kernel backend against the float64 oracle
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "generate":
         model_cfg, gen_cfg, args = _parse(command, [ModelConfig, GenerationConfig,
                                                     run.GenerateArgs], rest)
-        for text in run.generate_text(model_cfg, gen_cfg, args):
-            print(text)
+        for prompt, response in run.generate_text(model_cfg, gen_cfg, args):
+            print(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False))
     elif command == "diagnose":
         model_cfg, data_cfg, train_cfg, args = _parse(
             command, [ModelConfig, DataConfig, ELBOKTOConfig, run.DiagnoseArgs], rest)

@@ -369,11 +369,16 @@ def tokenize_dataset(dataset: Dataset, tokenizer, *, max_length: int | None = 10
     return kept, stats
 
 
+def prompt_token_ids(tokenizer, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
+    """Token ids of chat prompts: the chat template with the generation prompt, as training and
+    sampling both see them (the template text carries any BOS; no special tokens are added)."""
+    texts = tokenizer.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def _tokenize_batch(batch: dict[str, list], tokenizer, max_length: int | None,
                     max_prompt_length: int | None, eot: int | None) -> dict[str, list]:
-    texts = tokenizer.apply_chat_template(batch["prompt"], tokenize=False,
-                                          add_generation_prompt=True)
-    prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    prompts = prompt_token_ids(tokenizer, batch["prompt"])
     responses = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
     out: dict[str, list] = {k: [] for k in ("input_ids", "prompt_length", "response_length",
                                             "desirable", "uid", "length", "status")}

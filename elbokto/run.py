@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from elbokto.data import DataConfig, PreferenceCollator, build_dataset, check_class_balance, \
-    load_source
+from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_class_balance,
+                          load_source, prompt_token_ids)
 from elbokto.draws import MCConfig
 from elbokto.generate import GenerationConfig, decode_responses, generate
 from elbokto.models import (TINY, ModelConfig, frozen_reference, load_model, load_tokenizer,
@@ -107,15 +107,18 @@ class GenerateArgs:
     """Prompts for `elbokto generate`."""
 
     prompt: list[str] = field(default_factory=list, metadata={
-        "help": "A user message (repeat the flag for several)."})
+        "help": "One or more user messages: --prompt \"first\" \"second\"."})
     prompts_file: str | None = field(default=None, metadata={
         "help": "A text file with one user message per line."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per sampler batch."})
 
 
 def generate_text(model_cfg: ModelConfig, gen_cfg: GenerationConfig, args: GenerateArgs,
-                  device: str = "cpu") -> list[str]:
-    """`elbokto generate`: chat-templated prompts through the reverse process; returns texts."""
+                  device: str | None = None) -> list[tuple[str, str]]:
+    """`elbokto generate`: chat-templated prompts through the reverse process.
+
+    Returns (prompt, response) pairs, the response cut at the first EOS."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = list(args.prompt)
     if args.prompts_file:
         prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines()
@@ -132,13 +135,11 @@ def generate_text(model_cfg: ModelConfig, gen_cfg: GenerationConfig, args: Gener
     gen_cfg.shift_logits = gen_cfg.shift_logits or uses_shifted_logits(model.config)
     texts = []
     for start in range(0, len(prompts), args.batch_size):
-        ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
-                                             add_generation_prompt=True, tokenize=True)
-               for p in prompts[start:start + args.batch_size]]
-        ids = [list(i["input_ids"]) if isinstance(i, dict) else list(i) for i in ids]
+        ids = prompt_token_ids(tokenizer, [[{"role": "user", "content": p}]
+                                           for p in prompts[start:start + args.batch_size]])
         tokens = generate(model, ids, gen_cfg, pad_token_id=tokenizer.pad_token_id or 0)
         texts += decode_responses(tokenizer, tokens)
-    return texts
+    return list(zip(prompts, texts))
 
 
 @dataclass
