@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .backends import resolve_backend, row_ops
-from .rows import check_elbo_inputs, gather_masked_rows, masked_index, rows_at
+from .rows import check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows, rows_at
 
 
 def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
@@ -59,11 +59,7 @@ def _fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
     # cannot be merged (e.g. a transposed view).
     lse, target_logit = row_ops(backend).row_lse(logits.reshape(C * L, V), rows.index,
                                                  rows.target, None)
-    out = torch.zeros(num_samples, dtype=torch.float32, device=logits.device)
-    out.index_add_(0, rows.sample, rows.scale * (target_logit - lse))
-    lse_full = torch.zeros(C * L, dtype=torch.float32, device=logits.device)
-    lse_full[rows.index] = lse
-    return out, lse_full.view(C, L)
+    return reduce_rows(rows, target_logit, lse, num_samples, targets.shape)
 
 
 @_fused_elbo.register_fake

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .backends import resolve_backend, row_ops
-from .rows import check_elbo_inputs, gather_masked_rows, masked_index, rows_at
+from .rows import check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows, rows_at
 
 # Float32 elements of one logit chunk: 2^26 (256 MiB) on GPU, 2^22 (16 MiB) on CPU. At M = 16384,
 # D = 4096 the workspace is then ~0.8 GB: logits 256 MiB + half gradient 128 MiB + dH 256 MiB +
@@ -111,11 +111,7 @@ def _fused_linear_elbo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
         chunk_lse, chunk_target = ops.row_lse(z, None, rows.target - start, softcap)
         lse = torch.logaddexp(lse, chunk_lse)
         target_logit += chunk_target
-    out = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
-    out.index_add_(0, rows.sample, rows.scale * (target_logit - lse))
-    lse_full = torch.zeros(C * L, dtype=torch.float32, device=hidden.device)
-    lse_full[rows.index] = lse
-    return out, lse_full.view(C, L)
+    return reduce_rows(rows, target_logit, lse, num_samples, targets.shape)
 
 
 @_fused_linear_elbo.register_fake

@@ -31,14 +31,21 @@ def _softcap(x, softcap):
 
 
 @triton.jit
-def _row_lse_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr, tlogit_ptr,
-                    vocab, softcap,
-                    HAS_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
+def _row_of(rows_ptr, pid, HAS_ROWS: tl.constexpr):
+    """The row of x (and out) that program ``pid`` handles: rows[pid], or pid itself."""
     if HAS_ROWS:
         row = tl.load(rows_ptr + pid).to(tl.int64)
     else:
         row = pid
+    return row
+
+
+@triton.jit
+def _row_lse_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr, tlogit_ptr,
+                    vocab, softcap,
+                    HAS_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    row = _row_of(rows_ptr, pid, HAS_ROWS)
     x_row = x_ptr + row * stride_xr
     target = tl.load(targets_ptr + pid)
     # A finite floor for the running max, so exp(m_old - m_new) never sees (-inf) - (-inf).
@@ -65,10 +72,7 @@ def _row_grad_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr
                      out_ptr, stride_or, vocab, softcap,
                      HAS_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    if HAS_ROWS:
-        row = tl.load(rows_ptr + pid).to(tl.int64)
-    else:
-        row = pid
+    row = _row_of(rows_ptr, pid, HAS_ROWS)
     x_row = x_ptr + row * stride_xr
     out_row = out_ptr + row * stride_or
     target = tl.load(targets_ptr + pid)

@@ -115,3 +115,14 @@ def masked_index(mask: Tensor) -> Tensor:
     """Flat positions (int64 [M]) of a validated mask; one host sync for the count (backward)."""
     flat_mask = mask.reshape(-1)
     return torch.nonzero_static(flat_mask, size=int(flat_mask.sum())).reshape(-1)
+
+
+def reduce_rows(rows: MaskedRows, target_logit: Tensor, lse: Tensor, num_samples: int,
+                shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """The ops' outputs from per-row float32 [M] values: the per-sample ELBO [num_samples] and
+    the per-position LSE [C, L] (zero where unmasked) that the backward reads."""
+    out = torch.zeros(num_samples, dtype=torch.float32, device=lse.device)
+    out.index_add_(0, rows.sample, rows.scale * (target_logit - lse))
+    lse_full = torch.zeros(shape.numel(), dtype=torch.float32, device=lse.device)
+    lse_full[rows.index] = lse
+    return out, lse_full.view(shape)

@@ -6,7 +6,7 @@ from torch import nn
 
 from elbokto import MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate, noisy_copies
-from tiny_models import MASK_ID, tiny_batch, tiny_gemma
+from tiny_models import MASK_ID, NextTokenLogits, tiny_batch, tiny_gemma
 
 
 def unfused_elbo(model, input_ids, draws, attention_mask=None, shift=False):
@@ -51,25 +51,13 @@ def test_fused_head_matches_full_logits(softcap):
     assert model.get_output_embeddings().forward.__func__ is nn.Linear.forward  # restored
 
 
-class ShiftedLogits(nn.Module):
-    """A Dream-like model: the output at p predicts token p + 1 (returns a plain tensor)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, input_ids, attention_mask=None):
-        logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
-        return torch.cat([logits[:, 1:], logits[:, -1:]], dim=1)
-
-
 def test_shift_logits_and_logits_path():
     inner = tiny_gemma(seed=1)
     batch = tiny_batch(seed=1)
     draws = draws_for(batch, n_t=2)
     direct = elbo_estimate(inner, batch["input_ids"], draws, mask_token_id=MASK_ID,
                            attention_mask=batch["attention_mask"])
-    shifted = elbo_estimate(ShiftedLogits(inner), batch["input_ids"], draws,
+    shifted = elbo_estimate(NextTokenLogits(inner), batch["input_ids"], draws,
                             mask_token_id=MASK_ID, attention_mask=batch["attention_mask"],
                             shift_logits=True)
     torch.testing.assert_close(shifted, direct, rtol=1e-5, atol=1e-5)

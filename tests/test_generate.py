@@ -8,7 +8,7 @@ from torch import nn
 from transformers import HfArgumentParser
 
 from elbokto import GenerationConfig, decode_responses, generate
-from tiny_models import MASK_ID, tiny_gemma
+from tiny_models import MASK_ID, NextTokenLogits, tiny_gemma
 
 PAD = 0
 
@@ -148,18 +148,6 @@ def test_temperature_samples_softmax_over_temperature():
     want = torch.softmax(logits[1, :vocab].double() / temperature, 0)
     # 4 standard errors at most.
     assert ((freq - want).abs() <= 4 * (want * (1 - want) / rows).sqrt()).all(), (freq, want)
-
-
-class NextTokenLogits(nn.Module):
-    """A Dream-like model: its output at p is ``inner``'s output at p + 1 (a plain tensor)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, input_ids, attention_mask=None):
-        logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
-        return torch.cat([logits[:, 1:], logits[:, -1:]], dim=1)
 
 
 def test_shift_logits_undoes_a_next_token_head(gemma):

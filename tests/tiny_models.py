@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
 
 VOCAB = 97
@@ -38,3 +39,15 @@ def tiny_batch(seed: int = 0, batch: int = 4, seq_len: int = 12):
     return {"input_ids": ids.masked_fill(~real, 0), "attention_mask": real.long(),
             "prompt_lengths": prompt, "response_lengths": response,
             "desirable": torch.arange(batch) % 2 == 0, "uid": torch.arange(batch) * 7919 + seed}
+
+
+class NextTokenLogits(nn.Module):
+    """A Dream-like model: its output at p is ``inner``'s output at p + 1 (a plain tensor)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+        return torch.cat([logits[:, 1:], logits[:, -1:]], dim=1)
