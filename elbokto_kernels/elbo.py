@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from .backends import resolve_backend, row_ops
-from .rows import check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows, rows_at
+from .rows import (check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows, rows_at,
+                   unmasked_index)
 
 
 def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
@@ -75,7 +76,9 @@ def _fused_elbo_backward(grad_out: Tensor, logits: Tensor, targets: Tensor, mask
     C, L, V = logits.shape
     rows = rows_at(masked_index(mask), targets, weights, sample_index)
     scale = grad_out.float()[rows.sample] * rows.scale
-    grad = torch.zeros((C * L, V), dtype=logits.dtype, device=logits.device)
+    # Every gradient row is written once: zeros for the unmasked rows, the kernel for the rest.
+    grad = torch.empty((C * L, V), dtype=logits.dtype, device=logits.device)
+    grad.index_fill_(0, unmasked_index(mask, rows.count), 0)
     row_ops(backend).row_grad(logits.reshape(C * L, V), rows.index, rows.target,
                               lse.reshape(-1)[rows.index], scale, None, grad)
     return grad.view(C, L, V)

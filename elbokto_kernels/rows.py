@@ -117,6 +117,11 @@ def masked_index(mask: Tensor) -> Tensor:
     return torch.nonzero_static(flat_mask, size=int(flat_mask.sum())).reshape(-1)
 
 
+def unmasked_index(mask: Tensor, num_masked: int) -> Tensor:
+    """Flat positions (int64) where ``mask`` is False, given the masked count (no sync)."""
+    return torch.nonzero_static(~mask.reshape(-1), size=mask.numel() - num_masked).reshape(-1)
+
+
 def reduce_rows(rows: MaskedRows, target_logit: Tensor, lse: Tensor, num_samples: int,
                 shape: torch.Size) -> tuple[Tensor, Tensor]:
     """The ops' outputs from per-row float32 [M] values: the per-sample ELBO [num_samples] and
