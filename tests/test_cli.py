@@ -15,6 +15,7 @@ def test_train_then_generate(tmp_path, capsys):
     data = write_kto_mix(tmp_path / "data.jsonl")
     out = tmp_path / "out"
     assert main(["train", "--dataset", str(data), "--output_dir", str(out), "--max_steps", "2",
+                 "--train_sampling_strategy", "group_by_length", "--pad_to_multiple_of", "8",
                  *COMMON]) == 0
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
     capsys.readouterr()
