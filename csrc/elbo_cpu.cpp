@@ -167,9 +167,10 @@ float row_lse_one(const Row& row, int64_t vocab, const Softcap& sc, float* buf) 
       z = buf;
     }
     const fVec m_new = fold(z, n, m, vmax, vmax);
-    const fVec block_sum = fold(
-        z, n, fVec(0.f), [&](const fVec& acc, const fVec& v) { return acc + (v - m_new).exp_u20(); },
-        vadd);
+    const auto add_exp = [&](const fVec& acc, const fVec& v) {
+      return acc + (v - m_new).exp_u20();
+    };
+    const fVec block_sum = fold(z, n, fVec(0.f), add_exp, vadd);
     s = s * (m - m_new).exp_u20() + block_sum;
     m = m_new;
   }
