@@ -92,6 +92,8 @@ class ELBOKTOTrainer(Trainer):
             raise ValueError("no reference: pass ref_model (a frozen copy of the initial "
                              "policy), ref_table (precomputed), or a PEFT policy")
         super().__init__(model=model, args=args, **kwargs)
+        # The loss is a per-micro-batch mean: the Trainer must divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
         pad_token_id = getattr(self.processing_class, "pad_token_id", None) or 0
         self.objective = args.objective(pad_token_id=pad_token_id)
         self.ref_table = ref_table
