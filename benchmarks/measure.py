@@ -10,6 +10,7 @@ CUDA the figure is torch.cuda's peak allocation over the step minus the allocati
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -52,8 +53,12 @@ def time_and_peak(step, repeats: int, device: str = "cpu") -> tuple[float, int]:
 
 
 def run_worker(script: str, argv: list[str]) -> dict:
-    """Runs ``script argv`` in a fresh Python process; returns the JSON of its last output line."""
-    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
+    """Runs ``script argv`` in a fresh Python process; returns the JSON of its last output line.
+
+    A fixed mmap threshold keeps glibc from raising it after the first frees (its default), which
+    would serve later large tensors from the heap and hide them from the resident-size peak."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
+    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.stderr.write(proc.stderr)
         raise SystemExit(f"{Path(script).name} {' '.join(argv)} failed")
