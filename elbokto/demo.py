@@ -1,0 +1,515 @@
+"""Judge-free demonstration on CPU: ELBO-KTO turns a 50/50 model into a reverser.
+
+Task: the prompt is a short random string (``min_letters``..``max_letters`` letters of
+``alphabet``, never a palindrome); an answer is either the string copied or the string reversed,
+then EOS tokens up to a fixed width (LLaDA's SFT convention), so that the sampler's fixed
+``gen_length`` covers every answer. A rule classifies a sample: ``reverse`` (desirable), ``copy``
+(undesirable) or ``other`` (malformed).
+
+1. SFT: a tiny bidirectional Gemma learns both styles, 50/50, by minimising the masked-diffusion
+   loss -ELBO(response | prompt) / response length on a stream of fresh examples.
+2. The SFT model is sampled on held-out prompts: about half of its answers are reversals.
+3. ELBO-KTO, unpaired: each training prompt comes with ONE answer, a reversal labelled desirable
+   or a copy labelled undesirable, against the frozen SFT model as reference.
+4. The aligned model is sampled on the same held-out prompts: most answers are now reversals.
+
+:func:`run_demo` writes ``summary.json`` (rates, wall times, the configuration) and ``curves.png``
+(SFT loss, KTO loss, reward margins, desirable rate at checkpoints) under ``output_dir``.
+``ablate=True`` adds a miniature of the paper's ablations (baseline, common random numbers, n_t,
+n_t x n_yt at a fixed budget, class imbalance), each with its desirable rate and Psi(S).
+
+Nothing is downloaded: the model has random initial weights and the tokenizer is built offline
+(:func:`elbokto.tiny.build_tiny_tokenizer` without merges: one token per ASCII character).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from elbokto.data import PreferenceCollator, example_uid
+from elbokto.diagnostics import estimate_psi
+from elbokto.draws import MCConfig, sample_draws
+from elbokto.estimate import elbo_estimate
+from elbokto.generate import GenerationConfig, decode_responses, generate
+from elbokto.objective import ELBOKTOObjective
+from elbokto.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
+
+__all__ = ["DemoConfig", "classify", "run_demo"]
+
+logger = logging.getLogger(__name__)
+
+DESIRABLE, UNDESIRABLE, OTHER = "reverse", "copy", "other"
+
+
+@dataclass
+class DemoConfig:
+    """Every knob of the demo. The defaults are the tuned ``make demo`` setting."""
+
+    seed: int = 0
+    # Task.
+    alphabet: str = "abcdefgh"
+    min_letters: int = 3
+    max_letters: int = 6
+    upper: bool = True
+    # Model: GemmaForCausalLM, bidirectional.
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    # SFT: fresh random examples every step, AdamW with warmup and cosine decay.
+    sft_steps: int = 2000
+    sft_batch_size: int = 64
+    sft_lr: float = 1e-3
+    sft_mc: MCConfig = field(default_factory=lambda: MCConfig(n_t=1))
+    # ELBO-KTO: unpaired examples, half reversals (desirable) and half copies (undesirable).
+    kto_examples: int = 512
+    kto_batch_size: int = 32
+    kto_epochs: int = 1
+    kto_lr: float = 2e-4
+    beta: float = 1.0
+    baseline: str = "batch_mean"
+    mc: MCConfig = field(default_factory=lambda: MCConfig(n_t=8, n_yt=1))
+    crn: bool = True  # False: the reference is scored on independent draws (another seed)
+    desirable_fraction: float = 1.0
+    undesirable_fraction: float = 1.0
+    # Evaluation: LLaDA sampler, one token per step in a random order at temperature 1, i.e. a
+    # sample from the model's own law. (Low-confidence remasking commits first the tokens that
+    # the model likes most, which turns a slight preference for one style into a large one.)
+    eval_prompts: int = 512
+    temperature: float = 1.0
+    remasking: str = "random"
+    eval_checkpoints: int = 4  # desirable rate measured this many times during KTO (0: none)
+    psi_batch_size: int = 64
+    psi_redraws: int = 8
+    backend: str = "torch"  # the tiny vocabulary needs no compiled kernel
+
+    @property
+    def gen_length(self) -> int:
+        """Response width: the longest answer plus at least one EOS."""
+        return self.max_letters + 1
+
+
+QUICK = dict(sft_steps=30, sft_batch_size=16, kto_examples=64, kto_batch_size=16,
+             eval_prompts=32, eval_checkpoints=1, psi_batch_size=8, psi_redraws=2,
+             mc=MCConfig(n_t=2), hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+
+
+# --- task -----------------------------------------------------------------------------------------
+
+def classify(prompt: str, text: str, upper: bool = True) -> str:
+    """The rule: ``"reverse"`` (desirable), ``"copy"`` (undesirable) or ``"other"``."""
+    if text == answer(prompt, True, upper):
+        return DESIRABLE
+    return UNDESIRABLE if text == answer(prompt, False, upper) else OTHER
+
+
+def answer(prompt: str, desirable: bool, upper: bool = True) -> str:
+    if not desirable:
+        return prompt
+    return prompt[::-1].upper() if upper else prompt[::-1]
+
+
+def sample_prompts(rng: np.random.Generator, n: int, config: DemoConfig,
+                   exclude: set[str] = frozenset(), unique: bool = True) -> list[str]:
+    """``n`` random non-palindromic strings, none in ``exclude`` (distinct when ``unique``)."""
+    prompts: list[str] = []
+    seen = set(exclude)
+    letters = np.array(list(config.alphabet))
+    while len(prompts) < n:
+        length = int(rng.integers(config.min_letters, config.max_letters + 1))
+        text = "".join(rng.choice(letters, length))
+        if text == text[::-1] or text in seen:
+            continue
+        prompts.append(text)
+        if unique:
+            seen.add(text)
+    return prompts
+
+
+# --- tokens ---------------------------------------------------------------------------------------
+
+class Encoder:
+    """Token rows of the task: chat-templated prompt, answer letters, EOS up to ``gen_length``."""
+
+    def __init__(self, config: DemoConfig) -> None:
+        # No merges: every character is one token, which is what copying and reversing need.
+        self.tokenizer = build_tiny_tokenizer([], vocab_size=256 + len(SPECIAL_TOKENS))
+        self.gen_length = config.gen_length
+        self.upper = config.upper
+        self.collator = PreferenceCollator(self.tokenizer.pad_token_id)
+
+    def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        texts = [self.tokenizer.apply_chat_template([_user(p)], tokenize=False,
+                                                    add_generation_prompt=True) for p in prompts]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def rows(self, prompts: list[str], desirable: list[bool]) -> list[dict]:
+        """Token rows (see :class:`elbokto.data.PreferenceCollator`); uid from the content."""
+        answers = [answer(p, d, self.upper) for p, d in zip(prompts, desirable)]
+        eos = self.tokenizer.eos_token_id
+        rows = []
+        for prompt, ids, text, label in zip(prompts, self.prompt_ids(prompts),
+                                            self.tokenizer(answers, add_special_tokens=False)
+                                            ["input_ids"], desirable):
+            response = text + [eos] * (self.gen_length - len(text))
+            rows.append({"input_ids": ids + response, "prompt_length": len(ids),
+                         "response_length": len(response), "desirable": label,
+                         "uid": example_uid([_user(prompt)], answer(prompt, label, self.upper),
+                                           label)})
+        return rows
+
+    def batch(self, rows: list[dict]) -> dict[str, Tensor]:
+        return self.collator(rows)
+
+
+def _user(prompt: str) -> dict[str, str]:
+    return {"role": "user", "content": prompt}
+
+
+# --- model ----------------------------------------------------------------------------------------
+
+def build_model(config: DemoConfig, tokenizer) -> nn.Module:
+    """A randomly initialised bidirectional GemmaForCausalLM (float32, no dropout)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(config.seed)
+    model_config = GemmaConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
+        head_dim=config.hidden_size // config.num_heads, max_position_embeddings=64,
+        # use_bidirectional_attention alone turns causal again when an attention mask is passed.
+        use_bidirectional_attention=True, is_causal=False, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None, mask_token_id=tokenizer.mask_token_id)
+    return GemmaForCausalLM(model_config).float()
+
+
+# --- training -------------------------------------------------------------------------------------
+
+def _optimizer(model: nn.Module, lr: float, steps: int, warmup: float = 0.05):
+    """AdamW with linear warmup and cosine decay to 0 over ``steps``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, round(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_sft(model: nn.Module, encoder: Encoder, config: DemoConfig,
+              rng: np.random.Generator) -> list[float]:
+    """Masked-diffusion SFT on fresh 50/50 examples: minimise -ELBO / response length.
+
+    Returns the loss (nats per response token) of every step."""
+    mask_id = encoder.tokenizer.mask_token_id
+    optimizer, schedule = _optimizer(model, config.sft_lr, config.sft_steps)
+    losses = []
+    model.train()
+    for step in range(config.sft_steps):
+        prompts = sample_prompts(rng, config.sft_batch_size, config, unique=False)
+        styles = (rng.random(len(prompts)) < 0.5).tolist()
+        batch = encoder.batch(encoder.rows(prompts, styles))
+        draws = sample_draws(config.sft_mc, batch["prompt_lengths"], batch["response_lengths"],
+                             batch["input_ids"].shape[1], uids=batch["uid"], seed=config.seed,
+                             step=step)
+        elbo = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=mask_id,
+                             attention_mask=batch["attention_mask"], backend=config.backend)
+        loss = -(elbo / batch["response_lengths"]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def kto_rows(encoder: Encoder, config: DemoConfig, prompts: list[str]) -> list[dict]:
+    """One answer per prompt, reversal (desirable) or copy with probability 1/2 (seeded), then
+    the first ``fraction`` of each class kept (the imbalance ablation: the same labels, fewer
+    rows)."""
+    labels = (np.random.default_rng([config.seed, 1]).random(len(prompts)) < 0.5).tolist()
+    keep = []
+    for cls, fraction in ((True, config.desirable_fraction), (False, config.undesirable_fraction)):
+        members = [i for i, label in enumerate(labels) if label == cls]
+        keep += members[:round(fraction * len(members))]
+    keep = sorted(keep)
+    return encoder.rows([prompts[i] for i in keep], [labels[i] for i in keep])
+
+
+def kto_objective(config: DemoConfig, mc: MCConfig | None = None) -> ELBOKTOObjective:
+    return ELBOKTOObjective(mc=mc or config.mc, beta=config.beta, baseline=config.baseline,
+                            seed=config.seed, backend=config.backend)
+
+
+def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: list[dict],
+              config: DemoConfig, evaluate_fn: Callable[[nn.Module], dict] | None = None) -> dict:
+    """ELBO-KTO with AdamW, ``kto_epochs`` passes over ``rows`` in seeded random batches.
+
+    The draws of step s use ``step=s``. With ``crn=False`` the reference ELBO is computed on the
+    draws of another seed (independent noisy copies) and passed as ``ref_elbo``.
+
+    Returns per-step ``loss`` and ``margins`` (rewards/chosen - rewards/rejected, i.e.
+    beta * (mean r over desirable - mean r over undesirable)), and ``checkpoints``:
+    [step, desirable rate] pairs from ``evaluate_fn``.
+    """
+    objective = kto_objective(config)
+    independent = replace(objective, seed=objective.seed + 7919)
+    order_rng = np.random.default_rng([config.seed, 2])
+    batches = [rows_idx for _ in range(config.kto_epochs)
+               for rows_idx in _batches(order_rng.permutation(len(rows)), config.kto_batch_size)]
+    optimizer, schedule = _optimizer(policy, config.kto_lr, len(batches), warmup=0.1)
+    every = len(batches) // config.eval_checkpoints if config.eval_checkpoints else 0
+    history: dict = {"loss": [], "margins": [], "checkpoints": []}
+    policy.train()
+    for step, index in enumerate(batches):
+        batch = encoder.batch([rows[i] for i in index])
+        if config.crn:
+            out = objective(policy, batch, reference=reference, step=step)
+        else:
+            ref_elbo = independent.elbo(reference, batch, independent.draws(batch, step))
+            out = objective(policy, batch, ref_elbo=ref_elbo, step=step)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        schedule.step()
+        history["loss"].append(out.loss.item())
+        history["margins"].append(out.metrics["rewards/margins"].item())
+        if evaluate_fn is not None and every and (step + 1) % every == 0 \
+                and step + 1 < len(batches):
+            policy.eval()
+            history["checkpoints"].append([step + 1, evaluate_fn(policy)[DESIRABLE]])
+            policy.train()
+    policy.eval()
+    return history
+
+
+def _batches(order: np.ndarray, size: int) -> list[list[int]]:
+    """Full batches only: the batch-mean baseline wants equal batch sizes."""
+    return [order[i:i + size].tolist() for i in range(0, len(order) - size + 1, size)]
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+def evaluate(model: nn.Module, encoder: Encoder, prompts: list[str], config: DemoConfig) -> dict:
+    """Rates of the three classes over ``prompts``, one sample each (seeded)."""
+    gen = GenerationConfig(gen_length=config.gen_length, steps=config.gen_length,
+                           block_length=config.gen_length, temperature=config.temperature,
+                           remasking=config.remasking, seed=config.seed)
+    tokens = generate(model, encoder.prompt_ids(prompts), gen,
+                      pad_token_id=encoder.tokenizer.pad_token_id)
+    answers = decode_responses(encoder.tokenizer, tokens)
+    counts = {DESIRABLE: 0, UNDESIRABLE: 0, OTHER: 0}
+    for prompt, text in zip(prompts, answers):
+        counts[classify(prompt, text, config.upper)] += 1
+    return {k: v / len(prompts) for k, v in counts.items()}
+
+
+def psi(policy: nn.Module, reference: nn.Module, batch: dict[str, Tensor], config: DemoConfig,
+        mc: MCConfig | None = None, crn: bool = True, baseline: str | None = None) -> dict:
+    """Psi(S) of an MC setting on ``batch`` (DESIGN.md §2), with the baseline's psi_baseline.
+
+    Without CRN the reference ELBO of redraw k is drawn with another seed than the policy's."""
+    objective = replace(kto_objective(config, mc), baseline=baseline or config.baseline)
+    if crn:
+        estimate = objective.psi(policy, batch, reference=reference, redraws=config.psi_redraws)
+    else:
+        rows = []
+        with torch.no_grad():
+            for k in range(config.psi_redraws):
+                mine = replace(objective, seed=objective.seed + k)
+                other = replace(objective, seed=objective.seed + 7919 + k)
+                rows.append(mine.elbo(policy, batch, mine.draws(batch))
+                            - other.elbo(reference, batch, other.draws(batch)))
+        margins = torch.stack(rows)
+        estimate = estimate_psi(margins, margins.mean(1) if objective.baseline == "batch_mean"
+                                else 0.0)
+    return {"psi": estimate.psi, "psi_baseline": estimate.psi_baseline, "v": estimate.v,
+            "c": estimate.c}
+
+
+# --- the demo -------------------------------------------------------------------------------------
+
+def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = False,
+             config: DemoConfig | None = None) -> dict:
+    """Run SFT, sample, ELBO-KTO, sample again; write summary.json and curves.png.
+
+    Args:
+        output_dir: created if missing.
+        ablate: also run the ablations (several more KTO runs from the same SFT model).
+        quick: a seconds-long smoke version (tiny model, few steps; the rates mean nothing).
+        config: overrides the defaults (``quick`` then applies on top of it).
+
+    Returns:
+        The summary dict written to ``summary.json``.
+    """
+    start = time.perf_counter()
+    torch.set_num_threads(2)
+    config = config or DemoConfig()
+    if quick:
+        config = replace(config, **QUICK)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    encoder = Encoder(config)
+    rng = np.random.default_rng(config.seed)
+    eval_prompts = sample_prompts(rng, config.eval_prompts, config)
+    train_prompts = sample_prompts(rng, config.kto_examples, config, exclude=set(eval_prompts))
+    rows = kto_rows(encoder, config, train_prompts)
+    psi_batch = encoder.batch(encoder.rows(*_psi_examples(config, eval_prompts)))
+
+    model = build_model(config, encoder.tokenizer)
+    tick = time.perf_counter()
+    sft_loss = train_sft(model, encoder, config, rng)
+    sft_seconds = time.perf_counter() - tick
+    reference = copy.deepcopy(model).requires_grad_(False)
+    sft_state = copy.deepcopy(model.state_dict())
+
+    tick = time.perf_counter()
+    base = evaluate(model, encoder, eval_prompts, config)
+    sample_seconds = time.perf_counter() - tick
+    logger.info("SFT model: %s", _rates(base))
+
+    def rate(policy):
+        return evaluate(policy, encoder, eval_prompts, config)
+
+    tick = time.perf_counter()
+    history = train_kto(model, reference, encoder, rows, config, rate)
+    kto_seconds = time.perf_counter() - tick
+    aligned = rate(model)
+    logger.info("aligned model: %s", _rates(aligned))
+    history["checkpoints"] = [[0, base[DESIRABLE]], *history["checkpoints"],
+                              [len(history["loss"]), aligned[DESIRABLE]]]
+
+    summary = {
+        "base_desirable_rate": base[DESIRABLE],
+        "aligned_desirable_rate": aligned[DESIRABLE],
+        "base_rates": base,
+        "aligned_rates": aligned,
+        "train_seconds": sft_seconds + kto_seconds,
+        "sft_seconds": sft_seconds,
+        "kto_seconds": kto_seconds,
+        "sample_seconds": sample_seconds,
+        "kto_examples": {"desirable": sum(r["desirable"] for r in rows),
+                         "undesirable": sum(not r["desirable"] for r in rows)},
+        "psi": psi(model, reference, psi_batch, config),
+        "config": _jsonable(config),
+        "quick": quick,
+        "curves": {"sft_loss": sft_loss, **history},
+    }
+    if ablate:
+        summary["ablations"] = run_ablations(config, encoder, sft_state, reference,
+                                             train_prompts, eval_prompts, psi_batch, model,
+                                             summary)
+    summary["total_seconds"] = time.perf_counter() - start
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot_curves(summary, out / "curves.png")
+    logger.info("base desirable rate %.3f -> aligned %.3f (train %.0f s, total %.0f s); "
+                "wrote %s", base[DESIRABLE], aligned[DESIRABLE], summary["train_seconds"],
+                summary["total_seconds"], out)
+    return summary
+
+
+def _psi_examples(config: DemoConfig, prompts: list[str]) -> tuple[list[str], list[bool]]:
+    """A fixed, balanced batch for Psi(S): held-out prompts, alternating labels."""
+    chosen = prompts[:config.psi_batch_size]
+    return chosen, [i % 2 == 0 for i in range(len(chosen))]
+
+
+ABLATIONS: dict[str, dict] = {
+    "baseline=none": {"baseline": "none"},
+    "crn=off": {"crn": False},
+    "n_t=2": {"mc": MCConfig(n_t=2)},
+    "n_t=4": {"mc": MCConfig(n_t=4)},
+    "n_t=1,n_yt=8": {"mc": MCConfig(n_t=1, n_yt=8)},
+    "n_t=2,n_yt=4": {"mc": MCConfig(n_t=2, n_yt=4)},
+    "fewer desirable (1/4)": {"desirable_fraction": 0.25},
+    "fewer undesirable (1/4)": {"undesirable_fraction": 0.25},
+}
+
+
+def run_ablations(config: DemoConfig, encoder: Encoder, sft_state: dict, reference: nn.Module,
+                  train_prompts: list[str], eval_prompts: list[str],
+                  psi_batch: dict[str, Tensor],
+                  aligned: nn.Module, main: dict) -> dict:
+    """Each variant: KTO from the same SFT weights, its desirable rate, and the Psi(S) of its MC
+    setting measured on one fixed policy (the main run's aligned model) and batch, so that the
+    Psi column compares estimators, not training outcomes."""
+    results = {"default": {"desirable_rate": main["aligned_desirable_rate"],
+                           "kto_seconds": main["kto_seconds"], **main["psi"]}}
+    for name, change in ABLATIONS.items():
+        variant = replace(config, **change)
+        variant_rows = kto_rows(encoder, variant, train_prompts)
+        policy = build_model(variant, encoder.tokenizer)
+        policy.load_state_dict(sft_state)
+        tick = time.perf_counter()
+        train_kto(policy, reference, encoder, variant_rows, replace(variant, eval_checkpoints=0))
+        seconds = time.perf_counter() - tick
+        rates = evaluate(policy, encoder, eval_prompts, variant)
+        results[name] = {"desirable_rate": rates[DESIRABLE], "kto_seconds": seconds,
+                         "kto_examples": len(variant_rows),
+                         **psi(aligned, reference, psi_batch, variant, crn=variant.crn)}
+        logger.info("ablation %s: %s", name, results[name])
+    return results
+
+
+def _rates(rates: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in rates.items())
+
+
+def _jsonable(config: DemoConfig) -> dict:
+    return {**asdict(config), "gen_length": config.gen_length}
+
+
+# --- plot -----------------------------------------------------------------------------------------
+
+def plot_curves(summary: dict, path: Path) -> bool:
+    """SFT loss, KTO loss, reward margins and the desirable rate at checkpoints, as one PNG.
+
+    Returns False (and writes nothing) when matplotlib is not importable."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot")
+        return False
+    curves = summary["curves"]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    panels = [("SFT loss (nats / token)", curves["sft_loss"]),
+              ("ELBO-KTO loss", curves["loss"]),
+              ("rewards/margins (chosen - rejected)", curves["margins"])]
+    for ax, (title, values) in zip(axes, panels):
+        ax.plot(values, lw=0.6, alpha=0.5)
+        ax.plot(_smooth(values), lw=1.5)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    steps, rates = zip(*curves["checkpoints"])
+    axes[3].plot(steps, rates, "o-")
+    axes[3].set_ylim(0, 1)
+    axes[3].set_title("desirable (reverse) rate", fontsize=10)
+    axes[3].set_xlabel("KTO step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _smooth(values: list[float], width: int = 25) -> np.ndarray:
+    width = max(1, min(width, len(values) // 5 or 1))
+    return np.convolve(values, np.ones(width) / width, mode="valid")
