@@ -165,3 +165,12 @@ Path({str(tmp_path)!r}, f"rank{{dist.get_rank()}}.json").write_text(json.dumps(s
         assert b0 == pytest.approx(b1, abs=1e-7)
         assert b0 == pytest.approx((local0 + local1) / 2, abs=1e-6)
     assert any(abs(a[1] - b[1]) > 1e-6 for a, b in zip(rank0, rank1))
+
+
+def test_load_model_from_a_folder(tmp_path):
+    from elbokto.models import build_tiny_model, load_model
+
+    build_tiny_model(40, mask_token_id=2).save_pretrained(tmp_path / "m")
+    model = load_model(str(tmp_path / "m"), ModelConfig())
+    assert model.config.mask_token_id == 2
+    assert model.config.is_causal is False  # bidirectional even when a padding mask is passed
