@@ -13,18 +13,25 @@ from elbokto.estimate import elbo_estimate
 from elbokto.generate import GenerationConfig, decode_responses, generate
 from elbokto.loss import elbo_dpo_loss, elbo_kto_loss, kl_baseline
 from elbokto.objective import ELBOKTOObjective, ObjectiveOutput
+from elbokto.models import ModelConfig
+from elbokto.reference import ReferenceTable, precompute_reference
 from elbokto.tiny import build_tiny_tokenizer
+from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer
 
 __all__ = [
     "DataConfig",
     "DataStats",
     "Draws",
+    "ELBOKTOConfig",
     "ELBOKTOObjective",
+    "ELBOKTOTrainer",
     "GenerationConfig",
-    "ObjectiveOutput",
     "MCConfig",
+    "ModelConfig",
+    "ObjectiveOutput",
     "PreferenceCollator",
     "PsiEstimate",
+    "ReferenceTable",
     "build_dataset",
     "build_tiny_tokenizer",
     "check_class_balance",
@@ -36,6 +43,7 @@ __all__ = [
     "generate",
     "kl_baseline",
     "load_source",
+    "precompute_reference",
     "sample_draws",
     "subsample_classes",
     "tokenize_dataset",
