@@ -61,3 +61,20 @@ def test_shift_logits_and_logits_path():
                             mask_token_id=MASK_ID, attention_mask=batch["attention_mask"],
                             shift_logits=True)
     torch.testing.assert_close(shifted, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_head_under_fsdp2(tmp_path):
+    """Two gloo ranks, FSDP2 (fully_shard): the head weight exists only inside its forward."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", str(tests / "fsdp_worker.py")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("match") == 2 and "MISMATCH" not in result.stdout, result.stdout

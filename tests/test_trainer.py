@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -124,12 +123,6 @@ def test_causal_model_and_missing_mask_token_are_refused(tmp_path):
         resolve_mask_token_id(GemmaConfig(), tokenizer=None)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_share_the_baseline(tmp_path):
     data = write_kto_mix(tmp_path / "data.jsonl")
     script = tmp_path / "rank.py"
@@ -154,8 +147,8 @@ train(*configs(Path({str(tmp_path)!r}), Path({str(data)!r}), max_steps=3,
 Path({str(tmp_path)!r}, f"rank{{dist.get_rank()}}.json").write_text(json.dumps(seen))
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())

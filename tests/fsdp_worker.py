@@ -1,0 +1,41 @@
+"""Run by test_estimate's FSDP test under torchrun (2 gloo ranks): the fused LM head under FSDP2
+must give the loss and gradients of the unsharded model."""
+
+import copy
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from elbokto import ELBOKTOObjective, MCConfig
+from tiny_models import tiny_batch, tiny_gemma
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+reference = tiny_gemma(seed=0).requires_grad_(False)
+plain = copy.deepcopy(reference).requires_grad_(True)
+with torch.no_grad():
+    noise = torch.Generator().manual_seed(1)
+    for p in plain.parameters():
+        p.add_(torch.randn(p.shape, generator=noise) * 0.05)
+sharded = copy.deepcopy(plain)
+for layer in sharded.model.layers:
+    fully_shard(layer)
+fully_shard(sharded)  # the root unit holds the embeddings and the LM head
+
+batch = tiny_batch(seed=rank)
+objective = ELBOKTOObjective(mc=MCConfig(n_t=2), backend="torch")
+loss = objective(sharded, batch, reference=reference).loss
+loss.backward()
+expected = objective(plain, batch, reference=reference).loss
+expected.backward()
+ok = torch.allclose(loss, expected, rtol=1e-6, atol=1e-7)
+for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+    mean_grad = q.grad.clone()
+    dist.all_reduce(mean_grad)
+    if not torch.allclose(p.grad.full_tensor(), mean_grad / world, rtol=1e-4, atol=1e-6):
+        ok = False
+        print(f"rank {rank}: gradient of {name} differs", file=sys.stderr)
+print(f"rank {rank}: {'match' if ok else 'MISMATCH'}")
+dist.destroy_process_group()
