@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 __all__ = ["GenerationConfig", "decode_responses", "generate"]
 
@@ -137,6 +138,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: Generat
                                            _device_of(model))
     generator = torch.Generator(device=canvas.device).manual_seed(config.seed)
     model_kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    if isinstance(model, PreTrainedModel):
+        model_kwargs["use_cache"] = False  # every step is a fresh full pass: a cache is waste
     block_steps = config.steps // config.num_blocks
     schedule = _transfer_schedule(config.block_length, block_steps)
     rows = torch.arange(canvas.shape[0], device=canvas.device)[:, None]
