@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 
 from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_class_balance,
                           load_source, prompt_token_ids)
-from elbokto.draws import MCConfig
 from elbokto.generate import GenerationConfig, decode_responses, generate
 from elbokto.models import (TINY, ModelConfig, frozen_reference, load_model, load_tokenizer,
                             prepare_policy, resolve_mask_token_id, uses_shifted_logits)

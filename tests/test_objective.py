@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from elbokto import MCConfig, elbo_kto_loss
+from elbokto import MCConfig
 from elbokto.objective import ELBOKTOObjective, mismatched_batch
 from tiny_models import tiny_batch, tiny_gemma
 
