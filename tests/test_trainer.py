@@ -129,7 +129,7 @@ def test_two_ranks_share_the_baseline(tmp_path):
     # Each rank records the b0 its loss used and its local mean margin, before any logging
     # reduction: b0 must be the same global mean on both ranks, the local means differ.
     script.write_text(f"""
-import json, sys
+import json, os, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from pathlib import Path
 import torch.distributed as dist
@@ -145,6 +145,8 @@ elbokto.objective.elbo_kto_loss = recording_loss
 train(*configs(Path({str(tmp_path)!r}), Path({str(data)!r}), max_steps=3,
                per_device_train_batch_size=2))
 Path({str(tmp_path)!r}, f"rank{{dist.get_rank()}}.json").write_text(json.dumps(seen))
+dist.barrier()
+os._exit(0)  # skip teardown: gloo's threads sometimes abort at interpreter exit
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
