@@ -78,6 +78,8 @@ class DemoConfig:
     kto_epochs: int = 1
     kto_lr: float = 2e-4
     beta: float = 1.0
+    lambda_d: float = 1.0
+    lambda_u: float = 1.0
     baseline: str = "batch_mean"
     mc: MCConfig = field(default_factory=lambda: MCConfig(n_t=8, n_yt=1))
     crn: bool = True  # False: the reference is scored on independent draws (another seed)
@@ -253,8 +255,9 @@ def kto_rows(encoder: Encoder, config: DemoConfig, prompts: list[str]) -> list[d
 
 
 def kto_objective(config: DemoConfig, mc: MCConfig | None = None) -> ELBOKTOObjective:
-    return ELBOKTOObjective(mc=mc or config.mc, beta=config.beta, baseline=config.baseline,
-                            seed=config.seed, backend=config.backend)
+    return ELBOKTOObjective(mc=mc or config.mc, beta=config.beta, lambda_d=config.lambda_d,
+                            lambda_u=config.lambda_u, baseline=config.baseline, seed=config.seed,
+                            backend=config.backend)
 
 
 def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: list[dict],
