@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import memory
 from .backends import resolve_backend, row_ops
 from .rows import (check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows, rows_at,
                    unmasked_index)
@@ -77,7 +78,7 @@ def _fused_elbo_backward(grad_out: Tensor, logits: Tensor, targets: Tensor, mask
     rows = rows_at(masked_index(mask), targets, weights, sample_index)
     scale = grad_out.float()[rows.sample] * rows.scale
     # Every gradient row is written once: zeros for the unmasked rows, the kernel for the rest.
-    grad = torch.empty((C * L, V), dtype=logits.dtype, device=logits.device)
+    grad = memory.empty((C * L, V), logits.dtype, logits.device)
     grad.index_fill_(0, unmasked_index(mask, rows.count), 0)
     row_ops(backend).row_grad(logits.reshape(C * L, V), rows.index, rows.target,
                               lse.reshape(-1)[rows.index], scale, None, grad)

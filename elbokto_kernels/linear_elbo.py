@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import memory
 from .backends import resolve_backend, row_ops
 from .rows import check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows, rows_at
 
@@ -73,26 +74,74 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
     return out
 
 
-def _vocab_chunks(vocab: int, num_rows: int, chunk_size: int, device: torch.device):
-    if not chunk_size:
-        budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"])
-        chunk_size = max(128, budget // max(num_rows, 1) // 128 * 128)
-    for start in range(0, vocab, chunk_size):
-        yield start, min(start + chunk_size, vocab)
+def _chunk_columns(vocab: int, num_rows: int, chunk_size: int, device: torch.device) -> int:
+    if chunk_size:
+        return min(chunk_size, vocab)
+    budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"])
+    return min(vocab, max(128, budget // max(num_rows, 1) // 128 * 128))
 
 
-def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
-    """float32 ``a @ b``: a half-precision GEMM with float32 output on CUDA, float32 elsewhere."""
+def _gemm_rows(hidden: Tensor, index: Tensor) -> Tensor:
+    """The masked rows [M, D] as the GEMMs take them: float32 on CPU, which has no half GEMM
+    with float32 output (converted once here rather than once per chunk)."""
+    h = hidden.reshape(-1, hidden.shape[-1])[index]
+    return h if h.is_cuda else h.float()
+
+
+def _matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) -> Tensor:
+    """``out = a @ b`` (``out += a @ b`` when accumulating) with a float32 product.
+
+    Float32 results go straight into ``out``: on CPU a fresh temporary per chunk would cost its
+    page faults every chunk. Half operands use a half GEMM with float32 output on CUDA; on CPU,
+    which has none, float32 copies."""
     if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
+        if out.dtype == torch.float32 and not accumulate:
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        product = torch.mm(a, b, out_dtype=torch.float32)
+    else:
+        a, b = a.float(), b.float()  # no-ops for float32 operands
+        if out.dtype == torch.float32:
+            return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+        product = torch.mm(a, b)
+    return out.add_(product) if accumulate else out.copy_(product)
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], start: int, end: int):
-    z = _mm_f32(h, weight[start:end].t())
-    if bias is not None:
-        z += bias[start:end].float()
-    return z
+class _ChunkWorkspace:
+    """The vocabulary walk: one float32 logit buffer [M, chunk] (and a half one for half
+    gradients), reused by every chunk.
+
+    Args:
+        h: [M, D] masked rows from ``_gemm_rows``; weight: [V, D]; bias: [V] or None.
+        chunk_size: columns per chunk, 0 for the device's memory budget.
+    """
+
+    def __init__(self, h: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_size: int):
+        self.h, self.weight, self.bias = h, weight, bias
+        self.chunk = _chunk_columns(weight.shape[0], h.shape[0], chunk_size, h.device)
+        size = h.shape[0] * self.chunk
+        self._z = memory.empty((size,), torch.float32, h.device)
+        self._dz = None if h.dtype == torch.float32 else memory.empty((size,), h.dtype, h.device)
+
+    def chunks(self):
+        """(start, end) column ranges of the vocabulary, ``chunk`` columns each."""
+        vocab = self.weight.shape[0]
+        for start in range(0, vocab, self.chunk):
+            yield start, min(start + self.chunk, vocab)
+
+    def logits(self, start: int, end: int) -> Tensor:
+        """float32 [M, end - start] logits of the chunk, in the workspace."""
+        z = self._z[: self.h.shape[0] * (end - start)].view(self.h.shape[0], end - start)
+        _matmul_into(z, self.h, self.weight[start:end].t())
+        if self.bias is not None:
+            z += self.bias[start:end].float()
+        return z
+
+    def grad_buffer(self, z: Tensor) -> Tensor:
+        """Where the chunk's logit gradient goes: over its float32 logits in place (each element
+        is read before the same program writes it), or a half buffer for the half GEMMs."""
+        if self._dz is None:
+            return z
+        return self._dz[: z.numel()].view(z.shape)
 
 
 @torch.library.custom_op("elbokto::fused_linear_elbo", mutates_args=())
@@ -102,12 +151,13 @@ def _fused_linear_elbo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
                        backend: str) -> tuple[Tensor, Tensor]:
     C, L, D = hidden.shape
     rows = gather_masked_rows(targets, mask, weights, sample_index, weight.shape[0], num_samples)
-    h = hidden.reshape(C * L, D)[rows.index]
+    h = _gemm_rows(hidden, rows.index)
     ops = row_ops(backend)
     lse = torch.full((rows.count,), float("-inf"), dtype=torch.float32, device=hidden.device)
     target_logit = torch.zeros_like(lse)
-    for start, end in _vocab_chunks(weight.shape[0], rows.count, chunk_size, hidden.device):
-        z = _chunk_logits(h, weight, bias, start, end)
+    work = _ChunkWorkspace(h, weight, bias, chunk_size)
+    for start, end in work.chunks():
+        z = work.logits(start, end)
         chunk_lse, chunk_target = ops.row_lse(z, None, rows.target - start, softcap)
         lse = torch.logaddexp(lse, chunk_lse)
         target_logit += chunk_target
@@ -130,24 +180,25 @@ def _fused_linear_elbo_backward(
     """Returns (grad_hidden, grad_weight, grad_bias); an unneeded one is an empty tensor."""
     C, L, D = hidden.shape
     rows = rows_at(masked_index(mask), targets, weights, sample_index)
-    h = hidden.reshape(C * L, D)[rows.index]
+    h = _gemm_rows(hidden, rows.index)
     scale = grad_out.float()[rows.sample] * rows.scale
     row_lse = lse.reshape(-1)[rows.index]
     ops = row_ops(backend)
     grad_h = torch.zeros((rows.count, D) if needs_hidden_grad else (0,), dtype=torch.float32,
                          device=hidden.device)
-    grad_w = torch.zeros_like(weight) if needs_weight_grad else weight.new_empty(0)
+    # Every chunk writes its rows of grad_w, so it needs no zero fill.
+    grad_w = (memory.empty(weight.shape, weight.dtype, weight.device) if needs_weight_grad
+              else weight.new_empty(0))
     grad_b = torch.zeros_like(bias) if needs_bias_grad else weight.new_empty(0)
-    for start, end in _vocab_chunks(weight.shape[0], rows.count, chunk_size, hidden.device):
-        z = _chunk_logits(h, weight, bias, start, end)
-        # float32 inputs: the gradient overwrites its logits in place (each element is read
-        # before it is written by the same program); half inputs need a half copy for the GEMMs.
-        dz = z if hidden.dtype == torch.float32 else torch.empty_like(z, dtype=hidden.dtype)
+    work = _ChunkWorkspace(h, weight, bias, chunk_size)
+    for start, end in work.chunks():
+        z = work.logits(start, end)
+        dz = work.grad_buffer(z)
         ops.row_grad(z, None, rows.target - start, row_lse, scale, softcap, dz)
         if needs_hidden_grad:
-            grad_h += _mm_f32(dz, weight[start:end])
+            _matmul_into(grad_h, dz, weight[start:end], accumulate=True)
         if needs_weight_grad:
-            grad_w[start:end] = _mm_f32(dz.t(), h)
+            _matmul_into(grad_w[start:end], dz.t(), h)
         if needs_bias_grad:
             grad_b[start:end] = dz.float().sum(0)
     if needs_hidden_grad:
