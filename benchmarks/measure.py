@@ -52,12 +52,13 @@ def time_and_peak(step, repeats: int, device: str = "cpu") -> tuple[float, int]:
     return statistics.median(times), peak - base
 
 
-def run_worker(script: str, argv: list[str]) -> dict:
-    """Runs ``script argv`` in a fresh Python process; returns the JSON of its last output line.
+def run_worker(script: str, argv: list[str], env: dict[str, str] | None = None) -> dict:
+    """Runs ``script argv`` in a fresh Python process (``env`` added to this one's environment);
+    returns the JSON of its last output line.
 
     A fixed mmap threshold keeps glibc from raising it after the first frees (its default), which
     would serve later large tensors from the heap and hide them from the resident-size peak."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 17), **(env or {})}
     proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.stderr.write(proc.stderr)
