@@ -135,19 +135,22 @@ def make_linear_case(C, L, D, V, *, seed, dtype=torch.float32, bias=False, scale
 
 
 def check_linear(backend, hidden, weight, bias, rest, *, softcap=None, chunk_size=None,
-                 grads=(True, True, True), seed=0):
+                 keep_logits=False, grads=(True, True, True), seed=0):
     value_tol, grad_tol = tolerances(hidden.dtype)
     leaves = [t.detach().requires_grad_(need) if t is not None else None
               for t, need in zip((hidden, weight, bias), grads)]
     out = fused_linear_elbo(leaves[0], leaves[1], *rest, bias=leaves[2], softcap=softcap,
-                            chunk_size=chunk_size, backend=backend)
+                            chunk_size=chunk_size, keep_logits=keep_logits, backend=backend)
     leaves64 = [t.detach().double().requires_grad_(need) if t is not None else None
                 for t, need in zip((hidden, weight, bias), grads)]
     ref = linear_elbo_oracle(leaves64[0], leaves64[1], leaves64[2], softcap, *rest)
     assert_close(out, ref, value_tol, "values")
     upstream = torch.randn(rest[-1], generator=torch.Generator().manual_seed(seed))
     wanted = [(a, b) for a, b in zip(leaves, leaves64) if a is not None and a.requires_grad]
-    got = torch.autograd.grad(out, [a for a, _ in wanted], upstream)
+    got = torch.autograd.grad(out, [a for a, _ in wanted], upstream, retain_graph=True)
+    # A second backward of the same graph must not see anything the first one overwrote.
+    again = torch.autograd.grad(out, [a for a, _ in wanted], upstream)
+    assert all(torch.equal(g, a) for g, a in zip(got, again))
     expected = torch.autograd.grad(ref, [b for _, b in wanted], upstream.double())
     for (leaf, _), g, e in zip(wanted, got, expected):
         assert g.dtype == leaf.dtype and g.shape == leaf.shape
@@ -160,10 +163,11 @@ def check_linear(backend, hidden, weight, bias, rest, *, softcap=None, chunk_siz
 def test_linear_random(backend, dtype, softcap):
     hidden, weight, bias, rest = make_linear_case(4, 6, 16, 37, seed=7, dtype=dtype, bias=True,
                                                   scale=2.0, per_position=dtype == torch.float32)
-    # chunk_size 16 splits V = 37 into three chunks: the running LSE merge is exercised.
-    for chunk_size in (None, 16):
+    # chunk_size 16 splits V = 37 into three chunks: the running LSE merge is exercised, and
+    # kept logits are laid out chunk by chunk.
+    for chunk_size, keep_logits in ((None, False), (16, False), (16, True)):
         out, grads = check_linear(backend, hidden, weight, bias, rest, softcap=softcap,
-                                  chunk_size=chunk_size)
+                                  chunk_size=chunk_size, keep_logits=keep_logits)
         assert out[-1] == 0
         grad_hidden = grads[0]
         assert torch.all(grad_hidden[~rest[1]] == 0)
@@ -176,15 +180,19 @@ def test_linear_llada_vocab(backend):
 
 def test_linear_frozen_head_and_no_bias(backend):
     hidden, weight, _, rest = make_linear_case(3, 5, 12, 29, seed=9)
-    check_linear(backend, hidden, weight, None, rest, grads=(True, False, False))
-    check_linear(backend, hidden, weight, None, rest, grads=(False, True, False))
+    for keep_logits in (False, True):
+        check_linear(backend, hidden, weight, None, rest, grads=(True, False, False),
+                     keep_logits=keep_logits)
+        check_linear(backend, hidden, weight, None, rest, grads=(False, True, False),
+                     keep_logits=keep_logits)
 
 
 def test_linear_nothing_masked_and_one_row(backend):
     hidden, weight, bias, rest = make_linear_case(2, 3, 8, 19, seed=10, bias=True, p_mask=0.0)
-    out, grads = check_linear(backend, hidden, weight, bias, rest)
-    assert torch.equal(out, torch.zeros_like(out))
-    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    for keep_logits in (False, True):
+        out, grads = check_linear(backend, hidden, weight, bias, rest, keep_logits=keep_logits)
+        assert torch.equal(out, torch.zeros_like(out))
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
     hidden, weight, bias, rest = make_linear_case(1, 1, 8, 19, seed=11, bias=True, p_mask=1.0)
     check_linear(backend, hidden, weight, bias, rest)
 
@@ -215,9 +223,10 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.elbokto.fused_elbo.default,
                           (logits, targets, mask, weights, sample_index, n, "torch"))
     hidden, weight, bias, rest = make_linear_case(3, 4, 8, 10, seed=14, bias=True)
-    torch.library.opcheck(torch.ops.elbokto.fused_linear_elbo.default,
-                          (hidden.requires_grad_(), weight.requires_grad_(),
-                           bias.requires_grad_(), *rest, 2.0, 4, "torch"))
+    for keep_logits in (False, True):
+        torch.library.opcheck(torch.ops.elbokto.fused_linear_elbo.default,
+                              (hidden.requires_grad_(), weight.requires_grad_(),
+                               bias.requires_grad_(), *rest, 2.0, 4, keep_logits, "torch"))
 
 
 def test_torch_compile_sees_opaque_ops():
@@ -228,7 +237,9 @@ def test_torch_compile_sees_opaque_ops():
 
     def step(x, h, w):
         return ((fused_elbo(x, targets, mask, weights, sample_index, n, backend="torch")
-                 + fused_linear_elbo(h, w, *rest, backend="torch")) * upstream).sum()
+                 + fused_linear_elbo(h, w, *rest, backend="torch")
+                 + fused_linear_elbo(h, w, *rest, keep_logits=True, backend="torch"))
+                * upstream).sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     leaves = [t.clone().requires_grad_() for t in (logits, hidden, weight)]
