@@ -107,6 +107,8 @@ def copy_gbps(nbytes: int = 1 << 32) -> float:
 
 def linear_variants():
     v = {"triton": lambda h, w, a: fused_linear_elbo(h, w, **a, backend="triton"),
+         "triton keep_logits": lambda h, w, a: fused_linear_elbo(h, w, **a, keep_logits=True,
+                                                                 backend="triton"),
          "torch path": lambda h, w, a: fused_linear_elbo(h, w, **a, backend="torch"),
          "eager": eager_linear}
     if not ARGS.dry_run and not ARGS.skip_compile:

@@ -95,6 +95,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, targets, mask, weights, sample_index, output[1])
     ctx.backend = backend
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero tensors for the non-differentiable output
 
 
 def _backward(ctx, grad_out, _grad_lse):

@@ -259,6 +259,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, targets, mask, weights, sample_index, lse, kept)
     ctx.options = (softcap, chunk_size, keep_logits, backend)
     ctx.mark_non_differentiable(lse, kept)
+    # Without this autograd would build zero "gradients" of lse and kept (M * V floats).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_kept):
