@@ -28,7 +28,7 @@ def noisy_copies(input_ids: Tensor, draws: Draws, mask_token_id: int) -> Tensor:
 
 def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_token_id: int,
                   attention_mask: Tensor | None = None, shift_logits: bool = False,
-                  backend: str = "auto") -> Tensor:
+                  keep_logits: bool = False, backend: str = "auto") -> Tensor:
     """Monte-Carlo ELBO of every example: float32 [B], differentiable w.r.t. the model.
 
     Args:
@@ -40,6 +40,8 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
         mask_token_id: the id that replaces masked tokens (LLaDA 126336, Dream 151666).
         attention_mask: optional [B, T] (1 = real token); repeated for every copy.
         shift_logits: the model's output at position p predicts token p + 1 (Dream).
+        keep_logits: fused head only: keep the masked rows' float32 logits for the backward
+            instead of recomputing them (see :func:`elbokto_kernels.fused_linear_elbo`).
         backend: kernel backend, see :func:`elbokto_kernels.fused_elbo`.
     """
     num_samples = input_ids.shape[0]
@@ -62,7 +64,7 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
         logits = out if isinstance(out, Tensor) else out.logits
         return fused_elbo(logits, *elbo_args, backend=backend)
     softcap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
-    with _fused_head(head, elbo_args, softcap, backend) as result:
+    with _fused_head(head, elbo_args, softcap, keep_logits, backend) as result:
         model(input_ids=noisy, attention_mask=copy_attention, use_cache=False)
     if not result:
         raise RuntimeError(f"{type(model).__name__}'s forward never called its output embedding")
@@ -78,7 +80,8 @@ def _fusable_head(model: nn.Module) -> nn.Linear | None:
 
 
 @contextmanager
-def _fused_head(head: nn.Linear, elbo_args: tuple, softcap: float | None, backend: str):
+def _fused_head(head: nn.Linear, elbo_args: tuple, softcap: float | None, keep_logits: bool,
+                backend: str):
     """Within the block, ``head(hidden)`` stores the fused ELBO in the yielded list and returns
     an empty [..., 0] logits tensor (whatever the model does to logits afterwards is then free)."""
     result: list[Tensor] = []
@@ -91,7 +94,7 @@ def _fused_head(head: nn.Linear, elbo_args: tuple, softcap: float | None, backen
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         elbo = fused_linear_elbo(hidden, weight, *elbo_args, bias=bias, softcap=softcap,
-                                 backend=backend)
+                                 keep_logits=keep_logits, backend=backend)
         result.append(elbo)
         # Empty logits that still hang off the ELBO's graph: DDP's search for unused parameters
         # walks the graph of the forward's outputs, and must find every parameter used.

@@ -66,6 +66,9 @@ class ELBOKTOObjective:
         shift_logits: the model's logits at p predict token p + 1 (Dream).
         pad_token_id: fills the mismatched pairs of baseline="kl" (attention-masked when the batch
             has an attention mask).
+        keep_logits: keep the masked rows' float32 logits of the fused LM head from forward to
+            backward (4 * masked rows * V bytes) instead of recomputing them: a quarter fewer
+            LM-head FLOPs.
         backend: kernel backend ("auto", "triton", "cpu", "torch").
     """
 
@@ -79,6 +82,7 @@ class ELBOKTOObjective:
     mask_token_id: int | None = None
     shift_logits: bool = False
     pad_token_id: int = 0
+    keep_logits: bool = False
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -179,7 +183,8 @@ class ELBOKTOObjective:
         return elbo_estimate(model, batch["input_ids"], draws,
                              mask_token_id=self._mask_token_id(model),
                              attention_mask=batch.get("attention_mask"),
-                             shift_logits=self.shift_logits, backend=self.backend)
+                             shift_logits=self.shift_logits, keep_logits=self.keep_logits,
+                             backend=self.backend)
 
     def _mask_token_id(self, model: nn.Module) -> int:
         if self.mask_token_id is not None:

@@ -74,9 +74,12 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, expected {hidden.device}")
     name = resolve_backend(backend, hidden.device)
+    # Logits are kept only for a backward that will happen.
+    keep_logits = bool(keep_logits) and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
     out, _, _ = torch.ops.elbokto.fused_linear_elbo(
         hidden, weight, bias, targets, mask, weights, sample_index, num_samples,
-        None if softcap is None else float(softcap), chunk_size or 0, bool(keep_logits), name)
+        None if softcap is None else float(softcap), chunk_size or 0, keep_logits, name)
     return out
 
 

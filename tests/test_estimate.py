@@ -33,14 +33,16 @@ def grads_of(model, value):
     return torch.autograd.grad(value, params, allow_unused=True)
 
 
+@pytest.mark.parametrize("keep_logits", [False, True], ids=["recompute", "keep-logits"])
 @pytest.mark.parametrize("softcap", [False, True], ids=["gemma", "gemma2-softcap"])
-def test_fused_head_matches_full_logits(softcap):
+def test_fused_head_matches_full_logits(softcap, keep_logits):
     model = tiny_gemma(softcap=softcap)
     batch = tiny_batch()
     draws = draws_for(batch)
     upstream = torch.randn(4)
     fused = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
-                          attention_mask=batch["attention_mask"], backend="torch")
+                          attention_mask=batch["attention_mask"], keep_logits=keep_logits,
+                          backend="torch")
     ref = unfused_elbo(model, batch["input_ids"], draws, batch["attention_mask"])
     assert fused.dtype == torch.float32 and fused.shape == (4,)
     torch.testing.assert_close(fused.double(), ref, rtol=1e-5, atol=1e-5)
