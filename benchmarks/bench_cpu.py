@@ -76,10 +76,11 @@ NOTES = """Where the time goes:
 - fused_linear_elbo: GEMM-bound. One float32 GEMM of 2*M*D*V takes ~0.20 s here (~335 GFLOP/s,
   near the two cores' AVX-512 peak). The fused op does 4 of them (its backward recomputes the
   logits, since upstream gradients differ per sample), the baselines 3, so its floor is ~0.80 s
-  against eager's ~0.9 s: at most ~1.15x whatever the rest costs. 1.3x needs the recompute gone,
-  that is the float32 logits of the masked rows kept from forward to backward: 250 MiB here, which
-  with dW (62.5 MiB) alone is over 0.4x of eager's peak against the 0.3x goal. On this machine the
-  two fused_linear_elbo goals exclude each other.
+  against eager's ~0.9 s: at most ~1.15x whatever the rest costs. Without the recompute
+  (`keep_logits=True`: the float32 logits of the masked rows kept from forward to backward) the
+  floor is ~0.6 s, but the kept logits are 250 MiB here, which with dW (62.5 MiB) alone is over
+  0.4x of eager's peak against the 0.3x goal. On this machine the two fused_linear_elbo goals
+  exclude each other.
 - The machine is shared: under load, 2-thread OpenMP regions wait on descheduled threads and the
   many-chunk fused_linear_elbo suffers most.
 """
