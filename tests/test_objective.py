@@ -45,7 +45,8 @@ def test_loss_is_the_formula_on_the_estimates():
     assert set(out.metrics) >= {"rewards/chosen", "rewards/rejected", "rewards/margins", "kl"}
 
 
-def test_mc_chunk_size_equals_one_pass():
+@pytest.mark.parametrize("keep_logits", [False, True], ids=["recompute", "keep-logits"])
+def test_mc_chunk_size_equals_one_pass(keep_logits):
     policy, reference = policy_and_reference(seed=1)
     batch = tiny_batch(seed=1)
     mc = MCConfig(n_t=3, n_yt=2)
@@ -53,7 +54,8 @@ def test_mc_chunk_size_equals_one_pass():
     whole.loss.backward()
     expected = param_grads(policy)
     policy.zero_grad(set_to_none=True)
-    chunked = ELBOKTOObjective(mc=mc, mc_chunk_size=5)(policy, batch, reference=reference)
+    chunked = ELBOKTOObjective(mc=mc, mc_chunk_size=5, keep_logits=keep_logits)(
+        policy, batch, reference=reference)
     torch.testing.assert_close(chunked.loss, whole.loss)
     torch.testing.assert_close(chunked.policy_elbo, whole.policy_elbo)
     (chunked.loss * 0.5).backward()  # the incoming gradient scales the deferred backward
