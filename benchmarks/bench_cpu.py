@@ -10,7 +10,7 @@ Cases (float32, 2048 masked rows, per-copy weights, 4 samples of 2 copies each):
   fused_linear_elbo  hidden [8, 512, 512], weight [32000, 512], same mask; gradients to hidden and
                      weight. The baselines get the 2048 masked rows gathered (``hidden[mask]``), so
                      none of them spends GEMMs on unmasked rows; they do 3 GEMMs of 2*M*D*V FLOPs,
-                     the fused op 4 (its backward recomputes the logits), or 3 with keep_logits=True.
+                     the fused op 4 (its backward recomputes the logits), 3 with keep_logits=True.
 
 Huge pages: the fused ops ask for transparent huge pages behind their large CPU buffers
 (``elbokto_kernels/memory.py``), which PyTorch gives every tensor only under

@@ -247,3 +247,23 @@ def test_torch_compile_sees_opaque_ops():
     expected = torch.autograd.grad(step(*leaves), leaves)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+def test_keep_logits_only_for_a_backward(monkeypatch):
+    """keep_logits allocates the [M * V] logits store only when a gradient will be taken."""
+    from elbokto_kernels import linear_elbo
+
+    hidden, weight, _, rest = make_linear_case(2, 3, 8, 11, seed=16, p_mask=1.0)
+    store = 2 * 3 * 11  # M * V floats; the chunk workspace is M * 4
+    sizes = []
+    allocate = linear_elbo.memory.empty
+    monkeypatch.setattr(linear_elbo.memory, "empty",
+                        lambda shape, *a: sizes.append(tuple(shape)) or allocate(shape, *a))
+    with torch.no_grad():
+        fused_linear_elbo(hidden, weight, *rest, chunk_size=4, keep_logits=True, backend="torch")
+    # No tensor requires grad: no backward either.
+    fused_linear_elbo(hidden, weight, *rest, chunk_size=4, keep_logits=True, backend="torch")
+    assert sizes and (store,) not in sizes
+    fused_linear_elbo(hidden.requires_grad_(), weight, *rest, chunk_size=4, keep_logits=True,
+                      backend="torch")
+    assert (store,) in sizes
