@@ -19,8 +19,8 @@ from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_c
 from elbokto.generate import GenerationConfig, decode_responses, generate
 from elbokto.models import (TINY, ModelConfig, frozen_reference, load_model, load_tokenizer,
                             prepare_policy, resolve_mask_token_id, uses_shifted_logits)
-from elbokto.reference import ReferenceTable, data_fingerprint, precompute_reference, \
-    reference_meta
+from elbokto.precompute import (ReferenceTable, data_fingerprint, precompute_reference,
+                                reference_meta)
 from elbokto.tiny import build_tiny_tokenizer
 from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer
 
@@ -55,10 +55,11 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig
           resume_from_checkpoint: str | bool | None = None) -> ELBOKTOTrainer:
     """`elbokto train`: ELBO-KTO on a preference dataset; saves the policy to output_dir."""
     tokenizer = tokenizer_for(model_cfg, data_cfg)
-    dataset, stats = build_dataset(data_cfg, tokenizer)
+    dataset, stats = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     logger.info("data: %s", stats)
-    check_class_balance(stats.n_desirable, stats.n_undesirable, train_cfg.lambda_d,
-                        train_cfg.lambda_u)
+    if not train_cfg.loss.paired:
+        check_class_balance(stats.n_desirable, stats.n_undesirable, train_cfg.lambda_d,
+                            train_cfg.lambda_u)
     policy = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
     _settle_model_fields(train_cfg, policy, tokenizer)
     ref_table = reference = None
@@ -86,7 +87,7 @@ def precompute_ref(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBO
                    output_file: str) -> ReferenceTable:
     """`elbokto precompute-ref`: B_hat_ref of every example, for the draws training will use."""
     tokenizer = tokenizer_for(model_cfg, data_cfg)
-    dataset, _ = build_dataset(data_cfg, tokenizer)
+    dataset, _ = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     name = model_cfg.ref_model_name_or_path or model_cfg.model_name_or_path
     reference = load_model(name, model_cfg, tokenizer=tokenizer).eval().to(train_cfg.device)
     _settle_model_fields(train_cfg, reference, tokenizer)
@@ -160,7 +161,7 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
     unless ``--ref_model_name_or_path`` names another model (e.g. the SFT base of a trained one).
     """
     tokenizer = tokenizer_for(model_cfg, data_cfg)
-    dataset, _ = build_dataset(data_cfg, tokenizer)
+    dataset, _ = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     policy = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
     policy = policy.eval().to(train_cfg.device)
     _settle_model_fields(train_cfg, policy, tokenizer)

@@ -1,7 +1,7 @@
-"""ELBOKTOTrainer: transformers.Trainer with ELBO-KTO as its loss.
+"""ELBOKTOTrainer: transformers.Trainer with ELBO-KTO (or its paired sibling ELBO-DPO) as its loss.
 
 Everything distributed (torchrun / accelerate with DDP, FSDP or DeepSpeed), checkpointing, logging
-(report_to) and scheduling is the Trainer's. This module adds the ELBO-KTO fields to
+(report_to) and scheduling is the Trainer's. This module adds the Monte-Carlo and loss fields to
 TrainingArguments and a ``compute_loss`` that runs :class:`ELBOKTOObjective`.
 
 Draws: the draw index of a step is the epoch, so an example's copies are a function of (seed, uid,
@@ -19,25 +19,22 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from elbokto.data import dataset_uids
 from elbokto.draws import MCConfig
+from elbokto.loss import LossConfig
 from elbokto.objective import ELBOKTOObjective
-from elbokto.reference import ReferenceTable
+from elbokto.precompute import ReferenceTable
 
 
 @dataclass
-class ELBOKTOConfig(TrainingArguments, MCConfig):
-    """TrainingArguments + the Monte-Carlo fields of :class:`MCConfig` + the ELBO-KTO loss.
+class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
+    """TrainingArguments + the Monte-Carlo fields of :class:`MCConfig` + the loss fields of
+    :class:`LossConfig`.
 
-    Defaults follow the paper: beta 0.1, lr 1e-6, n_t 8, n_yt 1, fixed_count, antithetic,
-    batch_mean baseline, one epoch.
+    Defaults follow the paper: ELBO-KTO, beta 0.1, lr 1e-6, n_t 8, n_yt 1, fixed_count,
+    antithetic, batch_mean baseline, one epoch.
     """
 
-    beta: float = field(default=0.1, metadata={"help": "KTO temperature beta."})
-    lambda_d: float = field(default=1.0, metadata={"help": "Weight of desirable examples."})
-    lambda_u: float = field(default=1.0, metadata={"help": "Weight of undesirable examples."})
-    baseline: str = field(default="batch_mean", metadata={
-        "help": "Reference point b0: 'batch_mean' (mean margin of the global batch, the paper's), "
-                "'none' (0) or 'kl' (KTO's KL estimate from mismatched pairs; extra forwards)."})
     draw_seed: int = field(default=0, metadata={"help": "Seed of the Monte-Carlo draws."})
     mc_chunk_size: int | None = field(default=None, metadata={
         "help": "Copies per policy forward; set it to keep memory flat in n_t * n_yt."})
@@ -61,23 +58,26 @@ class ELBOKTOConfig(TrainingArguments, MCConfig):
 
     def __post_init__(self) -> None:
         MCConfig.__post_init__(self)
+        LossConfig.__post_init__(self)
         super().__post_init__()
 
     @property
     def mc(self) -> MCConfig:
         return MCConfig(**{f.name: getattr(self, f.name) for f in fields(MCConfig)})
 
+    @property
+    def loss(self) -> LossConfig:
+        return LossConfig(**{f.name: getattr(self, f.name) for f in fields(LossConfig)})
+
     def objective(self, pad_token_id: int = 0) -> ELBOKTOObjective:
-        return ELBOKTOObjective(mc=self.mc, beta=self.beta, lambda_d=self.lambda_d,
-                                lambda_u=self.lambda_u, baseline=self.baseline,
-                                seed=self.draw_seed, mc_chunk_size=self.mc_chunk_size,
-                                mask_token_id=self.mask_token_id, shift_logits=self.shift_logits,
+        return ELBOKTOObjective(mc=self.mc, loss=self.loss, seed=self.draw_seed,
+                                mc_chunk_size=self.mc_chunk_size, mask_token_id=self.mask_token_id, shift_logits=self.shift_logits,
                                 pad_token_id=pad_token_id, keep_logits=self.keep_logits,
                                 backend=self.kernel_backend)
 
 
 class ELBOKTOTrainer(Trainer):
-    """A Trainer whose loss is ELBO-KTO.
+    """A Trainer whose loss is ELBO-KTO, or the loss ``args.loss_type`` names.
 
     Args:
         model: the policy (a transformers model, optionally a PEFT model).
@@ -103,8 +103,8 @@ class ELBOKTOTrainer(Trainer):
         self.objective = args.objective(pad_token_id=pad_token_id)
         self.ref_table = ref_table
         if ref_table is not None:
-            if self.train_dataset is not None and "uid" in self.train_dataset.column_names:
-                ref_table.check_covers(torch.tensor(self.train_dataset["uid"]))
+            if self.train_dataset is not None:
+                ref_table.check_covers(dataset_uids(self.train_dataset))
             self.ref_table = ref_table.to(self.args.device)
         self.ref_model = None
         if ref_model is not None:

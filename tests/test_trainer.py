@@ -71,6 +71,36 @@ def test_training_moves_the_margins(tmp_path, writer):
     assert (tmp_path / "out" / "config.json").exists()
 
 
+def test_elbo_dpo_trains_on_pairs(tmp_path):
+    data = write_ultrafeedback(tmp_path / "data.json")
+    trainer = train(*configs(tmp_path, data, num_train_epochs=6, loss_type="elbo_dpo"))
+    margins = history(trainer, "rewards/margins")
+    losses = history(trainer, "loss")
+    assert len(margins) >= 12 and "rewards/accuracies" in trainer.state.log_history[0]
+    assert "kl" not in trainer.state.log_history[0]
+    # Chosen minus rejected starts at 0 (policy == reference) and must rise.
+    assert abs(margins[0]) < 1e-4 and sum(margins[-4:]) / 4 > 0.05
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    logps = history(trainer, "logps/chosen")
+    assert len(logps) == len(margins) and all(v < 0 for v in logps)
+
+
+def test_elbo_dpo_precomputed_reference_equals_online(tmp_path):
+    data = write_ultrafeedback(tmp_path / "data.json")
+    model_cfg, data_cfg, train_cfg = configs(tmp_path, data, max_steps=2, loss_type="elbo_dpo")
+    table = precompute_ref(model_cfg, data_cfg, train_cfg, str(tmp_path / "ref.pt"))
+    assert table.uids.numel() == 16 and table.meta["paired_draws"] is True
+    online = train(*configs(tmp_path / "online", data, max_steps=2, loss_type="elbo_dpo"))
+    offline = train(*configs(tmp_path / "offline", data, max_steps=2, loss_type="elbo_dpo",
+                             ref_elbo_file=str(tmp_path / "ref.pt")))
+    for key in ("loss", "rewards/margins"):
+        torch.testing.assert_close(history(offline, key), history(online, key), rtol=1e-4,
+                                   atol=1e-5)
+    # Unpaired training keys its draws by example: the paired file does not match it.
+    with pytest.raises(ValueError, match="paired_draws"):
+        train(*configs(tmp_path / "bad", data, max_steps=1, ref_elbo_file=str(tmp_path / "ref.pt")))
+
+
 def test_resume_replays_the_same_next_step(tmp_path):
     data = write_kto_mix(tmp_path / "data.jsonl")
     straight = train(*configs(tmp_path / "a", data, max_steps=4))
@@ -107,6 +137,13 @@ def test_clear_errors(tmp_path):
     odd.write_text(json.dumps({"question": "q", "answer": "a"}))
     with pytest.raises(ValueError, match="column"):
         train(*configs(tmp_path, odd, max_steps=1))
+    unpaired = write_kto_mix(tmp_path / "kto.jsonl")
+    with pytest.raises(ValueError, match="unpaired layout"):
+        train(*configs(tmp_path, unpaired, max_steps=1, loss_type="elbo_dpo"))
+    with pytest.raises(ValueError, match="loss_type='dpo'"):
+        configs(tmp_path, unpaired, loss_type="dpo")
+    with pytest.raises(ValueError, match="do not apply"):
+        configs(tmp_path, unpaired, loss_type="elbo_dpo", baseline="kl")
 
 
 def test_causal_model_and_missing_mask_token_are_refused(tmp_path):
@@ -133,15 +170,16 @@ import json, os, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from pathlib import Path
 import torch.distributed as dist
-import elbokto.objective
+import elbokto.loss
 from test_trainer import configs
 from elbokto.run import train
 seen = []
-def recording_loss(policy_elbo, ref_elbo, *args, **kwargs):
-    loss, metrics = elbokto.loss.elbo_kto_loss(policy_elbo, ref_elbo, *args, **kwargs)
-    seen.append([float(metrics["kl"]), float((policy_elbo - ref_elbo).mean())])
-    return loss, metrics
-elbokto.objective.elbo_kto_loss = recording_loss
+global_mean = elbokto.loss._global_mean
+def recording_mean(r):  # the batch_mean baseline's b0, computed once per loss call
+    b0 = global_mean(r)
+    seen.append([float(b0), float(r.mean())])
+    return b0
+elbokto.loss._global_mean = recording_mean
 train(*configs(Path({str(tmp_path)!r}), Path({str(data)!r}), max_steps=3,
                per_device_train_batch_size=2))
 Path({str(tmp_path)!r}, f"rank{{dist.get_rank()}}.json").write_text(json.dumps(seen))

@@ -82,6 +82,8 @@ def reference_meta(objective: ELBOKTOObjective, fingerprint: str, epochs: int) -
                          "reference cannot match them: use an online reference")
     return {"mc": asdict(objective.mc), "seed": objective.seed,
             "mask_token_id": objective.mask_token_id, "shift_logits": objective.shift_logits,
+            # Paired losses key the draws by pair, so their values differ from unpaired ones.
+            "paired_draws": objective.loss.paired,
             "data_fingerprint": fingerprint, "epochs": epochs}
 
 
@@ -92,8 +94,8 @@ def precompute_reference(reference: torch.nn.Module, batches, objective: ELBOKTO
 
     Args:
         reference: the frozen reference model (eval mode).
-        batches: an iterable of collated batch dicts (see :mod:`elbokto.objective`), on the
-            reference's device; every example once.
+        batches: an iterable of collated batch dicts (see :mod:`elbokto.objective`; pairs with
+            their ``pair_uid``), on the reference's device; every example once.
     """
     uids, values = [], []
     for batch in tqdm(batches, desc="reference ELBO", unit="batch"):
