@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -23,6 +24,9 @@ COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "demo", "selfchec
 class PrecomputeExtras:
     output_file: str = field(default="ref_elbo.pt", metadata={
         "help": "Where to write the reference ELBOs (pass it to `train --ref_elbo_file`)."})
+    train_world_size: int = field(default=1, metadata={
+        "help": "Data-parallel processes the training run will use (with --max_steps, the "
+                "epochs it reaches depend on it)."})
 
 
 @dataclass
@@ -41,12 +45,32 @@ def _parse(prog: str, dataclasses, argv):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A user error (a bad flag value, file, row or model; non-finite numbers
+    in training) prints one line, ``elbokto <command>: error: ...``, and exits 2; with
+    ``ELBOKTO_DEBUG=1`` it raises with its traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(command, rest)
+    except USER_ERRORS as err:
+        if os.environ.get("ELBOKTO_DEBUG", "0") not in ("", "0"):
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message's layout
+        print(f"elbokto {command}: error: {message or type(err).__name__}", file=sys.stderr)
+        return 2
+
+
+# What a user's input can raise (ValueError also covers NonFiniteError); anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+
+
+def _run(command: str, rest: list[str]) -> int:
     if command == "selfcheck":
         from elbokto_kernels.selfcheck import run
         return 0 if run() else 1
@@ -66,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg, data_cfg, train_cfg = _parse(command, [ModelConfig, DataConfig, ELBOKTOConfig],
                                                 rest)
         # --resume_from_checkpoint is TrainingArguments'; "last" resumes from the newest one.
-        resume = train_cfg.resume_from_checkpoint
         run.train(model_cfg, data_cfg, train_cfg,
-                  resume_from_checkpoint=True if resume == "last" else resume)
+                  resume_from_checkpoint=train_cfg.resume_from_checkpoint)
     elif command == "precompute-ref":
         model_cfg, data_cfg, train_cfg, extras = _parse(
             command, [ModelConfig, DataConfig, ELBOKTOConfig, PrecomputeExtras], rest)
-        table = run.precompute_ref(model_cfg, data_cfg, train_cfg, extras.output_file)
+        table = run.precompute_ref(model_cfg, data_cfg, train_cfg, extras.output_file,
+                                   extras.train_world_size)
         print(f"wrote {table.uids.numel()} reference ELBOs x {table.meta['epochs']} epochs to "
               f"{extras.output_file}")
     elif command == "generate":

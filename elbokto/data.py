@@ -72,6 +72,11 @@ class DataConfig:
                                            "local .json/.jsonl/.parquet file or folder of them."})
     dataset_split: str = field(default="train", metadata={
         "help": "Split of a hub dataset (e.g. train_prefs); local files are one split."})
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "Held-out preference data for the objective's metrics during training (hub name "
+                "or local files); default: --dataset when --eval_split is given."})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "Split of the evaluation data (e.g. test_prefs); default: --dataset_split."})
     max_length: int = field(default=1024, metadata={
         "help": "Most tokens per example: responses are cut to fit, examples whose prompt "
                 "leaves no room for a response token are dropped."})
@@ -145,7 +150,13 @@ def build_dataset(config: DataConfig, tokenizer, source: Dataset | None = None, 
         The token rows of :func:`tokenize_dataset` (or pairs) and the counts. Drops are logged as
         a warning. Pass the class counts to :func:`check_class_balance` with the loss weights.
     """
+    eot = config.end_of_turn(tokenizer)
+    if eot is not None and not 0 <= eot < len(tokenizer):
+        raise ValueError(f"--end_of_turn_token_id {eot} is outside the tokenizer's vocabulary "
+                         f"[0, {len(tokenizer)})")
     raw = load_source(config.dataset if source is None else source, config.dataset_split)
+    if len(raw) == 0:
+        raise ValueError(f"--dataset {config.dataset}: no rows")
     layout = detect_layout(raw.column_names)
     if paired and layout != "paired":
         raise ValueError(f"{config.dataset}: a paired loss (loss_type elbo_dpo) compares a chosen "
@@ -159,7 +170,7 @@ def build_dataset(config: DataConfig, tokenizer, source: Dataset | None = None, 
                              seed=config.shuffle_seed)
     data, stats = tokenize_dataset(kept, tokenizer, max_length=config.max_length,
                                    max_prompt_length=config.max_prompt_length,
-                                   end_of_turn_token_id=config.end_of_turn(tokenizer))
+                                   end_of_turn_token_id=eot)
     stats.layout, stats.source_rows, stats.unpaired_rows = layout, len(raw), len(rows)
     if paired:
         data = pair_rows(data)
@@ -196,7 +207,18 @@ def load_source(source: str | os.PathLike | Dataset | DatasetDict, split: str = 
         if len(builders) > 1 or None in builders:
             raise ValueError(f"{path}: expected .json/.jsonl files or .parquet files, got "
                              f"{sorted({p.suffix for p in files})}")
-        return load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
+        empty = [str(p) for p in files if p.stat().st_size == 0]
+        if empty:
+            raise ValueError(f"{', '.join(empty)}: empty file")
+        builder = builders.pop()
+        try:
+            return load_dataset(builder, data_files=[str(p) for p in files], split="train")
+        except Exception as err:  # datasets wraps the parser's error: report the root cause
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise ValueError(f"{path}: not readable as {builder} preference rows "
+                             f"({type(cause).__name__}: {cause})") from err
     text = str(source)
     if path.suffix in _FILE_BUILDERS or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise FileNotFoundError(f"{text}: no such file or folder")
@@ -228,7 +250,24 @@ def unpair(dataset: Dataset, seed: int = 0) -> Dataset:
     rows = dataset.map(_unpair_batch, batched=True, with_indices=True, fn_kwargs={"paired": paired},
                        remove_columns=dataset.column_names, features=CANONICAL_FEATURES,
                        desc=f"unpairing ({layout})")
+    _warn_duplicates(rows["uid"], per_source_row=2 if paired else 1)
     return rows.shuffle(seed=seed) if paired else rows
+
+
+def _warn_duplicates(uids: Sequence[int], per_source_row: int) -> None:
+    """Warns about identical examples, naming their source rows (before any shuffle, canonical
+    row i comes from source row i // per_source_row)."""
+    first: dict[int, int] = {}
+    repeats = []
+    for i, uid in enumerate(uids):
+        if uid in first:
+            repeats.append(f"row {i // per_source_row} repeats row {first[uid] // per_source_row}")
+        else:
+            first[uid] = i
+    if repeats:
+        logger.warning("%d duplicate examples (identical prompt, response and label): %s%s; each "
+                       "copy counts in the loss, with the same Monte-Carlo draws", len(repeats),
+                       ", ".join(repeats[:5]), " ..." if len(repeats) > 5 else "")
 
 
 def _unpair_batch(batch: dict[str, list], indices: list[int], paired: bool) -> dict[str, list]:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from elbokto.diagnostics import PsiEstimate, estimate_psi
 from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
+from elbokto.guards import check_step_values
 from elbokto.loss import LossConfig, compute_loss, kl_baseline
 
 BATCH_KEYS = ("input_ids", "prompt_lengths", "response_lengths", "desirable", "uid")
@@ -45,7 +46,9 @@ class ObjectiveOutput:
     """What one objective call returns.
 
     loss: scalar float32; call ``backward()`` on it once, as usual (with mc_chunk_size, that
-        backward re-runs the policy chunk by chunk).
+        backward re-runs the policy chunk by chunk). A non-finite loss or ELBO raises
+        :class:`elbokto.guards.NonFiniteError` (naming the uids and the source) instead: one host
+        sync per call.
     metrics: detached scalars named like TRL's KTO / DPO trainers (see the loss functions).
     policy_elbo, ref_elbo: float32 [B], detached.
     """
@@ -104,6 +107,7 @@ class ELBOKTOObjective:
                  step: int = 0) -> ObjectiveOutput:
         _check_batch(batch)
         draws = self.draws(batch, step)
+        ref_source = "reference" if ref_elbo is None else "precomputed reference"
         if ref_elbo is None:
             ref_elbo = self.reference_elbo(policy, batch, self._reference_draws(batch, step, draws),
                                            reference)
@@ -114,6 +118,8 @@ class ELBOKTOObjective:
         if self.mc_chunk_size is None:
             policy_elbo = self.elbo(policy, batch, draws)
             loss, metrics = self._loss(policy_elbo, ref_elbo, batch, kl)
+            check_step_values(batch["uid"], loss=loss, policy=policy_elbo,
+                              **{ref_source: ref_elbo})
             return ObjectiveOutput(loss, metrics, policy_elbo.detach(), ref_elbo)
         with torch.no_grad():
             policy_elbo = self.elbo(policy, batch, draws)
@@ -121,6 +127,7 @@ class ELBOKTOObjective:
         with torch.enable_grad():
             loss, metrics = self._loss(leaf, ref_elbo, batch, kl)
             (scale,) = torch.autograd.grad(loss, leaf)
+        check_step_values(batch["uid"], loss=loss, policy=policy_elbo, **{ref_source: ref_elbo})
 
         def backward(grad: Tensor) -> None:
             for chunk in _copy_chunks(draws, self.mc_chunk_size):
