@@ -28,6 +28,7 @@ from elbokto.guards import NonFiniteError, all_finite
 from elbokto.loss import LossConfig
 from elbokto.objective import ELBOKTOObjective
 from elbokto.precompute import ReferenceTable
+from elbokto_kernels import BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
     def __post_init__(self) -> None:
         MCConfig.__post_init__(self)
         LossConfig.__post_init__(self)
+        if self.kernel_backend not in BACKENDS:
+            raise ValueError(f"--kernel_backend {self.kernel_backend!r}: expected one of "
+                             f"{BACKENDS}")
         super().__post_init__()
 
     @property

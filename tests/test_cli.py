@@ -46,3 +46,55 @@ def test_usage_and_bad_flags(capsys):
     assert "elbokto train" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["train", "--no_such_flag", "1"])
+
+
+ONE = {"prompt": "q", "completion": "a", "label": True}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--dataset", "{empty}"], "empty file"),
+    (["train", "--dataset", "{garbage}"], "not readable as json"),
+    (["train", "--dataset", "{tmp}/missing.jsonl"], "no such file"),
+    (["train", "--dataset", "{data}", "--n_t", "0"], "n_t=0"),
+    (["train", "--dataset", "{data}", "--n_yt", "-2"], "n_yt=-2"),
+    (["train", "--dataset", "{data}", "--estimator", "uniform"], "invalid choice: 'uniform'"),
+    (["train", "--dataset", "{data}", "--eps", "1.5"], "eps=1.5"),
+    (["train", "--dataset", "{data}", "--beta", "-1"], "beta=-1.0"),
+    (["train", "--dataset", "{data}", "--lambda_u", "-0.5"], "lambda_u=-0.5"),
+    (["train", "--dataset", "{data}", "--baseline", "mean"], "baseline='mean'"),
+    (["train", "--dataset", "{data}", "--loss_type", "dpo"], "loss_type='dpo'"),
+    (["train", "--dataset", "{data}", "--loss_type", "elbo_dpo"], "unpaired layout"),
+    (["train", "--dataset", "{data}", "--mc_chunk_size", "0"], "mc_chunk_size"),
+    (["train", "--dataset", "{data}", "--max_length", "0"], "max_length"),
+    (["train", "--dataset", "{data}", "--max_prompt_length", "-3"], "max_prompt_length"),
+    (["train", "--dataset", "{data}", "--desirable_fraction", "2"], "fractions"),
+    (["train", "--dataset", "{data}", "--pad_to_multiple_of", "0"], "pad_to_multiple_of"),
+    (["train", "--dataset", "{data}", "--end_of_turn_token_id", "100000"], "end_of_turn_token_id"),
+    (["train", "--dataset", "{data}", "--mask_token_id", "100000"], "--mask_token_id 100000"),
+    (["train", "--dataset", "{data}", "--kernel_backend", "cuda"], "backend"),
+    (["train", "--dataset", "{data}", "--ref_elbo_file", "{garbage}"], "not a reference ELBO"),
+    (["train", "--dataset", "{data}", "--ref_elbo_file", "{empty}"], "not a reference ELBO"),
+    (["train", "--dataset", "{data}", "--ref_elbo_file", "{tmp}/nope.pt"], "does not exist"),
+    (["train", "--dataset", "{data}", "--resume_from_checkpoint", "last"],
+     "no complete checkpoint"),
+    (["diagnose", "--dataset", "{data}", "--batch_size", "1"], "--batch_size 1"),
+    (["diagnose", "--dataset", "{data}", "--redraws", "1"], "--redraws 1"),
+    (["diagnose", "--dataset", "{data}", "--budgets", "8by1"], "--budgets '8by1'"),
+    (["diagnose", "--dataset", "{data}", "--batch_size", "64"], "no full batch"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "garbage.jsonl").write_text("this is { not json\n")
+    rows = [ONE, {**ONE, "completion": "b", "label": False}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    names = {"empty": tmp_path / "empty.jsonl", "garbage": tmp_path / "garbage.jsonl",
+             "data": tmp_path / "data.jsonl", "tmp": tmp_path}
+    argv = [a.format(**names) for a in argv]
+    try:
+        code = main([*argv, "--output_dir", str(tmp_path / "out"), "--use_cpu", "--report_to",
+                     "none"])
+    except SystemExit as exit:  # argparse's own one-line error (e.g. a value outside choices)
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"elbokto {argv[0]}: error: ") and message in err, err

@@ -207,3 +207,62 @@ def test_load_model_from_a_folder(tmp_path):
     model = load_model(str(tmp_path / "m"), ModelConfig())
     assert model.config.mask_token_id == 2
     assert model.config.is_causal is False  # bidirectional even when a padding mask is passed
+
+
+def test_precompute_follows_max_steps_and_refuses_a_short_file(tmp_path):
+    data = write_kto_mix(tmp_path / "data.jsonl")  # 16 examples: 4 steps of 4 per epoch
+    model_cfg, data_cfg, train_cfg = configs(tmp_path, data, max_steps=6)
+    table = precompute_ref(model_cfg, data_cfg, train_cfg, str(tmp_path / "two.pt"))
+    assert table.meta["epochs"] == 2
+    short = precompute_ref(*configs(tmp_path, data, max_steps=4), str(tmp_path / "one.pt"))
+    assert short.meta["epochs"] == 1
+    # Refused at start-up, before any step: a 6-step run reaches epoch 1, which the file lacks.
+    with pytest.raises(ValueError, match="epochs: file covers 1, training runs 2"):
+        train(*configs(tmp_path / "run", data, max_steps=6, ref_elbo_file=str(tmp_path / "one.pt")))
+    trainer = train(*configs(tmp_path / "ok", data, max_steps=6,
+                             ref_elbo_file=str(tmp_path / "two.pt")))
+    assert trainer.state.global_step == 6
+
+
+def test_precomputed_file_from_another_model_is_refused(tmp_path):
+    from elbokto.models import build_tiny_model
+    from elbokto.run import tokenizer_for
+
+    data = write_kto_mix(tmp_path / "data.jsonl")
+    model_cfg, data_cfg, train_cfg = configs(tmp_path, data, max_steps=2)
+    other = tmp_path / "other"
+    tokenizer = tokenizer_for(model_cfg, data_cfg)
+    build_tiny_model(len(tokenizer), tokenizer.mask_token_id, seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    model_cfg.ref_model_name_or_path = str(other)
+    precompute_ref(model_cfg, data_cfg, train_cfg, str(tmp_path / "ref.pt"))
+    with pytest.raises(ValueError, match=r"reference model: file was written by .*other"):
+        train(*configs(tmp_path / "run", data, max_steps=2, ref_elbo_file=str(tmp_path / "ref.pt")))
+
+
+def test_resume_last_skips_a_half_written_checkpoint(tmp_path, caplog):
+    data = write_kto_mix(tmp_path / "data.jsonl")
+    train(*configs(tmp_path, data, max_steps=2, save_strategy="steps", save_steps=1))
+    out = tmp_path / "out"
+    broken = out / "checkpoint-3"  # a kill during its save: no trainer_state.json yet
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"partial")
+    trainer = train(*configs(tmp_path, data, max_steps=3), resume_from_checkpoint="last")
+    assert trainer.state.global_step == 3
+    assert "skipping" in caplog.text and "checkpoint-3" in caplog.text
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train(*configs(tmp_path / "empty", data, max_steps=1), resume_from_checkpoint="last")
+
+
+def test_evaluation_split_during_training(tmp_path):
+    data = write_kto_mix(tmp_path / "data.jsonl")
+    held_out = write_kto_mix(tmp_path / "eval.jsonl", n=8, seed=5)
+    model_cfg, data_cfg, train_cfg = configs(tmp_path, data, max_steps=4)
+    data_cfg.eval_dataset = str(held_out)
+    trainer = train(model_cfg, data_cfg, train_cfg)
+    evals = history(trainer, "eval_rewards/margins")
+    assert len(evals) >= 2 and len(history(trainer, "eval_loss")) == len(evals)
+    with pytest.raises(ValueError, match="training data itself"):
+        _, same, cfg = configs(tmp_path, data, max_steps=1)
+        same.eval_split = same.dataset_split
+        train(ModelConfig(), same, cfg)
