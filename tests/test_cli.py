@@ -39,6 +39,11 @@ def test_precompute_ref_and_diagnose(tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["n_t", "n_yt", "estimator", "Psi", "v", "c"]
     assert len(table) == 3
+    rows = json.loads((tmp_path / "diagnose.json").read_text())
+    assert [(r["n_t"], r["n_yt"]) for r in rows] == [(2, 1), (1, 2)]
+    # The policy is its own reference: with common random numbers every margin is exactly 0.
+    assert all(r["psi"] == r["v"] == r["c"] == 0 for r in rows)
+    assert (tmp_path / "diagnose.png").stat().st_size > 0
 
 
 def test_usage_and_bad_flags(capsys):

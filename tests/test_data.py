@@ -343,6 +343,16 @@ def test_pairs_stay_together(tmp_path, tokenizer):
     assert tokenizer.decode(rejected.tolist()).startswith(PAIRED[0]["rejected"])
 
 
+def test_duplicates_are_named(caplog):
+    rows = [UNPAIRED[0], UNPAIRED[1], UNPAIRED[0], UNPAIRED[2], UNPAIRED[1]]
+    unpair(Dataset.from_list(rows))
+    assert "2 duplicate examples" in caplog.text
+    assert "row 2 repeats row 0, row 4 repeats row 1" in caplog.text
+    caplog.clear()
+    unpair(Dataset.from_list([PAIRED[0], PAIRED[1], PAIRED[0]]))
+    assert "row 2 repeats row 0, row 2 repeats row 0" in caplog.text  # both responses
+
+
 def test_paired_loss_refuses_unpaired_data(tmp_path, tokenizer):
     path = write(UNPAIRED, tmp_path / "kto.jsonl", "jsonl")
     with pytest.raises(ValueError, match="unpaired layout.*loss_type elbo_kto"):
