@@ -151,16 +151,16 @@ def test_kto_validation(kwargs, match):
 def test_dpo_loss_value_gradient_and_metrics():
     gen = torch.Generator().manual_seed(1)
     pc, rc, pr, rr = (torch.randn(6, generator=gen) * 10 - 200 for _ in range(4))
-    pc.requires_grad_(), pr.requires_grad_(), rc.requires_grad_()
+    pc.requires_grad_(), pr.requires_grad_(), rc.requires_grad_(), rr.requires_grad_()
     loss, metrics = elbo_dpo_loss(pc, rc, pr, rr, beta=0.2)
-    logits = 0.2 * ((pc.detach().double() - rc.detach().double()) - (pr.detach().double() - rr.double()))
+    logits = 0.2 * ((pc.detach().double() - rc.detach().double()) - (pr.detach().double() - rr.detach().double()))
     expected = -torch.nn.functional.logsigmoid(logits).mean()
     assert math.isclose(float(loss.detach()), float(expected), rel_tol=1e-5)
     loss.backward()
     sig = torch.sigmoid(-logits)
     torch.testing.assert_close(pc.grad.double(), -0.2 * sig / 6, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(pr.grad.double(), 0.2 * sig / 6, rtol=1e-4, atol=1e-9)
-    assert rc.grad is None
+    assert rc.grad is None and rr.grad is None  # the reference never gets a gradient
     assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                             "logps/chosen", "logps/rejected"}
     assert math.isclose(float(metrics["logps/chosen"]), float(pc.detach().mean()), rel_tol=1e-6)

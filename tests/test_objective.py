@@ -47,8 +47,13 @@ def test_loss_is_the_formula_on_the_estimates():
     assert "kl" not in out.metrics  # only the KL baseline logs kl
 
 
-@pytest.mark.parametrize("keep_logits", [False, True], ids=["recompute", "keep-logits"])
-def test_mc_chunk_size_equals_one_pass(keep_logits):
+@pytest.mark.parametrize("keep_logits, chunk", [(False, 5), (True, 5), (False, 1), (False, 6),
+                                                (False, 24), (False, 100)],
+                         ids=["recompute", "keep-logits", "one-copy", "one-example", "all",
+                              "more-than-all"])
+def test_mc_chunk_size_equals_one_pass(keep_logits, chunk):
+    """B * K = 24 copies in chunks of 5 (a chunk splits an example), 1, 6 (= K: chunks follow the
+    examples), 24 (one chunk) and 100 (larger than the batch)."""
     policy, reference = policy_and_reference(seed=1)
     batch = tiny_batch(seed=1)
     mc = MCConfig(n_t=3, n_yt=2)
@@ -56,7 +61,7 @@ def test_mc_chunk_size_equals_one_pass(keep_logits):
     whole.loss.backward()
     expected = param_grads(policy)
     policy.zero_grad(set_to_none=True)
-    chunked = ELBOKTOObjective(mc=mc, mc_chunk_size=5, keep_logits=keep_logits)(
+    chunked = ELBOKTOObjective(mc=mc, mc_chunk_size=chunk, keep_logits=keep_logits)(
         policy, batch, reference=reference)
     torch.testing.assert_close(chunked.loss, whole.loss)
     torch.testing.assert_close(chunked.policy_elbo, whole.policy_elbo)
@@ -98,12 +103,25 @@ def test_peft_reference_is_the_policy_without_adapters():
 
 
 def test_kl_baseline():
-    policy, reference = policy_and_reference(seed=3)
+    """b0 = max(0, mean margin of the mismatched pairs), on their own draws; the loss uses it."""
+    first, second = policy_and_reference(seed=3)
     batch = tiny_batch(seed=3)
-    out = ELBOKTOObjective(mc=MCConfig(n_t=2), loss=LossConfig(baseline="kl"))(
-        policy, batch, reference=reference)
-    assert out.metrics["kl"] >= 0
-    assert torch.isfinite(out.loss)
+    obj = ELBOKTOObjective(mc=MCConfig(n_t=2), loss=LossConfig(baseline="kl", beta=0.5))
+    mismatched = mismatched_batch(batch, obj.pad_token_id)
+    draws = obj.draws(mismatched)
+    raw = (obj.elbo(first, mismatched, draws) - obj.elbo(second, mismatched, draws)).mean()
+    # The orientation with a positive KL estimate, so that the clamp does not hide it.
+    policy, reference = (first, second) if raw > 0 else (second, first)
+    kl = abs(float(raw))
+    assert kl > 1e-3
+    out = obj(policy, batch, reference=reference)
+    assert float(out.metrics["kl"]) == pytest.approx(kl, rel=1e-5)
+    r = out.policy_elbo.double() - out.ref_elbo.double()
+    sign = batch["desirable"].double() * 2 - 1
+    expected = torch.sigmoid(-0.5 * sign * (r - kl)).mean()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
+    # The other orientation's estimate is negative: clamped to 0.
+    assert float(obj(reference, batch, reference=policy).metrics["kl"]) == 0
 
 
 def test_mismatched_batch_pairs_prompt_with_next_response():
