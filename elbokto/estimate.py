@@ -51,7 +51,10 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
     if shift_logits:
         # The output at p - 1 scores token p: move targets and mask one place left.
         targets = torch.cat([targets[:, 1:], targets[:, :1]], dim=1)
-        # Position 0 has no predecessor; it is always prompt, so its mask is always False.
+        # Position 0 has no predecessor, so no output scores it: it must be prompt (checked on
+        # the device, without a host sync).
+        torch._assert_async(~mask[:, 0].any(), "with shift_logits the response cannot start at "
+                            "position 0: every example needs a prompt of at least one token")
         mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
     copy_attention = None if attention_mask is None else attention_mask[draws.sample_index]
     elbo_args = (targets, mask, draws.weight, draws.sample_index, num_samples)

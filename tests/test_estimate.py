@@ -63,6 +63,11 @@ def test_shift_logits_and_logits_path():
                             mask_token_id=MASK_ID, attention_mask=batch["attention_mask"],
                             shift_logits=True)
     torch.testing.assert_close(shifted, direct, rtol=1e-5, atol=1e-5)
+    batch["prompt_lengths"][1] = 0  # a response at position 0: nothing scores its first token
+    draws = draws_for(batch, n_t=2)
+    with pytest.raises(RuntimeError, match="prompt of at least one token"):
+        elbo_estimate(NextTokenLogits(inner), batch["input_ids"], draws, mask_token_id=MASK_ID,
+                      attention_mask=batch["attention_mask"], shift_logits=True)
 
 
 def test_fused_head_under_fsdp2(tmp_path):
