@@ -91,10 +91,11 @@ def _inputs(shape: dict, case: str):
 
 
 def backend_of(variant: str) -> str | None:
-    """The backend of a fused variant ("cpu_keep", "cpu+thp" -> "cpu"); None for a baseline."""
+    """The backend of a fused variant ("cpu_keep" -> "cpu"); None for a baseline. Variants
+    reach the worker without their "+thp" suffix."""
     from elbokto_kernels import BACKENDS
 
-    name = variant.removesuffix(THP).removesuffix("_keep")
+    name = variant.removesuffix("_keep")
     return name if name in BACKENDS else None
 
 
