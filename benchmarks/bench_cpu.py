@@ -1,8 +1,8 @@
 """CPU benchmark of the "cpu" backend against eager PyTorch, the torch backend and
 ``torch.nn.functional.linear_cross_entropy``: forward + backward time and peak extra memory.
 
-    python benchmarks/bench_cpu.py                 # the goal shapes (a few minutes on 2 cores)
-    python benchmarks/bench_cpu.py --quick         # small shapes, seconds; checks the script runs
+    python benchmarks/bench_cpu.py                 # the goal shapes
+    python benchmarks/bench_cpu.py --quick         # small shapes; checks the script runs
     python benchmarks/bench_cpu.py --readme benchmarks/README.md   # also record the table there
 
 Cases (float32, 2048 masked rows, per-copy weights, 4 samples of 2 copies each):
@@ -65,25 +65,6 @@ GOALS = {
     "fused_linear_elbo": (["eager", "lce", "lce_chunked", "lce_chunked_ar1"], 1.3, 0.3),
 }
 MIB = 1 << 20
-# Where the time goes, for reading the goals (profiled at the full shapes, 2 threads).
-NOTES = """Where the time goes:
-- fused_elbo: the op must return a dense float32 [C*L, V] logits gradient, 500 MiB of fresh
-  memory, and faulting that in costs more than the ELBO arithmetic: ~120 ms with 4 KiB pages on
-  this machine, against ~17 ms (forward) + ~25 ms (backward) for the C++ row kernels, which run at
-  memory bandwidth. The ops therefore ask for huge pages behind their large CPU buffers
-  (`elbokto_kernels/memory.py`; the torch path shares that allocation), which cuts the faults to
-  ~35 ms. Eager PyTorch gets huge pages only under `THP_MEM_ALLOC_ENABLE=1`: the "+ THP" rows.
-- fused_linear_elbo: GEMM-bound. One float32 GEMM of 2*M*D*V takes ~0.20 s here (~335 GFLOP/s,
-  near the two cores' AVX-512 peak). The fused op does 4 of them (its backward recomputes the
-  logits, since upstream gradients differ per sample), the baselines 3, so its floor is ~0.80 s
-  against eager's ~0.9 s: at most ~1.15x whatever the rest costs. Without the recompute
-  (`keep_logits=True`: the float32 logits of the masked rows kept from forward to backward) the
-  floor is ~0.6 s, but the kept logits are 250 MiB here, which with dW (62.5 MiB) alone is over
-  0.4x of eager's peak against the 0.3x goal. On this machine the two fused_linear_elbo goals
-  exclude each other.
-- The machine is shared: under load, 2-thread OpenMP regions wait on descheduled threads and the
-  many-chunk fused_linear_elbo suffers most.
-"""
 
 
 # ---------------------------------------------------------------- worker (one variant, one process)
@@ -109,6 +90,15 @@ def _inputs(shape: dict, case: str):
     return (hidden, weight) + common
 
 
+def backend_of(variant: str) -> str | None:
+    """The backend of a fused variant ("cpu_keep" -> "cpu"); None for a baseline. Variants
+    reach the worker without their "+thp" suffix."""
+    from elbokto_kernels import BACKENDS
+
+    name = variant.removesuffix("_keep")
+    return name if name in BACKENDS else None
+
+
 def _step(case: str, variant: str, inputs):
     """One forward + backward; returns the gradients."""
     import torch
@@ -116,11 +106,12 @@ def _step(case: str, variant: str, inputs):
 
     from elbokto_kernels import fused_elbo, fused_linear_elbo
 
+    backend = backend_of(variant)
     if case == "fused_elbo":
         logits, targets, mask, weights, sample_index, num_samples, grad_out = inputs
-        if variant in ("cpu", "torch"):
+        if backend:
             out = fused_elbo(logits, targets, mask, weights, sample_index, num_samples,
-                             backend=variant)
+                             backend=backend)
         else:
             logp = torch.log_softmax(logits.float(), dim=-1)
             token = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -129,9 +120,10 @@ def _step(case: str, variant: str, inputs):
         return torch.autograd.grad(out, (logits,), grad_out)
 
     hidden, weight, targets, mask, weights, sample_index, num_samples, grad_out = inputs
-    if variant in ("cpu", "cpu_keep"):
+    if backend:
         out = fused_linear_elbo(hidden, weight, targets, mask, weights, sample_index,
-                                num_samples, keep_logits=variant == "cpu_keep", backend="cpu")
+                                num_samples, keep_logits=variant.endswith("_keep"),
+                                backend=backend)
         return torch.autograd.grad(out, (hidden, weight), grad_out)
     L = mask.shape[1]
     flat = mask.reshape(-1).nonzero().squeeze(1)
@@ -153,10 +145,11 @@ def _step(case: str, variant: str, inputs):
 def worker(case: str, variant: str, shape: dict, repeats: int) -> dict:
     import torch
 
-    from elbokto_kernels import cpu
+    from elbokto_kernels import usable_backends
 
-    if variant == "cpu" and not cpu.available():
-        raise SystemExit("the C++ kernel did not build")
+    backend = backend_of(variant)
+    if backend and backend not in usable_backends("cpu"):
+        raise SystemExit(f"backend {backend!r} does not work here")
     inputs = _inputs(shape, case)
     seconds, peak = time_and_peak(lambda: _step(case, variant, inputs), repeats)
     return {"time_s": seconds, "peak_extra_mib": peak / MIB, "threads": torch.get_num_threads()}
@@ -252,7 +245,7 @@ def main() -> None:
             f"`python benchmarks/bench_cpu.py{' --quick' if args.quick else ''}` "
             f"(median of {args.rounds} rounds x {args.repeats} passes; peak: the largest of the "
             f"rounds; method in the script's docstring).\n\n"
-            + table(results, shape) + "\n" + NOTES)
+            + table(results, shape))
     print("\n" + body)
     if args.readme:
         record_in_readme(args.readme, f"CPU ({os.cpu_count()}-core)", body)

@@ -1,17 +1,19 @@
 """The prepared GPU check: correctness at real shapes, then forward+backward timings of every variant.
 
-    python benchmarks/gpu_check.py            # on a CUDA GPU; about 5 to 8 minutes on an H100
+    python benchmarks/gpu_check.py            # on a CUDA GPU (run time: benchmarks/README.md)
     python benchmarks/gpu_check.py --dry-run  # tiny shapes on CPU (Triton interpreter); in make test
 
-Step 1 checks the Triton path against a float64 oracle (a slice of rows) and against the torch
-path at LLaDA shapes. Step 2 measures the bf16 GEMM rate and the device-to-device copy bandwidth,
-the two hardware limits the kernels are judged against (DESIGN.md §5). Step 3 times forward +
-backward (median of triton.testing.do_bench) of:
+The backends are every one that works on the device (``usable_backends``): on a GPU triton and
+the torch path. Step 1 checks each against a float64 oracle (a slice of rows) and against the
+torch path at LLaDA shapes. Step 2 measures the bf16 GEMM rate and the device-to-device copy
+bandwidth, the two hardware limits the kernels are judged against (DESIGN.md §5). Step 3 times
+forward + backward (median of triton.testing.do_bench) of:
 
-  fused_linear_elbo: triton, torch path, eager (masked rows -> matmul -> float32 log_softmax ->
-      gather -> index_add), torch.compile(eager), F.linear_cross_entropy (reference and chunked),
-      Liger's fused linear cross-entropy (when importable);
-  fused_elbo: triton, torch path, eager (full float32 log_softmax + gather + index_add),
+  fused_linear_elbo: each backend, "auto"'s also with keep_logits, eager (masked rows -> matmul
+      -> float32 log_softmax -> gather -> index_add), torch.compile(eager),
+      F.linear_cross_entropy (reference and chunked), Liger's fused linear cross-entropy (when
+      importable);
+  fused_elbo: each backend, eager (full float32 log_softmax + gather + index_add),
       torch.compile(eager).
 
 Inputs: [C, L] = 2M positions of which M are masked (the masked rows are half of all rows), D =
@@ -47,7 +49,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from baselines import (eager_elbo, eager_linear, liger_linear, make_inputs,  # noqa: E402
                        torch_lce_linear)
-from elbokto_kernels import fused_elbo, fused_linear_elbo  # noqa: E402
+from elbokto_kernels import fused_elbo, fused_linear_elbo, usable_backends  # noqa: E402
+from elbokto_kernels.backends import resolve_backend  # noqa: E402
 from elbokto_kernels.oracle import elbo_oracle, linear_elbo_oracle, relative_error  # noqa: E402
 
 if ARGS.dry_run:
@@ -60,6 +63,8 @@ else:
 VOCABS = ARGS.vocab or VOCABS
 ROWS = ARGS.rows or ROWS
 DTYPE = torch.bfloat16
+BACKENDS = usable_backends(DEVICE)
+AUTO = resolve_backend("auto", DEVICE)
 # bf16 gradients: 1e-2 (DESIGN.md §4); the interpreter truncates float32 -> bf16 stores instead of
 # rounding them, which biases every element towards zero and doubles the error.
 GRAD_TOL = 2e-2 if ARGS.dry_run else 1e-2
@@ -105,12 +110,18 @@ def copy_gbps(nbytes: int = 1 << 32) -> float:
     return 2 * src.numel() * 2 / median_ms(lambda: dst.copy_(src)) / 1e6
 
 
+def label(backend: str) -> str:
+    return "torch path" if backend == "torch" else backend
+
+
 def linear_variants():
-    v = {"triton": lambda h, w, a: fused_linear_elbo(h, w, **a, backend="triton"),
-         "triton keep_logits": lambda h, w, a: fused_linear_elbo(h, w, **a, keep_logits=True,
-                                                                 backend="triton"),
-         "torch path": lambda h, w, a: fused_linear_elbo(h, w, **a, backend="torch"),
-         "eager": eager_linear}
+    v = {}
+    for backend in BACKENDS:
+        v[label(backend)] = lambda h, w, a, b=backend: fused_linear_elbo(h, w, **a, backend=b)
+        if backend == AUTO:
+            v[f"{backend} keep_logits"] = lambda h, w, a, b=backend: fused_linear_elbo(
+                h, w, **a, keep_logits=True, backend=b)
+    v["eager"] = eager_linear
     if not ARGS.dry_run and not ARGS.skip_compile:
         v["compile(eager)"] = torch.compile(eager_linear, dynamic=True)
     if hasattr(F, "linear_cross_entropy"):
@@ -126,9 +137,9 @@ def linear_variants():
 
 
 def elbo_variants():
-    v = {"triton": lambda x, a: fused_elbo(x, **a, backend="triton"),
-         "torch path": lambda x, a: fused_elbo(x, **a, backend="torch"),
-         "eager": eager_elbo}
+    v = {label(backend): lambda x, a, b=backend: fused_elbo(x, **a, backend=b)
+         for backend in BACKENDS}
+    v["eager"] = eager_elbo
     if not ARGS.dry_run and not ARGS.skip_compile:
         v["compile(eager)"] = torch.compile(eager_elbo, dynamic=True)
     return v
@@ -142,26 +153,29 @@ def check_correctness() -> None:
     h = (torch.randn(*a["mask"].shape, D, device=DEVICE) * 2).to(DTYPE).requires_grad_()
     w = (torch.randn(v, D, device=DEVICE) / D ** 0.5).to(DTYPE).requires_grad_()
     results = {}
-    for backend in ("triton", "torch"):
+    for backend in BACKENDS:
         out = fused_linear_elbo(h, w, **a, softcap=30.0, backend=backend)
         results[backend] = (out, *torch.autograd.grad(out, (h, w), up))
-    errs = [relative_error(x, y) for x, y in zip(results["triton"], results["torch"])]
-    print(f"linear triton vs torch path (M={m}, V={v}, softcap 30): value {errs[0]:.1e}, "
-          f"dH {errs[1]:.1e}, dW {errs[2]:.1e}")
-    assert errs[0] < 1e-4 and max(errs[1:]) < GRAD_TOL, "linear triton disagrees with torch path"
     # The float64 oracle on the first copy alone: its rows fit in float64 at full vocabulary.
     first = {k: t[:1] if torch.is_tensor(t) else t for k, t in a.items()}
     h1, w1 = h[:1].detach(), w.detach()
-    out = fused_linear_elbo(h1, w1, **first, softcap=30.0, backend="triton")
     ref = linear_elbo_oracle(h1.double(), w1.double(), None, 30.0, **first)
-    err = relative_error(out, ref)
-    print(f"linear triton vs float64 oracle: value {err:.1e}")
-    assert err < 1e-4, "linear triton disagrees with the float64 oracle"
+    for backend in BACKENDS:
+        if backend != "torch":
+            errs = [relative_error(x, y) for x, y in zip(results[backend], results["torch"])]
+            print(f"linear {backend} vs torch path (M={m}, V={v}, softcap 30): value "
+                  f"{errs[0]:.1e}, dH {errs[1]:.1e}, dW {errs[2]:.1e}")
+            assert errs[0] < 1e-4 and max(errs[1:]) < GRAD_TOL, \
+                f"linear {backend} disagrees with torch path"
+        out = fused_linear_elbo(h1, w1, **first, softcap=30.0, backend=backend)
+        err = relative_error(out, ref)
+        print(f"linear {backend} vs float64 oracle: value {err:.1e}")
+        assert err < 1e-4, f"linear {backend} disagrees with the float64 oracle"
     x = (torch.randn(*a["mask"].shape, v, device=DEVICE) * 4).to(DTYPE).requires_grad_()
     x64 = x.detach().double().requires_grad_()
     ref = elbo_oracle(x64, **a)
     (ref_grad,) = torch.autograd.grad(ref, x64, up.double())
-    for backend in ("triton", "torch"):
+    for backend in BACKENDS:
         out = fused_elbo(x, **a, backend=backend)
         (grad,) = torch.autograd.grad(out, x, up)
         errs = relative_error(out, ref), relative_error(grad, ref_grad)

@@ -1,4 +1,4 @@
-// The "cpu" backend: the two ELBO row primitives (contract in elbokto_kernels/reference.py).
+// The "cpu" backend: the two ELBO row primitives (contract: RowOps, elbokto_kernels/backends).
 //
 // row_lse   x [N, V] (fp32 / bf16 / fp16 / fp64, any strides), rows int64 [M] or None,
 //           targets int64 [M], softcap -> (lse float32 [M], target_logit float32 [M])

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from . import memory
 from .backends import resolve_backend, row_ops
-from .rows import check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows, rows_at
+from .masked_rows import (check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows,
+                          rows_at)
 
 # Float32 elements of one logit chunk: 2^26 (256 MiB) on GPU, 2^22 (16 MiB) on CPU. At M = 16384,
 # D = 4096 the workspace is then ~0.8 GB: logits 256 MiB + half gradient 128 MiB + dH 256 MiB +

@@ -1,7 +1,8 @@
 """The dense float64 oracle every backend is checked against (tests, self-check, GPU check).
 
 Materialises the full logits and uses plain autograd: slow and memory-hungry by design, and
-independent of the row primitives it checks.
+independent of the row primitives it checks. ``row_lse_oracle`` / ``row_grad_oracle`` are the
+row primitives of ``backends.RowOps`` in float64; ``elbo_oracle`` / ``linear_elbo_oracle`` the ops.
 """
 
 from __future__ import annotations
@@ -28,9 +29,32 @@ def linear_elbo_oracle(hidden: Tensor, weight: Tensor, bias: Tensor | None,
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return elbo_oracle(logits, targets, mask, weights, sample_index, num_samples)
+    return elbo_oracle(_softcapped(logits, softcap), targets, mask, weights, sample_index,
+                       num_samples)
+
+
+def row_lse_oracle(x: Tensor, rows: Tensor | None, targets: Tensor,
+                   softcap: float | None) -> tuple[Tensor, Tensor]:
+    """``RowOps.row_lse`` in float64: (lse, target_logit), float64 [M] each."""
+    z = _softcapped((x if rows is None else x[rows]).double(), softcap)
+    vocab = x.shape[1]
+    inside = (targets >= 0) & (targets < vocab)
+    picked = z.gather(1, targets.clamp(0, vocab - 1).unsqueeze(1)).squeeze(1)
+    return torch.logsumexp(z, dim=1), torch.where(inside, picked, 0.0)
+
+
+def row_grad_oracle(x: Tensor, rows: Tensor | None, targets: Tensor, scale: Tensor,
+                    softcap: float | None) -> Tensor:
+    """What ``RowOps.row_grad`` writes into ``out[rows]``, float64 [M, V]: by autograd, the
+    gradient of ``scale * (target_logit - lse)`` with respect to the rows of x."""
+    rows_x = (x if rows is None else x[rows]).detach().double().requires_grad_()
+    lse, target_logit = row_lse_oracle(rows_x, None, targets, softcap)
+    (grad,) = torch.autograd.grad((scale.double() * (target_logit - lse)).sum(), rows_x)
+    return grad
+
+
+def _softcapped(logits: Tensor, softcap: float | None) -> Tensor:
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:
@@ -44,3 +68,10 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
         return 0.0
     scale = expected.double().abs().max().clamp_min(1e-12)
     return ((actual.double() - expected.double()).abs().max() / scale).item()
+
+
+def assert_close(actual: Tensor, expected: Tensor, rel: float, what: str) -> None:
+    """Raises AssertionError unless |actual - expected| <= rel * max|expected| elementwise."""
+    err = relative_error(actual, expected)
+    if not err <= rel:
+        raise AssertionError(f"{what}: relative error {err:.3g} > {rel:g}")

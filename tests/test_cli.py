@@ -1,6 +1,12 @@
-"""The `elbokto` command line on the tiny model: train -> generate, precompute-ref, diagnose."""
+"""The `elbokto` command line on the tiny model: train -> generate, precompute-ref, diagnose;
+selfcheck."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +109,16 @@ def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"elbokto {argv[0]}: error: ") and message in err, err
+
+
+def test_selfcheck_without_triton_interpret():
+    """`elbokto selfcheck` imports transformers, and with it triton, before the self-check runs;
+    on CPU the Triton rows must still appear (under the interpreter)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "elbokto.cli", "selfcheck"], env=env,
+                            capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for op in ("fused_elbo", "fused_linear_elbo"):
+        assert re.search(rf"^{op} +triton +float32 .* yes$", result.stdout, re.M), result.stdout
+    assert "all backends within tolerance" in result.stdout

@@ -1,10 +1,11 @@
-"""The "cpu" backend: the C++ row primitives of ``csrc/elbo_cpu.cpp`` (contract in ``reference``).
+"""The "cpu" backend: the row primitives of ``RowOps`` in C++ (``csrc/elbo_cpu.cpp``).
 
-The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (about a minute)
-and cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). It is built for
-the SIMD level ATen itself dispatches to on this machine (AVX512, AVX2, or portable code), and that
-level is part of the extension's name, so a cache shared by machines with different CPUs never
-hands one of them a binary it cannot run.
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` and cached under
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). It is built for the SIMD level
+ATen itself dispatches to on this machine (AVX512, AVX2, or portable code), and that level is part
+of the extension's name, so a cache shared by machines with different CPUs never hands one of them
+a binary it cannot run. If it does not build, ``available()`` says so (and warns once) and "auto"
+falls back to the torch backend.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ _SIMD_FLAGS = {
 def _source() -> Path:
     # An installed wheel carries the source as package data (elbokto_kernels/csrc); a checkout
     # keeps it in the top-level csrc/.
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     for candidate in (package / "csrc" / _SOURCE, package.parent / "csrc" / _SOURCE):
         if candidate.is_file():
             return candidate
@@ -78,13 +79,13 @@ def _kernel() -> ModuleType:
 
 def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor,
             softcap: float | None) -> tuple[Tensor, Tensor]:
-    """(lse, target_logit), float32 [M] each, of rows of x [N, V]; see ``reference.row_lse``."""
+    """(lse, target_logit), float32 [M] each, of rows of x [N, V]; see ``RowOps.row_lse``."""
     return _kernel().row_lse(x, rows, targets.contiguous(),
                              None if softcap is None else float(softcap))
 
 
 def row_grad(x: Tensor, rows: Tensor | None, targets: Tensor, lse: Tensor, scale: Tensor,
              softcap: float | None, out: Tensor) -> None:
-    """Writes the logit gradient of rows of x into out [N, V]; see ``reference.row_grad``."""
+    """Writes the logit gradient of rows of x into out [N, V]; see ``RowOps.row_grad``."""
     _kernel().row_grad(x, rows, targets.contiguous(), lse.contiguous(), scale.contiguous(),
                        None if softcap is None else float(softcap), out)

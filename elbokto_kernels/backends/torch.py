@@ -1,17 +1,7 @@
-"""The "torch" backend: the numerical reference path of the two row primitives.
+"""The "torch" backend: the row primitives of ``RowOps`` in plain PyTorch, the numerical
+reference path (any device torch runs on).
 
-Plain PyTorch, chunked over rows so that at most one chunk of float32 log-softmax is alive at a
-time. Every backend implements the same two primitives (see ``backends.RowOps``):
-
-``row_lse(x, rows, targets, softcap) -> (lse, target_logit)``
-    x: [N, V] any float dtype, any strides; rows: int64 [M] row ids into x, or None for all N rows;
-    targets: int64 [M] column of the clean token, or outside [0, V) when it lies in another
-    vocabulary chunk. Returns float32 [M] log-sum-exp over the (soft-capped) row and float32 [M]
-    soft-capped logit at the target (0 where the target is outside [0, V)).
-
-``row_grad(x, rows, targets, lse, scale, softcap, out)``
-    Writes ``out[rows] = scale * (onehot(target) - exp(z - lse)) * dz/dx`` in out's dtype, with
-    z = softcap * tanh(x / softcap) (or z = x). out: contiguous [N, V]; other rows untouched.
+Chunked over rows so that at most one chunk of float32 log-softmax is alive at a time.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""The "triton" backend: Triton kernels for the two row primitives (contract in ``reference``).
+"""The "triton" backend: Triton kernels for the row primitives of ``RowOps``.
 
 One program per masked row streams the vocabulary in blocks of BLOCK_V:
 ``_row_lse_kernel`` keeps an online log-sum-exp (one exp per element plus one per block),
 ``_row_grad_kernel`` recomputes the softmax from the saved LSE and writes the scaled gradient.
 Arithmetic is float32 whatever the input dtype; offsets are int64 (C*L*V passes 2^31 at LLaDA
-shapes). tanh is written with exp because libdevice tanh does not run under TRITON_INTERPRET=1.
+shapes). Under TRITON_INTERPRET=1 the kernels run on CPU tensors in the interpreter, for the tests
+(``elbokto_kernels.backends`` says when the variable must be set); tanh is written with exp
+because libdevice tanh does not run there.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def _row_lse_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr,
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
-        t_acc += tl.where(cols == target, z, 0.0)
+        # `valid &`: a target of the next vocabulary chunk can fall in this block's padding,
+        # where z is -inf.
+        t_acc += tl.where(valid & (cols == target), z, 0.0)
     tl.store(lse_ptr + pid, m + tl.log(s))
     tl.store(tlogit_ptr + pid, tl.sum(t_acc, axis=0))
 
