@@ -3,9 +3,16 @@ whether its logits are shifted, its default LoRA targets, the Auto class that lo
 fix-ups its published code needs under transformers 5.
 
 The table has its own module so that a reader finds every family fact in one place and
-:mod:`elbokto.models` (loading, checks, LoRA, the reference) holds no per-family branch. Adding a
-family is one record in :data:`FAMILIES`, plus, if its published code needs repairs, the fix-up
-functions in :mod:`elbokto.fixups`.
+:mod:`elbokto.models` (loading, checks, LoRA, the reference) holds no per-family branch.
+
+Adding a family:
+
+1. one :class:`ModelFamily` record in :data:`FAMILIES`: how its configs are recognised, its mask
+   token, logit shift, LoRA targets and the Auto class its model card loads it with;
+2. if its published code fails (or loads wrong) under transformers 5: one function per break in
+   :mod:`elbokto.fixups`, named in the record's ``config_fixups`` / ``class_fixups``;
+3. a stand-in of that code in ``tests/remote_standins.py`` (the break reproduced) and its name in
+   the parametrised loading tests of ``tests/test_models.py``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import sys
 import types
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig
 
 ATTN_MASK_UTILS = "transformers.modeling_attn_mask_utils"
 
@@ -133,15 +133,18 @@ def tie_weights_signature(model_class: type) -> None:
     """LLaDA overrides ``tie_weights(self)``; transformers 5 calls it with ``missing_keys`` and
     ``recompute_mapping`` (TypeError). The override now accepts and ignores them: LLaDA ties by
     its own ``weight_tying`` flag, not by transformers' mapping."""
-    tie = model_class.__dict__.get("tie_weights")
-    if tie is None or "missing_keys" in inspect.signature(tie, follow_wrapped=False).parameters:
+    owner = _definer(model_class, "tie_weights")
+    if owner is None:
+        return
+    tie = owner.__dict__["tie_weights"]
+    if "missing_keys" in inspect.signature(tie, follow_wrapped=False).parameters:
         return
 
     @functools.wraps(tie)
     def tie_weights(self, missing_keys=None, recompute_mapping=True):
         return tie(self)
 
-    model_class.tie_weights = tie_weights
+    owner.tie_weights = tie_weights
 
 
 def tied_weights_mapping(model_class: type) -> None:
@@ -151,10 +154,11 @@ def tied_weights_mapping(model_class: type) -> None:
     becomes that mapping, with the input embeddings where both families keep them:
     ``<base_model_prefix>.embed_tokens.weight``. Whether to tie stays the config's
     ``tie_word_embeddings`` (false in their published checkpoints)."""
-    keys = getattr(model_class, "_tied_weights_keys", None)
+    owner = _definer(model_class, "_tied_weights_keys")
+    keys = owner.__dict__["_tied_weights_keys"] if owner else None
     if isinstance(keys, (list, tuple)):
         source = f"{model_class.base_model_prefix}.embed_tokens.weight"
-        model_class._tied_weights_keys = {key: source for key in keys}
+        owner._tied_weights_keys = {key: source for key in keys}
 
 
 def generation_config_validate(model_class: type) -> None:
@@ -165,7 +169,7 @@ def generation_config_validate(model_class: type) -> None:
     module = sys.modules[model_class.__module__]
     for value in list(vars(module).values()):
         if (isinstance(value, type) and issubclass(value, GenerationConfig)
-                and "validate" in value.__dict__):
+                and "validate" in value.__dict__ and not _in_transformers(value)):
             _accept_any_arguments(value, "validate")
 
 
@@ -192,9 +196,11 @@ def rope_buffers_on_load(model_class: type) -> None:
     ``rope_init_fn`` (the rotary modules of both)."""
     # Patched where it is defined, so that sub-models (Dream's DreamBaseModel, which owns the
     # rotary modules and initialises them itself) run it too.
-    owner = next(cls for cls in model_class.__mro__ if "_init_weights" in cls.__dict__)
+    owner = _definer(model_class, "_init_weights")
+    if owner is None:  # transformers' own _init_weights refills rotary buffers itself
+        return
     init_weights = owner.__dict__["_init_weights"]
-    if owner is PreTrainedModel or getattr(init_weights, "_recomputes_rope", False):
+    if getattr(init_weights, "_recomputes_rope", False):
         return
 
     @functools.wraps(init_weights)
@@ -209,3 +215,17 @@ def rope_buffers_on_load(model_class: type) -> None:
 
     _init_weights._recomputes_rope = True
     owner._init_weights = _init_weights
+
+
+def _definer(model_class: type, name: str) -> type | None:
+    """The class of the model's own code that defines ``name``, None when only transformers (or
+    nobody) does: a fix-up patches there, so every class that inherits it is fixed and
+    transformers' classes never are."""
+    for cls in model_class.__mro__:
+        if name in cls.__dict__:
+            return None if _in_transformers(cls) else cls
+    return None
+
+
+def _in_transformers(cls: type) -> bool:
+    return cls.__module__.split(".")[0] == "transformers"

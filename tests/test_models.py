@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from transformers import (AutoModel, GemmaConfig, GemmaForCausalLM, LlamaConfig,
-                          PretrainedConfig, modeling_rope_utils)
+from transformers import (AutoModel, GemmaConfig, GemmaForCausalLM, GenerationConfig,
+                          LlamaConfig, PretrainedConfig, modeling_rope_utils)
 
 from elbokto import fixups
 from elbokto.families import FAMILIES, family_of
@@ -141,9 +141,9 @@ def test_bidirectional_model_loads_from_a_folder(tmp_path):
 
 
 def assert_bidirectional(model):
-    """Position 0's logits depend on a later token, with an attention mask passed."""
-    ids = torch.tensor([[5, 6, 7, 8]])
-    mask = torch.ones_like(ids)
+    """Position 0's logits depend on a later token, with a padding mask passed."""
+    ids = torch.tensor([[5, 6, 7, 8, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits[0, 0]
         after = model(input_ids=ids.index_fill(1, torch.tensor([3]), 9),
@@ -291,10 +291,12 @@ def test_published_code_loads_through_load_model(tmp_path, transformers5_as_ship
 
 
 def test_dream_keeps_its_generation_config(tmp_path):
+    validate = GenerationConfig.validate
     model = load_model(str(write_standin(tmp_path / "dream", "dream")),
                        ModelConfig(trust_remote_code=True))
     assert type(model.generation_config).__name__ == "DreamGenerationConfig"
     assert uses_shifted_logits(model.config)
+    assert GenerationConfig.validate is validate  # only Dream's subclass was adapted
 
 
 @pytest.mark.parametrize("family, adapted", [
