@@ -42,6 +42,7 @@ from elbokto.draws import MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.generate import GenerationConfig, decode_responses, generate
 from elbokto.loss import LossConfig
+from elbokto.models import build_tiny_model
 from elbokto.objective import ELBOKTOObjective
 from elbokto.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
 
@@ -178,19 +179,12 @@ def _user(prompt: str) -> dict[str, str]:
 
 def build_model(config: DemoConfig, tokenizer) -> nn.Module:
     """A randomly initialised bidirectional GemmaForCausalLM (float32, no dropout)."""
-    from transformers import GemmaConfig, GemmaForCausalLM
-
-    torch.manual_seed(config.seed)
-    model_config = GemmaConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
-        head_dim=config.hidden_size // config.num_heads, max_position_embeddings=64,
-        # use_bidirectional_attention alone turns causal again when an attention mask is passed.
-        use_bidirectional_attention=True, is_causal=False, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None, mask_token_id=tokenizer.mask_token_id)
-    return GemmaForCausalLM(model_config).float()
+    return build_tiny_model(len(tokenizer), tokenizer.mask_token_id, hidden_size=config.hidden_size,
+                            intermediate_size=config.intermediate_size,
+                            num_layers=config.num_layers, num_heads=config.num_heads,
+                            num_kv_heads=config.num_heads, max_position_embeddings=64,
+                            pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, seed=config.seed)
 
 
 # --- training -------------------------------------------------------------------------------------
