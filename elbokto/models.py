@@ -11,9 +11,13 @@ from torch import nn
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
                           AutoTokenizer, GemmaConfig, GemmaForCausalLM)
 
+from elbokto.block import BLOCK_MODEL_TYPES
+
 # Mask token ids and LoRA targets of the diffusion families whose configs do not say.
-KNOWN_MASK_TOKEN = {"llada": 126336, "llada_moe": 156895, "dream": 151666}
-DIFFUSION_MODEL_TYPES = {"llada", "llada_moe", "dream"}
+KNOWN_MASK_TOKEN = {"llada": 126336, "llada_moe": 156895, "llada2_moe": 156895, "dream": 151666}
+DIFFUSION_MODEL_TYPES = {"llada", "llada_moe", "dream", *BLOCK_MODEL_TYPES}
+# Diffusion LMs whose forward process is not masking: the masked-diffusion ELBO does not apply.
+UNIFORM_NOISE_MODEL_TYPES = {"diffusion_gemma", "diffusion_gemma_text"}
 SHIFTED_MODEL_TYPES = {"dream"}
 LORA_TARGETS = {"llada": ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj"]}
 TINY = "tiny"
@@ -33,6 +37,9 @@ class ModelConfig:
         "help": "Allow the model's own code (needed for LLaDA and Dream)."})
     torch_dtype: str = field(default="auto", metadata={
         "help": "Weights dtype: auto, float32, bfloat16 or float16."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel (eager, sdpa, flex_attention, ...); default: transformers' "
+                "choice. Block-diffusion scoring (--block_size) needs eager or sdpa."})
     assume_bidirectional: bool = field(default=False, metadata={
         "help": "Accept a model whose config does not say it is bidirectional."})
     keep_dropout: bool = field(default=False, metadata={
@@ -60,6 +67,10 @@ def load_model(name_or_path: str, config: ModelConfig, *, tokenizer=None) -> nn.
         return build_tiny_model(len(tokenizer), tokenizer.mask_token_id)
     model_config = AutoConfig.from_pretrained(name_or_path,
                                               trust_remote_code=config.trust_remote_code)
+    if model_config.model_type in UNIFORM_NOISE_MODEL_TYPES:
+        raise ValueError(f"{name_or_path} ({model_config.model_type}) is a uniform-noise diffusion "
+                         "LM: it corrupts tokens into random tokens and has no mask token, so the "
+                         "masked-diffusion ELBO that ELBO-KTO estimates does not apply to it")
     _check_bidirectional(model_config, name_or_path, config.assume_bidirectional)
     # LLaDA's remote code reads config.use_cache, which transformers 5 configs no longer carry.
     if not hasattr(model_config, "use_cache"):
@@ -71,7 +82,8 @@ def load_model(name_or_path: str, config: ModelConfig, *, tokenizer=None) -> nn.
     dtype = config.torch_dtype if config.torch_dtype == "auto" else getattr(torch,
                                                                              config.torch_dtype)
     model = loader.from_pretrained(name_or_path, config=model_config, dtype=dtype,
-                                   trust_remote_code=config.trust_remote_code)
+                                   trust_remote_code=config.trust_remote_code,
+                                   attn_implementation=config.attn_implementation)
     mask_id = resolve_mask_token_id(model.config, tokenizer)
     model.config.mask_token_id = mask_id
     return model
