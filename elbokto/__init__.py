@@ -4,6 +4,7 @@ The algorithm layer on top of :mod:`elbokto_kernels`: deterministic draws, ELBO 
 the ELBO-KTO loss, diagnostics, data, trainer, sampler and CLI.
 """
 
+from elbokto.block import check_block_attention
 from elbokto.data import (DataConfig, DataStats, PreferenceCollator, build_dataset,
                           check_class_balance, load_source, subsample_classes,
                           tokenize_dataset, unpair)
@@ -34,6 +35,7 @@ __all__ = [
     "ReferenceTable",
     "build_dataset",
     "build_tiny_tokenizer",
+    "check_block_attention",
     "check_class_balance",
     "decode_responses",
     "elbo_dpo_loss",

@@ -1,49 +1,28 @@
 """Block-diffusion scoring: the one-pass [x_t ; x_0] forward equals one forward per block and copy
 on [clean prefix ; noisy block], and models that cannot run it are refused with the reason."""
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from elbokto import MCConfig, sample_draws
+from elbokto import ELBOKTOObjective, MCConfig, sample_draws
 from elbokto.block import (block_diffusion_mask, check_block_attention, check_block_model,
                            resolve_block_size)
-from elbokto.estimate import elbo_estimate, noisy_copies
+from elbokto.estimate import elbo_estimate
 from tiny_models import MASK_ID, tiny_batch, tiny_block_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from bench_step import per_block_elbo  # noqa: E402  (the benchmark's baseline, in float64 here)
 
 
 def block_draws(batch, block_size, estimator="fixed_count"):
     config = MCConfig(estimator=estimator, n_t=2, block_size=block_size, eps=0.0)
     return sample_draws(config, batch["prompt_lengths"], batch["response_lengths"],
                         batch["input_ids"].shape[1], uids=batch["uid"], seed=5)
-
-
-def per_block_elbo(model, batch, draws):
-    """Straightforward float64 block ELBO: one forward per copy and block on [clean prefix ;
-    noisy block], cut to the example's real tokens (no padding), under the block-causal mask of
-    block-by-block generation; full logits, log_softmax, gather, weighted sum."""
-    ids, b = batch["input_ids"], draws.block_size
-    noisy = noisy_copies(ids, draws, MASK_ID)
-    lengths = batch["prompt_lengths"] + batch["response_lengths"]
-    eager = model.config._attn_implementation == "eager"
-    out = torch.zeros(ids.shape[0], dtype=torch.float64)
-    for c, s in enumerate(draws.sample_index.tolist()):
-        for lo in range(0, int(lengths[s]), b):
-            hi = min(lo + b, int(lengths[s]))
-            if not draws.mask[c, lo:hi].any():
-                continue
-            blocks = torch.arange(hi) // b
-            allowed = (blocks[None, :] <= blocks[:, None])[None, None]
-            mask = torch.zeros(allowed.shape).masked_fill(~allowed, -1e30) if eager else allowed
-            logits = model(input_ids=torch.cat([ids[s, :lo], noisy[c, lo:hi]])[None],
-                           attention_mask=mask, position_ids=torch.arange(hi)[None]).logits
-            logp = torch.log_softmax(logits[0, lo:hi].double(), -1).gather(
-                -1, ids[s, lo:hi, None]).squeeze(-1)
-            scored = draws.mask[c, lo:hi] * draws.weight[c, lo:hi].double()
-            out[s] = out[s] + (logp * scored).sum()
-    return out
 
 
 class SubclassedHead(nn.Linear):
@@ -68,12 +47,31 @@ def test_one_pass_equals_per_block_forwards(block_size, attn, head):
     upstream = torch.randn(4)
     one_pass = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
                              attention_mask=batch["attention_mask"], backend="torch")
-    reference = per_block_elbo(model, batch, draws)
+    reference = per_block_elbo(model, batch, draws, MASK_ID, torch.float64)
     torch.testing.assert_close(one_pass.double(), reference, rtol=1e-5, atol=1e-5)
     got = grads_of(model, (one_pass * upstream).sum())
     want = grads_of(model, (reference * upstream.double()).sum())
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_objective_equals_one_pass():
+    """mc_chunk_size slices the per-position block weights with their copies."""
+    policy, reference = tiny_block_model(seed=1), tiny_block_model(seed=2)
+    batch = tiny_batch(seed=3)
+    results = []
+    for chunk in (None, 3):
+        objective = ELBOKTOObjective(mc=MCConfig(n_t=2, block_size=4), beta=1.0,
+                                     mc_chunk_size=chunk, backend="torch")
+        policy.zero_grad()
+        out = objective(policy, batch, reference=reference)
+        out.loss.backward()
+        results.append((out.loss, out.policy_elbo, [p.grad.clone() for p in policy.parameters()]))
+    (loss, elbo, grads), (loss_c, elbo_c, grads_c) = results
+    torch.testing.assert_close(loss_c, loss)
+    torch.testing.assert_close(elbo_c, elbo)
+    for g, g_c in zip(grads, grads_c):
+        torch.testing.assert_close(g_c, g, rtol=1e-4, atol=1e-6)
 
 
 def test_mask_structure():
