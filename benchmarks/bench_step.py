@@ -3,6 +3,7 @@
     python benchmarks/bench_step.py            # CPU, tiny Gemma with V = 32000
     python benchmarks/bench_step.py --quick    # small shapes
     python benchmarks/bench_step.py --readme benchmarks/README.md   # also record the table
+    python benchmarks/bench_step.py --suite block   # the block-diffusion step (block size 8)
 
 A step is loss + backward for B = 4 examples with K = 8 copies each (n_t = 8, n_yt = 1), policy
 and frozen reference on the same copies. Variants:
@@ -14,6 +15,15 @@ and frozen reference on the same copies. Variants:
                    fused LM head on the masked rows only;
   objective chunk  the same with mc_chunk_size = 8 copies (two-pass, memory flat in K); also run
                    at K = 16 and 32 to show that.
+
+Suite ``block``: the same step for a block-diffusion model (the same Gemma, scored with the block
+ELBO, block size 8; :mod:`elbokto.block`):
+
+  block straightforward  one forward per copy and block on [clean prefix ; noisy block] under
+                         the block-causal mask, full float32 logits and log_softmax;
+  block objective        ELBOKTOObjective with MCConfig(block_size=8): one forward per copy over
+                         [x_t ; x_0] with the block-diffusion mask, the fused LM head on the masked
+                         rows of the noisy half only (and with mc_chunk_size = 8).
 
 Method: each variant in a fresh subprocess; time = median of the timed steps after one warm-up;
 memory = peak resident set size during the timed steps minus the resident size before them
@@ -36,9 +46,15 @@ SHAPES = {
     "quick": dict(vocab=2000, hidden=64, layers=2, prompt=(8, 16), response=(8, 24),
                   fixed_len=64),
 }
-BATCH, SEED = 4, 0
-VARIANTS = {"straightforward": (8, None), "objective": (8, None), "objective chunk": (8, 8),
-            "objective chunk K=16": (16, 8), "objective chunk K=32": (32, 8)}
+BATCH, SEED, BLOCK_SIZE = 4, 0, 8
+# suite -> {variant: (K, mc_chunk_size)}; the first variant of a suite is its baseline.
+SUITES = {
+    "whole": {"straightforward": (8, None), "objective": (8, None), "objective chunk": (8, 8),
+              "objective chunk K=16": (16, 8), "objective chunk K=32": (32, 8)},
+    "block": {"block straightforward": (8, None), "block objective": (8, None),
+              "block objective chunk": (8, 8)},
+}
+TITLES = {"whole": "ELBO-KTO step", "block": "Block-diffusion ELBO-KTO step"}
 
 
 def build(shape: dict, device: str):
@@ -100,7 +116,64 @@ def straightforward_step(policy, reference, batch, objective):
     loss.backward()
 
 
-def worker(variant: str, shape_name: str, device: str, repeats: int) -> dict:
+def per_block_elbo(model, batch, draws, mask_token_id: int, dtype=None):
+    """The block ELBO the straightforward way: for every copy and every block holding a masked
+    token, one forward on [clean prefix ; noisy block], cut to the example's real tokens, under
+    the block-causal mask of block-by-block generation (boolean for sdpa, additive for eager),
+    then log_softmax of the full logits in ``dtype`` (default float32), gather, weighted sum.
+
+    Returns the per-example ELBO [B] in ``dtype``; tests/test_block.py uses it in float64 as the
+    reference that the one-pass forward must equal.
+    """
+    import torch
+
+    from elbokto.estimate import noisy_copies
+
+    dtype = dtype or torch.float32
+    ids, b = batch["input_ids"], draws.block_size
+    noisy = noisy_copies(ids, draws, mask_token_id)
+    lengths = (batch["prompt_lengths"] + batch["response_lengths"]).tolist()
+    eager = model.config._attn_implementation == "eager"
+    terms = [[] for _ in range(ids.shape[0])]
+    for c, s in enumerate(draws.sample_index.tolist()):
+        for lo in range(0, lengths[s], b):
+            hi = min(lo + b, lengths[s])
+            if not draws.mask[c, lo:hi].any():
+                continue
+            scored = draws.mask[c, lo:hi] * draws.weight[c, lo:hi].to(dtype)
+            blocks = torch.arange(hi, device=ids.device) // b
+            allowed = (blocks[None, :] <= blocks[:, None])[None, None]
+            mask = (torch.zeros(allowed.shape, device=ids.device).masked_fill(~allowed, -1e30)
+                    if eager else allowed)
+            logits = model(input_ids=torch.cat([ids[s, :lo], noisy[c, lo:hi]])[None],
+                           attention_mask=mask,
+                           position_ids=torch.arange(hi, device=ids.device)[None]).logits
+            logp = torch.log_softmax(logits[0, lo:hi].to(dtype), -1).gather(
+                -1, ids[s, lo:hi, None]).squeeze(-1)
+            terms[s].append((logp * scored).sum())
+    return torch.stack([sum(t) if t else torch.zeros((), dtype=dtype, device=ids.device)
+                        for t in terms])
+
+
+def block_straightforward_step(policy, reference, batch, objective):
+    """The textbook block-diffusion step: per-block forwards for policy and reference."""
+    import torch
+
+    from elbokto import elbo_kto_loss
+
+    draws = objective.draws(batch)
+    policy_elbo = per_block_elbo(policy, batch, draws, objective.mask_token_id)
+    with torch.no_grad():
+        ref_elbo = per_block_elbo(reference, batch, draws, objective.mask_token_id)
+    loss, _ = elbo_kto_loss(policy_elbo, ref_elbo, batch["desirable"])
+    loss.backward()
+
+
+BASELINE_STEPS = {"straightforward": straightforward_step,
+                  "block straightforward": block_straightforward_step}
+
+
+def worker(suite: str, variant: str, shape_name: str, device: str, repeats: int) -> dict:
     import torch
 
     from elbokto import ELBOKTOObjective, MCConfig
@@ -108,14 +181,14 @@ def worker(variant: str, shape_name: str, device: str, repeats: int) -> dict:
     torch.manual_seed(SEED)
     shape = SHAPES[shape_name]
     policy, reference, fixed, dynamic = build(shape, device)
-    n_t, chunk = VARIANTS[variant]
-    objective = ELBOKTOObjective(mc=MCConfig(n_t=n_t), mc_chunk_size=chunk,
-                                 mask_token_id=shape["vocab"] - 1)
+    n_t, chunk = SUITES[suite][variant]
+    mc = MCConfig(n_t=n_t, block_size=BLOCK_SIZE if suite == "block" else None)
+    objective = ELBOKTOObjective(mc=mc, mc_chunk_size=chunk, mask_token_id=shape["vocab"] - 1)
 
     def step():
         policy.zero_grad(set_to_none=True)
-        if variant == "straightforward":
-            straightforward_step(policy, reference, fixed, objective)
+        if variant in BASELINE_STEPS:
+            BASELINE_STEPS[variant](policy, reference, fixed, objective)
         else:
             objective(policy, dynamic, reference=reference).loss.backward()
 
@@ -126,6 +199,7 @@ def worker(variant: str, shape_name: str, device: str, repeats: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--suite", choices=sorted(SUITES), default="whole")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--readme", type=Path, default=None)
@@ -134,26 +208,29 @@ def main() -> None:
     shape_name = "quick" if args.quick else "full"
     if args.worker:
         import json
-        print(json.dumps(worker(args.worker, shape_name, args.device, args.repeats)))
+        print(json.dumps(worker(args.suite, args.worker, shape_name, args.device, args.repeats)))
         return
-    base = ["--device", args.device, "--repeats", str(args.repeats)] + (["--quick"] if args.quick
-                                                                           else [])
-    results = {v: run_worker(__file__, ["--worker", v, *base]) for v in VARIANTS}
-    ref = results["straightforward"]
+    base = ["--suite", args.suite, "--device", args.device, "--repeats", str(args.repeats)] + (
+        ["--quick"] if args.quick else [])
+    variants = SUITES[args.suite]
+    results = {v: run_worker(__file__, ["--worker", v, *base]) for v in variants}
+    baseline = next(iter(variants))
+    ref = results[baseline]
     shape = SHAPES[shape_name]
-    lines = [f"ELBO-KTO step, B = {BATCH}, tiny Gemma V = {shape['vocab']}, D = {shape['hidden']}, "
-             f"{shape['layers']} layers, device {args.device}; speed-up and memory are against the "
-             "straightforward step at K = 8, so the K = 16 and 32 rows show growth in K", "",
-             "| variant | K | step s | examples/s | speed-up | peak extra MiB | memory vs "
-             "straightforward |", "|---|---|---|---|---|---|---|"]
+    block = f", block size {BLOCK_SIZE}" if args.suite == "block" else ""
+    lines = [f"{TITLES[args.suite]}, B = {BATCH}, tiny Gemma V = {shape['vocab']}, "
+             f"D = {shape['hidden']}, {shape['layers']} layers{block}, device {args.device}; "
+             f"speed-up and memory are against the {baseline} step at K = 8", "",
+             f"| variant | K | step s | examples/s | speed-up | peak extra MiB | memory vs "
+             f"{baseline} |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {VARIANTS[name][0]} | {r['seconds']:.3f} | "
+        lines.append(f"| {name} | {variants[name][0]} | {r['seconds']:.3f} | "
                      f"{r['examples_per_s']:.2f} | {ref['seconds'] / r['seconds']:.2f}x | "
                      f"{r['peak_mib']:.0f} | {r['peak_mib'] / ref['peak_mib']:.2f}x |")
     table = "\n".join(lines)
     print(table)
     if args.readme:
-        record_in_readme(args.readme, f"ELBO-KTO step ({args.device})", table)
+        record_in_readme(args.readme, f"{TITLES[args.suite]} ({args.device})", table)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the losses (ELBO-KTO, ELBO-DPO), diagnostics, data, the precomputed reference, t
 and CLI.
 """
 
+from elbokto.block import check_block_attention
 from elbokto.data import (DataConfig, DataStats, PreferenceCollator, build_dataset,
                           check_class_balance, load_source, pair_rows, subsample_classes,
                           tokenize_dataset, unpair)
@@ -37,6 +38,7 @@ __all__ = [
     "ReferenceTable",
     "build_dataset",
     "build_tiny_tokenizer",
+    "check_block_attention",
     "check_class_balance",
     "decode_responses",
     "elbo_dpo_loss",

@@ -13,6 +13,21 @@ Estimators (DESIGN.md §2; both are unbiased for the ELBO, see ``sample_draws`` 
   weight L / l;
 - ``bernoulli``: t ~ Uniform(0, 1], each response token masked independently with probability t,
   weight 1 / t.
+
+Block diffusion (``MCConfig.block_size = b``): the sequence is cut into blocks of b positions
+counted from position 0 (a block may hold prompt and response tokens; prompt tokens are never
+masked), and the ELBO is the block ELBO
+
+    B = sum_k E[ (1/t_k) sum_{masked response positions i of block k}
+                 log p(y_i | noisy block k, clean blocks < k) ]
+
+with an independent noise level per block and copy. Each block is one *window*: the draws above
+run on the n_k response positions of block k as they run on the L response positions of a
+whole-response copy (l_k ~ U{1..n_k} with weight n_k / l_k, or t_k with weight 1 / t_k), with the
+block index added to the hash counter so that blocks are independent. The exact identity of
+DESIGN.md §2 then holds block by block: B = sum_k sum_{S subset of R_k, S != {}}
+(|S|-1)! (n_k-|S|)! / n_k! * sum_{i in S} log p(y_i | block k with S masked, clean blocks < k),
+R_k the response positions of block k. :mod:`elbokto.block` runs the matching forward.
 """
 
 from dataclasses import dataclass, field
@@ -63,6 +78,16 @@ class MCConfig:
             "log(1/t_min))."
         },
     )
+    block_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Block-diffusion models (LLaDA2.0: 32, SDAR: its config's block_size): score "
+            "the block ELBO, blocks of this many positions counted from position 0, an "
+            "independent noise level per block, every block in one forward over [x_t ; x_0]. "
+            "None: the whole-response ELBO of a bidirectional model. Default: the model config's "
+            "block size where it has one."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.estimator not in ("fixed_count", "bernoulli"):
@@ -77,6 +102,10 @@ class MCConfig:
                 raise ValueError(f"{name}={value!r}; expected a bool")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 <= self.eps < 1:
             raise ValueError(f"eps={self.eps!r}; expected a float in [0, 1)")
+        if self.block_size is not None and (isinstance(self.block_size, bool)
+                                            or not isinstance(self.block_size, int)
+                                            or self.block_size < 1):
+            raise ValueError(f"block_size={self.block_size!r}; expected None or an integer >= 1")
 
     @property
     def num_copies(self) -> int:
@@ -91,18 +120,23 @@ class Draws:
     Attributes:
         mask: bool [C, seq_len]. True = replaced by the mask token; only inside the example's
             response window [prompt_len, prompt_len + response_len).
-        weight: float32 [C]. Per-copy weight, ALREADY divided by K, so that
-            B_hat[b] = sum over the copies c of b of weight[c] * sum_{p: mask[c, p]} log pi(y_p | ...).
-            0 for an example with an empty response.
+        weight: float32, ALREADY divided by K. Whole-response draws: [C], one weight per copy, so
+            that B_hat[b] = sum over the copies c of b of weight[c] * sum_{p: mask[c, p]}
+            log pi(y_p | ...); 0 for an example with an empty response. Block draws: [C, seq_len],
+            the weight of the block holding each position (n_k / (l_k K) or 1 / (t_k K)), 0
+            outside the response, and B_hat[b] = sum_c sum_p mask[c, p] * weight[c, p] * log p.
         sample_index: int64 [C]. The example b each copy belongs to (c // K).
-        t: float32 [C]. Noise level of the copy, for diagnostics: t for bernoulli, l / L for
-            fixed_count, 0 for an empty response.
+        t: float32, the shape of ``weight``. Noise level, for diagnostics: t for bernoulli, l / L
+            (l_k / n_k per block) for fixed_count, 0 for an empty response (block).
+        block_size: None for whole-response draws; b for block draws, whose log-probabilities
+            condition on the clean earlier blocks only (see :mod:`elbokto.block`).
     """
 
     mask: Tensor
     weight: Tensor
     sample_index: Tensor
     t: Tensor
+    block_size: int | None = None
 
 
 # --- counter-based hash -------------------------------------------------------------------------
@@ -201,65 +235,92 @@ def sample_draws(
 
     With ``share_across_batch`` the uid is left out of the hash: all examples share u (or u_j) and
     the per-relative-position uniforms, so equal-length responses get identical masks.
+
+    Block draws (``config.block_size = b``): every block k of an example is a window of its own,
+    the n_k response positions in [k b, (k + 1) b), and everything above applies per window with
+    L replaced by n_k: its own noise levels (the block index joins the hash counter, so blocks are
+    independent), its own masks, weight n_k / (l_k K) or 1 / (t_k K). Blocks without response
+    positions get no mask. ``weight`` and ``t`` are then per position, [C, seq_len].
     """
     _check_inputs(prompt_lengths, response_lengths, seq_len, uids, validate)
     device = prompt_lengths.device
     n_t, n_yt, num_copies = config.n_t, config.n_yt, config.num_copies
     batch = prompt_lengths.shape[0]
+    # Windows: G per example, window g covering the columns [g W, (g + 1) W) of a [G, W] grid of
+    # positions. Whole response: G = 1, W = seq_len. Blocks: W = b, G = ceil(seq_len / b).
+    width = config.block_size or max(seq_len, 1)
+    num_windows = -(-seq_len // width) if config.block_size else 1
+    first = torch.arange(num_windows, device=device) * width  # [G]
+    response_end = (prompt_lengths + response_lengths)[:, None]
+    starts = torch.maximum(prompt_lengths[:, None], first).clamp(max=first + width)  # [B, G]
+    lengths = (torch.minimum(response_end, first + width) - starts).clamp(min=0)  # [B, G]
 
     def stream(tag: int) -> Tensor:
-        """Hash of (seed, stream, step[, uid]): int64 [B]."""
+        """Hash of (seed, stream, step[, uid][, block]): int64 [B, G]."""
         if config.share_across_batch:
-            return torch.full((batch,), _host_key(seed, tag | _STREAM_SHARED, step), device=device)
-        return _combine(_host_key(seed, tag, step), uids)
+            h = torch.full((batch, 1), _host_key(seed, tag | _STREAM_SHARED, step), device=device)
+        else:
+            h = _combine(_host_key(seed, tag, step), uids)[:, None]
+        # Whole-response draws keep the hash without a block index (their values predate blocks).
+        return _combine(h, torch.arange(num_windows, device=device)) if config.block_size else h
 
     copy = torch.arange(num_copies, device=device)
     level = copy // n_yt  # [K]
     h_level = stream(_STREAM_LEVEL)
     if config.antithetic:
-        u = _unit(h_level)[:, None].expand(batch, num_copies)
+        u = _unit(h_level)[:, :, None].expand(batch, num_windows, num_copies)
         stratum, strata = level.to(torch.float64), n_t
     else:
-        u = _unit(_combine(h_level[:, None], level))  # [B, K], one uniform per level
+        u = _unit(_combine(h_level[:, :, None], level))  # [B, G, K], one uniform per level
         stratum, strata = torch.zeros(num_copies, dtype=torch.float64, device=device), 1
 
-    lengths = response_lengths[:, None]  # [B, 1]
-    relative = torch.arange(seq_len, device=device) - prompt_lengths[:, None]  # [B, S]
-    in_window = ((relative >= 0) & (relative < lengths))[:, None, :]  # [B, 1, S]
-    h_position = _combine(_combine(stream(_STREAM_POSITION)[:, None], copy)[:, :, None], relative[:, None, :])
-    has_response = lengths > 0
+    n = lengths[:, :, None]  # [B, G, 1]
+    relative = first[:, None] + torch.arange(width, device=device) - starts[:, :, None]  # [B, G, W]
+    in_window = ((relative >= 0) & (relative < n))[:, :, None, :]  # [B, G, 1, W]
+    h_position = _combine(_combine(stream(_STREAM_POSITION)[:, :, None], copy)[..., None],
+                          relative[:, :, None, :])  # [B, G, K, W]
+    has_response = n > 0
 
     if config.estimator == "fixed_count":
-        a = (stratum + u) / strata  # [B, K] in [0, 1]; may round up to 1.0, hence the clamp
-        count = torch.minimum(torch.floor(a * lengths).to(torch.int64) + 1, lengths)
+        a = (stratum + u) / strata  # [B, G, K] in [0, 1]; may round up to 1.0, hence the clamp
+        count = torch.minimum(torch.floor(a * n).to(torch.int64) + 1, n)
         # Ranking iid keys picks a uniformly random subset; positions outside the window sort last
         # (in-window keys are < 2^62, the sentinel is 2^63 - 1).
-        keys = torch.where(in_window, _shr(h_position, 2), _INT64_MAX).reshape(batch * num_copies, seq_len)
+        keys = torch.where(in_window, _shr(h_position, 2), _INT64_MAX)
         order = torch.argsort(keys, dim=-1, stable=True)
-        take = torch.arange(seq_len, device=device) < count.reshape(-1, 1)
-        mask = torch.zeros_like(take).scatter_(1, order, take)
+        take = torch.arange(width, device=device) < count[..., None]
+        mask = torch.zeros_like(take).scatter_(-1, order, take)
         denominator = count.clamp(min=1).to(torch.float64) * num_copies
-        weight = torch.where(has_response, lengths / denominator, 0.0)
-        t = torch.where(has_response, count.to(torch.float64) / lengths.clamp(min=1), 0.0)
+        weight = torch.where(has_response, n / denominator, 0.0)
+        t = torch.where(has_response, count.to(torch.float64) / n.clamp(min=1), 0.0)
     else:
-        t = (stratum + 1.0 - u) / strata  # [B, K] in (0, 1]
-        mask = in_window & (_unit(h_position) < t[:, :, None])
+        t = (stratum + 1.0 - u) / strata  # [B, G, K] in (0, 1]
+        mask = in_window & (_unit(h_position) < t[..., None])
         weight = 1.0 / (t * num_copies)
         if config.eps > 0:
             small = t < config.eps
-            forced = _shr(_combine(stream(_STREAM_FORCED)[:, None], copy), 1) % lengths.clamp(min=1)
-            mask = mask | (small[:, :, None] & in_window & (relative[:, None, :] == forced[:, :, None]))
+            forced = _shr(_combine(stream(_STREAM_FORCED)[:, :, None], copy), 1) % n.clamp(min=1)
+            mask = mask | (small[..., None] & in_window & (relative[:, :, None, :] == forced[..., None]))
             size = mask.sum(-1).clamp(min=1).to(torch.float64)
-            weight = torch.where(small, lengths / (size * num_copies), weight)
+            weight = torch.where(small, n / (size * num_copies), weight)
         weight = torch.where(has_response, weight, 0.0)
         t = torch.where(has_response, t, 0.0)
-        mask = mask.reshape(batch * num_copies, seq_len)
 
+    def per_copy(x: Tensor) -> Tensor:
+        """[B, G, K, W] -> [C, seq_len]: copies as rows, the windows laid side by side."""
+        return x.transpose(1, 2).reshape(batch * num_copies, num_windows * width)[:, :seq_len]
+
+    if config.block_size:
+        weight = per_copy(torch.where(in_window, weight[..., None], 0.0))
+        t = per_copy(torch.where(in_window, t[..., None], 0.0))
+    else:
+        weight, t = weight.reshape(-1), t.reshape(-1)
     return Draws(
-        mask=mask,
-        weight=weight.reshape(-1).to(torch.float32),
+        mask=per_copy(mask),
+        weight=weight.to(torch.float32),
         sample_index=torch.arange(batch, device=device).repeat_interleave(num_copies),
-        t=t.reshape(-1).to(torch.float32),
+        t=t.to(torch.float32),
+        block_size=config.block_size,
     )
 
 

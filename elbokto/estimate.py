@@ -6,6 +6,9 @@ bias and the config's ``final_logit_softcapping``) and hands the model an empty 
 Running inside the head's forward is what keeps this right under FSDP, where the head weight is
 only gathered during that forward. Any other module that returns logits goes through
 ``fused_elbo``.
+
+Block draws (``draws.block_size``) run the one-pass block-diffusion forward of
+:mod:`elbokto.block` on [x_t ; x_0]; the clean half gets mask False, so none of its rows is scored.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
+from elbokto.block import block_model_inputs, check_block_model
 from elbokto.draws import Draws
 from elbokto_kernels import fused_elbo, fused_linear_elbo
 
@@ -37,9 +41,11 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
         input_ids: int64 [B, T] clean sequences (prompt then response, padded).
         draws: from :func:`elbokto.sample_draws`; ``draws.mask`` is [C, T] with C = B*K, or a
             subset of the copies (``sample_index`` says whose they are).
-        mask_token_id: the id that replaces masked tokens (LLaDA 126336, Dream 151666).
+        mask_token_id: the id that replaces masked tokens (LLaDA 126336, Dream 151666,
+            LLaDA2.0 156895).
         attention_mask: optional [B, T] (1 = real token); repeated for every copy.
-        shift_logits: the model's output at position p predicts token p + 1 (Dream).
+        shift_logits: the model's output at position p predicts token p + 1 (Dream). Not with
+            block draws (block-diffusion models score the position itself).
         keep_logits: fused head only: keep the masked rows' float32 logits for the backward
             instead of recomputing them (see :func:`elbokto_kernels.fused_linear_elbo`).
         backend: kernel backend, see :func:`elbokto_kernels.fused_elbo`.
@@ -57,21 +63,38 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
                             "position 0: every example needs a prompt of at least one token")
         mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
     copy_attention = None if attention_mask is None else attention_mask[draws.sample_index]
-    elbo_args = (targets, mask, draws.weight, draws.sample_index, num_samples)
+    weight = draws.weight
     # DDP / FSDP / DeepSpeed wrappers are called as they are (their hooks must run); the head and
     # the config are looked up on the wrapped model.
     inner = extract_model_from_parallel(model)
+    if draws.block_size is None:
+        inputs = {"input_ids": noisy, "attention_mask": copy_attention}
+    else:
+        if shift_logits:
+            raise ValueError("shift_logits is not supported with block draws: block-diffusion "
+                             "models (LLaDA2.0, SDAR) score each position itself")
+        inputs = block_model_inputs(noisy, input_ids[draws.sample_index], draws.block_size,
+                                    copy_attention, check_block_model(inner), _dtype_of(inner))
+        # [x_t ; x_0]: the clean half is context only, never scored.
+        targets, mask, weight = (torch.cat([x, torch.zeros_like(x)], dim=1)
+                                 for x in (targets, mask, weight))
+    elbo_args = (targets, mask, weight, draws.sample_index, num_samples)
     head = _fusable_head(inner)
     if head is None:
-        out = model(input_ids=noisy, attention_mask=copy_attention)
+        out = model(**inputs)
         logits = out if isinstance(out, Tensor) else out.logits
         return fused_elbo(logits, *elbo_args, backend=backend)
     softcap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
     with _fused_head(head, elbo_args, softcap, keep_logits, backend) as result:
-        model(input_ids=noisy, attention_mask=copy_attention, use_cache=False)
+        model(**inputs, use_cache=False)
     if not result:
         raise RuntimeError(f"{type(model).__name__}'s forward never called its output embedding")
     return result[0]
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's activations: that of its input embedding."""
+    return model.get_input_embeddings().weight.dtype
 
 
 def _fusable_head(model: nn.Module) -> nn.Linear | None:

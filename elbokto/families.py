@@ -87,6 +87,18 @@ FAMILIES: tuple[ModelFamily, ...] = (
         class_fixups=(fixups.default_rope, fixups.rope_buffers_on_load,
                       fixups.tied_weights_mapping, fixups.generation_config_validate),
     ),
+    # Block-diffusion LMs (scored with MCConfig.block_size; the block size comes from
+    # elbokto.block). They take a custom 4D attention mask, checked end to end before training.
+    ModelFamily(
+        name="llada2",
+        model_types=("llada2_moe",),
+        mask_token_id=156895,
+        lora_targets=("query_key_value", "dense"),
+    ),
+    ModelFamily(
+        name="sdar",
+        model_types=("sdar",),
+    ),
     ModelFamily(
         name="bidirectional",
         flag="use_bidirectional_attention",

@@ -17,6 +17,8 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from elbokto.families import ALL_LINEAR, ModelFamily, family_of
 
+# Diffusion LMs whose forward process is not masking: the masked-diffusion ELBO does not apply.
+UNIFORM_NOISE_MODEL_TYPES = {"diffusion_gemma", "diffusion_gemma_text"}
 TINY = "tiny"
 
 
@@ -34,6 +36,9 @@ class ModelConfig:
         "help": "Allow the model's own code (needed for LLaDA and Dream)."})
     torch_dtype: str = field(default="auto", metadata={
         "help": "Weights dtype: auto, float32, bfloat16 or float16."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel (eager, sdpa, flex_attention, ...); default: transformers' "
+                "choice. Block-diffusion scoring (--block_size) needs eager or sdpa."})
     assume_bidirectional: bool = field(default=False, metadata={
         "help": "Accept a model whose config does not say it is bidirectional."})
     keep_dropout: bool = field(default=False, metadata={
@@ -65,6 +70,10 @@ def load_model(name_or_path: str, config: ModelConfig, *, tokenizer=None) -> nn.
                                 eos_token_id=tokenizer.eos_token_id)
     model_config = AutoConfig.from_pretrained(name_or_path,
                                               trust_remote_code=config.trust_remote_code)
+    if model_config.model_type in UNIFORM_NOISE_MODEL_TYPES:
+        raise ValueError(f"{name_or_path} ({model_config.model_type}) is a uniform-noise diffusion "
+                         "LM: it corrupts tokens into random tokens and has no mask token, so the "
+                         "masked-diffusion ELBO that ELBO-KTO estimates does not apply to it")
     family = _accepted_family(model_config, name_or_path, config.assume_bidirectional)
     for fix in family.config_fixups:
         fix(model_config)
@@ -78,7 +87,8 @@ def load_model(name_or_path: str, config: ModelConfig, *, tokenizer=None) -> nn.
     # its code is unchanged, and it registers the class so that save_pretrained copies the code.
     loader = getattr(transformers, family.auto_class)
     model = loader.from_pretrained(name_or_path, config=model_config, dtype=dtype,
-                                   trust_remote_code=config.trust_remote_code)
+                                   trust_remote_code=config.trust_remote_code,
+                                   attn_implementation=config.attn_implementation)
     model.config.mask_token_id = resolve_mask_token_id(model.config, tokenizer)
     return model
 

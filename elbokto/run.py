@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import IntervalStrategy
 
+from elbokto.block import check_block_attention, resolve_block_size
 from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_class_balance,
                           dataset_uids, load_source, prompt_token_ids)
 from elbokto.generate import GenerationConfig, decode_responses, generate
@@ -47,7 +48,8 @@ def _fingerprint(tokenizer, data_cfg: DataConfig) -> str:
 
 
 def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> None:
-    """Mask token and logit shift from the model when the flags leave them open."""
+    """Mask token, logit shift and block size from the model when the flags leave them open;
+    a block-diffusion model is checked end to end (:func:`check_block_attention`)."""
     train_cfg.mask_token_id = resolve_mask_token_id(model.config, tokenizer,
                                                     train_cfg.mask_token_id)
     vocab = getattr(model.config, "vocab_size", None)
@@ -55,6 +57,9 @@ def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> None:
         raise ValueError(f"--mask_token_id {train_cfg.mask_token_id} is outside the model's "
                          f"vocabulary [0, {vocab})")
     train_cfg.shift_logits = train_cfg.shift_logits or uses_shifted_logits(model.config)
+    train_cfg.block_size = resolve_block_size(model.config, train_cfg.block_size)
+    if train_cfg.block_size is not None:
+        check_block_attention(model, train_cfg.block_size)
 
 
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig,
@@ -91,7 +96,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig
         ref_table.check(reference_meta(train_cfg.objective(), fingerprint, epochs,
                                        _reference_identity(model_cfg, policy)))
     else:
-        reference = frozen_reference(policy, model_cfg, tokenizer=tokenizer)
+        reference = _reference(policy, model_cfg, train_cfg, tokenizer)
     policy = prepare_policy(policy, model_cfg)
     trainer = ELBOKTOTrainer(policy, train_cfg, ref_model=reference, ref_table=ref_table,
                              train_dataset=dataset, eval_dataset=eval_dataset,
@@ -100,6 +105,16 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model()
     return trainer
+
+
+def _reference(policy, model_cfg: ModelConfig, train_cfg: ELBOKTOConfig, tokenizer):
+    """:func:`frozen_reference`; another model (``--ref_model_name_or_path``) scores the same
+    block draws, so it is checked like the policy."""
+    reference = frozen_reference(policy, model_cfg, tokenizer=tokenizer)
+    if (reference is not None and model_cfg.ref_model_name_or_path
+            and train_cfg.block_size is not None):
+        check_block_attention(reference, train_cfg.block_size)
+    return reference
 
 
 def _eval_dataset(data_cfg: DataConfig, train_cfg: ELBOKTOConfig, tokenizer):
@@ -252,7 +267,7 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
     policy = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
     policy = policy.eval().to(train_cfg.device)
     _settle_model_fields(train_cfg, policy, tokenizer)
-    reference = frozen_reference(policy, model_cfg, tokenizer=tokenizer).to(train_cfg.device)
+    reference = _reference(policy, model_cfg, train_cfg, tokenizer).to(train_cfg.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                         collate_fn=PreferenceCollator.from_config(data_cfg, tokenizer))
     batches = [{k: v.to(train_cfg.device) for k, v in b.items()}

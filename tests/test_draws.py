@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,8 +24,8 @@ def toy_logp(sub: torch.Tensor) -> torch.Tensor:
     return -(0.2 + 0.15 * i + 2.0 * frac**2 + 0.6 * left + 0.35 * right * (1 + 0.5 * i) + 0.3 * left * right)
 
 
-def exact_elbo(length: int) -> float:
-    """B = sum_{S != {}} (|S|-1)! (L-|S|)! / L! * sum_{i in S} f(i, S)."""
+def exact_elbo(length: int, offset: float = 0.0) -> float:
+    """B = sum_{S != {}} (|S|-1)! (L-|S|)! / L! * sum_{i in S} f(i, S), f = toy_logp - offset."""
     codes = torch.arange(1, 2**length)
     subsets = (codes[:, None] >> torch.arange(length)) & 1 == 1
     sizes = subsets.sum(-1)
@@ -32,7 +33,7 @@ def exact_elbo(length: int) -> float:
         [math.factorial(k - 1) * math.factorial(length - k) / math.factorial(length) for k in sizes.tolist()],
         dtype=torch.float64,
     )
-    return float((coef * (toy_logp(subsets) * subsets).sum(-1)).sum())
+    return float((coef * ((toy_logp(subsets) - offset) * subsets).sum(-1)).sum())
 
 
 def estimates(draws: Draws, prompt_lengths: torch.Tensor, length: int, num_copies: int) -> torch.Tensor:
@@ -118,6 +119,130 @@ def test_harness_catches_biased_estimators():
     block = Draws(mask=offset < count, weight=draws.weight, sample_index=draws.sample_index, t=draws.t)
     with pytest.raises(AssertionError, match="standard errors"):
         assert_unbiased(estimates(block, starts, length, 1), target)
+
+
+# --- block draws: the block ELBO by exact enumeration, block by block ----------------------------
+# Layout: prompt 2, response 7, blocks of 4 from position 0: block 0 holds 2 prompt and 2 response
+# tokens, block 1 four response tokens, block 2 one response token (then padding).
+BLOCK, PROMPT, RESPONSE = 4, 2, 7
+
+
+def block_windows(prompt: int, length: int, block: int) -> list[torch.Tensor]:
+    """Response positions of each block that holds any, as column indices."""
+    response = torch.arange(prompt, prompt + length)
+    return [response[response // block == k] for k in range(int(response[-1]) // block + 1)
+            if (response // block == k).any()]
+
+
+def block_offset(k: int) -> float:
+    """The toy conditions on the block: its log-probabilities shift with the block index."""
+    return 0.3 * k
+
+
+def exact_block_elbo(prompt: int, length: int, block: int) -> float:
+    """sum_k of the whole-response identity on block k's response positions."""
+    return sum(exact_elbo(len(cols), block_offset(int(cols[0]) // block))
+               for cols in block_windows(prompt, length, block))
+
+
+def block_estimates(draws: Draws, prompt: int, length: int, block: int, num_copies: int) -> torch.Tensor:
+    """Per-example block ELBO estimates float64 [N]: each block scored on its own mask only."""
+    per_copy = torch.zeros(draws.mask.shape[0], dtype=torch.float64)
+    for cols in block_windows(prompt, length, block):
+        sub, weight = draws.mask[:, cols], draws.weight[:, cols].to(torch.float64)
+        logp = toy_logp(sub) - block_offset(int(cols[0]) // block)
+        per_copy += (weight * logp * sub).sum(-1)
+    return per_copy.reshape(-1, num_copies).sum(-1)
+
+
+def block_draws(config: MCConfig, n: int = NUM_EXAMPLES) -> Draws:
+    _, response_lengths, uids = toy_batch(n, RESPONSE)
+    prompt_lengths = torch.full((n,), PROMPT)
+    return sample_draws(replace(config, block_size=BLOCK), prompt_lengths, response_lengths,
+                        PROMPT + RESPONSE + 1, uids=uids, seed=13, step=1)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        MCConfig(estimator="fixed_count", n_t=4, antithetic=True),
+        MCConfig(estimator="fixed_count", n_t=2, n_yt=2, antithetic=False),
+        MCConfig(estimator="bernoulli", n_t=4, antithetic=True, eps=0.0),
+        MCConfig(estimator="bernoulli", n_t=2, n_yt=2, antithetic=False, eps=0.0),
+        MCConfig(estimator="bernoulli", n_t=4, antithetic=True, eps=0.3),
+    ],
+    ids=lambda c: f"{c.estimator}-nt{c.n_t}-nyt{c.n_yt}-anti{c.antithetic}-eps{c.eps}",
+)
+def test_block_estimator_unbiased_against_enumeration(config):
+    draws = block_draws(config)
+    assert draws.block_size == BLOCK and draws.weight.shape == draws.mask.shape
+    values = block_estimates(draws, PROMPT, RESPONSE, BLOCK, config.num_copies)
+    assert_unbiased(values, exact_block_elbo(PROMPT, RESPONSE, BLOCK))
+
+
+def test_block_harness_catches_whole_response_weights():
+    """Weight L / l_k instead of n_k / l_k (the whole-response weight inside a block) is caught."""
+    config = MCConfig(n_t=4)
+    draws = block_draws(config)
+    rescale = torch.ones(draws.mask.shape[1])
+    for cols in block_windows(PROMPT, RESPONSE, BLOCK):
+        rescale[cols] = RESPONSE / len(cols)
+    planted = replace(draws, weight=draws.weight * rescale)
+    target = exact_block_elbo(PROMPT, RESPONSE, BLOCK)
+    assert_unbiased(block_estimates(draws, PROMPT, RESPONSE, BLOCK, 4), target)
+    with pytest.raises(AssertionError, match="standard errors"):
+        assert_unbiased(block_estimates(planted, PROMPT, RESPONSE, BLOCK, 4), target)
+
+
+@pytest.mark.parametrize("estimator", ["fixed_count", "bernoulli"])
+def test_block_draws_structure(estimator):
+    """Per block: masks inside its response positions, l_k of them (fixed_count), the block's
+    weight n_k / (l_k K) on its positions, 0 elsewhere; levels independent across blocks."""
+    config = MCConfig(estimator=estimator, n_t=2, n_yt=2, eps=0.0)
+    draws = block_draws(config, n=200)
+    k = config.num_copies
+    windows = block_windows(PROMPT, RESPONSE, BLOCK)
+    response = torch.zeros(draws.mask.shape[1], dtype=torch.bool)
+    response[PROMPT:PROMPT + RESPONSE] = True
+    assert not (draws.mask & ~response).any()
+    assert (draws.weight[:, ~response] == 0).all() and (draws.t[:, ~response] == 0).all()
+    for cols in windows:
+        w, t, sub = draws.weight[:, cols], draws.t[:, cols], draws.mask[:, cols]
+        assert (w == w[:, :1]).all() and (t == t[:, :1]).all()  # one level per block and copy
+        if estimator == "fixed_count":
+            count = sub.sum(-1)
+            assert (count >= 1).all()
+            assert torch.allclose(w[:, 0], len(cols) / (count * k).float())
+            assert torch.allclose(t[:, 0], count / len(cols))
+        else:
+            assert torch.allclose(w[:, 0], 1 / (t[:, 0] * k))
+        # The n_yt masks of a level share the block's level.
+        per_level = t[:, 0].reshape(-1, 2, 2)
+        assert (per_level == per_level[..., :1]).all()
+    if estimator == "bernoulli":  # independent levels: within a stratum, blocks uncorrelated
+        level0 = torch.arange(draws.mask.shape[0]) % k < 2
+        levels = torch.stack([draws.t[level0, cols[0]] for cols in windows[:2]]).double()
+        assert abs(float(torch.corrcoef(levels)[0, 1])) < 0.15
+
+
+@pytest.mark.parametrize("estimator", ["fixed_count", "bernoulli"])
+def test_block_draws_depend_on_uid_not_on_the_batch(estimator):
+    """Same uid and layout: the same block draws in another batch, order and padded length."""
+    config = MCConfig(estimator=estimator, n_t=2, n_yt=2, eps=0.2, block_size=3)
+    prompt_lengths, response_lengths, uids, seq_len = _ragged_batch()
+    k = config.num_copies
+    base = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=7, step=2)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    other = sample_draws(config, torch.cat([prompt_lengths[perm], torch.tensor([0])]),
+                         torch.cat([response_lengths[perm], torch.tensor([5])]), seq_len + 4,
+                         uids=torch.cat([uids[perm], torch.tensor([99])]), seed=7, step=2)
+    for new, old in enumerate(perm.tolist()):
+        for field in ("mask", "weight", "t"):
+            mine = getattr(base, field)[old * k:(old + 1) * k]
+            theirs = getattr(other, field)[new * k:(new + 1) * k]
+            assert torch.equal(mine, theirs[:, :seq_len]) and not theirs[:, seq_len:].any()
+    again = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=8, step=2)
+    assert not torch.equal(again.mask, base.mask)
 
 
 # --- structure of the draws ----------------------------------------------------------------------
@@ -325,6 +450,8 @@ def test_uniforms_look_uniform():
         ({"antithetic": 1}, "antithetic=1"),
         ({"eps": 1.0}, "eps=1.0"),
         ({"eps": -0.1}, "eps=-0.1"),
+        ({"block_size": 0}, "block_size=0"),
+        ({"block_size": 2.0}, "block_size=2.0"),
     ],
 )
 def test_config_validation(kwargs, match):

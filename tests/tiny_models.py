@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
+from transformers import (Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 97
 MASK_ID = 96
@@ -26,6 +27,17 @@ def tiny_gemma(seed: int = 0, *, softcap: bool = False):
     else:
         model = GemmaForCausalLM(GemmaConfig(**common))
     return model.float().eval()
+
+
+def tiny_block_model(seed: int = 0, attn_implementation: str = "sdpa"):
+    """A Qwen3ForCausalLM (SDAR's architecture) for block-diffusion scoring: causal by default,
+    it takes the custom 4D mask and position ids of :mod:`elbokto.block`."""
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16, mask_token_id=MASK_ID, tie_word_embeddings=False,
+                         attn_implementation=attn_implementation)
+    return Qwen3ForCausalLM(config).float().eval()
 
 
 def tiny_batch(seed: int = 0, batch: int = 4, seq_len: int = 12):
