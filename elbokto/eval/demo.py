@@ -38,7 +38,8 @@ def demo_winrate(policy: nn.Module, sft_model: nn.Module, encoder: Encoder, prom
     model; its files go to ``<output_dir>/winrate``."""
     gen = GenerationConfig(gen_length=config.gen_length, steps=config.gen_length,
                            block_length=config.gen_length, temperature=config.temperature,
-                           remasking=config.remasking, seed=config.seed)
+                           remasking=config.remasking, seed=config.seed,
+                           mask_token_id=encoder.tokenizer.mask_token_id)
     ids = encoder.prompt_ids(prompts)
     pad = encoder.tokenizer.pad_token_id
     policy_answers, sft_answers = (
