@@ -3,6 +3,9 @@ one-token log-probabilities, is_greedy, rolling windows, generation, and lm-eval
 offline on two local tasks."""
 
 import json
+import os
+import subprocess
+import sys
 from functools import partialmethod
 from pathlib import Path
 
@@ -170,3 +173,20 @@ def test_lm_eval_cli_runs_offline_on_local_tasks(folder, lm, tmp_path, monkeypat
         (direct,) = lm.generate_until([Instance(request_type="generate_until", doc={}, idx=0,
                                                 arguments=(context, kwargs))])
         assert sample["resps"][0][0] == direct
+
+
+def test_two_processes_split_the_requests_and_gather_them(folder, tmp_path):
+    worker = Path(__file__).parent / "lm_eval_worker.py"
+    out = tmp_path / "results.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(worker), str(folder), str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    gathered = json.loads(out.read_text())
+    assert gathered["world_size"] == 2 and len(gathered["requests"]) == 3  # every doc, once
+    single = DiffusionLM(pretrained=str(folder), device="cpu", mc_num=4, mc_batch_size=4,
+                         kernel_backend="torch")
+    for requests, values in zip(gathered["requests"], gathered["values"]):
+        direct = single.loglikelihood([loglikelihood_request(*r) for r in requests])
+        assert values == pytest.approx([v for v, _ in direct], abs=1e-5)
