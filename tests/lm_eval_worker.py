@@ -23,7 +23,7 @@ if results is not None:  # rank 0 only
     out.write_text(json.dumps({
         "world_size": int(os.environ["WORLD_SIZE"]),
         "acc": results["results"]["elbokto_mc"]["acc,none"],
-        "requests": [[[a["arg_0"], a["arg_1"]] for a in s["arguments"].values()] for s in samples],
+        "requests": [[list(a) for a in s["arguments"]] for s in samples],
         "values": [[float(r[0][0]) for r in s["resps"]] for s in samples]}))
 # Skip interpreter teardown: gloo's threads sometimes abort at exit after the work is done.
 os._exit(0)
