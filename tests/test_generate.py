@@ -289,3 +289,33 @@ def test_fewer_model_calls_when_confident():
 def test_bad_threshold(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GenerationConfig(**kwargs)
+
+
+class CountingLogits(nn.Module):
+    """Proposes token 1 + (number of earlier calls) everywhere, with probability ``probs[b]`` in
+    row b: a token committed at call k reads k + 1 forever after, unless it is overwritten."""
+
+    def __init__(self, probs, vocab=8):
+        super().__init__()
+        self.probs, self.vocab, self.calls = probs, vocab, 0
+
+    def forward(self, input_ids, attention_mask=None):
+        token = 1 + self.calls
+        self.calls += 1
+        rows = []
+        for p in self.probs:
+            probs = torch.full((self.vocab + 1,), (1 - p) / (self.vocab - 1), dtype=torch.float64)
+            probs[token], probs[self.vocab] = p, 1e-30
+            rows.append(probs.log().expand(input_ids.shape[1], -1))
+        return torch.stack(rows)
+
+
+def test_rows_that_finish_early_keep_their_tokens():
+    # Row 0 fills its block at the first call; row 1 needs all four. Row 0 must keep the tokens
+    # of call 0 through the calls that row 1 still needs.
+    model = CountingLogits([0.99, 0.3])
+    config = GenerationConfig(gen_length=4, steps=4, block_length=4, mask_token_id=8,
+                              threshold=0.9)
+    out = generate(model, [[2], [3]], config, pad_token_id=PAD)
+    assert model.calls == 4
+    assert out[0].tolist() == [1, 1, 1, 1] and sorted(out[1].tolist()) == [1, 2, 3, 4]
