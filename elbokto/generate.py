@@ -135,7 +135,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: Generat
             ``config.is_causal = False``, or its padded calls get a causal mask.
         prompts: B >= 1 token-id sequences (lists or 1-D tensors), each non-empty (at least BOS),
             of any lengths; P is the longest.
-        config: steps, blocks, temperature, remasking, seed, mask token, logit shift.
+        config: steps, blocks, temperature, remasking, threshold, seed, mask token, logit shift.
         pad_token_id: fills the left padding (masked out, so its value does not matter to a model
             that honours ``attention_mask``).
 
