@@ -6,6 +6,7 @@
     elbokto generate        sample responses with the reverse diffusion process (JSON lines)
     elbokto diagnose        Psi(S), v(S), c(S) of several Monte-Carlo settings
     elbokto demo            the judge-free CPU demonstration (make demo)
+    elbokto eval            win rates judged by an LLM, lm-evaluation-harness (`elbokto eval`)
     elbokto selfcheck       every kernel backend against the float64 oracle
 """
 
@@ -17,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "demo", "selfcheck")
+COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "demo", "eval", "selfcheck")
 
 
 @dataclass
@@ -74,6 +75,9 @@ def _run(command: str, rest: list[str]) -> int:
     if command == "selfcheck":
         from elbokto_kernels.selfcheck import run
         return 0 if run() else 1
+    if command == "eval":
+        from elbokto.eval.cli import main as eval_main
+        return eval_main(rest)
     if command == "demo":
         from elbokto.demo import run_demo
         (args,) = _parse(command, [DemoArgs], rest)

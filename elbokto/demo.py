@@ -388,12 +388,18 @@ def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = 
         summary["ablations"] = run_ablations(config, encoder, sft_state, reference,
                                              train_prompts, eval_prompts, psi_batch, model,
                                              summary)
+    from elbokto.eval.demo import demo_winrate  # here: elbokto.eval imports this module
+
+    summary["winrate"] = demo_winrate(model, reference, encoder, eval_prompts, config, out)
     summary["total_seconds"] = time.perf_counter() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_curves(summary, out / "curves.png")
     logger.info("base desirable rate %.3f -> aligned %.3f (train %.0f s, total %.0f s); "
                 "wrote %s", base[DESIRABLE], aligned[DESIRABLE], summary["train_seconds"],
                 summary["total_seconds"], out)
+    logger.info("win rate of the aligned model against the SFT model (rule judge, both orders): "
+                "%.3f, 95%% CI [%.3f, %.3f]", summary["winrate"]["awr"],
+                summary["winrate"]["ci_low"], summary["winrate"]["ci_high"])
     return summary
 
 
