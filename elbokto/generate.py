@@ -31,19 +31,21 @@ __all__ = ["GenerationConfig", "decode_responses", "generate"]
 
 @dataclass
 class GenerationConfig:
-    """How :func:`generate` runs the reverse process. Defaults: one 64-token block, one token per
-    step, greedy, LLaDA's low-confidence remasking."""
+    """How :func:`generate` runs the reverse process. Defaults: the response as one block, one
+    token per step, greedy, LLaDA's low-confidence remasking."""
 
     gen_length: int = field(default=64, metadata={"help": "Response tokens generated per prompt."})
-    steps: int = field(
-        default=64,
+    steps: int | None = field(
+        default=None,
         metadata={"help": "Model calls in total (at most, with threshold); a multiple of "
-                          "gen_length / block_length and at most gen_length."},
+                          "gen_length / block_length and at most gen_length. Default: gen_length "
+                          "(one token per step)."},
     )
-    block_length: int = field(
-        default=64,
+    block_length: int | None = field(
+        default=None,
         metadata={"help": "Semi-autoregressive block size: the response is filled block by block, "
-                          "left to right. Must divide gen_length (gen_length = one block)."},
+                          "left to right. Must divide gen_length. Default: gen_length (one "
+                          "block)."},
     )
     temperature: float = field(
         default=0.0,
@@ -75,6 +77,10 @@ class GenerationConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.block_length is None:
+            self.block_length = self.gen_length
+        if self.steps is None:
+            self.steps = self.gen_length
         for name in ("gen_length", "steps", "block_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -319,3 +319,11 @@ def test_rows_that_finish_early_keep_their_tokens():
     out = generate(model, [[2], [3]], config, pad_token_id=PAD)
     assert model.calls == 4
     assert out[0].tolist() == [1, 1, 1, 1] and sorted(out[1].tolist()) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("gen_length", [1, 7, 64, 100])
+def test_defaults_work_with_any_gen_length(gen_length):
+    config = GenerationConfig(gen_length=gen_length)
+    assert (config.block_length, config.steps) == (gen_length, gen_length)
+    with pytest.raises(ValueError, match="multiple"):
+        GenerationConfig(gen_length=gen_length + 1, block_length=gen_length + 2)
