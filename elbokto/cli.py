@@ -5,6 +5,7 @@
     elbokto precompute-ref  reference ELBOs of a dataset, for training without a reference model
     elbokto generate        sample responses with the reverse diffusion process (JSON lines)
     elbokto diagnose        Psi(S), v(S), c(S) of several Monte-Carlo settings
+    elbokto merge           a LoRA adapter folder merged into its base model (a full model)
     elbokto demo            the judge-free CPU demonstration (make demo)
     elbokto eval            win rates judged by an LLM, lm-evaluation-harness (`elbokto eval`)
     elbokto selfcheck       every kernel backend against the float64 oracle
@@ -18,7 +19,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "demo", "eval", "selfcheck")
+COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "merge", "demo", "eval",
+            "selfcheck")
 
 
 @dataclass
@@ -115,6 +117,9 @@ def _run(command: str, rest: list[str]) -> int:
         for row in run.diagnose(model_cfg, data_cfg, train_cfg, args):
             print(f"{row['n_t']:>4} {row['n_yt']:>5} {row['estimator']:>12} {row['psi']:>11.4g} "
                   f"{row['v']:>11.4g} {row['c']:>11.4g}")
+    elif command == "merge":
+        model_cfg, args = _parse(command, [ModelConfig, run.MergeArgs], rest)
+        print(f"wrote the merged model to {run.merge(model_cfg, args)}")
     return 0
 
 

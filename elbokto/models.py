@@ -7,7 +7,9 @@ transformers 5 fix-ups) is read from the table in :mod:`elbokto.families`."""
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import transformers
@@ -20,6 +22,7 @@ from elbokto.families import ALL_LINEAR, ModelFamily, family_of
 # Diffusion LMs whose forward process is not masking: the masked-diffusion ELBO does not apply.
 UNIFORM_NOISE_MODEL_TYPES = {"diffusion_gemma", "diffusion_gemma_text"}
 TINY = "tiny"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -28,7 +31,9 @@ class ModelConfig:
 
     model_name_or_path: str = field(default=TINY, metadata={
         "help": "Hub id or local path of a masked diffusion LM (e.g. GSAI-ML/LLaDA-8B-Instruct), "
-                "or 'tiny' for a small random bidirectional Gemma (smoke tests)."})
+                "a LoRA adapter folder saved by `elbokto train --lora_r` (its base with the "
+                "adapter merged in), or 'tiny' for a small random bidirectional Gemma (smoke "
+                "tests)."})
     ref_model_name_or_path: str | None = field(default=None, metadata={
         "help": "Reference model; default: a frozen copy of the policy (or, with LoRA, the "
                 "policy with its adapters disabled)."})
@@ -54,20 +59,57 @@ class ModelConfig:
 
 
 def load_tokenizer(config: ModelConfig):
-    return AutoTokenizer.from_pretrained(config.model_name_or_path,
-                                         trust_remote_code=config.trust_remote_code)
+    """The tokenizer of --model_name_or_path; for an adapter folder without one, its base's."""
+    source = local_or_hub(config.model_name_or_path, "--model_name_or_path")
+    base = adapter_base(source)
+    if base is not None and not (Path(source) / "tokenizer_config.json").is_file():
+        source = base
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+
+
+def local_or_hub(name: str, flag: str) -> str:
+    """``name`` for transformers: a hub id as given, a local path made absolute.
+
+    A name that reads as a local path (it starts with '.', '/' or '~', has more than one '/',
+    or its first part exists here, like runs/ of runs/my-model) and does not exist raises
+    FileNotFoundError naming ``flag``, instead of going to the hub (a minute of retries)."""
+    path = Path(name).expanduser()
+    reads_as_path = (name.startswith((".", "/", "~")) or name.count("/") > 1
+                     or (len(path.parts) > 1 and Path(path.parts[0]).exists()))
+    if not reads_as_path:
+        return name
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {name}: no such local model folder (a hub id reads "
+                                "owner/name)")
+    return str(path.resolve())
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model of a saved PEFT adapter folder (``base_model_name_or_path`` of its
+    adapter_config.json), or None when ``path`` is not one."""
+    adapter_config = Path(path) / ADAPTER_CONFIG
+    if not adapter_config.is_file():
+        return None
+    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_config} names no base_model_name_or_path: set it to the "
+                         "model the adapter was trained on")
+    return local_or_hub(base, f"{adapter_config}: base_model_name_or_path")
 
 
 def load_model(name_or_path: str, config: ModelConfig, *, tokenizer=None) -> nn.Module:
     """A masked diffusion LM, ready for ELBO-KTO: checked bidirectional, loaded with its family's
     Auto class and fix-ups, mask token resolved into ``model.config.mask_token_id``.
+    A LoRA adapter folder loads as its base model with the adapter merged in.
     ``tokenizer`` sizes the tiny model's vocabulary."""
     if name_or_path == TINY:
-        if tokenizer is None:
-            raise ValueError("the tiny model needs the tokenizer it will be used with")
-        return build_tiny_model(len(tokenizer), tokenizer.mask_token_id,
-                                pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
+        return _tiny_model(tokenizer)
+    flag = ("--ref_model_name_or_path" if name_or_path == config.ref_model_name_or_path
+            else "--model_name_or_path")
+    name_or_path = local_or_hub(name_or_path, flag)
+    base = adapter_base(name_or_path)
+    if base is not None:
+        return _merged_adapter(name_or_path, load_model(base, config, tokenizer=tokenizer))
     model_config = AutoConfig.from_pretrained(name_or_path,
                                               trust_remote_code=config.trust_remote_code)
     if model_config.model_type in UNIFORM_NOISE_MODEL_TYPES:
@@ -91,6 +133,25 @@ def load_model(name_or_path: str, config: ModelConfig, *, tokenizer=None) -> nn.
                                    attn_implementation=config.attn_implementation)
     model.config.mask_token_id = resolve_mask_token_id(model.config, tokenizer)
     return model
+
+
+def _tiny_model(tokenizer) -> nn.Module:
+    """The tiny model for ``tokenizer``; named "tiny", so that a LoRA adapter trained on it
+    records "tiny" as its base and loads by rebuilding the same weights."""
+    if tokenizer is None:
+        raise ValueError("the tiny model needs the tokenizer it will be used with")
+    model = build_tiny_model(len(tokenizer), tokenizer.mask_token_id,
+                             pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    model.name_or_path = TINY
+    return model
+
+
+def _merged_adapter(folder: str, base: nn.Module) -> nn.Module:
+    """``base`` with the PEFT adapter saved in ``folder`` merged into its weights."""
+    import peft
+
+    return peft.PeftModel.from_pretrained(base, folder).merge_and_unload()
 
 
 def _accepted_family(model_config, name: str, assume_bidirectional: bool) -> ModelFamily:

@@ -1,4 +1,4 @@
-"""The jobs behind the CLI: train, precompute-ref, generate, diagnose.
+"""The jobs behind the CLI: train, precompute-ref, generate, diagnose, merge.
 
 Each takes the config dataclasses whose fields are its flags, and wires the library pieces in the
 one order data flows: tokenizer -> dataset -> models -> objective / trainer.
@@ -20,8 +20,9 @@ from elbokto.block import check_block_attention, resolve_block_size
 from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_class_balance,
                           dataset_uids, load_source, prompt_token_ids)
 from elbokto.generate import GenerationConfig, decode_responses, generate
-from elbokto.models import (TINY, ModelConfig, frozen_reference, load_model, load_tokenizer,
-                            prepare_policy, resolve_mask_token_id, uses_shifted_logits)
+from elbokto.models import (ADAPTER_CONFIG, TINY, ModelConfig, adapter_base, frozen_reference,
+                            load_model, load_tokenizer, local_or_hub, prepare_policy,
+                            resolve_mask_token_id, uses_shifted_logits)
 from elbokto.precompute import (ReferenceTable, data_fingerprint, model_identity,
                                 precompute_reference, reference_meta)
 from elbokto.tiny import build_tiny_tokenizer
@@ -222,6 +223,33 @@ def generate_text(model_cfg: ModelConfig, gen_cfg: GenerationConfig, args: Gener
         tokens = generate(model, ids, gen_cfg, pad_token_id=tokenizer.pad_token_id or 0)
         texts += decode_responses(tokenizer, tokens)
     return list(zip(prompts, texts))
+
+
+@dataclass
+class MergeArgs:
+    """Where `elbokto merge` writes the merged model."""
+
+    output_dir: str = field(metadata={
+        "help": "Folder for the merged full model and its tokenizer (not the adapter folder)."})
+
+
+def merge(model_cfg: ModelConfig, args: MergeArgs) -> Path:
+    """`elbokto merge`: the LoRA adapter folder of --model_name_or_path merged into its base
+    model; writes the full model and the tokenizer to --output_dir (returned), which then loads
+    like any model, without peft."""
+    adapter = local_or_hub(model_cfg.model_name_or_path, "--model_name_or_path")
+    if adapter_base(adapter) is None:
+        raise ValueError(f"--model_name_or_path {model_cfg.model_name_or_path}: not a LoRA "
+                         f"adapter folder (no {ADAPTER_CONFIG})")
+    out = Path(args.output_dir).expanduser()
+    if out.resolve() == Path(adapter).resolve():
+        raise ValueError(f"--output_dir {args.output_dir} is the adapter folder itself: the "
+                         "merged model needs a folder of its own")
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_model(adapter, model_cfg, tokenizer=tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 @dataclass

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from elbokto.cli import main
+from elbokto.models import TINY, ModelConfig, load_model, load_tokenizer
 from test_trainer import write_kto_mix
 
 COMMON = ["--per_device_train_batch_size", "4", "--n_t", "2", "--use_cpu", "--report_to", "none",
@@ -88,6 +90,10 @@ ONE = {"prompt": "q", "completion": "a", "label": True}
     (["train", "--dataset", "{data}", "--ref_elbo_file", "{tmp}/nope.pt"], "does not exist"),
     (["train", "--dataset", "{data}", "--resume_from_checkpoint", "last"],
      "no complete checkpoint"),
+    (["train", "--dataset", "{data}", "--model_name_or_path", "./nope"],
+     "--model_name_or_path ./nope: no such local model folder"),
+    (["train", "--dataset", "{data}", "--ref_model_name_or_path", "{tmp}/nope"],
+     "/nope: no such local model folder"),
     (["diagnose", "--dataset", "{data}", "--batch_size", "1"], "--batch_size 1"),
     (["diagnose", "--dataset", "{data}", "--redraws", "1"], "--redraws 1"),
     (["diagnose", "--dataset", "{data}", "--budgets", "8by1"], "--budgets '8by1'"),
@@ -111,6 +117,16 @@ def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
     assert err.startswith(f"elbokto {argv[0]}: error: ") and message in err, err
 
 
+def test_merge_refuses_what_is_no_adapter_folder(tmp_path, capsys):
+    assert main(["merge", "--model_name_or_path", str(tmp_path), "--output_dir",
+                 str(tmp_path / "m")]) == 2
+    assert "not a LoRA adapter folder (no adapter_config.json)" in capsys.readouterr().err
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny"}))
+    assert main(["merge", "--model_name_or_path", str(tmp_path), "--output_dir",
+                 str(tmp_path)]) == 2
+    assert "is the adapter folder itself" in capsys.readouterr().err
+
+
 def test_selfcheck_without_triton_interpret():
     """`elbokto selfcheck` imports transformers, and with it triton, before the self-check runs;
     on CPU the Triton rows must still appear (under the interpreter)."""
@@ -122,3 +138,31 @@ def test_selfcheck_without_triton_interpret():
     for op in ("fused_elbo", "fused_linear_elbo"):
         assert re.search(rf"^{op} +triton +float32 .* yes$", result.stdout, re.M), result.stdout
     assert "all backends within tolerance" in result.stdout
+
+
+def test_lora_adapter_folder_loads_everywhere_and_merges(tmp_path, capsys):
+    """`train --lora_r` saves only an adapter; generate, precompute-ref and merge load it as its
+    base with the adapter merged in, and the merged model gives the adapter model's logits."""
+    data = write_kto_mix(tmp_path / "data.jsonl")
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    assert main(["train", "--dataset", str(data), "--output_dir", str(adapter), "--max_steps", "2",
+                 "--lora_r", "4", "--learning_rate", "0.01", *COMMON]) == 0
+    assert (adapter / "adapter_config.json").exists() and not (adapter / "config.json").exists()
+    capsys.readouterr()
+    assert main(["generate", "--model_name_or_path", str(adapter), "--prompt", "reverse abc",
+                 "--gen_length", "8", "--steps", "4", "--block_length", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "reverse abc"
+    assert main(["precompute-ref", "--model_name_or_path", str(adapter), "--dataset", str(data),
+                 "--output_dir", str(tmp_path), "--output_file", str(tmp_path / "ref.pt"),
+                 *COMMON]) == 0
+    assert "wrote 16 reference ELBOs" in capsys.readouterr().out
+    assert main(["merge", "--model_name_or_path", str(adapter), "--output_dir", str(merged)]) == 0
+    assert (merged / "config.json").exists() and (merged / "tokenizer.json").exists()
+
+    tokenizer = load_tokenizer(ModelConfig(model_name_or_path=str(adapter)))
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = {name: load_model(str(path), ModelConfig(), tokenizer=tokenizer)(ids).logits
+                  for name, path in (("adapter", adapter), ("merged", merged), ("base", TINY))}
+    torch.testing.assert_close(logits["merged"], logits["adapter"])
+    assert (logits["adapter"] - logits["base"]).abs().max() > 1e-3  # the adapter was applied

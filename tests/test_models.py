@@ -4,6 +4,8 @@ and the reference. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from types import SimpleNamespace
 
@@ -13,11 +15,12 @@ from torch import nn
 from transformers import (AutoModel, GemmaConfig, GemmaForCausalLM, GenerationConfig,
                           LlamaConfig, PretrainedConfig, modeling_rope_utils)
 
-from elbokto import fixups
+from elbokto import fixups, models
 from elbokto.families import FAMILIES, family_of
 from elbokto.models import (ModelConfig, _outside_table, build_tiny_model, disable_dropout,
-                            frozen_reference, load_model, lora_targets, prepare_policy,
-                            resolve_mask_token_id, uses_shifted_logits)
+                            frozen_reference, load_model, load_tokenizer, local_or_hub,
+                            lora_targets, prepare_policy, resolve_mask_token_id,
+                            uses_shifted_logits)
 from elbokto.tiny import build_tiny_tokenizer
 from remote_standins import HEADS, WIDTH, standard_inv_freq, write_standin
 
@@ -138,6 +141,52 @@ def test_bidirectional_model_loads_from_a_folder(tmp_path):
     assert model.config.mask_token_id == 2
     assert model.config.is_causal is False
     assert_bidirectional(model)
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """transformers' loaders fail the test if called: a missing local path must not reach them
+    (the hub would retry for a minute)."""
+    def reached(name, *args, **kwargs):
+        raise AssertionError(f"{name} reached transformers")
+
+    for loader in (models.AutoConfig, models.AutoTokenizer):
+        monkeypatch.setattr(loader, "from_pretrained", reached)
+
+
+@pytest.mark.parametrize("name", ["./nope", "/no/such/model", "~/no-such-model-here",
+                                  "runs/nope", "a/b/c"])
+def test_a_missing_local_model_fails_at_once_naming_the_flag(tmp_path, monkeypatch, no_hub,
+                                                            name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # runs/nope exists in part: a path, not the hub id runs/nope
+    missing = rf"--model_name_or_path {re.escape(name)}: no such local model folder"
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_model(name, ModelConfig(model_name_or_path=name))
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_tokenizer(ModelConfig(model_name_or_path=name))
+    with pytest.raises(FileNotFoundError, match="--ref_model_name_or_path"):
+        frozen_reference(build_tiny_model(40, 2, num_layers=1),
+                         ModelConfig(ref_model_name_or_path=name))
+
+
+def test_hub_ids_stay_hub_ids_and_local_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("GSAI-ML/LLaDA-8B-Instruct", "gpt2", "tiny"):
+        assert local_or_hub(name, "--model_name_or_path") == name
+    (tmp_path / "runs" / "m").mkdir(parents=True)
+    for name in ("runs/m", "./runs/m"):
+        assert local_or_hub(name, "--model_name_or_path") == str((tmp_path / "runs/m").resolve())
+
+
+def test_an_adapter_folder_needs_its_base(tmp_path, no_hub):
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(FileNotFoundError, match="adapter_config.json: base_model_name_or_path"):
+        load_model(str(tmp_path), ModelConfig())
+    config.write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(ValueError, match="names no base_model_name_or_path"):
+        load_model(str(tmp_path), ModelConfig())
 
 
 def assert_bidirectional(model):
