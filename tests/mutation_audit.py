@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -161,15 +162,15 @@ MUTANTS: list[Mutant] = [
     M("precompute_lookup_epoch0", "elbokto/precompute.py",
       "return self.elbo[torch.searchsorted(self.uids, uids), epoch]",
       "return self.elbo[torch.searchsorted(self.uids, uids), 0]",
-      ("tests/test_trainer.py::test_precomputed_reference_equals_online",),
+      ("tests/test_precompute.py", "tests/test_trainer.py::test_precomputed_reference_equals_online"),
       "precompute: lookup ignores the epoch"),
     M("precompute_draws_epoch0", "elbokto/precompute.py",
       "objective.draws(batch, epoch)", "objective.draws(batch, 0)",
-      ("tests/test_trainer.py::test_precomputed_reference_equals_online",),
+      ("tests/test_precompute.py", "tests/test_trainer.py::test_precomputed_reference_equals_online"),
       "precompute: every epoch's column uses the draws of epoch 0"),
     M("precompute_unsorted", "elbokto/precompute.py",
       "order = torch.argsort(uids_all)", "order = torch.arange(uids_all.numel())",
-      ("tests/test_trainer.py::test_precomputed_reference_equals_online",),
+      ("tests/test_precompute.py", "tests/test_trainer.py::test_precomputed_reference_equals_online"),
       "precompute: table not sorted by uid (searchsorted finds wrong rows)"),
     M("precompute_epochs_check_inverted", "elbokto/precompute.py",
       'if self.meta.get("epochs", 0) < expected.get("epochs", 0):',
@@ -267,6 +268,7 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # no stale bytecode of a mutant, ever
     env.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/mut_ext")
+    env.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py, before triton is imported
     return env
 
 
@@ -275,6 +277,53 @@ def _git_clean(path: Path) -> bool:
     if not (ROOT / ".git").exists():
         return True
     return subprocess.run(["git", "diff", "--quiet", "--", str(path)], cwd=ROOT).returncode == 0
+
+
+def _preimport() -> None:
+    """Imports the heavy third-party libraries once, in the parent: each mutant's test run is a
+    fork that inherits them and imports only elbokto (fresh, so it sees the mutant) and the
+    tests. On a loaded machine the imports cost far more than most test files."""
+    os.environ.update({k: v for k, v in _env().items() if k != "PYTHONPATH"})
+    sys.dont_write_bytecode = True  # no stale bytecode of a mutant, ever
+    import pytest  # noqa: F401
+    import torch  # noqa: F401
+    import triton  # noqa: F401
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import GemmaForCausalLM, LlamaForCausalLM  # noqa: F401
+    assert not any(name.split(".")[0] in ("elbokto", "elbokto_kernels") for name in sys.modules)
+
+
+def _run_pytest(args: list[str], timeout: int) -> tuple[int | None, str]:
+    """pytest.main(args) in a forked child; (exit code or None on timeout, its output)."""
+    out = Path(f"/tmp/mutation_audit_{os.getpid()}.log")
+    pid = os.fork()
+    if pid == 0:  # child
+        rc = 3
+        try:
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.chdir(ROOT)
+            sys.path.insert(0, str(ROOT))
+            import pytest
+            rc = int(pytest.main(args))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+    deadline = time.time() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), out.read_text(errors="replace")
+        if time.time() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return None, out.read_text(errors="replace")
+        time.sleep(0.2)
 
 
 def run_mutant(m: Mutant, timeout: int) -> tuple[str, float, str]:
@@ -287,19 +336,16 @@ def run_mutant(m: Mutant, timeout: int) -> tuple[str, float, str]:
     start = time.time()
     try:
         path.write_text(original.replace(m.old, m.new))
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests]
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                                  timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return "timeout", time.time() - start, ""
+        rc, output = _run_pytest(["-x", "-q", "-p", "no:cacheprovider", *m.tests], timeout)
     finally:
         path.write_text(original)
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    if rc is None:
+        return "timeout", time.time() - start, ""
+    lines = output.strip().splitlines()
     failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
     tail = (failed or lines[-1:] or [""])[:1]
     # pytest: 0 all passed, 1 some failed, 2 interrupted (e.g. a collection error), 5 none ran.
-    status = {0: "survived", 1: "caught", 2: "caught"}.get(proc.returncode, f"rc{proc.returncode}")
+    status = {0: "survived", 1: "caught", 2: "caught"}.get(rc, f"rc{rc}")
     return status, time.time() - start, tail[0]
 
 
@@ -309,15 +355,19 @@ def table(results: dict) -> str:
     for i, m in enumerate(MUTANTS, 1):
         r = results.get(m.name, {})
         status = "equivalent" if m.equivalent else r.get("status", "not run")
+        if r.get("before"):
+            status += f" (before the new tests: {r['before']})"
         note = f" ({m.equivalent})" if m.equivalent else ""
         tests = " ".join(t.replace("tests/", "") for t in m.tests)
         lines.append(f"| {i} | `{m.name}` | `{m.file}` | {m.what}{note} | `{tests}` | {status} |")
-    counted = [results.get(m.name, {}).get("status") for m in MUTANTS if not m.equivalent]
-    caught = sum(s == "caught" for s in counted)
-    lines.append("")
-    lines.append(f"Caught {caught} of {len(counted)} non-equivalent mutants "
-                 f"({100 * caught / max(len(counted), 1):.0f} %); "
-                 f"{sum(bool(m.equivalent) for m in MUTANTS)} equivalent.")
+    run = [results[m.name] for m in MUTANTS if not m.equivalent and m.name in results]
+    caught = sum(r["status"] == "caught" for r in run)
+    before = sum(r.get("before", r["status"]) == "caught" for r in run)
+    share = lambda k: f"{100 * k / max(len(run), 1):.0f} %"  # noqa: E731
+    lines += ["", f"{len(MUTANTS)} mutants, {len(run)} run, "
+              f"{sum(bool(m.equivalent) for m in MUTANTS)} equivalent. Caught {caught} of "
+              f"{len(run)} ({share(caught)}); before the tests added with the audit: {before} "
+              f"({share(before)})."]
     return "\n".join(lines)
 
 
@@ -326,6 +376,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="mutant names or name prefixes")
     parser.add_argument("--list", action="store_true", help="print the mutants, run nothing")
     parser.add_argument("--table", action="store_true", help="markdown table of recorded results")
+    parser.add_argument("--claims", type=Path, help="folder of claim files: parallel workers "
+                        "skip the mutants another one took")
+    parser.add_argument("--reverse", action="store_true", help="run the table bottom up (a "
+                        "second worker on the same claims)")
+    parser.add_argument("--pending", action="store_true", help="skip mutants with a result")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
     parser.add_argument("--root", type=Path, help="a copy of the repository to mutate (parallel "
                         "runs each take their own copy); results still go to this checkout")
@@ -341,19 +396,36 @@ def main() -> None:
         return
     chosen = [m for m in MUTANTS
               if not args.only or any(m.name.startswith(o) for o in args.only)]
+    if args.reverse:
+        chosen = chosen[::-1]
+    if args.pending:
+        chosen = [m for m in chosen if m.name not in results]
     if args.list:
         for m in chosen:
             print(f"{m.name:40s} {m.file:38s} {m.what}")
         return
+    _preimport()
+    # After the imports (a library may install its own): a kill still restores the file.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     for m in chosen:
         if m.equivalent:
             print(f"{m.name:40s} equivalent: {m.equivalent}", flush=True)
             continue
+        if args.claims:  # parallel workers (each with its own --root) share one queue
+            args.claims.mkdir(parents=True, exist_ok=True)
+            try:
+                os.close(os.open(args.claims / m.name, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                continue
         status, seconds, tail = run_mutant(m, args.timeout)
         print(f"{m.name:40s} {status:10s} {seconds:6.0f}s  {tail}", flush=True)
         results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # parallel runs
+        previous = results.get(m.name, {})
+        before = previous.get("before", previous.get("status"))
         results[m.name] = {"status": status, "seconds": round(seconds),
                            "date": datetime.date.today().isoformat(), "evidence": tail[:160]}
+        if before and before != status:  # the result before the tests were strengthened
+            results[m.name]["before"] = before
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         assert _git_clean(ROOT / m.file), f"{m.file} was not restored"
     print(table(results))
