@@ -1,5 +1,7 @@
 """elbo_estimate through real transformers models: the fused head equals full logits."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -115,3 +117,34 @@ def test_fused_head_under_autocast_runs_in_the_autocast_dtype(monkeypatch):
     elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
                   attention_mask=batch["attention_mask"], backend="torch")
     assert seen[-1] == (torch.float32, torch.float32)
+
+
+class _Recorder(nn.Module):
+    """Uniform logits over the vocabulary; remembers the tokens and attention mask it was given."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, attention_mask=None):
+        self.seen, self.attention = input_ids, attention_mask
+        return torch.zeros(*input_ids.shape, self.vocab)
+
+
+def test_the_model_sees_exactly_the_drawn_copies():
+    """Copy c is example c // K with its drawn positions replaced by the mask token (and nothing
+    else changed); with uniform logits each masked position scores -log V, times its weight."""
+    batch = tiny_batch(seed=3)
+    draws = draws_for(batch, n_t=4)
+    assert draws.mask.any() and not draws.mask.all()
+    expected = batch["input_ids"].repeat_interleave(4, dim=0)
+    expected[draws.mask] = MASK_ID
+    assert torch.equal(noisy_copies(batch["input_ids"], draws, MASK_ID), expected)
+    model = _Recorder(vocab=97)
+    elbo = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
+                         attention_mask=batch["attention_mask"], backend="torch")
+    assert torch.equal(model.seen, expected)
+    assert torch.equal(model.attention, batch["attention_mask"].repeat_interleave(4, dim=0))
+    per_copy = draws.weight.double() * draws.mask.sum(1) * -math.log(97)
+    want = torch.zeros(4, dtype=torch.float64).index_add(0, draws.sample_index, per_copy)
+    torch.testing.assert_close(elbo.double(), want, rtol=1e-6, atol=1e-6)
