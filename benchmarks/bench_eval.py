@@ -1,8 +1,9 @@
 """Evaluation speed on CPU: lm-eval likelihoods and threshold decoding.
 
-    python benchmarks/bench_eval.py                                  # ~5 minutes on 2 cores
+    python benchmarks/bench_eval.py                                  # ~15 min on 2 cores
     python benchmarks/bench_eval.py --quick                          # small shapes, seconds
     python benchmarks/bench_eval.py --readme benchmarks/README.md    # also record the tables
+    python benchmarks/bench_eval.py --part sampler                   # (a) or (b) only
 
 (a) loglikelihood requests/s of the lm-eval model ``elbokto`` (:class:`elbokto.eval.DiffusionLM`:
     mc_num = 128 copies per request through the fused LM head, 32 copies per forward, plus its one
@@ -16,7 +17,8 @@
     parallel decoding (threshold 0.9, Fast-dLLM's default), at equal accuracy (the share of
     well-formed answers, reversal or copy, and the share of reversals). Goal: >= 2x.
 
-Method: in one process, one warm-up call, then the median of ``--repeats`` timed calls.
+Method: in one process, one untimed call (the agreement / accuracy check), then the median of
+``--repeats`` timed calls.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ MC_BATCH, THRESHOLD, SEED = 32, 0.9, 0
 
 
 def timed(call, repeats: int) -> float:
-    call()
+    """Median seconds of ``repeats`` calls (the caller has made one untimed call first)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -181,17 +183,20 @@ def bench_sampler(shape: dict, repeats: int) -> tuple[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--part", choices=("likelihood", "sampler", "all"), default="all")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--readme", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     shape = SHAPES["quick" if args.quick else "full"]
-    likelihood, _ = bench_likelihood(shape, args.repeats)
-    print(likelihood, "\n")
-    sampler, _ = bench_sampler(shape, args.repeats)
-    print(sampler)
-    if args.readme:
-        record_in_readme(args.readme, "Evaluation (cpu)", likelihood + "\n\n" + sampler)
+    parts = {"likelihood": ("Evaluation: lm-eval loglikelihood (cpu)", bench_likelihood),
+             "sampler": ("Evaluation: threshold decoding (cpu)", bench_sampler)}
+    for name, (title, bench) in parts.items():
+        if args.part in (name, "all"):
+            table, _ = bench(shape, args.repeats)
+            print(table, "\n")
+            if args.readme:
+                record_in_readme(args.readme, title, table)
 
 
 if __name__ == "__main__":

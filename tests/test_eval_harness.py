@@ -175,6 +175,7 @@ def test_lm_eval_cli_runs_offline_on_local_tasks(folder, lm, tmp_path, monkeypat
         assert sample["resps"][0][0] == direct
 
 
+@pytest.mark.slow  # two fresh interpreters importing torch, transformers and lm-eval
 def test_two_processes_split_the_requests_and_gather_them(folder, tmp_path):
     worker = Path(__file__).parent / "lm_eval_worker.py"
     out = tmp_path / "results.json"

@@ -116,3 +116,14 @@ def test_clear_errors(case, message, tmp_path, capsys):
         live.stop()
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("elbokto eval winrate: error: ") and message in err[-1]
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "winrate", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--candidate", "--baseline", "--prompts", "--dataset", "--max_samples",
+                 "--judge_model", "--judge_base_url", "--judge_template", "--threshold"):
+        assert flag in text
+    assert main(["eval"]) == 2

@@ -56,7 +56,7 @@ class WinrateArgs:
     device: str | None = field(default=None, metadata={
         "help": "Where model sources run; default: cuda if available, else cpu."})
     bootstrap_samples: int = field(default=10_000, metadata={
-        "help": "Bootstrap resamples for the 95% interval."})
+        "help": "Bootstrap resamples for the 95%% interval."})
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
 
 
