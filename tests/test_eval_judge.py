@@ -88,10 +88,12 @@ def test_cache_makes_repeated_and_interrupted_runs_free(tmp_path):
         again = compute_winrate(PROMPTS, CANDIDATE, BASELINE, config(server), tmp_path)
         assert server.requests == 8 and again["awr"] == first["awr"]
         # An interrupted run: 3 judgments written; only the missing ones are asked. (Both orders
-        # of p2, "same" against "same", are one key: which lines survive decides the count.)
+        # of p2, "same" against "same", share one key, and a run asks for each order: which lines
+        # survive the cut decides the count.)
         lines = (tmp_path / "judgments.jsonl").read_text().splitlines()
+        assert len(lines) == 8
         keys = [json.dumps(json.loads(line)["key"]) for line in lines]
-        missing = len(set(keys) - set(keys[:3]))
+        missing = sum(key not in set(keys[:3]) for key in keys)
         assert missing in (4, 5)
         (tmp_path / "judgments.jsonl").write_text("\n".join(lines[:3]) + "\n{\"key\": \"cut")
         compute_winrate(PROMPTS, CANDIDATE, BASELINE, config(server), tmp_path)
