@@ -2,7 +2,8 @@
 
 Materialises the full logits and uses plain autograd: slow and memory-hungry by design, and
 independent of the row primitives it checks. ``row_lse_oracle`` / ``row_grad_oracle`` are the
-row primitives of ``backends.RowOps`` in float64; ``elbo_oracle`` / ``linear_elbo_oracle`` the ops.
+row primitives of ``backends.RowOps`` in float64; ``elbo_oracle`` / ``linear_elbo_oracle`` the ops;
+``filter_bounds`` the tolerance of the filtered linear op (``filter_eps``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,44 @@ def row_grad_oracle(x: Tensor, rows: Tensor | None, targets: Tensor, scale: Tens
 
 def _softcapped(logits: Tensor, softcap: float | None) -> Tensor:
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def filter_bounds(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                  targets: Tensor, mask: Tensor, weights: Tensor, sample_index: Tensor,
+                  grad_out: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """How far ``filter_eps=eps`` may move each gradient of ``fused_linear_elbo`` (DESIGN.md §4).
+
+    Filtering drops entries of the logit gradient ``g = (onehot - softmax) * dz/dx`` (before the
+    per-row scale s = grad_out[sample] * w) that are below eps. Over the entries that are below
+    eps here (every entry the op may drop), the bound on each gradient entry is eps * |s| summed
+    over what it receives from them:
+
+        dH[r, d] <= eps |s_r| sum_{v: |g_rv| < eps} |W[v, d]|
+        dW[v, d] <= eps sum_{r: |g_rv| < eps} |s_r h[r, d]|,   db[v] <= eps sum_{r: ...} |s_r|
+
+    Inputs as for ``linear_elbo_oracle`` (float64) plus grad_out [num_samples]; returns float64
+    (dH [C, L, D], dW [V, D], db [V]). The threshold is widened by 1e-3 relative, for entries
+    that float32 rounds across it.
+    """
+    C, L, D = hidden.shape
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    h = hidden.reshape(-1, D)[index].double()
+    logits = h @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    z = _softcapped(logits, softcap)
+    g = -torch.softmax(z, dim=1)
+    g[torch.arange(index.numel()), targets.reshape(-1)[index]] += 1.0
+    if softcap is not None:
+        g = g * (1.0 - torch.tanh(logits / softcap) ** 2)
+    eps = eps * (1 + 1e-3)
+    below = (g.abs() < eps).double()
+    w = weights.double().reshape(-1)[index] if weights.dim() == 2 else \
+        weights.double()[index // L]
+    s = (grad_out.double()[sample_index[index // L]] * w).abs()
+    grad_h = torch.zeros(C * L, D, dtype=torch.float64, device=hidden.device)
+    grad_h[index] = eps * s[:, None] * (below @ weight.double().abs())
+    return (grad_h.view(C, L, D), eps * below.T @ (s[:, None] * h.abs()), eps * below.T @ s)
 
 
 def tolerances(dtype: torch.dtype, vocab: int = 1) -> tuple[float, float]:

@@ -225,10 +225,11 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(torch.ops.elbokto.fused_elbo.default,
                           (logits, targets, mask, weights, sample_index, n, "torch"))
     hidden, weight, bias, rest = make_linear_case(3, 4, 8, 10, seed=14, bias=True)
-    for keep_logits in (False, True):
+    for keep_logits, filter_eps in ((False, None), (True, None), (False, 1e-3), (True, 1e-3)):
         torch.library.opcheck(torch.ops.elbokto.fused_linear_elbo.default,
                               (hidden.requires_grad_(), weight.requires_grad_(),
-                               bias.requires_grad_(), *rest, 2.0, 4, keep_logits, "torch"))
+                               bias.requires_grad_(), *rest, 2.0, 4, keep_logits, filter_eps,
+                               "torch"))
 
 
 def test_torch_compile_sees_opaque_ops():
@@ -240,7 +241,8 @@ def test_torch_compile_sees_opaque_ops():
     def step(x, h, w):
         return ((fused_elbo(x, targets, mask, weights, sample_index, n, backend="torch")
                  + fused_linear_elbo(h, w, *rest, backend="torch")
-                 + fused_linear_elbo(h, w, *rest, keep_logits=True, backend="torch"))
+                 + fused_linear_elbo(h, w, *rest, keep_logits=True, backend="torch")
+                 + fused_linear_elbo(h, w, *rest, filter_eps=1e-3, backend="torch"))
                 * upstream).sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
