@@ -9,8 +9,8 @@ chunks): for a skipped tile it neither recomputes the logits nor adds to dH and 
 
 A tile (row r, chunk c) is live when, before the upstream scale is applied,
   - the row's target lies in the chunk (its entry, 1 - p, is the row's one large entry), or
-  - some entry has p >= eps: the chunk's largest logit of the row, recorded by the forward,
-    soft-capped like the logits, is at least ``lse_r + log(eps)``;
+  - some entry has p >= eps: the row's largest (soft-capped) logit in the chunk, which the
+    forward's log-sum-exp recorded, is at least ``lse_r + log(eps)``;
 and the row's scale is nonzero (a zero scale contributes exactly zero). Every dropped entry is
 therefore below eps in magnitude (p * |dz/dx| < eps, |dz/dx| <= 1) before the scale: the error of
 dH[r, d] is at most ``eps * |scale_r| * sum_{v dropped in row r} |W[v, d]|``, that of dW[v, d] at
@@ -41,24 +41,23 @@ def resolve_filter_eps(filter_eps: Union[None, float, str], dtype: torch.dtype) 
     return float(filter_eps) or None
 
 
-def live_rows(tile_max: Tensor, lse: Tensor, scale: Tensor, target_chunk: Tensor, eps: float,
-              softcap: Optional[float]) -> list[Optional[Tensor]]:
+def live_rows(tile_max: Tensor, lse: Tensor, scale: Tensor, target_chunk: Tensor,
+              eps: float) -> list[Optional[Tensor]]:
     """The rows the backward computes in each chunk of the walk.
 
     Args:
-        tile_max: float32 [num_chunks, M], each row's largest raw logit in each chunk.
+        tile_max: float32 [num_chunks, M], each row's largest (soft-capped) logit in each chunk.
         lse: float32 [M], the rows' log-sum-exp. scale: float32 [M], their upstream scale.
         target_chunk: int64 [M], the chunk holding each row's target.
-        eps: the threshold; softcap: the logits' soft-capping, or None.
+        eps: the threshold.
 
     Returns:
         One entry per chunk: None when every row is live, else the live rows (int64 [n], n < M,
         increasing). One host sync (the live counts of all chunks together).
     """
     num_chunks, num_rows = tile_max.shape
-    z_max = tile_max if softcap is None else softcap * torch.tanh(tile_max / softcap)
     # Written as "not below" so that a NaN logit keeps its tile: its NaN gradient is not dropped.
-    live = ~(z_max - lse < math.log(eps))
+    live = ~(tile_max - lse < math.log(eps))
     live |= torch.arange(num_chunks, device=lse.device).unsqueeze(1) == target_chunk
     live &= scale != 0
     counts = live.sum(1).tolist()

@@ -15,7 +15,8 @@ holding M x V float32 logits. ``keep_logits=True`` pays that memory instead (bac
 
 ``filter_eps`` (``grad_filter.py``) goes under that floor: forward and backward walk the vocabulary
 sorted by mean logit (``vocab_walk.py``), the forward records each row's largest logit per chunk,
-and the backward recomputes logits and adds to dH and dW only for the (row, chunk) tiles that hold
+(a by-product of its log-sum-exp), and the backward recomputes logits and adds to dH and dW only
+for the (row, chunk) tiles that hold
 an entry the gradient can see; the others cost nothing but their share of the forward. Both
 passes share one chunk loop each with the exact op, whose tiles are all live.
 """
@@ -232,8 +233,8 @@ def _fused_linear_elbo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
                        filter_eps: Optional[float], backend: str
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out [num_samples], lse [C, L], kept logits float32 [M * V] or empty, and for
-    the filter the rows' largest logit per chunk, float32 [num_chunks * M], and the walk's
-    order, int64 [V]; both empty without the filter)."""
+    the filter the rows' largest (soft-capped) logit per chunk, float32 [num_chunks * M], and
+    the walk's order, int64 [V]; both empty without the filter)."""
     rows = gather_masked_rows(targets, mask, weights, sample_index, weight.shape[0], num_samples)
     h = _gemm_rows(hidden, rows.index)
     ops = row_ops(backend)
@@ -248,11 +249,10 @@ def _fused_linear_elbo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     target = walk.positions(rows.target)
     for chunk in walk.chunks():
         z = work.logits(chunk, work.weight_rows(chunk))
-        chunk_lse, chunk_target = ops.row_lse(z, None, target - chunk.start, softcap)
+        chunk_lse, chunk_target = ops.row_lse(z, None, target - chunk.start, softcap,
+                                              tile_max[chunk.index] if tile_max.numel() else None)
         lse = torch.logaddexp(lse, chunk_lse)
         target_logit += chunk_target
-        if filter_eps is not None:
-            torch.amax(z, 1, out=tile_max[chunk.index])
     order = walk.order if walk.order is not None else hidden.new_empty(0, dtype=torch.int64)
     return reduce_rows(rows, target_logit, lse, num_samples, targets.shape) + (
         kept, tile_max.view(-1), order)
@@ -290,16 +290,22 @@ def _fused_linear_elbo_backward(
     target = walk.positions(rows.target)
     live = ([None] * walk.num_chunks if filter_eps is None else
             live_rows(tile_max.view(walk.num_chunks, rows.count), row_lse, scale,
-                      target // walk.chunk, filter_eps, softcap))
+                      target // walk.chunk, filter_eps))
     grad_h = torch.zeros((rows.count, D) if needs_hidden_grad else (0,), dtype=torch.float32,
                          device=hidden.device)
-    # Every chunk writes its rows of grad_w, so it needs no zero fill.
+    # Every chunk writes its rows of grad_w, so it needs no zero fill, except where the filter
+    # skips chunks without live rows.
     grad_w = (memory.empty(weight.shape, weight.dtype, weight.device) if needs_weight_grad
               else weight.new_empty(0))
+    if needs_weight_grad and filter_eps is not None:
+        grad_w.zero_()
     grad_b = torch.zeros_like(bias) if needs_bias_grad else weight.new_empty(0)
     work = _ChunkWorkspace(h, weight, bias, walk, kept if keep_logits else None, filled=True,
                            filtered=filter_eps is not None)
     for chunk, rows_live in zip(walk.chunks(), live):
+        if rows_live is not None and not rows_live.numel():
+            continue
+
         def pick(t: Tensor) -> Tensor:
             return t if rows_live is None else t[rows_live]
 

@@ -23,7 +23,7 @@ CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
 # Columns per chunk of a filtered walk (at most; the budget above still applies). A chunk is the
 # vocabulary extent of a filter tile: narrower chunks skip more, and cost GEMM efficiency. On CPU,
 # measured in benchmarks/README.md; on GPU one block of the Triton row kernels.
-FILTER_COLUMNS = {"cuda": 4096, "cpu": 1024}
+FILTER_COLUMNS = {"cuda": 4096, "cpu": 2048}
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def _row_of(rows_ptr, pid, HAS_ROWS: tl.constexpr):
 
 @triton.jit
 def _row_lse_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr, tlogit_ptr,
-                    vocab, softcap,
+                    max_ptr, vocab, softcap,
                     HAS_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row = _row_of(rows_ptr, pid, HAS_ROWS)
@@ -68,6 +68,7 @@ def _row_lse_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr,
         # where z is -inf.
         t_acc += tl.where(valid & (cols == target), z, 0.0)
     tl.store(lse_ptr + pid, m + tl.log(s))
+    tl.store(max_ptr + pid, m)
     tl.store(tlogit_ptr + pid, tl.sum(t_acc, axis=0))
 
 
@@ -103,16 +104,18 @@ def _launch_args(x: Tensor, rows: Tensor | None, softcap: float | None):
     return vocab, 0.0 if softcap is None else float(softcap), meta
 
 
-def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None):
+def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None,
+            row_max: Tensor | None = None):
     num_rows = targets.numel()
     lse = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     target_logit = torch.empty_like(lse)
     if num_rows == 0:
         return lse, target_logit
     vocab, cap, meta = _launch_args(x, rows, softcap)
+    # The row maxima cost one store per row: written always, into a scratch vector when unwanted.
     _row_lse_kernel[(num_rows,)](
         x, x.stride(0), x.stride(1), rows if rows is not None else targets, targets, lse,
-        target_logit, vocab, cap, **meta)
+        target_logit, torch.empty_like(lse) if row_max is None else row_max, vocab, cap, **meta)
     return lse, target_logit
 
 
