@@ -33,10 +33,14 @@ def test_bad_arguments():
 
 
 def test_simd_level_in_the_extension_name():
-    """A cache shared by machines with different CPUs keeps one binary per SIMD level."""
+    """A cache shared by machines with different CPUs keeps one binary per SIMD level, and one
+    per version of the source."""
+    import hashlib
+
     simd = torch.backends.cpu.get_cpu_capability()
     expected = simd.lower() if simd in ("AVX512", "AVX2") else "default"
-    assert cpu._build()[0].__name__ == f"elbokto_cpu_{expected}"
+    version = hashlib.sha256(cpu._source().read_bytes()).hexdigest()[:12]
+    assert cpu._build()[0].__name__ == f"elbokto_cpu_{expected}_{version}"
 
 
 def test_auto_resolves_to_cpu():

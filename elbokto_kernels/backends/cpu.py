@@ -4,13 +4,15 @@ The extension is compiled on first use with ``torch.utils.cpp_extension.load`` a
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). It is built for the SIMD level
 ATen itself dispatches to on this machine (AVX512, AVX2, or portable code), and that level is part
 of the extension's name, so a cache shared by machines with different CPUs never hands one of them
-a binary it cannot run. If it does not build, ``available()`` says so (and warns once) and "auto"
+a binary it cannot run; so is a hash of the source, so that checkouts of different versions
+sharing a cache never load each other's build. If it does not build, ``available()`` says so (and warns once) and "auto"
 falls back to the torch backend.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -46,10 +48,12 @@ def _build() -> tuple[ModuleType | None, str]:
 
     simd = torch.backends.cpu.get_cpu_capability()
     flags = _SIMD_FLAGS.get(simd, [])
+    source = _source()
+    version = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     try:
         module = cpp_extension.load(
-            name=f"elbokto_cpu_{simd.lower() if flags else 'default'}",
-            sources=[str(_source())],
+            name=f"elbokto_cpu_{simd.lower() if flags else 'default'}_{version}",
+            sources=[str(source)],
             # at::parallel_for is header code over OpenMP: without -fopenmp it runs serially.
             extra_cflags=["-O3", "-fopenmp", *flags],
             extra_ldflags=["-fopenmp"],
