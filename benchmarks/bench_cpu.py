@@ -13,15 +13,15 @@ Cases (float32, 2048 masked rows, per-copy weights, 4 samples of 2 copies each):
                      none of them spends GEMMs on unmasked rows; they do 3 GEMMs of 2*M*D*V FLOPs,
                      the fused op 4 (its backward recomputes the logits), 3 with keep_logits=True.
   fused_linear_elbo_filter  the same shapes with ``filter_eps=2**-12``, at the logit
-                     distributions of ``DISTRIBUTIONS``, against the fastest baselines (eager,
-                     F.linear_cross_entropy) and the exact op. Each distribution comes with its
+                     distributions of ``baselines.ZIPF_DISTRIBUTIONS``, against the fastest
+                     baselines (eager, F.linear_cross_entropy) and the exact op. Each distribution comes with its
                      density (share of entries of softmax - onehot >= 2^-12), the share of
                      128 x 128 tiles (masked rows in order x 128 columns) holding such an entry,
                      with the columns in vocabulary order and sorted by mean logit, and the share
                      of the op's own tiles (one row x one chunk of the sorted walk) it computes.
 
-Logit distributions (``_hidden_states``): a token's frequency follows a Zipf law (rank r has
-probability ~ r^-1.1) over a shuffled vocabulary, so frequent tokens are scattered over the ids and
+Logit distributions (``baselines.zipf_hidden_states``): a token's frequency follows a Zipf law
+(rank r has probability ~ r^-1.1) over a shuffled vocabulary, so frequent tokens are scattered over the ids and
 only sorting gathers them. Masked row i mixes k tokens t_1..t_k drawn from that law,
 h_i = s * sum_j W[t_j] / sqrt(k) + sigma * N(0, I_D), and its target is t_1: the more tokens and
 the more isotropic noise, the more entries the softmax spreads over. "uniform" has no tokens,
@@ -52,6 +52,7 @@ import os
 import statistics
 from pathlib import Path
 
+from baselines import zipf_hidden_states
 from measure import record_in_readme, run_worker, time_and_peak
 
 SHAPES = {
@@ -67,14 +68,6 @@ VARIANTS = {
     "fused_linear_elbo_filter": ["eager@half", "lce@half", "lce_chunked_ar1@half", "cpu@half",
                                  "cpu@uniform", "cpu_filter@very sparse", "cpu_filter@half",
                                  "cpu_filter@sparse", "cpu_filter@dense", "cpu_filter@uniform"],
-}
-# name: (tokens mixed per row k, their scale s, isotropic noise sigma); see the docstring.
-DISTRIBUTIONS = {
-    "very sparse": (1, 12.0, 0.0),
-    "half": (64, 12.0, 0.0),  # about half of the sorted 128 x 128 tiles hold an entry
-    "sparse": (16, 12.0, 0.0),
-    "dense": (4, 12.0, 1.0),
-    "uniform": (0, 0.0, 2.0),
 }
 FILTER_EPS = 2.0 ** -12
 TILE = 128  # rows and columns of the tiles the sparsity figures count
@@ -122,28 +115,12 @@ def _inputs(shape: dict, case: str, distribution: str | None = None):
     if distribution is None:
         hidden = torch.randn(C, L, D)
     else:
-        hidden, tokens = _hidden_states(weight, C * L, distribution)
+        hidden, tokens = zipf_hidden_states(weight, C * L, distribution)
         hidden = hidden.view(C, L, D)
         if tokens is not None:
             targets = tokens.view(C, L).masked_fill(~mask, -100)
             common = (targets,) + common[1:]
     return (hidden.requires_grad_(), weight.requires_grad_()) + common
-
-
-def _hidden_states(weight, rows: int, distribution: str):
-    """(hidden float32 [rows, D], the target of each row int64 [rows] or None for "uniform")
-    drawn as the module docstring says, from torch's global generator."""
-    import torch
-
-    k, s, sigma = DISTRIBUTIONS[distribution]
-    vocab, dim = weight.shape
-    hidden = sigma * torch.randn(rows, dim)
-    if not k:
-        return hidden, None
-    zipf = torch.arange(1, vocab + 1, dtype=torch.float64) ** -1.1
-    token_of_rank = torch.randperm(vocab)
-    tokens = token_of_rank[torch.multinomial(zipf, rows * k, replacement=True)].view(rows, k)
-    return hidden + s * weight[tokens].sum(1) / k**0.5, tokens[:, 0]
 
 
 def sparsity(shape: dict, distribution: str) -> dict:
