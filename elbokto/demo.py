@@ -93,6 +93,7 @@ class DemoConfig:
     psi_batch_size: int = 64
     psi_redraws: int = 8
     backend: str = "torch"  # the tiny vocabulary needs no compiled kernel
+    filter_eps: float | str | None = None  # gradient filtering of the LM head, SFT and ELBO-KTO
 
     @property
     def gen_length(self) -> int:
@@ -219,7 +220,8 @@ def train_sft(model: nn.Module, encoder: Encoder, config: DemoConfig,
                              batch["input_ids"].shape[1], uids=batch["uid"], seed=config.seed,
                              step=step)
         elbo = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=mask_id,
-                             attention_mask=batch["attention_mask"], backend=config.backend)
+                             attention_mask=batch["attention_mask"], backend=config.backend,
+                             filter_eps=config.filter_eps)
         loss = -(elbo / batch["response_lengths"]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -245,7 +247,7 @@ def kto_rows(encoder: Encoder, config: DemoConfig, prompts: list[str]) -> list[d
 
 def kto_objective(config: DemoConfig) -> ELBOKTOObjective:
     return ELBOKTOObjective(mc=config.mc, loss=config.loss, seed=config.seed, crn=config.crn,
-                            backend=config.backend)
+                            filter_eps=config.filter_eps, backend=config.backend)
 
 
 def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: list[dict],

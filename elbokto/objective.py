@@ -83,6 +83,9 @@ class ELBOKTOObjective:
         keep_logits: keep the masked rows' float32 logits of the fused LM head from forward to
             backward (4 * masked rows * V bytes) instead of recomputing them: a quarter fewer
             LM-head FLOPs.
+        filter_eps: gradient filtering of the fused LM head's backward: None (exact), a float,
+            or "auto" (``finfo(dtype).eps / 32`` of the head's compute dtype); see
+            :func:`elbokto_kernels.fused_linear_elbo`.
         backend: kernel backend ("auto", "triton", "cpu", "torch").
     """
 
@@ -95,6 +98,7 @@ class ELBOKTOObjective:
     pad_token_id: int = 0
     crn: bool = True
     keep_logits: bool = False
+    filter_eps: float | str | None = None
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -207,7 +211,7 @@ class ELBOKTOObjective:
                              mask_token_id=self._mask_token_id(model),
                              attention_mask=batch.get("attention_mask"),
                              shift_logits=self.shift_logits, keep_logits=self.keep_logits,
-                             backend=self.backend)
+                             filter_eps=self.filter_eps, backend=self.backend)
 
     def _mask_token_id(self, model: nn.Module) -> int:
         if self.mask_token_id is not None:

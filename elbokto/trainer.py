@@ -55,6 +55,11 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
         "help": "Keep the masked rows' float32 logits of the fused LM head for the backward "
                 "(4 bytes x masked rows x vocabulary) instead of recomputing them: a quarter "
                 "fewer LM-head FLOPs."})
+    filter_eps: str | None = field(default=None, metadata={
+        "help": "Gradient filtering of the fused LM head's backward: skip the tiles of the logit "
+                "gradient whose entries are all below this before the upstream scale ('auto': "
+                "the compute dtype's eps / 32, 2^-12 in bf16; '0': exact). Default: 'auto' when "
+                "training with --bf16 or --fp16, exact otherwise."})
     ref_elbo_file: str | None = field(default=None, metadata={
         "help": "Precomputed reference ELBOs from `elbokto precompute-ref` (no reference model "
                 "is loaded then)."})
@@ -77,6 +82,12 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
             raise ValueError(f"--kernel_backend {self.kernel_backend!r}: expected one of "
                              f"{BACKENDS}")
         super().__post_init__()
+        _resolve_filter_eps(self.filter_eps, self.bf16 or self.fp16)  # a bad --filter_eps raises now
+
+    @property
+    def lm_head_filter_eps(self) -> float | str | None:
+        """--filter_eps resolved: unset -> "auto" with --bf16 / --fp16, else None (exact)."""
+        return _resolve_filter_eps(self.filter_eps, self.bf16 or self.fp16)
 
     @property
     def mc(self) -> MCConfig:
@@ -90,7 +101,24 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
         return ELBOKTOObjective(mc=self.mc, loss=self.loss, seed=self.draw_seed,
                                 mc_chunk_size=self.mc_chunk_size, mask_token_id=self.mask_token_id, shift_logits=self.shift_logits,
                                 pad_token_id=pad_token_id, keep_logits=self.keep_logits,
-                                backend=self.kernel_backend)
+                                filter_eps=self.lm_head_filter_eps, backend=self.kernel_backend)
+
+
+def _resolve_filter_eps(value: str | float | None, half: bool) -> float | str | None:
+    """--filter_eps as the objective takes it: unset -> "auto" in half precision, else None;
+    "auto" as it is; a number (a float or its text) as a float."""
+    if value is None:
+        return "auto" if half else None
+    if value == "auto":
+        return value
+    try:
+        eps = float(value)
+    except ValueError:
+        eps = -1.0
+    if not eps >= 0:
+        raise ValueError(f"--filter_eps {value!r}: expected 'auto', 0 (exact) or a positive "
+                         "number such as 0.000244140625 (2^-12)")
+    return eps
 
 
 class ELBOKTOTrainer(Trainer):

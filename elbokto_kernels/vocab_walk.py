@@ -20,10 +20,13 @@ from torch import Tensor
 # D = 4096 the workspace is then ~0.8 GB: logits 256 MiB + half gradient 128 MiB + dH 256 MiB +
 # gathered rows 128 MiB, while each GEMM still has 4096 columns.
 CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
-# Columns per chunk of a filtered walk (at most; the budget above still applies). A chunk is the
-# vocabulary extent of a filter tile: narrower chunks skip more, and cost GEMM efficiency. On CPU,
-# measured in benchmarks/README.md; on GPU one block of the Triton row kernels.
-FILTER_COLUMNS = {"cuda": 4096, "cpu": 1024}
+# A chunk of a filtered walk is the vocabulary extent of a filter tile: narrower chunks skip more
+# and cost GEMM efficiency. It spans at most FILTER_COLUMNS (on CPU the best of 1024 / 2048 at
+# V = 32000, benchmarks/README.md; on GPU one block of the Triton row kernels) and at most a
+# 1 / FILTER_MIN_CHUNKS share of the vocabulary, so that small vocabularies are filtered too, in
+# multiples of 128 columns; the memory budget above still applies.
+FILTER_COLUMNS = {"cuda": 4096, "cpu": 2048}
+FILTER_MIN_CHUNKS = 16
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,16 @@ class VocabWalk:
 def chunk_columns(vocab: int, num_rows: int, chunk_size: int, device: torch.device,
                   filtered: bool) -> int:
     """Columns per chunk: ``chunk_size`` when given, else the device's memory budget in multiples
-    of 128 columns, capped at FILTER_COLUMNS for a filtered walk."""
+    of 128 columns, for a filtered walk also within FILTER_COLUMNS and a FILTER_MIN_CHUNKS-th of
+    the vocabulary."""
     if chunk_size:
         return min(chunk_size, vocab)
     budget = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"])
     columns = max(128, budget // max(num_rows, 1) // 128 * 128)
     if filtered:
-        columns = min(columns, FILTER_COLUMNS.get(device.type, FILTER_COLUMNS["cpu"]))
+        share = -(-vocab // FILTER_MIN_CHUNKS)
+        columns = min(columns, FILTER_COLUMNS.get(device.type, FILTER_COLUMNS["cpu"]),
+                      -(-share // 128) * 128)
     return min(vocab, columns)
 
 

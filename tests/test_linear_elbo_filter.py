@@ -169,12 +169,15 @@ def test_filtered_frozen_head_one_row_nothing_masked(backend):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in nothing)
 
 
-def test_sorted_walk_leaves_unused_entries_exactly_zero(backend):
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_sorted_walk_leaves_unused_entries_exactly_zero(backend, softcap):
     """Eight tokens, scattered over the vocabulary, own eight directions of the hidden space and
-    every row points at one of them, its target. Sorted by mean logit the eight fill the first
-    chunk and every later chunk holds entries below eps only: their rows of dW are exactly zero,
-    where the exact op gives tiny non-zero values. In the natural order the eight would keep
-    about six chunks of ten live."""
+    every row points at one of them, its target for all but a few rows. Sorted by mean logit the
+    eight fill the first chunk and every later chunk holds entries below eps only: their rows of
+    dW are exactly zero (the exact op gives tiny non-zero values), but for the targets of the
+    other rows, which the lone-target term reaches (their logits, biased to -10, soft-capped at
+    5 have dz/dx ~0.07). In the natural order the eight would keep about six chunks of ten
+    live."""
     C, L, D, V, chunk = 4, 8, 32, 320, 32
     g = torch.Generator().manual_seed(4)
     tokens = torch.randperm(V, generator=g)[:8]
@@ -185,13 +188,21 @@ def test_sorted_walk_leaves_unused_entries_exactly_zero(backend):
     direction, mask = position % 8, position % 5 != 4  # each direction has masked rows
     hidden = 6.0 * torch.nn.functional.one_hot(direction, D).float()
     hidden[..., 8:] += 0.1 * torch.randn(C, L, D - 8, generator=g)
-    rest = (tokens[direction].masked_fill(~mask, -100), mask, torch.rand(C, generator=g) + 0.5,
-            torch.arange(C) % 2, 2)
+    others = torch.tensor([v for v in range(V) if v not in tokens])
+    lone = position % 7 == 3  # rows whose target the model gives almost no probability
+    lone_targets = others[torch.randint(0, others.numel(), (C, L), generator=g)]
+    targets = torch.where(lone, lone_targets, tokens[direction]).masked_fill(~mask, -100)
+    rest = (targets, mask, torch.rand(C, generator=g) + 0.5, torch.arange(C) % 2, 2)
     upstream = torch.randn(2, generator=g)
-    got = check_filtered(backend, hidden, weight, None, rest, upstream, 1e-2, chunk_size=chunk)
+    bias = torch.zeros(V).index_fill_(0, lone_targets[lone], -10.0)
+    got = check_filtered(backend, hidden, weight, bias, rest, upstream, 1e-2, softcap=softcap,
+                         chunk_size=chunk)
     zero_rows = (got[1] == 0).all(1)
-    assert zero_rows.sum() == V - chunk and not zero_rows[tokens].any()
-    _, exact = grads(backend, hidden, weight, None, rest, upstream, chunk_size=chunk)
+    reached = lone_targets[lone & mask].unique()
+    assert not zero_rows[tokens].any() and not zero_rows[reached].any()
+    assert zero_rows.sum() >= V - chunk - reached.numel()
+    _, exact = grads(backend, hidden, weight, bias, rest, upstream, softcap=softcap,
+                     chunk_size=chunk)
     assert not (exact[1] == 0).all(1).any()
 
 

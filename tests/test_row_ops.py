@@ -61,6 +61,13 @@ def check_row_ops(backend, x, rows, targets, softcap, out_dtype=None):
     want_lse, want_target_logit = row_lse_oracle(x, rows, targets, softcap)
     assert_close(lse, want_lse, value_tol, "lse")
     assert_close(target_logit, want_target_logit, value_tol, "target logit")
+    # The optional row maxima (gradient filtering's tile maxima) change nothing else.
+    row_max = torch.full(targets.shape, 7.0)
+    again = ops.row_lse(x, rows, targets, softcap, row_max)
+    assert torch.equal(again[0], lse) and torch.equal(again[1], target_logit)
+    z = (x if rows is None else x[rows]).double()
+    z = z if softcap is None else softcap * torch.tanh(z / softcap)
+    assert_close(row_max, z.amax(1), value_tol, "row max")
 
     scale = torch.randn(targets.numel(), generator=torch.Generator().manual_seed(1))
     out_dtype = out_dtype or x.dtype

@@ -243,3 +243,18 @@ def test_evaluation_split_during_training(tmp_path):
         _, same, cfg = configs(tmp_path, data, max_steps=1)
         same.eval_split = same.dataset_split
         train(ModelConfig(), same, cfg)
+
+
+def test_filter_eps_default_follows_the_precision(tmp_path):
+    """--filter_eps unset: "auto" when training in bf16 / fp16, exact in fp32; '0' is exact; the
+    objective receives the resolved value; a malformed value raises at once."""
+    def config(**kw):
+        return ELBOKTOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kw)
+
+    assert config().objective().filter_eps is None
+    assert config(bf16=True).objective().filter_eps == "auto"
+    assert config(bf16=True, filter_eps="0").objective().filter_eps == 0.0
+    assert config(filter_eps="0.000244140625").objective().filter_eps == 2.0 ** -12
+    assert config(filter_eps="auto").objective().filter_eps == "auto"
+    with pytest.raises(ValueError, match="--filter_eps '2\\*\\*-12'"):
+        config(filter_eps="2**-12")

@@ -51,10 +51,12 @@ class RowOps(Protocol):
     with ``rows=None`` on each float32 [M, Vc] logit chunk, targets shifted by the chunk's start.
     """
 
-    def row_lse(self, x: Tensor, rows: Tensor | None, targets: Tensor,
-                softcap: float | None) -> tuple[Tensor, Tensor]:
+    def row_lse(self, x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None,
+                row_max: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(lse, target_logit), float32 [M] each: the log-sum-exp of z over each row, and z at the
-        row's target (0 where the target is outside [0, V))."""
+        row's target (0 where the target is outside [0, V)). ``row_max``, a contiguous float32
+        [M] when given, receives the largest z of each row (the online log-sum-exp has it anyway;
+        gradient filtering reads it)."""
 
     def row_grad(self, x: Tensor, rows: Tensor | None, targets: Tensor, lse: Tensor,
                  scale: Tensor, softcap: float | None, out: Tensor) -> None:

@@ -196,11 +196,12 @@ def _kernel() -> ModuleType:
     return module
 
 
-def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor,
-            softcap: float | None) -> tuple[Tensor, Tensor]:
-    """(lse, target_logit), float32 [M] each, of rows of x [N, V]; see ``RowOps.row_lse``."""
+def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None,
+            row_max: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(lse, target_logit), float32 [M] each, of rows of x [N, V], and their largest logits into
+    ``row_max`` when given; see ``RowOps.row_lse``."""
     return _kernel().row_lse(x, rows, targets.contiguous(),
-                             None if softcap is None else float(softcap))
+                             None if softcap is None else float(softcap), row_max)
 
 
 def row_grad(x: Tensor, rows: Tensor | None, targets: Tensor, lse: Tensor, scale: Tensor,

@@ -32,7 +32,8 @@ def _target_onehot(targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     return inside, targets.clamp(0, max(vocab - 1, 0)).unsqueeze(1)
 
 
-def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None):
+def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None,
+            row_max: Tensor | None = None):
     num_rows, vocab = targets.numel(), x.shape[1]
     lse = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     target_logit = torch.empty_like(lse)
@@ -40,6 +41,8 @@ def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | No
         z, _ = _load(x, rows, start, end, softcap)
         inside, col = _target_onehot(targets[start:end], vocab)
         lse[start:end] = torch.logsumexp(z, dim=1)
+        if row_max is not None:
+            torch.amax(z, 1, out=row_max[start:end])
         target_logit[start:end] = torch.where(inside, z.gather(1, col).squeeze(1), 0.0)
     return lse, target_logit
 
