@@ -38,6 +38,13 @@ class DemoArgs:
     ablate: bool = field(default=False, metadata={
         "help": "Also run the miniature of the paper's ablations (slower)."})
     quick: bool = field(default=False, metadata={"help": "A seconds-long smoke run."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={
+        "help": "Seeds to run (data, initial weights, draws, sampling); with more than one, each "
+                "writes under <output_dir>/seed<k> and seeds.json gathers the rates with their "
+                "mean and spread."})
+    filter_eps: str | None = field(default=None, metadata={
+        "help": "Gradient filtering of the LM head's backward in SFT and ELBO-KTO (e.g. 2**-12; "
+                "default exact)."})
 
 
 def _parse(prog: str, dataclasses, argv):
@@ -81,9 +88,13 @@ def _run(command: str, rest: list[str]) -> int:
         from elbokto.eval.cli import main as eval_main
         return eval_main(rest)
     if command == "demo":
-        from elbokto.demo import run_demo
+        from elbokto.demo import DemoConfig, run_seeds
+        from elbokto.trainer import filter_eps_flag
+
         (args,) = _parse(command, [DemoArgs], rest)
-        run_demo(args.output_dir, ablate=args.ablate, quick=args.quick)
+        config = DemoConfig(filter_eps=filter_eps_flag(args.filter_eps, half=False))
+        run_seeds(args.output_dir, args.seeds, ablate=args.ablate, quick=args.quick,
+                  config=config)
         return 0
 
     from elbokto import run

@@ -46,7 +46,7 @@ from elbokto.models import build_tiny_model
 from elbokto.objective import ELBOKTOObjective
 from elbokto.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
 
-__all__ = ["DemoConfig", "classify", "run_demo"]
+__all__ = ["DemoConfig", "classify", "run_demo", "run_seeds"]
 
 logger = logging.getLogger(__name__)
 
@@ -403,6 +403,34 @@ def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = 
                 "%.3f, 95%% CI [%.3f, %.3f]", summary["winrate"]["awr"],
                 summary["winrate"]["ci_low"], summary["winrate"]["ci_high"])
     return summary
+
+
+def run_seeds(output_dir: str, seeds: list[int], ablate: bool = False, quick: bool = False,
+              config: DemoConfig | None = None) -> dict:
+    """:func:`run_demo` once per seed; with more than one seed, each writes under
+    ``output_dir/seed<k>`` and ``output_dir/seeds.json`` gathers the base and aligned desirable
+    rates per seed with their mean, standard deviation, minimum and maximum.
+
+    Returns the summary of the single seed, or the content of ``seeds.json``."""
+    config = config or DemoConfig()
+    if len(seeds) == 1:
+        return run_demo(output_dir, ablate, quick, replace(config, seed=seeds[0]))
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {seeds}: each seed once")
+    runs = {seed: run_demo(str(Path(output_dir) / f"seed{seed}"), ablate, quick,
+                           replace(config, seed=seed)) for seed in seeds}
+    result = {"seeds": {seed: {"base": r["base_desirable_rate"],
+                               "aligned": r["aligned_desirable_rate"]} for seed, r in runs.items()},
+              "filter_eps": config.filter_eps, "quick": quick}
+    for key in ("base", "aligned"):
+        rates = np.array([r[key] for r in result["seeds"].values()])
+        result[key] = {"mean": rates.mean(), "std": rates.std(ddof=1), "min": rates.min(),
+                       "max": rates.max()}
+    (Path(output_dir) / "seeds.json").write_text(json.dumps(result, indent=1))
+    logger.info("seeds %s: aligned desirable rate %.3f +- %.3f (min %.3f, max %.3f), base %.3f",
+                seeds, *(result["aligned"][k] for k in ("mean", "std", "min", "max")),
+                result["base"]["mean"])
+    return result
 
 
 def _psi_examples(config: DemoConfig, prompts: list[str]) -> tuple[list[str], list[bool]]:

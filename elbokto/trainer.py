@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -58,8 +59,8 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
     filter_eps: str | None = field(default=None, metadata={
         "help": "Gradient filtering of the fused LM head's backward: skip the tiles of the logit "
                 "gradient whose entries are all below this before the upstream scale ('auto': "
-                "the compute dtype's eps / 32, 2^-12 in bf16; '0': exact). Default: 'auto' when "
-                "training with --bf16 or --fp16, exact otherwise."})
+                "the compute dtype's eps / 32, 2^-12 in bf16; a number such as 2**-12; '0': "
+                "exact). Default: 'auto' when training with --bf16 or --fp16, exact otherwise."})
     ref_elbo_file: str | None = field(default=None, metadata={
         "help": "Precomputed reference ELBOs from `elbokto precompute-ref` (no reference model "
                 "is loaded then)."})
@@ -82,12 +83,12 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
             raise ValueError(f"--kernel_backend {self.kernel_backend!r}: expected one of "
                              f"{BACKENDS}")
         super().__post_init__()
-        _resolve_filter_eps(self.filter_eps, self.bf16 or self.fp16)  # a bad --filter_eps raises now
+        filter_eps_flag(self.filter_eps, self.bf16 or self.fp16)  # a bad --filter_eps raises now
 
     @property
     def lm_head_filter_eps(self) -> float | str | None:
         """--filter_eps resolved: unset -> "auto" with --bf16 / --fp16, else None (exact)."""
-        return _resolve_filter_eps(self.filter_eps, self.bf16 or self.fp16)
+        return filter_eps_flag(self.filter_eps, self.bf16 or self.fp16)
 
     @property
     def mc(self) -> MCConfig:
@@ -104,20 +105,22 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
                                 filter_eps=self.lm_head_filter_eps, backend=self.kernel_backend)
 
 
-def _resolve_filter_eps(value: str | float | None, half: bool) -> float | str | None:
+def filter_eps_flag(value: str | float | None, half: bool) -> float | str | None:
     """--filter_eps as the objective takes it: unset -> "auto" in half precision, else None;
-    "auto" as it is; a number (a float or its text) as a float."""
+    "auto" as it is; a number (a float, its text, or a power written ``2**-12`` / ``2^-12``) as a
+    float."""
     if value is None:
         return "auto" if half else None
     if value == "auto":
         return value
+    power = re.fullmatch(r"\s*([0-9.]+)\s*(?:\*\*|\^)\s*([-+]?[0-9]+)\s*", str(value))
     try:
-        eps = float(value)
+        eps = float(power[1]) ** int(power[2]) if power else float(value)
     except ValueError:
         eps = -1.0
-    if not eps >= 0:
-        raise ValueError(f"--filter_eps {value!r}: expected 'auto', 0 (exact) or a positive "
-                         "number such as 0.000244140625 (2^-12)")
+    if not 0 <= eps < 1:
+        raise ValueError(f"--filter_eps {value!r}: expected 'auto', 0 (exact) or a number in "
+                         "(0, 1) such as 2**-12 or 0.000244140625")
     return eps
 
 

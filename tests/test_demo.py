@@ -17,6 +17,25 @@ def test_quick_demo_writes_summary_and_plot(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_seeds_and_filter_eps(tmp_path):
+    """--seeds runs one demo per seed in its own folder and gathers the rates; --filter_eps
+    reaches the training runs."""
+    assert main(["demo", "--quick", "--seeds", "1", "2", "--filter_eps", "2**-12",
+                 "--output_dir", str(tmp_path)]) == 0
+    seeds = json.loads((tmp_path / "seeds.json").read_text())
+    runs = {s: json.loads((tmp_path / f"seed{s}" / "summary.json").read_text()) for s in (1, 2)}
+    assert [r["config"]["seed"] for r in runs.values()] == [1, 2]
+    assert all(r["config"]["filter_eps"] == 2.0 ** -12 for r in runs.values())
+    rates = [r["aligned_desirable_rate"] for r in runs.values()]
+    assert seeds["seeds"] == {str(s): {"base": r["base_desirable_rate"],
+                                       "aligned": r["aligned_desirable_rate"]}
+                              for s, r in runs.items()}
+    assert seeds["aligned"]["mean"] == sum(rates) / 2
+    assert seeds["aligned"]["min"] == min(rates) and seeds["aligned"]["max"] == max(rates)
+    assert seeds["filter_eps"] == 2.0 ** -12
+    assert main(["demo", "--quick", "--seeds", "1", "1", "--output_dir", str(tmp_path)]) == 2
+
+
 def test_the_rule_that_judges_samples():
     # The desirable style reverses the string and upper-cases it; the other copies it.
     assert classify("abc", "CBA") == DESIRABLE

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -256,5 +257,8 @@ def test_filter_eps_default_follows_the_precision(tmp_path):
     assert config(bf16=True, filter_eps="0").objective().filter_eps == 0.0
     assert config(filter_eps="0.000244140625").objective().filter_eps == 2.0 ** -12
     assert config(filter_eps="auto").objective().filter_eps == "auto"
-    with pytest.raises(ValueError, match="--filter_eps '2\\*\\*-12'"):
-        config(filter_eps="2**-12")
+    assert config(filter_eps="2**-12").objective().filter_eps == 2.0 ** -12
+    assert config(filter_eps="2^-15").objective().filter_eps == 2.0 ** -15
+    for bad in ("2**x", "-0.1", "tiny", "1", "inf", "nan"):
+        with pytest.raises(ValueError, match=f"--filter_eps '{re.escape(bad)}'"):
+            config(filter_eps=bad)
