@@ -107,6 +107,15 @@ def test_prepare_policy_adapts_all_linear_layers_but_the_head_by_default():
     assert lora_adapted(override) == {"model.layers.0.self_attn.q_proj"}
 
 
+def test_all_linear_lora_leaves_an_undeclared_head_alone(monkeypatch):
+    """peft's "all-linear" spares only the layer get_output_embeddings() returns; published code
+    that does not declare its head (None) must still keep lm_head out of the adapters."""
+    model = build_tiny_model(40, 2, num_layers=1)
+    monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: None)
+    adapted = lora_adapted(prepare_policy(model, ModelConfig(lora_r=2)))
+    assert "lm_head" not in adapted and "model.layers.0.mlp.down_proj" in adapted
+
+
 # --- accepting and refusing models ------------------------------------------------------------------
 
 def test_causal_model_is_refused_unless_assumed_bidirectional(tmp_path):
