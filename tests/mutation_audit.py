@@ -264,6 +264,20 @@ MUTANTS: list[Mutant] = [
       "t_acc += tl.where(cols == target, z, 0.0)",
       ("tests/test_kernels.py", "-k", "triton and linear_target"),
       "row_lse (triton): a target in the block's padding reads -inf"),
+    M("triton_row_lse_sum_not_rescaled", "elbokto_kernels/backends/triton.py",
+      "s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)",
+      "s = s + tl.sum(tl.exp(z - m_new), axis=0)",
+      ("tests/test_row_ops.py", "-k", "test_row_ops and triton and float32"),
+      "row_lse (triton): the running sum is not rescaled when a later block raises the max"),
+    M("cpu_row_lse_sum_not_rescaled", "csrc/elbo_cpu.cpp",
+      "s = s * (m - m_new).exp_u20() + block_sum;", "s = s + block_sum;",
+      ("tests/test_row_ops.py", "-k", "test_row_ops and cpu"),
+      "row_lse (C++): the running sum is not rescaled when a later block raises the max"),
+    M("cpu_row_grad_softcap_derivative", "csrc/elbo_cpu.cpp",
+      "((th * cap - vlse).exp_u20() * neg_scale * (one - th * th)).store(g + i, k);",
+      "((th * cap - vlse).exp_u20() * neg_scale).store(g + i, k);",
+      ("tests/test_row_ops.py", "-k", "test_row_ops and cpu"),
+      "row_grad (C++): softcap derivative dropped"),
 ]
 
 
