@@ -100,6 +100,21 @@ def test_llada_vocabulary(backend, dtype):
     check_row_ops(backend, x, torch.tensor([3, 0, 2]), torch.tensor([126463, 0, 70001]), None)
 
 
+@pytest.mark.parametrize("softcap", [None, 7.5])
+def test_several_vocabulary_blocks(backend, softcap):
+    """Rows longer than every backend's block (C++: 2048 columns, Triton under the interpreter:
+    16384), with the row maximum in the last block, the first, or one late spike: the online
+    log-sum-exp must rescale its running sum whenever a later block raises the maximum."""
+    gen = torch.Generator().manual_seed(3)
+    v = 2 * 16384 + 7
+    x = make_x(4, v, torch.float32, "contiguous", gen)
+    ramp = torch.linspace(-6.0, 6.0, v)
+    x[1] += ramp
+    x[2] -= ramp
+    x[3, v - 2] = 25.0
+    check_row_ops(backend, x, None, torch.tensor([0, v - 1, 16384, v - 2]), softcap)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_float32_logits_into_half_gradient(backend, out_dtype):
     # fused_linear_elbo with half inputs: float32 chunk logits, gradient in the input dtype.
