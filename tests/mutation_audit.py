@@ -384,8 +384,11 @@ def table(results: dict) -> str:
     caught = sum(r["status"] == "caught" for r in run)
     before = sum(r.get("before", r["status"]) == "caught" for r in run)
     share = lambda k: f"{100 * k / max(len(run), 1):.0f} %"  # noqa: E731
-    lines += ["", f"{len(MUTANTS)} mutants, {len(run)} decided (the rest not run or timed out), "
-              f"{sum(bool(m.equivalent) for m in MUTANTS)} equivalent. Caught {caught} of "
+    equivalent = sum(bool(m.equivalent) for m in MUTANTS)
+    undecided = len(MUTANTS) - len(run) - equivalent
+    lines += ["", f"{len(MUTANTS)} mutants, {len(run)} decided"
+              f"{f' ({undecided} not run or timed out)' if undecided else ''}, "
+              f"{equivalent} equivalent. Caught {caught} of "
               f"{len(run)} ({share(caught)}); before the tests added with the audit: {before} "
               f"({share(before)})."]
     return "\n".join(lines)
