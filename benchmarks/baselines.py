@@ -38,6 +38,37 @@ def make_inputs(m: int, v: int, device: torch.device, seq_len: int = 512, seed: 
                 num_samples=num_samples), upstream
 
 
+# Logit distributions of known sparsity (bench_cpu.py's docstring states the method): name ->
+# (tokens mixed per row k, their scale s, isotropic noise sigma).
+ZIPF_DISTRIBUTIONS = {
+    "very sparse": (1, 12.0, 0.0),
+    "half": (64, 12.0, 0.0),  # about half of the sorted 128 x 128 tiles hold an entry >= 2^-12
+    "sparse": (16, 12.0, 0.0),
+    "dense": (4, 12.0, 1.0),
+    "uniform": (0, 0.0, 2.0),
+}
+
+
+def zipf_hidden_states(weight, rows: int, distribution: str, generator=None):
+    """(hidden [rows, D] in weight's dtype, each row's target int64 [rows] or None for
+    "uniform"): token frequencies follow a Zipf law (rank r ~ r^-1.1) over a shuffled vocabulary;
+    row i mixes k tokens t_1..t_k drawn from it, h_i = s * sum_j W[t_j] / sqrt(k) + sigma * N(0, I),
+    its target t_1."""
+    k, s, sigma = ZIPF_DISTRIBUTIONS[distribution]
+    vocab, dim = weight.shape
+    device = weight.device
+    hidden = sigma * torch.randn(rows, dim, generator=generator, device=device)
+    if not k:
+        return hidden.to(weight.dtype), None
+    zipf = torch.arange(1, vocab + 1, dtype=torch.float64, device=device) ** -1.1
+    token_of_rank = torch.randperm(vocab, generator=generator, device=device)
+    draws = torch.multinomial(zipf, rows * k, replacement=True, generator=generator)
+    tokens = token_of_rank[draws].view(rows, k)
+    for j in range(k):  # not weight[tokens]: [rows, k, D] would not fit at LLaDA's shapes
+        hidden += (s / k ** 0.5) * weight[tokens[:, j]].float()
+    return hidden.to(weight.dtype), tokens[:, 0]
+
+
 def _masked_rows(a):
     idx = a["mask"].reshape(-1).nonzero().squeeze(1)
     L = a["mask"].shape[1]
@@ -63,6 +94,16 @@ def torch_lce_linear(hidden, weight, a, chunked: bool):
     options = torch.nn.LinearCrossEntropyOptions() if chunked else None
     nll = F.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[idx], weight, t,
                                  reduction="none", options=options)
+    return _reduce(a, -w * nll.float(), s)
+
+
+def cce_linear(hidden, weight, a):
+    """Apple's Cut Cross-Entropy (its default filter_eps="auto": gradient filtering, vocabulary
+    sorting) on the masked rows, then the weighted sum."""
+    from cut_cross_entropy import linear_cross_entropy
+    idx, t, w, s = _masked_rows(a)
+    nll = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[idx], weight, t,
+                               reduction="none")
     return _reduce(a, -w * nll.float(), s)
 
 

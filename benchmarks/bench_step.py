@@ -1,7 +1,7 @@
 """One ELBO-KTO training step: ELBOKTOObjective against the straightforward implementation.
 
-    python benchmarks/bench_step.py            # CPU, tiny Gemma with V = 32000 (a few minutes)
-    python benchmarks/bench_step.py --quick    # small shapes, seconds
+    python benchmarks/bench_step.py            # CPU, tiny Gemma with V = 32000
+    python benchmarks/bench_step.py --quick    # small shapes
     python benchmarks/bench_step.py --readme benchmarks/README.md   # also record the table
     python benchmarks/bench_step.py --suite block   # the block-diffusion step (block size 8)
 

@@ -1,17 +1,23 @@
 """The prepared GPU check: correctness at real shapes, then forward+backward timings of every variant.
 
-    python benchmarks/gpu_check.py            # on a CUDA GPU; about 5 to 8 minutes on an H100
+    python benchmarks/gpu_check.py            # on a CUDA GPU (run time: benchmarks/README.md)
     python benchmarks/gpu_check.py --dry-run  # tiny shapes on CPU (Triton interpreter); in make test
 
-Step 1 checks the Triton path against a float64 oracle (a slice of rows) and against the torch
-path at LLaDA shapes. Step 2 measures the bf16 GEMM rate and the device-to-device copy bandwidth,
-the two hardware limits the kernels are judged against (DESIGN.md §5). Step 3 times forward +
-backward (median of triton.testing.do_bench) of:
+The backends are every one that works on the device (``usable_backends``): on a GPU triton and
+the torch path. Step 1 checks each against a float64 oracle (a slice of rows) and against the
+torch path at LLaDA shapes. Step 2 measures the bf16 GEMM rate and the device-to-device copy
+bandwidth, the two hardware limits the kernels are judged against (DESIGN.md §5). Step 3 times
+forward + backward (median of triton.testing.do_bench) of:
 
-  fused_linear_elbo: triton, torch path, eager (masked rows -> matmul -> float32 log_softmax ->
-      gather -> index_add), torch.compile(eager), F.linear_cross_entropy (reference and chunked),
-      Liger's fused linear cross-entropy (when importable);
-  fused_elbo: triton, torch path, eager (full float32 log_softmax + gather + index_add),
+  fused_linear_elbo: each backend, "auto"'s also with keep_logits and with filter_eps="auto"
+      (gradient filtering), eager (masked rows -> matmul -> float32 log_softmax -> gather ->
+      index_add), torch.compile(eager), F.linear_cross_entropy (reference and chunked), Liger's
+      fused linear cross-entropy and Apple's Cut Cross-Entropy (when importable); and "auto"
+      exact, filtered, and Cut Cross-Entropy again on hidden states of a trained-looking head
+      ("zipf": baselines.zipf_hidden_states, the "half" distribution of bench_cpu.py, where about
+      half of the sorted 128 x 128 tiles hold an entry above 2^-12), the kind of logits
+      filtering is for;
+  fused_elbo: each backend, eager (full float32 log_softmax + gather + index_add),
       torch.compile(eager).
 
 Inputs: [C, L] = 2M positions of which M are masked (the masked rows are half of all rows), D =
@@ -45,10 +51,12 @@ if ARGS.dry_run:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from baselines import (eager_elbo, eager_linear, liger_linear, make_inputs,  # noqa: E402
-                       torch_lce_linear)
-from elbokto_kernels import fused_elbo, fused_linear_elbo  # noqa: E402
-from elbokto_kernels.oracle import elbo_oracle, linear_elbo_oracle, relative_error  # noqa: E402
+from baselines import (cce_linear, eager_elbo, eager_linear, liger_linear,  # noqa: E402
+                       make_inputs, torch_lce_linear, zipf_hidden_states)
+from elbokto_kernels import fused_elbo, fused_linear_elbo, usable_backends  # noqa: E402
+from elbokto_kernels.backends import resolve_backend  # noqa: E402
+from elbokto_kernels.oracle import (elbo_oracle, filter_bounds, linear_elbo_oracle,  # noqa: E402
+                                    relative_error)
 
 if ARGS.dry_run:
     DEVICE, HIDDEN, VOCABS, ROWS, SEQ = torch.device("cpu"), 64, (1000, 1503), (32, 64), 16
@@ -60,6 +68,8 @@ else:
 VOCABS = ARGS.vocab or VOCABS
 ROWS = ARGS.rows or ROWS
 DTYPE = torch.bfloat16
+BACKENDS = usable_backends(DEVICE)
+AUTO = resolve_backend("auto", DEVICE)
 # bf16 gradients: 1e-2 (DESIGN.md §4); the interpreter truncates float32 -> bf16 stores instead of
 # rounding them, which biases every element towards zero and doubles the error.
 GRAD_TOL = 2e-2 if ARGS.dry_run else 1e-2
@@ -105,12 +115,19 @@ def copy_gbps(nbytes: int = 1 << 32) -> float:
     return 2 * src.numel() * 2 / median_ms(lambda: dst.copy_(src)) / 1e6
 
 
+def label(backend: str) -> str:
+    return "torch path" if backend == "torch" else backend
+
+
 def linear_variants():
-    v = {"triton": lambda h, w, a: fused_linear_elbo(h, w, **a, backend="triton"),
-         "triton keep_logits": lambda h, w, a: fused_linear_elbo(h, w, **a, keep_logits=True,
-                                                                 backend="triton"),
-         "torch path": lambda h, w, a: fused_linear_elbo(h, w, **a, backend="torch"),
-         "eager": eager_linear}
+    v = {}
+    for backend in BACKENDS:
+        v[label(backend)] = lambda h, w, a, b=backend: fused_linear_elbo(h, w, **a, backend=b)
+        if backend == AUTO:
+            v[f"{backend} keep_logits"] = lambda h, w, a, b=backend: fused_linear_elbo(
+                h, w, **a, keep_logits=True, backend=b)
+            v.update(filter_variants())
+    v["eager"] = eager_linear
     if not ARGS.dry_run and not ARGS.skip_compile:
         v["compile(eager)"] = torch.compile(eager_linear, dynamic=True)
     if hasattr(F, "linear_cross_entropy"):
@@ -122,13 +139,35 @@ def linear_variants():
             v["liger flce"] = liger_linear
         except ImportError:
             pass
+        v.update({k: f for k, f in filter_variants().items() if k == "cut cross-entropy"})
     return v
 
 
+def filter_variants():
+    """The filtered op and Cut Cross-Entropy (on a GPU, when importable)."""
+    v = {f"{AUTO} filter_eps=auto": lambda h, w, a: fused_linear_elbo(
+        h, w, **a, filter_eps="auto", backend=AUTO)}
+    if not ARGS.dry_run:
+        try:
+            import cut_cross_entropy  # noqa: F401
+            v["cut cross-entropy"] = cce_linear
+        except ImportError:
+            pass
+    return v
+
+
+def zipf_inputs(a: dict, w):
+    """The hidden states and targets of the "zipf" timings: a's mask, weights and samples."""
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    h, tokens = zipf_hidden_states(w.detach(), a["mask"].numel(), "half", g)
+    targets = tokens.view(a["mask"].shape).masked_fill(~a["mask"], -100)
+    return h.view(*a["mask"].shape, -1).requires_grad_(), {**a, "targets": targets}
+
+
 def elbo_variants():
-    v = {"triton": lambda x, a: fused_elbo(x, **a, backend="triton"),
-         "torch path": lambda x, a: fused_elbo(x, **a, backend="torch"),
-         "eager": eager_elbo}
+    v = {label(backend): lambda x, a, b=backend: fused_elbo(x, **a, backend=b)
+         for backend in BACKENDS}
+    v["eager"] = eager_elbo
     if not ARGS.dry_run and not ARGS.skip_compile:
         v["compile(eager)"] = torch.compile(eager_elbo, dynamic=True)
     return v
@@ -142,31 +181,54 @@ def check_correctness() -> None:
     h = (torch.randn(*a["mask"].shape, D, device=DEVICE) * 2).to(DTYPE).requires_grad_()
     w = (torch.randn(v, D, device=DEVICE) / D ** 0.5).to(DTYPE).requires_grad_()
     results = {}
-    for backend in ("triton", "torch"):
+    for backend in BACKENDS:
         out = fused_linear_elbo(h, w, **a, softcap=30.0, backend=backend)
         results[backend] = (out, *torch.autograd.grad(out, (h, w), up))
-    errs = [relative_error(x, y) for x, y in zip(results["triton"], results["torch"])]
-    print(f"linear triton vs torch path (M={m}, V={v}, softcap 30): value {errs[0]:.1e}, "
-          f"dH {errs[1]:.1e}, dW {errs[2]:.1e}")
-    assert errs[0] < 1e-4 and max(errs[1:]) < GRAD_TOL, "linear triton disagrees with torch path"
     # The float64 oracle on the first copy alone: its rows fit in float64 at full vocabulary.
     first = {k: t[:1] if torch.is_tensor(t) else t for k, t in a.items()}
     h1, w1 = h[:1].detach(), w.detach()
-    out = fused_linear_elbo(h1, w1, **first, softcap=30.0, backend="triton")
     ref = linear_elbo_oracle(h1.double(), w1.double(), None, 30.0, **first)
-    err = relative_error(out, ref)
-    print(f"linear triton vs float64 oracle: value {err:.1e}")
-    assert err < 1e-4, "linear triton disagrees with the float64 oracle"
+    for backend in BACKENDS:
+        if backend != "torch":
+            errs = [relative_error(x, y) for x, y in zip(results[backend], results["torch"])]
+            print(f"linear {backend} vs torch path (M={m}, V={v}, softcap 30): value "
+                  f"{errs[0]:.1e}, dH {errs[1]:.1e}, dW {errs[2]:.1e}")
+            assert errs[0] < 1e-4 and max(errs[1:]) < GRAD_TOL, \
+                f"linear {backend} disagrees with torch path"
+        out = fused_linear_elbo(h1, w1, **first, softcap=30.0, backend=backend)
+        err = relative_error(out, ref)
+        print(f"linear {backend} vs float64 oracle: value {err:.1e}")
+        assert err < 1e-4, f"linear {backend} disagrees with the float64 oracle"
+        check_filtered(backend, h1, w1, first, up)
     x = (torch.randn(*a["mask"].shape, v, device=DEVICE) * 4).to(DTYPE).requires_grad_()
     x64 = x.detach().double().requires_grad_()
     ref = elbo_oracle(x64, **a)
     (ref_grad,) = torch.autograd.grad(ref, x64, up.double())
-    for backend in ("triton", "torch"):
+    for backend in BACKENDS:
         out = fused_elbo(x, **a, backend=backend)
         (grad,) = torch.autograd.grad(out, x, up)
         errs = relative_error(out, ref), relative_error(grad, ref_grad)
         print(f"elbo {backend} vs float64 oracle: value {errs[0]:.1e}, grad {errs[1]:.1e}")
         assert errs[0] < 1e-4 and errs[1] < GRAD_TOL, f"fused_elbo ({backend}) disagrees"
+
+
+def check_filtered(backend: str, h, w, a: dict, up) -> None:
+    """filter_eps="auto" on one copy: each gradient within DESIGN.md §4's filtered bound of the
+    float64 oracle (plus the bf16 gradient tolerance)."""
+    leaves = [t.detach().requires_grad_() for t in (h, w)]
+    out = fused_linear_elbo(*leaves, **a, softcap=30.0, filter_eps="auto", backend=backend)
+    grads = torch.autograd.grad(out, leaves, up)
+    leaves64 = [t.detach().double().requires_grad_() for t in (h, w)]
+    ref = linear_elbo_oracle(*leaves64, None, 30.0, **a)
+    exact = torch.autograd.grad(ref, leaves64, up.double())
+    eps = torch.finfo(DTYPE).eps / 32
+    bounds = filter_bounds(*leaves64, None, 30.0, a["targets"], a["mask"], a["weights"],
+                           a["sample_index"], up, eps)
+    excess = [((g.double() - e).abs() - b).max().item() / e.abs().max().item()
+              for g, e, b in zip(grads, exact, bounds)]
+    print(f"linear {backend} filter_eps=auto vs float64 oracle: dH, dW beyond the filtered bound "
+          f"{max(excess[0], 0):.1e}, {max(excess[1], 0):.1e}")
+    assert max(excess) < GRAD_TOL, f"filtered linear {backend} exceeds the filtered bound"
 
 
 # ---- step 3: timings ---------------------------------------------------------------------------
@@ -210,7 +272,13 @@ def main() -> None:
                 rows.append(("linear", v, m, name, ms, flops / ms / 1e9, ms / floor_ms, gb))
             rows.append(("linear", v, m, f"GEMM floor ({rate:.0f} TFLOP/s)", floor_ms,
                          rate, 1.0, float("nan")))
-            del h, w
+            h_zipf, a_zipf = zipf_inputs(a, w)
+            zipf = {f"{AUTO} (zipf)": lambda h, w, a: fused_linear_elbo(h, w, **a, backend=AUTO)}
+            for name, fn in {**zipf, **filter_variants()}.items():
+                ms, gb = measure(name, fn, (h_zipf, w, a_zipf), up)
+                rows.append(("linear", v, m, name.removesuffix(" (zipf)") + " (zipf)", ms,
+                             flops / ms / 1e9, ms / floor_ms, gb))
+            del h, w, h_zipf
             x = torch.randn(*a["mask"].shape, v, device=DEVICE).to(DTYPE).requires_grad_()
             # Bytes the op must move: masked rows read once, their gradient written once.
             must_move = m * v * x.element_size() * 2
@@ -226,7 +294,8 @@ def main() -> None:
         limit = f"{ratio:.2f}x" if op == "linear" else f"{ratio:.0%} BW"
         print(f"{op:<7}{v:>7}{m:>6}  {name:<31}{ms:>9.2f}{tflops:>9.1f}{limit:>10}{gb:>9.2f}")
     print("vs limit: linear = time / GEMM floor (lower is better); elbo = must-move bytes "
-          "(masked rows read once + gradient written once) / time / copy bandwidth")
+          "(masked rows read once + gradient written once) / time / copy bandwidth; (zipf): "
+          "hidden states of a trained-looking head, where filtering skips most tiles")
 
 
 if __name__ == "__main__":

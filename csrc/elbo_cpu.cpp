@@ -1,7 +1,9 @@
-// The "cpu" backend: the two ELBO row primitives (contract in elbokto_kernels/reference.py).
+// The "cpu" backend: the two ELBO row primitives (contract: RowOps, elbokto_kernels/backends).
 //
 // row_lse   x [N, V] (fp32 / bf16 / fp16 / fp64, any strides), rows int64 [M] or None,
-//           targets int64 [M], softcap -> (lse float32 [M], target_logit float32 [M])
+//           targets int64 [M], softcap, row_max float32 [M] or None
+//           -> (lse float32 [M], target_logit float32 [M]); the largest z of each row into
+//           row_max when given
 // row_grad  ... lse float32 [M], scale float32 [M], out [N, V] with stride(1) == 1:
 //           out[rows] = scale * (onehot(target) - exp(z - lse)) * dz/dx in out's dtype.
 //
@@ -156,8 +158,8 @@ fVec fold(const float* z, int64_t n, const fVec& init, Step step, Merge merge) {
 // Online log-sum-exp of one row with a running max and sum per vector lane, merged at the end.
 // Per block: the block max (one cheap pass over L1), one rescale of the running sum, then one exp
 // per element. The block's sum is formed apart before it joins the running sum, so rounding grows
-// with the block and row lengths in blocks rather than with V.
-float row_lse_one(const Row& row, int64_t vocab, const Softcap& sc, float* buf) {
+// with the block and row lengths in blocks rather than with V. Returns (row max, lse).
+std::pair<float, float> row_lse_one(const Row& row, int64_t vocab, const Softcap& sc, float* buf) {
   fVec m(kMaxFloor), s(0.f);
   for (int64_t v0 = 0; v0 < vocab; v0 += kBlock) {
     const int64_t n = std::min(kBlock, vocab - v0);
@@ -176,7 +178,7 @@ float row_lse_one(const Row& row, int64_t vocab, const Softcap& sc, float* buf) 
   }
   const float m_row = at::vec::vec_reduce_all<float>(vmax, m);
   const float s_row = at::vec::vec_reduce_all<float>(vadd, (m - fVec(m_row)).exp_u20() * s);
-  return m_row + std::log(s_row);
+  return {m_row, m_row + std::log(s_row)};
 }
 
 // g = -scale * exp(z - lse) * dz/dx for n elements (the true-class term is added by the caller).
@@ -248,10 +250,13 @@ int64_t grain(int64_t vocab) {
 std::tuple<at::Tensor, at::Tensor> row_lse(const at::Tensor& x,
                                            const std::optional<at::Tensor>& rows,
                                            const at::Tensor& targets,
-                                           std::optional<double> softcap) {
+                                           std::optional<double> softcap,
+                                           const std::optional<at::Tensor>& row_max) {
   at::Tensor rows_storage;
   const RowIds ids = check_rows(x, rows, targets, rows_storage);
   const int64_t num_rows = targets.size(0), vocab = x.size(1);
+  if (row_max.has_value()) check_row_vector(*row_max, "row_max", num_rows);
+  float* max_out = row_max.has_value() ? row_max->mutable_data_ptr<float>() : nullptr;
   const Softcap sc(softcap);
   const LoadFn load = loader_for(x);
   auto lse = at::empty({num_rows}, x.options().dtype(at::kFloat));
@@ -263,7 +268,9 @@ std::tuple<at::Tensor, at::Tensor> row_lse(const at::Tensor& x,
     alignas(64) float buf[kBlock];
     for (int64_t i = begin; i < end; ++i) {
       const Row row = row_of(x, ids(i), load);
-      lse_out[i] = row_lse_one(row, vocab, sc, buf);
+      const auto [m_row, lse_row] = row_lse_one(row, vocab, sc, buf);
+      lse_out[i] = lse_row;
+      if (max_out) max_out[i] = m_row;
       // A target outside [0, V) lies in another vocabulary chunk: it contributes 0 here.
       const int64_t t = tgt[i];
       tl_out[i] = (t >= 0 && t < vocab) ? sc.scalar(row.at(t)).first : 0.f;
@@ -331,9 +338,9 @@ void row_grad(const at::Tensor& x, const std::optional<at::Tensor>& rows,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("row_lse", &row_lse, "(lse, target_logit) float32 [M] of rows of x",
+  m.def("row_lse", &row_lse, "(lse, target_logit) float32 [M] of rows of x; row maxima into row_max",
         py::arg("x"), py::arg("rows"), py::arg("targets"), py::arg("softcap"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("row_max"), py::call_guard<py::gil_scoped_release>());
   m.def("row_grad", &row_grad, "writes the logit gradient of rows of x into out",
         py::arg("x"), py::arg("rows"), py::arg("targets"), py::arg("lse"), py::arg("scale"),
         py::arg("softcap"), py::arg("out"), py::call_guard<py::gil_scoped_release>());

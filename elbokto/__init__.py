@@ -1,21 +1,22 @@
 """elbokto: align masked diffusion language models with ELBO-KTO.
 
 The algorithm layer on top of :mod:`elbokto_kernels`: deterministic draws, ELBO estimation,
-the ELBO-KTO loss, diagnostics, data, trainer, sampler and CLI.
+the losses (ELBO-KTO, ELBO-DPO), diagnostics, data, the precomputed reference, trainer, sampler
+and CLI.
 """
 
 from elbokto.block import check_block_attention
 from elbokto.data import (DataConfig, DataStats, PreferenceCollator, build_dataset,
-                          check_class_balance, load_source, subsample_classes,
+                          check_class_balance, load_source, pair_rows, subsample_classes,
                           tokenize_dataset, unpair)
 from elbokto.diagnostics import PsiEstimate, estimate_psi
 from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.generate import GenerationConfig, decode_responses, generate
-from elbokto.loss import elbo_dpo_loss, elbo_kto_loss, kl_baseline
+from elbokto.loss import LOSSES, LossConfig, elbo_dpo_loss, elbo_kto_loss, kl_baseline
 from elbokto.objective import ELBOKTOObjective, ObjectiveOutput
 from elbokto.models import ModelConfig
-from elbokto.reference import ReferenceTable, precompute_reference
+from elbokto.precompute import ReferenceTable, precompute_reference
 from elbokto.tiny import build_tiny_tokenizer
 from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer
 
@@ -27,6 +28,8 @@ __all__ = [
     "ELBOKTOObjective",
     "ELBOKTOTrainer",
     "GenerationConfig",
+    "LOSSES",
+    "LossConfig",
     "MCConfig",
     "ModelConfig",
     "ObjectiveOutput",
@@ -45,6 +48,7 @@ __all__ = [
     "generate",
     "kl_baseline",
     "load_source",
+    "pair_rows",
     "precompute_reference",
     "sample_draws",
     "subsample_classes",

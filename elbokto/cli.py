@@ -5,7 +5,9 @@
     elbokto precompute-ref  reference ELBOs of a dataset, for training without a reference model
     elbokto generate        sample responses with the reverse diffusion process (JSON lines)
     elbokto diagnose        Psi(S), v(S), c(S) of several Monte-Carlo settings
+    elbokto merge           a LoRA adapter folder merged into its base model (a full model)
     elbokto demo            the judge-free CPU demonstration (make demo)
+    elbokto eval            win rates judged by an LLM, lm-evaluation-harness (`elbokto eval`)
     elbokto selfcheck       every kernel backend against the float64 oracle
 """
 
@@ -13,16 +15,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 
-COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "demo", "selfcheck")
+COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "merge", "demo", "eval",
+            "selfcheck")
 
 
 @dataclass
 class PrecomputeExtras:
     output_file: str = field(default="ref_elbo.pt", metadata={
         "help": "Where to write the reference ELBOs (pass it to `train --ref_elbo_file`)."})
+    train_world_size: int = field(default=1, metadata={
+        "help": "Data-parallel processes the training run will use (with --max_steps, the "
+                "epochs it reaches depend on it)."})
 
 
 @dataclass
@@ -41,15 +48,38 @@ def _parse(prog: str, dataclasses, argv):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A user error (a bad flag value, file, row or model; non-finite numbers
+    in training) prints one line, ``elbokto <command>: error: ...``, and exits 2; with
+    ``ELBOKTO_DEBUG=1`` it raises with its traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(command, rest)
+    except USER_ERRORS as err:
+        if os.environ.get("ELBOKTO_DEBUG", "0") not in ("", "0"):
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message's layout
+        print(f"elbokto {command}: error: {message or type(err).__name__}", file=sys.stderr)
+        return 2
+
+
+# What a user's input can raise (ValueError also covers NonFiniteError); anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+
+
+def _run(command: str, rest: list[str]) -> int:
     if command == "selfcheck":
         from elbokto_kernels.selfcheck import run
         return 0 if run() else 1
+    if command == "eval":
+        from elbokto.eval.cli import main as eval_main
+        return eval_main(rest)
     if command == "demo":
         from elbokto.demo import run_demo
         (args,) = _parse(command, [DemoArgs], rest)
@@ -66,13 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg, data_cfg, train_cfg = _parse(command, [ModelConfig, DataConfig, ELBOKTOConfig],
                                                 rest)
         # --resume_from_checkpoint is TrainingArguments'; "last" resumes from the newest one.
-        resume = train_cfg.resume_from_checkpoint
         run.train(model_cfg, data_cfg, train_cfg,
-                  resume_from_checkpoint=True if resume == "last" else resume)
+                  resume_from_checkpoint=train_cfg.resume_from_checkpoint)
     elif command == "precompute-ref":
         model_cfg, data_cfg, train_cfg, extras = _parse(
             command, [ModelConfig, DataConfig, ELBOKTOConfig, PrecomputeExtras], rest)
-        table = run.precompute_ref(model_cfg, data_cfg, train_cfg, extras.output_file)
+        table = run.precompute_ref(model_cfg, data_cfg, train_cfg, extras.output_file,
+                                   extras.train_world_size)
         print(f"wrote {table.uids.numel()} reference ELBOs x {table.meta['epochs']} epochs to "
               f"{extras.output_file}")
     elif command == "generate":
@@ -87,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         for row in run.diagnose(model_cfg, data_cfg, train_cfg, args):
             print(f"{row['n_t']:>4} {row['n_yt']:>5} {row['estimator']:>12} {row['psi']:>11.4g} "
                   f"{row['v']:>11.4g} {row['c']:>11.4g}")
+    elif command == "merge":
+        model_cfg, args = _parse(command, [ModelConfig, run.MergeArgs], rest)
+        print(f"wrote the merged model to {run.merge(model_cfg, args)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Preference data: load, unpair, subsample, tokenise, collate.
+"""Preference data: load, unpair, subsample, tokenise, (re-pair,) collate.
 
 ELBO-KTO learns from unpaired binary feedback: one prompt, one response, a desirable/undesirable
 label. The pipeline of :func:`build_dataset`:
@@ -7,13 +7,16 @@ label. The pipeline of :func:`build_dataset`:
    ``datasets.Dataset``.
 2. :func:`unpair`: the layout is detected from the columns (:func:`detect_layout`) and every row
    becomes canonical unpaired rows ``prompt`` (chat messages), ``completion`` (str), ``label``
-   (bool), ``uid`` (int64). A paired row gives one desirable and one undesirable row.
+   (bool), ``uid`` (int64), ``pair_uid`` (int64). A paired row gives one desirable and one
+   undesirable row sharing a ``pair_uid``.
 3. :func:`subsample_classes`: keep fractions of each class (the paper's imbalance study).
 4. :func:`tokenize_dataset`: chat-template prompt tokens + response tokens (+ end-of-turn token),
    cut to ``max_length``.
+5. Paired losses only (ELBO-DPO): :func:`pair_rows` puts the two token rows of each pair back
+   together, so that a batch holds whole pairs.
 
-:class:`PreferenceCollator` pads rows into the batch dict that :class:`elbokto.ELBOKTOObjective`
-takes.
+:class:`PreferenceCollator` pads rows (or pairs) into the batch dict that
+:class:`elbokto.ELBOKTOObjective` takes.
 """
 
 from __future__ import annotations
@@ -47,10 +50,15 @@ _LAYOUT_HELP = ("unpaired: prompt, completion, label (TRL's KTO layout, e.g. "
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _MESSAGES = List({"role": Value("string"), "content": Value("string")})
 CANONICAL_FEATURES = Features({"prompt": _MESSAGES, "completion": Value("string"),
-                               "label": Value("bool"), "uid": Value("int64")})
+                               "label": Value("bool"), "uid": Value("int64"),
+                               "pair_uid": Value("int64")})
 TOKEN_FEATURES = Features({"input_ids": List(Value("int32")), "prompt_length": Value("int64"),
                            "response_length": Value("int64"), "desirable": Value("bool"),
-                           "uid": Value("int64"), "length": Value("int64")})
+                           "uid": Value("int64"), "pair_uid": Value("int64"),
+                           "length": Value("int64")})
+_TOKEN_ROW = {k: v for k, v in TOKEN_FEATURES.items() if k not in ("desirable", "pair_uid")}
+PAIR_FEATURES = Features({"chosen": _TOKEN_ROW, "rejected": _TOKEN_ROW,
+                          "pair_uid": Value("int64"), "length": Value("int64")})
 # Per-row outcome of tokenize_dataset; counted after the map so that the counts also hold when
 # datasets serves the map from its cache (a counter inside the mapped function would stay at 0).
 _KEPT, _TRUNCATED, _LONG_PROMPT, _EMPTY = 0, 1, 2, 3
@@ -64,6 +72,11 @@ class DataConfig:
                                            "local .json/.jsonl/.parquet file or folder of them."})
     dataset_split: str = field(default="train", metadata={
         "help": "Split of a hub dataset (e.g. train_prefs); local files are one split."})
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "Held-out preference data for the objective's metrics during training (hub name "
+                "or local files); default: --dataset when --eval_split is given."})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "Split of the evaluation data (e.g. test_prefs); default: --dataset_split."})
     max_length: int = field(default=1024, metadata={
         "help": "Most tokens per example: responses are cut to fit, examples whose prompt "
                 "leaves no room for a response token are dropped."})
@@ -106,6 +119,8 @@ class DataStats:
     n_desirable, n_undesirable: in the returned dataset; dropped_long_prompt: prompt longer than
     max_prompt_length or leaving no room for one response token in max_length;
     dropped_empty_response: zero response tokens; truncated_responses: kept, cut to max_length.
+    Paired losses: n_pairs kept; dropped_pairs: pairs that lost a response to the length policy
+    or repeat an earlier identical pair.
     """
 
     layout: str = ""
@@ -116,30 +131,54 @@ class DataStats:
     dropped_long_prompt: int = 0
     dropped_empty_response: int = 0
     truncated_responses: int = 0
+    n_pairs: int = 0
+    dropped_pairs: int = 0
 
 
-def build_dataset(config: DataConfig, tokenizer,
-                  source: Dataset | None = None) -> tuple[Dataset, DataStats]:
+def build_dataset(config: DataConfig, tokenizer, source: Dataset | None = None, *,
+                  paired: bool = False) -> tuple[Dataset, DataStats]:
     """Load, unpair, subsample and tokenise: the front door of the data pipeline.
 
     Args:
         config: see :class:`DataConfig`.
         tokenizer: a transformers tokenizer with a chat template.
         source: a ``datasets.Dataset`` used instead of ``config.dataset``.
+        paired: for a paired loss (ELBO-DPO): the source must have a paired layout, and the
+            result holds pairs (:func:`pair_rows`) instead of unpaired rows.
 
     Returns:
-        The token rows of :func:`tokenize_dataset` and the counts. Drops are logged as a warning.
-        Pass the class counts to :func:`check_class_balance` with the loss weights.
+        The token rows of :func:`tokenize_dataset` (or pairs) and the counts. Drops are logged as
+        a warning. Pass the class counts to :func:`check_class_balance` with the loss weights.
     """
+    eot = config.end_of_turn(tokenizer)
+    if eot is not None and not 0 <= eot < len(tokenizer):
+        raise ValueError(f"--end_of_turn_token_id {eot} is outside the tokenizer's vocabulary "
+                         f"[0, {len(tokenizer)})")
     raw = load_source(config.dataset if source is None else source, config.dataset_split)
+    if len(raw) == 0:
+        raise ValueError(f"--dataset {config.dataset}: no rows")
     layout = detect_layout(raw.column_names)
+    if paired and layout != "paired":
+        raise ValueError(f"{config.dataset}: a paired loss (loss_type elbo_dpo) compares a chosen "
+                         f"and a rejected response to the same prompt, but this dataset has the "
+                         f"{layout} layout {LAYOUTS[layout]}: train it with loss_type elbo_kto")
+    if paired and (config.desirable_fraction, config.undesirable_fraction) != (1.0, 1.0):
+        raise ValueError("desirable_fraction / undesirable_fraction subsample one class of "
+                         "unpaired data; with pairs both responses are kept or neither")
     rows = unpair(raw, seed=config.shuffle_seed)
     kept = subsample_classes(rows, config.desirable_fraction, config.undesirable_fraction,
                              seed=config.shuffle_seed)
     data, stats = tokenize_dataset(kept, tokenizer, max_length=config.max_length,
                                    max_prompt_length=config.max_prompt_length,
-                                   end_of_turn_token_id=config.end_of_turn(tokenizer))
+                                   end_of_turn_token_id=eot)
     stats.layout, stats.source_rows, stats.unpaired_rows = layout, len(raw), len(rows)
+    if paired:
+        data = pair_rows(data)
+        stats.n_pairs = len(data)
+        stats.dropped_pairs = len(raw) - len(data)
+        if stats.dropped_pairs:
+            logger.warning("dropped %d of %d pairs (a response dropped by the length policy, or "
+                           "a repeated identical pair)", stats.dropped_pairs, len(raw))
     if len(data) == 0:
         raise ValueError(f"no examples left: {stats}")
     return data, stats
@@ -168,7 +207,18 @@ def load_source(source: str | os.PathLike | Dataset | DatasetDict, split: str = 
         if len(builders) > 1 or None in builders:
             raise ValueError(f"{path}: expected .json/.jsonl files or .parquet files, got "
                              f"{sorted({p.suffix for p in files})}")
-        return load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
+        empty = [str(p) for p in files if p.stat().st_size == 0]
+        if empty:
+            raise ValueError(f"{', '.join(empty)}: empty file")
+        builder = builders.pop()
+        try:
+            return load_dataset(builder, data_files=[str(p) for p in files], split="train")
+        except Exception as err:  # datasets wraps the parser's error: report the root cause
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise ValueError(f"{path}: not readable as {builder} preference rows "
+                             f"({type(cause).__name__}: {cause})") from err
     text = str(source)
     if path.suffix in _FILE_BUILDERS or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise FileNotFoundError(f"{text}: no such file or folder")
@@ -191,14 +241,33 @@ def unpair(dataset: Dataset, seed: int = 0) -> Dataset:
     a message list ends with the assistant turn that is the completion; when it starts with a
     non-assistant turn it carries its own prompt (every turn before the last) and the prompt column
     is ignored, else its leading turns continue the prompt column's conversation. Paired rows give
-    a desirable and an undesirable row, shuffled with ``seed`` so that siblings are not adjacent.
+    a desirable and an undesirable row, shuffled with ``seed`` so that siblings are not adjacent;
+    both carry the same ``pair_uid`` (a digest of their two uids). An unpaired row's ``pair_uid``
+    is its ``uid``.
     """
     layout = detect_layout(dataset.column_names)
     paired = layout == "paired"
     rows = dataset.map(_unpair_batch, batched=True, with_indices=True, fn_kwargs={"paired": paired},
                        remove_columns=dataset.column_names, features=CANONICAL_FEATURES,
                        desc=f"unpairing ({layout})")
+    _warn_duplicates(rows["uid"], per_source_row=2 if paired else 1)
     return rows.shuffle(seed=seed) if paired else rows
+
+
+def _warn_duplicates(uids: Sequence[int], per_source_row: int) -> None:
+    """Warns about identical examples, naming their source rows (before any shuffle, canonical
+    row i comes from source row i // per_source_row)."""
+    first: dict[int, int] = {}
+    repeats = []
+    for i, uid in enumerate(uids):
+        if uid in first:
+            repeats.append(f"row {i // per_source_row} repeats row {first[uid] // per_source_row}")
+        else:
+            first[uid] = i
+    if repeats:
+        logger.warning("%d duplicate examples (identical prompt, response and label): %s%s; each "
+                       "copy counts in the loss, with the same Monte-Carlo draws", len(repeats),
+                       ", ".join(repeats[:5]), " ..." if len(repeats) > 5 else "")
 
 
 def _unpair_batch(batch: dict[str, list], indices: list[int], paired: bool) -> dict[str, list]:
@@ -213,6 +282,10 @@ def _unpair_batch(batch: dict[str, list], indices: list[int], paired: bool) -> d
             out["label"].append(_label(batch["label"][i], row) if label is None else label)
     out["uid"] = [example_uid(*example) for example in
                   zip(out["prompt"], out["completion"], out["label"])]
+    out["pair_uid"] = out["uid"]
+    if paired:  # both rows of a source pair (chosen at 2i, rejected at 2i + 1) share a key
+        keys = [_content_uid(out["uid"][i:i + 2]) for i in range(0, len(out["uid"]), 2)]
+        out["pair_uid"] = [key for key in keys for _ in range(2)]
     return out
 
 
@@ -260,9 +333,13 @@ def example_uid(prompt: list[dict[str, str]], completion: str, label: bool) -> i
     A blake2b digest of (prompt roles and contents, completion, label): the same in every process
     and run, unlike ``hash()``. Identical examples share a uid, hence their MC draws.
     """
-    content = json.dumps([[[m["role"], m["content"]] for m in prompt], completion, bool(label)],
-                         ensure_ascii=False, separators=(",", ":"))
-    digest = hashlib.blake2b(content.encode("utf-8"), digest_size=8).digest()
+    return _content_uid([[[m["role"], m["content"]] for m in prompt], completion, bool(label)])
+
+
+def _content_uid(content: list) -> int:
+    """63-bit blake2b digest of JSON-able content."""
+    text = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
 
 
@@ -369,6 +446,33 @@ def tokenize_dataset(dataset: Dataset, tokenizer, *, max_length: int | None = 10
     return kept, stats
 
 
+def pair_rows(rows: Dataset) -> Dataset:
+    """Pairs of :data:`PAIR_FEATURES` from token rows: the desirable (chosen) and undesirable
+    (rejected) rows that share a ``pair_uid``, in the order the pairs first appear.
+
+    A pair missing one of its rows (dropped by the length policy) is dropped; a pair_uid seen
+    again (an identical source pair) keeps its first pair. ``length`` is the pair's total token
+    count, for ``group_by_length``.
+    """
+    slots: dict[int, dict[str, dict]] = {}
+    for row in rows:
+        slot = slots.setdefault(row["pair_uid"], {})
+        side = "chosen" if row["desirable"] else "rejected"
+        slot.setdefault(side, {k: row[k] for k in _TOKEN_ROW})
+    pairs = [{"chosen": slot["chosen"], "rejected": slot["rejected"], "pair_uid": key,
+              "length": slot["chosen"]["length"] + slot["rejected"]["length"]}
+             for key, slot in slots.items() if len(slot) == 2]
+    return Dataset.from_list(pairs, features=PAIR_FEATURES)
+
+
+def dataset_uids(dataset: Dataset) -> Tensor:
+    """int64 [N]: the uid of every example of token rows, or of both rows of every pair."""
+    if "chosen" in dataset.column_names:
+        return torch.tensor([p[side]["uid"] for p in dataset for side in ("chosen", "rejected")],
+                            dtype=torch.long)
+    return torch.tensor(dataset["uid"], dtype=torch.long)
+
+
 def prompt_token_ids(tokenizer, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
     """Token ids of chat prompts: the chat template with the generation prompt, as training and
     sampling both see them (the template text carries any BOS; no special tokens are added)."""
@@ -380,9 +484,9 @@ def _tokenize_batch(batch: dict[str, list], tokenizer, max_length: int | None,
                     max_prompt_length: int | None, eot: int | None) -> dict[str, list]:
     prompts = prompt_token_ids(tokenizer, batch["prompt"])
     responses = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
-    out: dict[str, list] = {k: [] for k in ("input_ids", "prompt_length", "response_length",
-                                            "desirable", "uid", "length", "status")}
-    for prompt, response, label, uid in zip(prompts, responses, batch["label"], batch["uid"]):
+    out: dict[str, list] = {k: [] for k in (*TOKEN_FEATURES, "status")}
+    for prompt, response, label, uid, pair_uid in zip(prompts, responses, batch["label"],
+                                                      batch["uid"], batch["pair_uid"]):
         response = response + ([] if eot is None else [eot])
         room = math.inf if max_length is None else max_length - len(prompt)
         status = _KEPT
@@ -397,18 +501,20 @@ def _tokenize_batch(batch: dict[str, list], tokenizer, max_length: int | None,
         out["response_length"].append(len(response))
         out["desirable"].append(label)
         out["uid"].append(uid)
+        out["pair_uid"].append(pair_uid)
         out["length"].append(len(prompt) + len(response))
         out["status"].append(status)
     return out
 
 
 class PreferenceCollator:
-    """Pads token rows into the batch dict of :class:`elbokto.ELBOKTOObjective`.
+    """Pads token rows, or pairs of them, into the batch dict of :class:`elbokto.ELBOKTOObjective`.
 
     Dynamic right padding to the batch's longest row, rounded up to ``pad_to_multiple_of``.
     Returns ``input_ids`` int64 [B, T], ``attention_mask`` int64 [B, T] (1 = real token),
     ``prompt_lengths`` int64 [B], ``response_lengths`` int64 [B], ``desirable`` bool [B],
-    ``uid`` int64 [B].
+    ``uid`` int64 [B]. Pairs (:func:`pair_rows`) become consecutive rows, chosen then rejected,
+    B = 2 * pairs, with ``pair_uid`` int64 [B] so that both rows of a pair share their draws.
 
     ``llada_padding=True`` follows LLaDA: pass the EOS id as ``pad_token_id``; no attention_mask
     key, so the model attends to the padding EOS tokens (never masked: they are not part of the
@@ -435,6 +541,10 @@ class PreferenceCollator:
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         if not features:
             raise ValueError("cannot collate an empty list of examples")
+        paired = "chosen" in features[0]
+        if paired:
+            features = [{**pair[side], "desirable": side == "chosen", "pair_uid": pair["pair_uid"]}
+                        for pair in features for side in ("chosen", "rejected")]
         prompt = torch.tensor([int(f["prompt_length"]) for f in features], dtype=torch.long)
         response = torch.tensor([int(f["response_length"]) for f in features], dtype=torch.long)
         rows = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
@@ -452,6 +562,9 @@ class PreferenceCollator:
         batch = {"input_ids": input_ids, "prompt_lengths": prompt, "response_lengths": response,
                  "desirable": torch.tensor([bool(f["desirable"]) for f in features]),
                  "uid": torch.tensor([int(f["uid"]) for f in features], dtype=torch.long)}
+        if paired:
+            batch["pair_uid"] = torch.tensor([int(f["pair_uid"]) for f in features],
+                                             dtype=torch.long)
         if not self.llada_padding:
             batch["attention_mask"] = (torch.arange(width) < lengths[:, None]).long()
         return batch

@@ -37,11 +37,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from elbokto.data import PreferenceCollator, example_uid
-from elbokto.diagnostics import estimate_psi
+from elbokto.data import PreferenceCollator, example_uid, prompt_token_ids
 from elbokto.draws import MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.generate import GenerationConfig, decode_responses, generate
+from elbokto.loss import LossConfig
+from elbokto.models import build_tiny_model
 from elbokto.objective import ELBOKTOObjective
 from elbokto.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
 
@@ -77,10 +78,7 @@ class DemoConfig:
     kto_batch_size: int = 32
     kto_epochs: int = 1
     kto_lr: float = 2e-4
-    beta: float = 1.0
-    lambda_d: float = 1.0
-    lambda_u: float = 1.0
-    baseline: str = "batch_mean"
+    loss: LossConfig = field(default_factory=lambda: LossConfig(beta=1.0))
     mc: MCConfig = field(default_factory=lambda: MCConfig(n_t=8, n_yt=1))
     crn: bool = True  # False: the reference is scored on independent draws (another seed)
     desirable_fraction: float = 1.0
@@ -95,6 +93,7 @@ class DemoConfig:
     psi_batch_size: int = 64
     psi_redraws: int = 8
     backend: str = "torch"  # the tiny vocabulary needs no compiled kernel
+    filter_eps: float | str | None = None  # gradient filtering of the LM head, SFT and ELBO-KTO
 
     @property
     def gen_length(self) -> int:
@@ -152,9 +151,7 @@ class Encoder:
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id)
 
     def prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        texts = [self.tokenizer.apply_chat_template([_user(p)], tokenize=False,
-                                                    add_generation_prompt=True) for p in prompts]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return prompt_token_ids(self.tokenizer, [[_user(p)] for p in prompts])
 
     def rows(self, prompts: list[str], desirable: list[bool]) -> list[dict]:
         """Token rows (see :class:`elbokto.data.PreferenceCollator`); uid from the content."""
@@ -183,19 +180,12 @@ def _user(prompt: str) -> dict[str, str]:
 
 def build_model(config: DemoConfig, tokenizer) -> nn.Module:
     """A randomly initialised bidirectional GemmaForCausalLM (float32, no dropout)."""
-    from transformers import GemmaConfig, GemmaForCausalLM
-
-    torch.manual_seed(config.seed)
-    model_config = GemmaConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
-        head_dim=config.hidden_size // config.num_heads, max_position_embeddings=64,
-        # use_bidirectional_attention alone turns causal again when an attention mask is passed.
-        use_bidirectional_attention=True, is_causal=False, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None, mask_token_id=tokenizer.mask_token_id)
-    return GemmaForCausalLM(model_config).float()
+    return build_tiny_model(len(tokenizer), tokenizer.mask_token_id, hidden_size=config.hidden_size,
+                            intermediate_size=config.intermediate_size,
+                            num_layers=config.num_layers, num_heads=config.num_heads,
+                            num_kv_heads=config.num_heads, max_position_embeddings=64,
+                            pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, seed=config.seed)
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -230,7 +220,8 @@ def train_sft(model: nn.Module, encoder: Encoder, config: DemoConfig,
                              batch["input_ids"].shape[1], uids=batch["uid"], seed=config.seed,
                              step=step)
         elbo = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=mask_id,
-                             attention_mask=batch["attention_mask"], backend=config.backend)
+                             attention_mask=batch["attention_mask"], backend=config.backend,
+                             filter_eps=config.filter_eps)
         loss = -(elbo / batch["response_lengths"]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -254,25 +245,23 @@ def kto_rows(encoder: Encoder, config: DemoConfig, prompts: list[str]) -> list[d
     return encoder.rows([prompts[i] for i in keep], [labels[i] for i in keep])
 
 
-def kto_objective(config: DemoConfig, mc: MCConfig | None = None) -> ELBOKTOObjective:
-    return ELBOKTOObjective(mc=mc or config.mc, beta=config.beta, lambda_d=config.lambda_d,
-                            lambda_u=config.lambda_u, baseline=config.baseline, seed=config.seed,
-                            backend=config.backend)
+def kto_objective(config: DemoConfig) -> ELBOKTOObjective:
+    return ELBOKTOObjective(mc=config.mc, loss=config.loss, seed=config.seed, crn=config.crn,
+                            filter_eps=config.filter_eps, backend=config.backend)
 
 
 def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: list[dict],
               config: DemoConfig, evaluate_fn: Callable[[nn.Module], dict] | None = None) -> dict:
     """ELBO-KTO with AdamW, ``kto_epochs`` passes over ``rows`` in seeded random batches.
 
-    The draws of step s use ``step=s``. With ``crn=False`` the reference ELBO is computed on the
-    draws of another seed (independent noisy copies) and passed as ``ref_elbo``.
+    The draws of step s use ``step=s``. With ``crn=False`` the reference scores independent
+    noisy copies (see :class:`ELBOKTOObjective`).
 
     Returns per-step ``loss`` and ``margins`` (rewards/chosen - rewards/rejected, i.e.
     beta * (mean r over desirable - mean r over undesirable)), and ``checkpoints``:
     [step, desirable rate] pairs from ``evaluate_fn``.
     """
     objective = kto_objective(config)
-    independent = replace(objective, seed=objective.seed + 7919)
     order_rng = np.random.default_rng([config.seed, 2])
     batches = [rows_idx for _ in range(config.kto_epochs)
                for rows_idx in _batches(order_rng.permutation(len(rows)), config.kto_batch_size)]
@@ -282,11 +271,7 @@ def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: l
     policy.train()
     for step, index in enumerate(batches):
         batch = encoder.batch([rows[i] for i in index])
-        if config.crn:
-            out = objective(policy, batch, reference=reference, step=step)
-        else:
-            ref_elbo = independent.elbo(reference, batch, independent.draws(batch, step))
-            out = objective(policy, batch, ref_elbo=ref_elbo, step=step)
+        out = objective(policy, batch, reference=reference, step=step)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -323,25 +308,11 @@ def evaluate(model: nn.Module, encoder: Encoder, prompts: list[str], config: Dem
     return {k: v / len(prompts) for k, v in counts.items()}
 
 
-def psi(policy: nn.Module, reference: nn.Module, batch: dict[str, Tensor], config: DemoConfig,
-        mc: MCConfig | None = None, crn: bool = True, baseline: str | None = None) -> dict:
-    """Psi(S) of an MC setting on ``batch`` (DESIGN.md §2), with the baseline's psi_baseline.
-
-    Without CRN the reference ELBO of redraw k is drawn with another seed than the policy's."""
-    objective = replace(kto_objective(config, mc), baseline=baseline or config.baseline)
-    if crn:
-        estimate = objective.psi(policy, batch, reference=reference, redraws=config.psi_redraws)
-    else:
-        rows = []
-        with torch.no_grad():
-            for k in range(config.psi_redraws):
-                mine = replace(objective, seed=objective.seed + k)
-                other = replace(objective, seed=objective.seed + 7919 + k)
-                rows.append(mine.elbo(policy, batch, mine.draws(batch))
-                            - other.elbo(reference, batch, other.draws(batch)))
-        margins = torch.stack(rows)
-        estimate = estimate_psi(margins, margins.mean(1) if objective.baseline == "batch_mean"
-                                else 0.0)
+def psi(policy: nn.Module, reference: nn.Module, batch: dict[str, Tensor],
+        config: DemoConfig) -> dict:
+    """Psi(S) of the config's MC setting, CRN and baseline on ``batch`` (DESIGN.md §2)."""
+    estimate = kto_objective(config).psi(policy, batch, reference=reference,
+                                         redraws=config.psi_redraws)
     return {"psi": estimate.psi, "psi_baseline": estimate.psi_baseline, "v": estimate.v,
             "c": estimate.c}
 
@@ -419,12 +390,18 @@ def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = 
         summary["ablations"] = run_ablations(config, encoder, sft_state, reference,
                                              train_prompts, eval_prompts, psi_batch, model,
                                              summary)
+    from elbokto.eval.demo import demo_winrate  # here: elbokto.eval imports this module
+
+    summary["winrate"] = demo_winrate(model, reference, encoder, eval_prompts, config, out)
     summary["total_seconds"] = time.perf_counter() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_curves(summary, out / "curves.png")
     logger.info("base desirable rate %.3f -> aligned %.3f (train %.0f s, total %.0f s); "
                 "wrote %s", base[DESIRABLE], aligned[DESIRABLE], summary["train_seconds"],
                 summary["total_seconds"], out)
+    logger.info("win rate of the aligned model against the SFT model (rule judge, both orders): "
+                "%.3f, 95%% CI [%.3f, %.3f]", summary["winrate"]["awr"],
+                summary["winrate"]["ci_low"], summary["winrate"]["ci_high"])
     return summary
 
 
@@ -434,15 +411,15 @@ def _psi_examples(config: DemoConfig, prompts: list[str]) -> tuple[list[str], li
     return chosen, [i % 2 == 0 for i in range(len(chosen))]
 
 
-ABLATIONS: dict[str, dict] = {
-    "baseline=none": {"baseline": "none"},
-    "crn=off": {"crn": False},
-    "n_t=2": {"mc": MCConfig(n_t=2)},
-    "n_t=4": {"mc": MCConfig(n_t=4)},
-    "n_t=1,n_yt=8": {"mc": MCConfig(n_t=1, n_yt=8)},
-    "n_t=2,n_yt=4": {"mc": MCConfig(n_t=2, n_yt=4)},
-    "fewer desirable (1/4)": {"desirable_fraction": 0.25},
-    "fewer undesirable (1/4)": {"undesirable_fraction": 0.25},
+ABLATIONS: dict[str, Callable[[DemoConfig], DemoConfig]] = {
+    "baseline=none": lambda c: replace(c, loss=replace(c.loss, baseline="none")),
+    "crn=off": lambda c: replace(c, crn=False),
+    "n_t=2": lambda c: replace(c, mc=MCConfig(n_t=2)),
+    "n_t=4": lambda c: replace(c, mc=MCConfig(n_t=4)),
+    "n_t=1,n_yt=8": lambda c: replace(c, mc=MCConfig(n_t=1, n_yt=8)),
+    "n_t=2,n_yt=4": lambda c: replace(c, mc=MCConfig(n_t=2, n_yt=4)),
+    "fewer desirable (1/4)": lambda c: replace(c, desirable_fraction=0.25),
+    "fewer undesirable (1/4)": lambda c: replace(c, undesirable_fraction=0.25),
 }
 
 
@@ -456,7 +433,7 @@ def run_ablations(config: DemoConfig, encoder: Encoder, sft_state: dict, referen
     results = {"default": {"desirable_rate": main["aligned_desirable_rate"],
                            "kto_seconds": main["kto_seconds"], **main["psi"]}}
     for name, change in ABLATIONS.items():
-        variant = replace(config, **change)
+        variant = change(config)
         variant_rows = kto_rows(encoder, variant, train_prompts)
         policy = build_model(variant, encoder.tokenizer)
         policy.load_state_dict(sft_state)
@@ -466,7 +443,7 @@ def run_ablations(config: DemoConfig, encoder: Encoder, sft_state: dict, referen
         rates = evaluate(policy, encoder, eval_prompts, variant)
         results[name] = {"desirable_rate": rates[DESIRABLE], "kto_seconds": seconds,
                          "kto_examples": len(variant_rows),
-                         **psi(aligned, reference, psi_batch, variant, crn=variant.crn)}
+                         **psi(aligned, reference, psi_batch, variant)}
         logger.info("ablation %s: %s", name, results[name])
     return results
 

@@ -32,7 +32,8 @@ def noisy_copies(input_ids: Tensor, draws: Draws, mask_token_id: int) -> Tensor:
 
 def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_token_id: int,
                   attention_mask: Tensor | None = None, shift_logits: bool = False,
-                  keep_logits: bool = False, backend: str = "auto") -> Tensor:
+                  keep_logits: bool = False, filter_eps: float | str | None = None,
+                  backend: str = "auto") -> Tensor:
     """Monte-Carlo ELBO of every example: float32 [B], differentiable w.r.t. the model.
 
     Args:
@@ -48,6 +49,8 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
             block draws (block-diffusion models score the position itself).
         keep_logits: fused head only: keep the masked rows' float32 logits for the backward
             instead of recomputing them (see :func:`elbokto_kernels.fused_linear_elbo`).
+        filter_eps: fused head only: gradient filtering of the LM head's backward (None: exact;
+            a float or "auto"; see :func:`elbokto_kernels.fused_linear_elbo`).
         backend: kernel backend, see :func:`elbokto_kernels.fused_elbo`.
     """
     num_samples = input_ids.shape[0]
@@ -57,7 +60,10 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
     if shift_logits:
         # The output at p - 1 scores token p: move targets and mask one place left.
         targets = torch.cat([targets[:, 1:], targets[:, :1]], dim=1)
-        # Position 0 has no predecessor; it is always prompt, so its mask is always False.
+        # Position 0 has no predecessor, so no output scores it: it must be prompt (checked on
+        # the device, without a host sync).
+        torch._assert_async(~mask[:, 0].any(), "with shift_logits the response cannot start at "
+                            "position 0: every example needs a prompt of at least one token")
         mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
     copy_attention = None if attention_mask is None else attention_mask[draws.sample_index]
     weight = draws.weight
@@ -82,7 +88,7 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
         logits = out if isinstance(out, Tensor) else out.logits
         return fused_elbo(logits, *elbo_args, backend=backend)
     softcap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
-    with _fused_head(head, elbo_args, softcap, keep_logits, backend) as result:
+    with _fused_head(head, elbo_args, softcap, keep_logits, filter_eps, backend) as result:
         model(**inputs, use_cache=False)
     if not result:
         raise RuntimeError(f"{type(model).__name__}'s forward never called its output embedding")
@@ -104,7 +110,7 @@ def _fusable_head(model: nn.Module) -> nn.Linear | None:
 
 @contextmanager
 def _fused_head(head: nn.Linear, elbo_args: tuple, softcap: float | None, keep_logits: bool,
-                backend: str):
+                filter_eps: float | str | None, backend: str):
     """Within the block, ``head(hidden)`` stores the fused ELBO in the yielded list and returns
     an empty [..., 0] logits tensor (whatever the model does to logits afterwards is then free)."""
     result: list[Tensor] = []
@@ -117,7 +123,8 @@ def _fused_head(head: nn.Linear, elbo_args: tuple, softcap: float | None, keep_l
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         elbo = fused_linear_elbo(hidden, weight, *elbo_args, bias=bias, softcap=softcap,
-                                 keep_logits=keep_logits, backend=backend)
+                                 keep_logits=keep_logits, filter_eps=filter_eps,
+                                 backend=backend)
         result.append(elbo)
         # Empty logits that still hang off the ELBO's graph: DDP's search for unused parameters
         # walks the graph of the forward's outputs, and must find every parameter used.

@@ -10,6 +10,12 @@ with the highest confidence are committed, ``n`` following LLaDA's schedule (the
 split evenly over its steps, the remainder to the first steps). Committed tokens are never
 revisited; prompt tokens and later blocks are never touched. The output length is fixed: decode
 up to the first EOS with :func:`decode_responses`.
+
+With ``threshold`` set (Fast-dLLM's confidence-aware parallel decoding), a step also commits every
+masked position of the block whose confidence exceeds the threshold, so a block can finish in fewer
+steps than its share; the sampler moves on as soon as the block is full in every row. A step still
+commits at least the schedule's count (one per step when ``steps == gen_length``, which is
+Fast-dLLM's rule: the most confident token plus all those above the threshold).
 """
 
 from collections.abc import Sequence
@@ -25,19 +31,21 @@ __all__ = ["GenerationConfig", "decode_responses", "generate"]
 
 @dataclass
 class GenerationConfig:
-    """How :func:`generate` runs the reverse process. Defaults: one 64-token block, one token per
-    step, greedy, LLaDA's low-confidence remasking."""
+    """How :func:`generate` runs the reverse process. Defaults: the response as one block, one
+    token per step, greedy, LLaDA's low-confidence remasking."""
 
     gen_length: int = field(default=64, metadata={"help": "Response tokens generated per prompt."})
-    steps: int = field(
-        default=64,
-        metadata={"help": "Model calls in total; a multiple of gen_length / block_length and at "
-                          "most gen_length."},
+    steps: int | None = field(
+        default=None,
+        metadata={"help": "Model calls in total (at most, with threshold); a multiple of "
+                          "gen_length / block_length and at most gen_length. Default: gen_length "
+                          "(one token per step)."},
     )
-    block_length: int = field(
-        default=64,
+    block_length: int | None = field(
+        default=None,
         metadata={"help": "Semi-autoregressive block size: the response is filled block by block, "
-                          "left to right. Must divide gen_length (gen_length = one block)."},
+                          "left to right. Must divide gen_length. Default: gen_length (one "
+                          "block)."},
     )
     temperature: float = field(
         default=0.0,
@@ -49,6 +57,13 @@ class GenerationConfig:
         metadata={"help": "Which proposals a step commits: 'low_confidence' keeps those with the "
                           "highest probability of the proposed token (the rest are remasked); "
                           "'random' keeps a uniformly random subset."},
+    )
+    threshold: float | None = field(
+        default=None,
+        metadata={"help": "Confidence-threshold parallel decoding (Fast-dLLM): each step also "
+                          "commits every masked position of the current block whose confidence "
+                          "exceeds this value, in (0, 1]; low_confidence remasking only. "
+                          "None: the fixed schedule."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the sampler's torch.Generator."})
     mask_token_id: int | None = field(
@@ -62,6 +77,10 @@ class GenerationConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.block_length is None:
+            self.block_length = self.gen_length
+        if self.steps is None:
+            self.steps = self.gen_length
         for name in ("gen_length", "steps", "block_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -81,6 +100,15 @@ class GenerationConfig:
             raise ValueError(f"temperature={self.temperature!r}; expected a float >= 0")
         if self.remasking not in ("low_confidence", "random"):
             raise ValueError(f"remasking={self.remasking!r}; expected 'low_confidence' or 'random'")
+        if self.threshold is not None:
+            if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+                    or not 0 < self.threshold <= 1):
+                raise ValueError(f"threshold={self.threshold!r}; expected None or a float in "
+                                 f"(0, 1]")
+            if self.remasking != "low_confidence":
+                raise ValueError(f"threshold={self.threshold} needs remasking='low_confidence' "
+                                 f"(the confidence it compares is the model's probability), got "
+                                 f"remasking={self.remasking!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r}; expected an integer")
         if self.mask_token_id is not None and (isinstance(self.mask_token_id, bool)
@@ -113,7 +141,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: Generat
             ``config.is_causal = False``, or its padded calls get a causal mask.
         prompts: B >= 1 token-id sequences (lists or 1-D tensors), each non-empty (at least BOS),
             of any lengths; P is the longest.
-        config: steps, blocks, temperature, remasking, seed, mask token, logit shift.
+        config: steps, blocks, temperature, remasking, threshold, seed, mask token, logit shift.
         pad_token_id: fills the left padding (masked out, so its value does not matter to a model
             that honours ``attention_mask``).
 
@@ -147,6 +175,9 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: Generat
         start = canvas.shape[1] - config.gen_length + block * config.block_length
         end = start + config.block_length
         for num_transfer in schedule:
+            # Threshold decoding can fill a block early: then its remaining steps are skipped.
+            if config.threshold is not None and not bool((canvas[:, start:end] == mask_id).any()):
+                break
             out = model(input_ids=canvas, **model_kwargs)
             logits = out if isinstance(out, Tensor) else out.logits
             # Only the current block can be committed, so only its logits are needed. With a
@@ -157,11 +188,17 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: Generat
             block_tokens = canvas[:, start:end]
             masked = block_tokens == mask_id
             confidence = confidence.masked_fill(~masked, float("-inf"))
-            # Every row has the same number of masks left in the block (all canvases start with
-            # a full mask block and commit the same counts), so one top-k serves the batch and
-            # never reaches a -inf (already committed) position.
+            # Without a threshold every row has the same number of masks left in the block (all
+            # canvases start with a full mask block and commit the same counts), so one top-k
+            # serves the batch and never reaches a -inf (already committed) position.
             chosen = confidence.topk(num_transfer, dim=1).indices
-            block_tokens[rows, chosen] = proposal.gather(1, chosen)
+            if config.threshold is None:
+                block_tokens[rows, chosen] = proposal.gather(1, chosen)
+            else:
+                # Rows now differ: a top-k that reaches committed positions must not rewrite them.
+                commit = torch.zeros_like(masked).scatter_(1, chosen, True) & masked
+                commit |= confidence > config.threshold
+                block_tokens[commit] = proposal[commit]
     return canvas[:, -config.gen_length:]
 
 

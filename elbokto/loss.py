@@ -1,23 +1,66 @@
-"""ELBO-KTO loss (DESIGN.md §2), its KL baseline, and the paired ELBO-DPO sibling.
+"""The preference losses on ELBO estimates (DESIGN.md §2): ELBO-KTO (unpaired), its KL baseline,
+and ELBO-DPO (paired, the VRPO objective of LLaDA 1.5); :class:`LossConfig` and the ``LOSSES``
+table that picks one by ``loss_type``.
 
 Inputs are per-example ELBO estimates B_hat [m] (e.g. from ``fused_linear_elbo``). Only the policy
 ELBO gets gradients: the reference is detached here, whatever the caller passes. Metrics are
 detached tensors (no host sync) named like TRL's KTO/DPO trainers; they are local to the rank.
+
+Adding a loss: write ``my_loss(policy_elbo, ref_elbo, ...)``, then one :class:`Loss` record in
+``LOSSES`` whose ``compute`` maps a batch's ELBOs to it; ``--loss_type my_loss`` selects it.
 """
 
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["elbo_dpo_loss", "elbo_kto_loss", "kl_baseline"]
+__all__ = ["LOSSES", "Loss", "LossConfig", "compute_loss", "elbo_dpo_loss", "elbo_kto_loss",
+           "kl_baseline"]
 
 Baseline = Literal["batch_mean", "none", "kl"]
+BASELINES = ("batch_mean", "none", "kl")
 
 # |beta * (r - b0)| beyond this puts the sigmoid within ~2.5e-3 of 0 or 1: almost no gradient.
 _SATURATION = 6.0
+
+
+@dataclass
+class LossConfig:
+    """Which preference loss, and its settings (CLI flags). Defaults follow the ELBO-KTO paper."""
+
+    loss_type: str = field(default="elbo_kto", metadata={
+        "help": "'elbo_kto' (unpaired desirable / undesirable examples, the paper's) or "
+                "'elbo_dpo' (paired prompt / chosen / rejected data: VRPO, as in LLaDA 1.5)."})
+    beta: float = field(default=0.1, metadata={"help": "Temperature beta of the loss."})
+    lambda_d: float = field(default=1.0, metadata={
+        "help": "ELBO-KTO: weight of desirable examples."})
+    lambda_u: float = field(default=1.0, metadata={
+        "help": "ELBO-KTO: weight of undesirable examples."})
+    baseline: str = field(default="batch_mean", metadata={
+        "help": "ELBO-KTO's reference point b0: 'batch_mean' (mean margin of the global batch, "
+                "the paper's), 'none' (0) or 'kl' (KTO's KL estimate from mismatched pairs; extra "
+                "forwards). ELBO-DPO's chosen-minus-rejected difference cancels any constant b0."})
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSSES:
+            raise ValueError(f"loss_type={self.loss_type!r}; expected one of {sorted(LOSSES)}")
+        _check_positive(beta=self.beta)
+        _check_weights(lambda_d=self.lambda_d, lambda_u=self.lambda_u)
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline={self.baseline!r}; expected one of {BASELINES}")
+        if self.paired and (self.baseline == "kl" or (self.lambda_d, self.lambda_u) != (1, 1)):
+            raise ValueError(f"loss_type={self.loss_type!r} compares the two responses of a pair: "
+                             "baseline='kl' and the class weights lambda_d / lambda_u are "
+                             "ELBO-KTO settings and do not apply")
+
+    @property
+    def paired(self) -> bool:
+        """Whether the loss takes pairs (consecutive chosen, rejected rows) instead of examples."""
+        return LOSSES[self.loss_type].paired
 
 
 def elbo_kto_loss(
@@ -58,8 +101,10 @@ def elbo_kto_loss(
         (loss, metrics): loss is a scalar of policy_elbo's dtype promoted to at least float32.
         metrics maps TRL's names to detached scalars: rewards/chosen, rewards/rejected (means of
         beta * r over desirable / undesirable examples, 0 for an empty group), rewards/margins,
-        count/chosen, count/rejected, elbo/policy, elbo/reference (means), kl (the b0 used),
-        saturated_fraction (share of examples with |beta * (r - b0)| > 6).
+        logps/chosen, logps/rejected (mean policy ELBO per class: the ELBO stands in for the
+        log-probability), count/chosen, count/rejected, elbo/policy, elbo/reference (means),
+        saturated_fraction (share of examples with |beta * (r - b0)| > 6), baseline (the b0
+        used), and kl (the clamped KL estimate, = b0) with baseline="kl" only.
     """
     _check_elbos(policy_elbo=policy_elbo, ref_elbo=ref_elbo)
     shape = policy_elbo.shape
@@ -67,11 +112,9 @@ def elbo_kto_loss(
         got = f"{desirable.dtype} {list(desirable.shape)}" if isinstance(desirable, Tensor) else type(desirable)
         raise ValueError(f"desirable must be a bool tensor of shape {list(shape)}; got {got}")
     _check_positive(beta=beta)
-    for name, value in {"lambda_d": lambda_d, "lambda_u": lambda_u}.items():
-        if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-            raise ValueError(f"{name}={value!r}; expected a finite number >= 0")
-    if baseline not in ("batch_mean", "none", "kl"):
-        raise ValueError(f"baseline={baseline!r}; expected 'batch_mean', 'none' or 'kl'")
+    _check_weights(lambda_d=lambda_d, lambda_u=lambda_u)
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline={baseline!r}; expected one of {BASELINES}")
     if (kl is None) != (baseline != "kl"):
         raise ValueError(
             f"kl is required with baseline='kl' and only then; got baseline={baseline!r}, kl={kl!r}"
@@ -103,13 +146,17 @@ def elbo_kto_loss(
             "rewards/chosen": chosen,
             "rewards/rejected": rejected,
             "rewards/margins": chosen - rejected,
+            "logps/chosen": _group_mean(policy, desirable),
+            "logps/rejected": _group_mean(policy, ~desirable),
             "count/chosen": desirable.sum().to(dtype),
             "count/rejected": (~desirable).sum().to(dtype),
             "elbo/policy": _mean(policy),
             "elbo/reference": _mean(ref),
-            "kl": b0.clone(),
             "saturated_fraction": _mean((beta * (r - b0)).abs().gt(_SATURATION).to(dtype)),
+            "baseline": b0.clone(),
         }
+        if baseline == "kl":
+            metrics["kl"] = b0.clone()
     return loss, metrics
 
 
@@ -147,7 +194,8 @@ def elbo_dpo_loss(
     Returns:
         (loss, metrics): scalar loss (0 for m = 0) and detached scalars rewards/chosen,
         rewards/rejected (means of beta * (policy - ref)), rewards/margins, rewards/accuracies
-        (share of pairs whose chosen reward is the larger).
+        (share of pairs whose chosen reward is the larger), logps/chosen, logps/rejected (mean
+        policy ELBOs).
     """
     _check_elbos(
         policy_chosen=policy_chosen,
@@ -166,6 +214,8 @@ def elbo_dpo_loss(
             "rewards/rejected": _mean(rejected),
             "rewards/margins": _mean(chosen - rejected),
             "rewards/accuracies": _mean((chosen > rejected).to(dtype)),
+            "logps/chosen": _mean(policy_chosen.detach().to(dtype)),
+            "logps/rejected": _mean(policy_rejected.detach().to(dtype)),
         }
     return loss, metrics
 
@@ -208,7 +258,60 @@ def _check_elbos(**tensors: Tensor) -> None:
             )
 
 
+def _check_weights(**values: float) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 <= value < float("inf"):
+            raise ValueError(f"{name}={value!r}; expected a finite number >= 0")
+
+
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise ValueError(f"{name}={value!r}; expected a finite number > 0")
+
+
+def _kto(policy_elbo: Tensor, ref_elbo: Tensor, desirable: Tensor, config: LossConfig,
+         kl: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    return elbo_kto_loss(policy_elbo, ref_elbo, desirable, beta=config.beta,
+                         lambda_d=config.lambda_d, lambda_u=config.lambda_u,
+                         baseline=config.baseline, kl=kl)
+
+
+def _dpo(policy_elbo: Tensor, ref_elbo: Tensor, desirable: Tensor, config: LossConfig,
+         kl: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    if desirable.dim() != 1 or desirable.numel() % 2:
+        raise ValueError(f"a paired batch holds (chosen, rejected) rows: an even number, got "
+                         f"{list(desirable.shape)}")
+    # Checked on the device: no host sync in the step (raises at once on CPU).
+    torch._assert_async(desirable[0::2].all() & ~desirable[1::2].any(),
+                        "a paired batch must alternate chosen (desirable) and rejected rows")
+    return elbo_dpo_loss(policy_elbo[0::2], ref_elbo[0::2], policy_elbo[1::2], ref_elbo[1::2],
+                         beta=config.beta)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One entry of :data:`LOSSES`.
+
+    compute: (policy_elbo float [B], ref_elbo float [B], desirable bool [B], config, kl scalar or
+        None) -> (scalar loss, detached metrics).
+    paired: the batch holds pairs as consecutive rows, chosen (desirable) then rejected, and both
+        rows of a pair share their Monte-Carlo draws.
+    """
+
+    compute: Callable[[Tensor, Tensor, Tensor, LossConfig, Tensor | None],
+                      tuple[Tensor, dict[str, Tensor]]]
+    paired: bool
+
+
+LOSSES: dict[str, Loss] = {
+    "elbo_kto": Loss(_kto, paired=False),
+    "elbo_dpo": Loss(_dpo, paired=True),
+}
+
+
+def compute_loss(config: LossConfig, policy_elbo: Tensor, ref_elbo: Tensor, desirable: Tensor,
+                 kl: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss ``config.loss_type`` names, on one batch's ELBOs (see :class:`Loss`)."""
+    return LOSSES[config.loss_type].compute(policy_elbo, ref_elbo, desirable, config, kl)

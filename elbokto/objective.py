@@ -8,9 +8,15 @@ One call is one training step's loss for a batch dict:
     response_lengths int64 [B]      only these tokens are ever masked
     desirable        bool [B]
     uid              int64 [B]      stable example id: the draws are a function of it
+    pair_uid         int64 [B]      optional: the draws' key instead of uid, so that the chosen
+                                    and rejected rows of a pair share their draws (paired losses;
+                                    :class:`elbokto.PreferenceCollator` sets it for pairs)
 
-The reference sees exactly the policy's noisy copies (common random numbers), without gradients. It
-is a frozen model, the policy itself with its PEFT adapters disabled, or a precomputed ``ref_elbo``.
+The loss is the one ``loss.loss_type`` names in :data:`elbokto.loss.LOSSES` (ELBO-KTO by default).
+
+The reference sees exactly the policy's noisy copies (common random numbers, unless ``crn`` is
+turned off for an ablation), without gradients. It is a frozen model, the policy itself with its
+PEFT adapters disabled, or a precomputed ``ref_elbo``.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ from torch import Tensor, nn
 from elbokto.diagnostics import PsiEstimate, estimate_psi
 from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
-from elbokto.loss import elbo_kto_loss, kl_baseline
+from elbokto.guards import check_step_values
+from elbokto.loss import LossConfig, compute_loss, kl_baseline
 
 BATCH_KEYS = ("input_ids", "prompt_lengths", "response_lengths", "desirable", "uid")
 # 2^64 / golden ratio as a signed int64: mixes two uids into the uid of their mismatched pair.
 _UID_MIX = 0x9E3779B97F4A7C15 - (1 << 64)
+# Seed offset of the reference's own draws when common random numbers are off.
+_INDEPENDENT_SEED = 7919
 
 
 @dataclass
@@ -37,8 +46,10 @@ class ObjectiveOutput:
     """What one objective call returns.
 
     loss: scalar float32; call ``backward()`` on it once, as usual (with mc_chunk_size, that
-        backward re-runs the policy chunk by chunk).
-    metrics: detached scalars named like TRL's KTO trainer (see :func:`elbo_kto_loss`).
+        backward re-runs the policy chunk by chunk). A non-finite loss or ELBO raises
+        :class:`elbokto.guards.NonFiniteError` (naming the uids and the source) instead: one host
+        sync per call.
+    metrics: detached scalars named like TRL's KTO / DPO trainers (see the loss functions).
     policy_elbo, ref_elbo: float32 [B], detached.
     """
 
@@ -50,11 +61,12 @@ class ObjectiveOutput:
 
 @dataclass
 class ELBOKTOObjective:
-    """ELBO-KTO on a batch, DESIGN.md §2. Paper defaults: beta 0.1, n_t 8, n_yt 1, batch_mean.
+    """A preference loss on ELBO estimates for a batch, DESIGN.md §2. Paper defaults: ELBO-KTO,
+    beta 0.1, n_t 8, n_yt 1, batch_mean.
 
     Attributes:
         mc: how the Monte-Carlo copies are drawn.
-        beta, lambda_d, lambda_u, baseline: as in :func:`elbokto.elbo_kto_loss`.
+        loss: which loss (``loss_type``) and its beta, lambda_d, lambda_u, baseline.
         seed: seed of the draws (with uid and step they fix every mask).
         mc_chunk_size: copies per forward. None: all B*K copies in one pass with the graph kept
             for backward. An int: memory stays flat in K. The forward is a no-grad pass giving B_hat
@@ -66,46 +78,52 @@ class ELBOKTOObjective:
         shift_logits: the model's logits at p predict token p + 1 (Dream).
         pad_token_id: fills the mismatched pairs of baseline="kl" (attention-masked when the batch
             has an attention mask).
+        crn: common random numbers: the reference scores the policy's very copies. False (an
+            ablation of the paper's) draws the reference's copies with another seed.
         keep_logits: keep the masked rows' float32 logits of the fused LM head from forward to
             backward (4 * masked rows * V bytes) instead of recomputing them: a quarter fewer
             LM-head FLOPs.
+        filter_eps: gradient filtering of the fused LM head's backward: None (exact), a float,
+            or "auto" (``finfo(dtype).eps / 32`` of the head's compute dtype); see
+            :func:`elbokto_kernels.fused_linear_elbo`.
         backend: kernel backend ("auto", "triton", "cpu", "torch").
     """
 
     mc: MCConfig = field(default_factory=MCConfig)
-    beta: float = 0.1
-    lambda_d: float = 1.0
-    lambda_u: float = 1.0
-    baseline: str = "batch_mean"
+    loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
     mc_chunk_size: int | None = None
     mask_token_id: int | None = None
     shift_logits: bool = False
     pad_token_id: int = 0
+    crn: bool = True
     keep_logits: bool = False
+    filter_eps: float | str | None = None
     backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mc_chunk_size is not None and self.mc_chunk_size < 1:
             raise ValueError(f"mc_chunk_size must be a positive int or None, got "
                              f"{self.mc_chunk_size}")
-        if self.baseline not in ("batch_mean", "none", "kl"):
-            raise ValueError(f"baseline={self.baseline!r}; expected 'batch_mean', 'none' or 'kl'")
 
     def __call__(self, policy: nn.Module, batch: Mapping[str, Tensor], *,
                  reference: nn.Module | None = None, ref_elbo: Tensor | None = None,
                  step: int = 0) -> ObjectiveOutput:
         _check_batch(batch)
         draws = self.draws(batch, step)
+        ref_source = "reference" if ref_elbo is None else "precomputed reference"
         if ref_elbo is None:
-            ref_elbo = self.reference_elbo(policy, batch, draws, reference)
+            ref_elbo = self.reference_elbo(policy, batch, self._reference_draws(batch, step, draws),
+                                           reference)
         elif reference is not None:
             raise ValueError("pass either reference or ref_elbo, not both")
         ref_elbo = ref_elbo.detach().float()
-        kl = self._kl(policy, reference, batch, step) if self.baseline == "kl" else None
+        kl = self._kl(policy, reference, batch, step) if self.loss.baseline == "kl" else None
         if self.mc_chunk_size is None:
             policy_elbo = self.elbo(policy, batch, draws)
             loss, metrics = self._loss(policy_elbo, ref_elbo, batch, kl)
+            check_step_values(batch["uid"], loss=loss, policy=policy_elbo,
+                              **{ref_source: ref_elbo})
             return ObjectiveOutput(loss, metrics, policy_elbo.detach(), ref_elbo)
         with torch.no_grad():
             policy_elbo = self.elbo(policy, batch, draws)
@@ -113,6 +131,7 @@ class ELBOKTOObjective:
         with torch.enable_grad():
             loss, metrics = self._loss(leaf, ref_elbo, batch, kl)
             (scale,) = torch.autograd.grad(loss, leaf)
+        check_step_values(batch["uid"], loss=loss, policy=policy_elbo, **{ref_source: ref_elbo})
 
         def backward(grad: Tensor) -> None:
             for chunk in _copy_chunks(draws, self.mc_chunk_size):
@@ -125,10 +144,11 @@ class ELBOKTOObjective:
         return ObjectiveOutput(loss, metrics, policy_elbo.detach(), ref_elbo)
 
     def draws(self, batch: Mapping[str, Tensor], step: int = 0) -> Draws:
-        """The B*K copies of the batch at this step (a pure function of seed, uid and step)."""
+        """The B*K copies of the batch at this step: a pure function of seed, step and each row's
+        pair_uid (when the batch has one) or uid."""
         return sample_draws(self.mc, batch["prompt_lengths"], batch["response_lengths"],
-                            batch["input_ids"].shape[1], uids=batch["uid"], seed=self.seed,
-                            step=step)
+                            batch["input_ids"].shape[1], uids=batch.get("pair_uid", batch["uid"]),
+                            seed=self.seed, step=step)
 
     def elbo(self, model: nn.Module, batch: Mapping[str, Tensor], draws: Draws) -> Tensor:
         """B_hat float32 [B] of ``model``, in chunks of mc_chunk_size copies when set."""
@@ -136,6 +156,11 @@ class ELBOKTOObjective:
             return self._estimate(model, batch, draws)
         return sum(self._estimate(model, batch, chunk)
                    for chunk in _copy_chunks(draws, self.mc_chunk_size))
+
+    def _reference_draws(self, batch: Mapping[str, Tensor], step: int, draws: Draws) -> Draws:
+        if self.crn:
+            return draws
+        return replace(self, seed=self.seed + _INDEPENDENT_SEED).draws(batch, step)
 
     @torch.no_grad()
     def reference_elbo(self, policy: nn.Module, batch: Mapping[str, Tensor], draws: Draws,
@@ -163,7 +188,9 @@ class ELBOKTOObjective:
             redraw = replace(self, seed=self.seed + k)
             draws = redraw.draws(batch, step)
             rows.append(redraw.elbo(policy, batch, draws)
-                        - redraw.reference_elbo(policy, batch, draws, reference))
+                        - redraw.reference_elbo(policy, batch,
+                                                redraw._reference_draws(batch, step, draws),
+                                                reference))
         return torch.stack(rows)
 
     def psi(self, policy: nn.Module, batch: Mapping[str, Tensor], *,
@@ -172,7 +199,7 @@ class ELBOKTOObjective:
         psi_baseline for the baseline this objective uses (batch_mean: equal to psi)."""
         _check_batch(batch)
         margins = self.margins(policy, batch, reference=reference, redraws=redraws, step=step)
-        baseline = {"batch_mean": margins.mean(1), "none": 0.0}.get(self.baseline)
+        baseline = {"batch_mean": margins.mean(1), "none": 0.0}.get(self.loss.baseline)
         if baseline is None:  # kl: the KL estimate redrawn alongside the margins
             baseline = torch.stack([replace(self, seed=self.seed + k)._kl(policy, reference,
                                                                          batch, step)
@@ -184,7 +211,7 @@ class ELBOKTOObjective:
                              mask_token_id=self._mask_token_id(model),
                              attention_mask=batch.get("attention_mask"),
                              shift_logits=self.shift_logits, keep_logits=self.keep_logits,
-                             backend=self.backend)
+                             filter_eps=self.filter_eps, backend=self.backend)
 
     def _mask_token_id(self, model: nn.Module) -> int:
         if self.mask_token_id is not None:
@@ -197,9 +224,7 @@ class ELBOKTOObjective:
         return mask_id
 
     def _loss(self, policy_elbo, ref_elbo, batch, kl):
-        return elbo_kto_loss(policy_elbo, ref_elbo, batch["desirable"], beta=self.beta,
-                             lambda_d=self.lambda_d, lambda_u=self.lambda_u,
-                             baseline=self.baseline, kl=kl)
+        return compute_loss(self.loss, policy_elbo, ref_elbo, batch["desirable"], kl)
 
     @torch.no_grad()
     def _kl(self, policy, reference, batch, step) -> Tensor:

@@ -1,4 +1,4 @@
-"""The jobs behind the CLI: train, precompute-ref, generate, diagnose.
+"""The jobs behind the CLI: train, precompute-ref, generate, diagnose, merge.
 
 Each takes the config dataclasses whose fields are its flags, and wires the library pieces in the
 one order data flows: tokenizer -> dataset -> models -> objective / trainer.
@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from transformers import IntervalStrategy
 
 from elbokto.block import check_block_attention, resolve_block_size
 from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_class_balance,
-                          load_source, prompt_token_ids)
+                          dataset_uids, load_source, prompt_token_ids)
 from elbokto.generate import GenerationConfig, decode_responses, generate
-from elbokto.models import (TINY, ModelConfig, frozen_reference, load_model, load_tokenizer,
-                            prepare_policy, resolve_mask_token_id, uses_shifted_logits)
-from elbokto.reference import ReferenceTable, data_fingerprint, precompute_reference, \
-    reference_meta
+from elbokto.models import (ADAPTER_CONFIG, TINY, ModelConfig, adapter_base, frozen_reference,
+                            load_model, load_tokenizer, local_or_hub, prepare_policy,
+                            resolve_mask_token_id, uses_shifted_logits)
+from elbokto.precompute import (ReferenceTable, data_fingerprint, model_identity,
+                                precompute_reference, reference_meta)
 from elbokto.tiny import build_tiny_tokenizer
-from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer
+from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,10 @@ def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> None:
     a block-diffusion model is checked end to end (:func:`check_block_attention`)."""
     train_cfg.mask_token_id = resolve_mask_token_id(model.config, tokenizer,
                                                     train_cfg.mask_token_id)
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and not 0 <= train_cfg.mask_token_id < vocab:
+        raise ValueError(f"--mask_token_id {train_cfg.mask_token_id} is outside the model's "
+                         f"vocabulary [0, {vocab})")
     train_cfg.shift_logits = train_cfg.shift_logits or uses_shifted_logits(model.config)
     train_cfg.block_size = resolve_block_size(model.config, train_cfg.block_size)
     if train_cfg.block_size is not None:
@@ -58,24 +65,42 @@ def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> None:
 
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig,
           resume_from_checkpoint: str | bool | None = None) -> ELBOKTOTrainer:
-    """`elbokto train`: ELBO-KTO on a preference dataset; saves the policy to output_dir."""
+    """`elbokto train`: ELBO-KTO on a preference dataset; saves the policy to output_dir.
+
+    Everything that can be checked without the model is checked before it is loaded: the data,
+    the class balance, a precomputed reference file (its settings, epochs and coverage) and the
+    checkpoint to resume from ("last": the newest complete one).
+    """
+    if resume_from_checkpoint == "last":
+        resume_from_checkpoint = last_complete_checkpoint(train_cfg.output_dir)
     tokenizer = tokenizer_for(model_cfg, data_cfg)
-    dataset, stats = build_dataset(data_cfg, tokenizer)
+    dataset, stats = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     logger.info("data: %s", stats)
-    check_class_balance(stats.n_desirable, stats.n_undesirable, train_cfg.lambda_d,
-                        train_cfg.lambda_u)
-    policy = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
-    _settle_model_fields(train_cfg, policy, tokenizer)
+    if not train_cfg.loss.paired:
+        check_class_balance(stats.n_desirable, stats.n_undesirable, train_cfg.lambda_d,
+                            train_cfg.lambda_u)
+    eval_dataset = _eval_dataset(data_cfg, train_cfg, tokenizer)
+    fingerprint = _fingerprint(tokenizer, data_cfg)
+    epochs = epochs_to_cover(train_cfg, len(dataset), train_cfg.world_size)
     ref_table = reference = None
     if train_cfg.ref_elbo_file:
         ref_table = ReferenceTable.load(train_cfg.ref_elbo_file)
-        ref_table.check(reference_meta(train_cfg.objective(), _fingerprint(tokenizer, data_cfg),
-                                       _epochs(train_cfg)))
+        ref_table.check({k: v for k, v in reference_meta(train_cfg.objective(), fingerprint,
+                                                          epochs).items()
+                         if k not in _MODEL_KEYS})
+        ref_table.check_covers(dataset_uids(dataset))
+        if eval_dataset is not None:
+            ref_table.check_covers(dataset_uids(eval_dataset), what="evaluation")
+    policy = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
+    _settle_model_fields(train_cfg, policy, tokenizer)
+    if ref_table is not None:
+        ref_table.check(reference_meta(train_cfg.objective(), fingerprint, epochs,
+                                       _reference_identity(model_cfg, policy)))
     else:
         reference = _reference(policy, model_cfg, train_cfg, tokenizer)
     policy = prepare_policy(policy, model_cfg)
     trainer = ELBOKTOTrainer(policy, train_cfg, ref_model=reference, ref_table=ref_table,
-                             train_dataset=dataset,
+                             train_dataset=dataset, eval_dataset=eval_dataset,
                              data_collator=PreferenceCollator.from_config(data_cfg, tokenizer),
                              processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -93,20 +118,64 @@ def _reference(policy, model_cfg: ModelConfig, train_cfg: ELBOKTOConfig, tokeniz
     return reference
 
 
-def _epochs(train_cfg: ELBOKTOConfig) -> int:
-    return max(1, int(-(-train_cfg.num_train_epochs // 1)))
+def _eval_dataset(data_cfg: DataConfig, train_cfg: ELBOKTOConfig, tokenizer):
+    """Held-out preference data for the objective's metrics (``--eval_dataset`` /
+    ``--eval_split``), or None. Without an ``--eval_strategy`` the run evaluates ten times."""
+    if data_cfg.eval_dataset is None and data_cfg.eval_split is None:
+        return None
+    config = replace(data_cfg, dataset=data_cfg.eval_dataset or data_cfg.dataset,
+                     dataset_split=data_cfg.eval_split or data_cfg.dataset_split)
+    if (config.dataset, config.dataset_split) == (data_cfg.dataset, data_cfg.dataset_split):
+        raise ValueError(f"--eval_dataset / --eval_split name the training data itself "
+                         f"({config.dataset}, split {config.dataset_split})")
+    dataset, stats = build_dataset(config, tokenizer, paired=train_cfg.loss.paired)
+    logger.info("evaluation data: %s", stats)
+    if train_cfg.eval_strategy == IntervalStrategy.NO:
+        train_cfg.eval_strategy, train_cfg.eval_steps = IntervalStrategy.STEPS, 0.1
+    return dataset
+
+
+# Meta entries that need the loaded model (checked after loading it).
+_MODEL_KEYS = ("mask_token_id", "shift_logits", "reference_model")
+
+
+def _reference_identity(model_cfg: ModelConfig, policy) -> dict:
+    """The reference's identity as training sees it: the initial policy's weights (the default
+    reference, and the base of LoRA), or the name of ``--ref_model_name_or_path`` (that model is
+    not loaded when a precomputed file replaces it, so only its name is compared)."""
+    if model_cfg.ref_model_name_or_path is None:
+        return model_identity(model_cfg.model_name_or_path, policy)
+    path = Path(model_cfg.ref_model_name_or_path).expanduser()
+    return {"name": str(path.resolve()) if path.exists() else model_cfg.ref_model_name_or_path}
+
+
+def epochs_to_cover(train_cfg: ELBOKTOConfig, num_examples: int, world_size: int) -> int:
+    """How many epochs (draw indices) a run touches, as the Trainer counts them: ``max_steps``
+    when set (optimizer steps of per_device_train_batch_size x world_size x accumulation
+    examples), else ``num_train_epochs`` rounded up."""
+    if train_cfg.max_steps > 0:
+        batches = num_examples / (train_cfg.per_device_train_batch_size * world_size)
+        batches = math.floor(batches) if train_cfg.dataloader_drop_last else math.ceil(batches)
+        updates = max(batches // train_cfg.gradient_accumulation_steps, 1)
+        return max(1, math.ceil(train_cfg.max_steps / updates))
+    return max(1, math.ceil(train_cfg.num_train_epochs))
 
 
 def precompute_ref(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig,
-                   output_file: str) -> ReferenceTable:
-    """`elbokto precompute-ref`: B_hat_ref of every example, for the draws training will use."""
+                   output_file: str, train_world_size: int = 1) -> ReferenceTable:
+    """`elbokto precompute-ref`: B_hat_ref of every example, for the draws training will use.
+
+    ``train_world_size``: data-parallel processes of the training run (with max_steps, the
+    number of epochs it touches depends on it)."""
     tokenizer = tokenizer_for(model_cfg, data_cfg)
-    dataset, _ = build_dataset(data_cfg, tokenizer)
+    dataset, _ = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     name = model_cfg.ref_model_name_or_path or model_cfg.model_name_or_path
     reference = load_model(name, model_cfg, tokenizer=tokenizer).eval().to(train_cfg.device)
     _settle_model_fields(train_cfg, reference, tokenizer)
     objective = train_cfg.objective()
-    meta = reference_meta(objective, _fingerprint(tokenizer, data_cfg), _epochs(train_cfg))
+    meta = reference_meta(objective, _fingerprint(tokenizer, data_cfg),
+                          epochs_to_cover(train_cfg, len(dataset), train_world_size),
+                          model_identity(name, reference))
     collate = PreferenceCollator.from_config(data_cfg, tokenizer)
     loader = DataLoader(dataset, batch_size=train_cfg.per_device_eval_batch_size,
                         collate_fn=collate)
@@ -157,6 +226,33 @@ def generate_text(model_cfg: ModelConfig, gen_cfg: GenerationConfig, args: Gener
 
 
 @dataclass
+class MergeArgs:
+    """Where `elbokto merge` writes the merged model."""
+
+    output_dir: str = field(metadata={
+        "help": "Folder for the merged full model and its tokenizer (not the adapter folder)."})
+
+
+def merge(model_cfg: ModelConfig, args: MergeArgs) -> Path:
+    """`elbokto merge`: the LoRA adapter folder of --model_name_or_path merged into its base
+    model; writes the full model and the tokenizer to --output_dir (returned), which then loads
+    like any model, without peft."""
+    adapter = local_or_hub(model_cfg.model_name_or_path, "--model_name_or_path")
+    if adapter_base(adapter) is None:
+        raise ValueError(f"--model_name_or_path {model_cfg.model_name_or_path}: not a LoRA "
+                         f"adapter folder (no {ADAPTER_CONFIG})")
+    out = Path(args.output_dir).expanduser()
+    if out.resolve() == Path(adapter).resolve():
+        raise ValueError(f"--output_dir {args.output_dir} is the adapter folder itself: the "
+                         "merged model needs a folder of its own")
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_model(adapter, model_cfg, tokenizer=tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@dataclass
 class DiagnoseArgs:
     """What `elbokto diagnose` measures."""
 
@@ -165,6 +261,26 @@ class DiagnoseArgs:
     redraws: int = field(default=8, metadata={"help": "Independent redraws R per setting."})
     budgets: list[str] = field(default_factory=lambda: ["8x1", "1x8", "4x2", "2x1", "4x1"],
                                metadata={"help": "n_t x n_yt settings to compare."})
+
+    def __post_init__(self) -> None:
+        for name, low in (("num_batches", 1), ("batch_size", 2), ("redraws", 2)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name} {getattr(self, name)}: expected an integer >= {low} "
+                                 "(Psi compares the examples of a batch over redraws)")
+        self.settings  # noqa: B018 (parses --budgets now, before any model is loaded)
+
+    @property
+    def settings(self) -> list[tuple[int, int]]:
+        """(n_t, n_yt) of every budget."""
+        return [_budget(b) for b in self.budgets]
+
+
+def _budget(text: str) -> tuple[int, int]:
+    try:
+        n_t, n_yt = (int(x) for x in text.split("x"))
+    except ValueError:
+        raise ValueError(f"--budgets {text!r} is not of the form n_t x n_yt, e.g. 8x1") from None
+    return n_t, n_yt
 
 
 def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig,
@@ -175,7 +291,7 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
     unless ``--ref_model_name_or_path`` names another model (e.g. the SFT base of a trained one).
     """
     tokenizer = tokenizer_for(model_cfg, data_cfg)
-    dataset, _ = build_dataset(data_cfg, tokenizer)
+    dataset, _ = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     policy = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
     policy = policy.eval().to(train_cfg.device)
     _settle_model_fields(train_cfg, policy, tokenizer)
@@ -183,13 +299,13 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                         collate_fn=PreferenceCollator.from_config(data_cfg, tokenizer))
     batches = [{k: v.to(train_cfg.device) for k, v in b.items()}
-               for _, b in zip(range(args.num_batches), loader)]
+               for _, b in zip(range(args.num_batches), loader)
+               if len(b["uid"]) == args.batch_size]
+    if not batches:
+        raise ValueError(f"--dataset {data_cfg.dataset}: {len(dataset)} examples make no full "
+                         f"batch of --batch_size {args.batch_size} to diagnose")
     rows = []
-    for budget in args.budgets:
-        try:
-            train_cfg.n_t, train_cfg.n_yt = (int(x) for x in budget.split("x"))
-        except ValueError:
-            raise ValueError(f"budget {budget!r} is not of the form n_t x n_yt, e.g. 8x1")
+    for train_cfg.n_t, train_cfg.n_yt in args.settings:
         objective = train_cfg.objective()
         estimates = [objective.psi(policy, b, reference=reference, redraws=args.redraws)
                      for b in batches]
@@ -197,4 +313,28 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
                      "estimator": objective.mc.estimator,
                      **{k: sum(getattr(e, k) for e in estimates) / len(estimates)
                         for k in ("psi", "v", "c")}})
+    out = Path(train_cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnose.json").write_text(json.dumps(rows, indent=1))
+    plot_psi(rows, out / "diagnose.png")
     return rows
+
+
+def plot_psi(rows: list[dict], path: Path) -> None:
+    """Psi(S), v(S) and c(S) per Monte-Carlo setting, as one bar chart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['n_t']}x{r['n_yt']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 3.2))
+    width = 0.27
+    for k, key in enumerate(("psi", "v", "c")):
+        ax.bar([i + (k - 1) * width for i in range(len(rows))], [r[key] for r in rows], width,
+               label=key if key != "psi" else "Psi(S)")
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_xlabel("n_t x n_yt")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,7 +1,7 @@
-"""ELBOKTOTrainer: transformers.Trainer with ELBO-KTO as its loss.
+"""ELBOKTOTrainer: transformers.Trainer with ELBO-KTO (or its paired sibling ELBO-DPO) as its loss.
 
 Everything distributed (torchrun / accelerate with DDP, FSDP or DeepSpeed), checkpointing, logging
-(report_to) and scheduling is the Trainer's. This module adds the ELBO-KTO fields to
+(report_to) and scheduling is the Trainer's. This module adds the Monte-Carlo and loss fields to
 TrainingArguments and a ``compute_loss`` that runs :class:`ELBOKTOObjective`.
 
 Draws: the draw index of a step is the epoch, so an example's copies are a function of (seed, uid,
@@ -11,33 +11,37 @@ replay the very draws of an uninterrupted one.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from elbokto.data import dataset_uids
 from elbokto.draws import MCConfig
+from elbokto.guards import NonFiniteError, all_finite
+from elbokto.loss import LossConfig
 from elbokto.objective import ELBOKTOObjective
-from elbokto.reference import ReferenceTable
+from elbokto.precompute import ReferenceTable
+from elbokto_kernels import BACKENDS
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ELBOKTOConfig(TrainingArguments, MCConfig):
-    """TrainingArguments + the Monte-Carlo fields of :class:`MCConfig` + the ELBO-KTO loss.
+class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
+    """TrainingArguments + the Monte-Carlo fields of :class:`MCConfig` + the loss fields of
+    :class:`LossConfig`.
 
-    Defaults follow the paper: beta 0.1, lr 1e-6, n_t 8, n_yt 1, fixed_count, antithetic,
-    batch_mean baseline, one epoch.
+    Defaults follow the paper: ELBO-KTO, beta 0.1, lr 1e-6, n_t 8, n_yt 1, fixed_count,
+    antithetic, batch_mean baseline, one epoch.
     """
 
-    beta: float = field(default=0.1, metadata={"help": "KTO temperature beta."})
-    lambda_d: float = field(default=1.0, metadata={"help": "Weight of desirable examples."})
-    lambda_u: float = field(default=1.0, metadata={"help": "Weight of undesirable examples."})
-    baseline: str = field(default="batch_mean", metadata={
-        "help": "Reference point b0: 'batch_mean' (mean margin of the global batch, the paper's), "
-                "'none' (0) or 'kl' (KTO's KL estimate from mismatched pairs; extra forwards)."})
     draw_seed: int = field(default=0, metadata={"help": "Seed of the Monte-Carlo draws."})
     mc_chunk_size: int | None = field(default=None, metadata={
         "help": "Copies per policy forward; set it to keep memory flat in n_t * n_yt."})
@@ -51,33 +55,74 @@ class ELBOKTOConfig(TrainingArguments, MCConfig):
         "help": "Keep the masked rows' float32 logits of the fused LM head for the backward "
                 "(4 bytes x masked rows x vocabulary) instead of recomputing them: a quarter "
                 "fewer LM-head FLOPs."})
+    filter_eps: str | None = field(default=None, metadata={
+        "help": "Gradient filtering of the fused LM head's backward: skip the tiles of the logit "
+                "gradient whose entries are all below this before the upstream scale ('auto': "
+                "the compute dtype's eps / 32, 2^-12 in bf16; '0': exact). Default: 'auto' when "
+                "training with --bf16 or --fp16, exact otherwise."})
     ref_elbo_file: str | None = field(default=None, metadata={
         "help": "Precomputed reference ELBOs from `elbokto precompute-ref` (no reference model "
                 "is loaded then)."})
+    skip_nonfinite_batches: bool = field(default=False, metadata={
+        "help": "Skip a micro-batch whose ELBOs or loss are NaN / inf (it contributes a zero "
+                "gradient) and an optimizer step whose gradients are, counting them in the logs "
+                "(skipped_nonfinite); default: stop with an error naming the examples."})
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate."})
+    logging_steps: float = field(default=0.02, metadata={
+        "help": "Log every this many optimizer steps; below 1, that share of the run's steps "
+                "(0.02: about 50 log lines whatever the run's length)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Training epochs."})
     remove_unused_columns: bool = field(default=False, metadata={
         "help": "Keep the dataset's uid / length columns for the collator."})
 
     def __post_init__(self) -> None:
         MCConfig.__post_init__(self)
+        LossConfig.__post_init__(self)
+        if self.kernel_backend not in BACKENDS:
+            raise ValueError(f"--kernel_backend {self.kernel_backend!r}: expected one of "
+                             f"{BACKENDS}")
         super().__post_init__()
+        _resolve_filter_eps(self.filter_eps, self.bf16 or self.fp16)  # a bad --filter_eps raises now
+
+    @property
+    def lm_head_filter_eps(self) -> float | str | None:
+        """--filter_eps resolved: unset -> "auto" with --bf16 / --fp16, else None (exact)."""
+        return _resolve_filter_eps(self.filter_eps, self.bf16 or self.fp16)
 
     @property
     def mc(self) -> MCConfig:
         return MCConfig(**{f.name: getattr(self, f.name) for f in fields(MCConfig)})
 
+    @property
+    def loss(self) -> LossConfig:
+        return LossConfig(**{f.name: getattr(self, f.name) for f in fields(LossConfig)})
+
     def objective(self, pad_token_id: int = 0) -> ELBOKTOObjective:
-        return ELBOKTOObjective(mc=self.mc, beta=self.beta, lambda_d=self.lambda_d,
-                                lambda_u=self.lambda_u, baseline=self.baseline,
-                                seed=self.draw_seed, mc_chunk_size=self.mc_chunk_size,
-                                mask_token_id=self.mask_token_id, shift_logits=self.shift_logits,
+        return ELBOKTOObjective(mc=self.mc, loss=self.loss, seed=self.draw_seed,
+                                mc_chunk_size=self.mc_chunk_size, mask_token_id=self.mask_token_id, shift_logits=self.shift_logits,
                                 pad_token_id=pad_token_id, keep_logits=self.keep_logits,
-                                backend=self.kernel_backend)
+                                filter_eps=self.lm_head_filter_eps, backend=self.kernel_backend)
+
+
+def _resolve_filter_eps(value: str | float | None, half: bool) -> float | str | None:
+    """--filter_eps as the objective takes it: unset -> "auto" in half precision, else None;
+    "auto" as it is; a number (a float or its text) as a float."""
+    if value is None:
+        return "auto" if half else None
+    if value == "auto":
+        return value
+    try:
+        eps = float(value)
+    except ValueError:
+        eps = -1.0
+    if not eps >= 0:
+        raise ValueError(f"--filter_eps {value!r}: expected 'auto', 0 (exact) or a positive "
+                         "number such as 0.000244140625 (2^-12)")
+    return eps
 
 
 class ELBOKTOTrainer(Trainer):
-    """A Trainer whose loss is ELBO-KTO.
+    """A Trainer whose loss is ELBO-KTO, or the loss ``args.loss_type`` names.
 
     Args:
         model: the policy (a transformers model, optionally a PEFT model).
@@ -103,8 +148,8 @@ class ELBOKTOTrainer(Trainer):
         self.objective = args.objective(pad_token_id=pad_token_id)
         self.ref_table = ref_table
         if ref_table is not None:
-            if self.train_dataset is not None and "uid" in self.train_dataset.column_names:
-                ref_table.check_covers(torch.tensor(self.train_dataset["uid"]))
+            if self.train_dataset is not None:
+                ref_table.check_covers(dataset_uids(self.train_dataset))
             self.ref_table = ref_table.to(self.args.device)
         self.ref_model = None
         if ref_model is not None:
@@ -112,17 +157,42 @@ class ELBOKTOTrainer(Trainer):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list), "eval": defaultdict(list)}
+        self.skipped_nonfinite = 0
+        self.add_callback(_GradientGuard(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         epoch = int(self.state.epoch or 0)
         ref_elbo = None if self.ref_table is None else self.ref_table.lookup(inputs["uid"], epoch)
-        out = self.objective(model, inputs, reference=self.ref_model, ref_elbo=ref_elbo,
-                             step=epoch)
+        try:
+            out = self.objective(model, inputs, reference=self.ref_model, ref_elbo=ref_elbo,
+                                 step=epoch)
+        except NonFiniteError as err:
+            self._skip_nonfinite(err, f"step {self.state.global_step}")
+            # A zero gradient for every trainable parameter: data-parallel engines see the usual
+            # gradients, and the micro-batch adds nothing.
+            loss = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+            return (loss, None) if return_outputs else loss
         mode = "train" if model.training else "eval"
         for name, value in out.metrics.items():
             self._metrics[mode][name].append(value.detach())
         self._metrics[mode]["elbo/margin"].append((out.policy_elbo - out.ref_elbo).mean())
         return (out.loss, out) if return_outputs else out.loss
+
+    def _skip_nonfinite(self, err: NonFiniteError, where: str) -> None:
+        """Raises err (saying where it came from), or with skip_nonfinite_batches counts it."""
+        source = f" (precomputed file {self.args.ref_elbo_file})" if self.ref_table else ""
+        if not self.args.skip_nonfinite_batches:
+            raise NonFiniteError(f"{where}: {err}{source}; nothing was applied to the weights "
+                                 "(--skip_nonfinite_batches skips such batches)") from None
+        self.skipped_nonfinite += 1
+        logger.warning("%s: skipped: %s%s", where, err, source)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Saves as the Trainer does, refusing non-finite weights (every rank calls this)."""
+        if not all_finite(_local(p) for p in self.model.parameters()):
+            raise NonFiniteError("refusing to save non-finite weights: a NaN or inf reached the "
+                                 "model (a step that should have been stopped)")
+        super().save_model(output_dir, _internal_call)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -137,4 +207,50 @@ class ELBOKTOTrainer(Trainer):
             mean = torch.stack(values).float().mean()
             logs[prefix + name] = self.accelerator.reduce(mean, reduction="mean").item()
         self._metrics[mode].clear()
+        if self.args.skip_nonfinite_batches and mode == "train":
+            logs["skipped_nonfinite"] = self.skipped_nonfinite
         super().log(logs, start_time)
+
+
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The newest ``checkpoint-N`` folder under output_dir that a save finished.
+
+    The Trainer writes trainer_state.json last, so a folder without a readable one was cut short
+    (a kill during the save); such folders are skipped, with a warning naming them."""
+    folders = sorted(Path(output_dir).glob("checkpoint-*"),
+                     key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit()
+                     else -1, reverse=True)
+    for folder in folders:
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("skipping %s: its save did not finish (no readable trainer_state.json)",
+                           folder)
+            continue
+        logger.info("resuming from %s", folder)
+        return str(folder)
+    raise FileNotFoundError(f"--resume_from_checkpoint last: no complete checkpoint-N folder "
+                            f"in {output_dir}")
+
+
+class _GradientGuard(TrainerCallback):
+    """Stops (or, with skip_nonfinite_batches, skips) an optimizer step whose gradients hold a
+    NaN or inf, before the optimizer applies them. Under DeepSpeed the gradients live in the
+    engine's buffers and its own overflow check applies instead."""
+
+    def __init__(self, trainer: ELBOKTOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
+        if all_finite(grads):
+            return
+        err = NonFiniteError("non-finite gradients (ELBOs and loss were finite: an overflow in "
+                             "the backward)")
+        self.trainer._skip_nonfinite(err, f"optimizer step {state.global_step}")
+        model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), else the tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -2,12 +2,13 @@
 
 ``fused_elbo`` scores logits; ``fused_linear_elbo`` scores final hidden states through the LM head
 without materialising the logits. Both take the masked copies of every sample at once and return
-one float32 ELBO estimate per sample. Backends: "triton" (CUDA, or CPU under TRITON_INTERPRET=1),
-"cpu" (C++), "torch" (reference path); "auto" picks.
+one float32 ELBO estimate per sample. Backends (``elbokto_kernels.backends``): "triton" (CUDA, or
+CPU under TRITON_INTERPRET=1), "cpu" (C++), "torch" (reference path); "auto" picks;
+``usable_backends(device)`` lists those that work on a device here.
 """
 
-from .backends import BACKENDS
+from .backends import BACKENDS, usable_backends
 from .elbo import fused_elbo
 from .linear_elbo import fused_linear_elbo
 
-__all__ = ["fused_elbo", "fused_linear_elbo", "BACKENDS"]
+__all__ = ["fused_elbo", "fused_linear_elbo", "BACKENDS", "usable_backends"]

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from . import memory
 from .backends import resolve_backend, row_ops
-from .rows import (check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows, rows_at,
-                   unmasked_index)
+from .masked_rows import (check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows,
+                          rows_at, unmasked_index)
 
 
 def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,

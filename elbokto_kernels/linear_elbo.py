@@ -12,30 +12,35 @@ FLOPs: forward 2MDV, backward 6MDV (logits recomputed, dH, dW); dW is skipped wh
 frozen (LoRA), dH when the hidden states need no gradient. Upstream gradients differ per sample,
 so nothing of the backward can be done ahead in the forward; the recompute is the price of not
 holding M x V float32 logits. ``keep_logits=True`` pays that memory instead (backward 4MDV).
+
+``filter_eps`` (``grad_filter.py``) goes under that floor: forward and backward walk the vocabulary
+sorted by mean logit (``vocab_walk.py``), the forward records each row's largest logit per chunk,
+(a by-product of its log-sum-exp), and the backward recomputes logits and adds to dH and dW only
+for the (row, chunk) tiles that hold
+an entry the gradient can see; the others cost nothing but their share of the forward. Both
+passes share one chunk loop each with the exact op, whose tiles are all live.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import memory
 from .backends import resolve_backend, row_ops
-from .rows import check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows, rows_at
-
-# Float32 elements of one logit chunk: 2^26 (256 MiB) on GPU, 2^22 (16 MiB) on CPU. At M = 16384,
-# D = 4096 the workspace is then ~0.8 GB: logits 256 MiB + half gradient 128 MiB + dH 256 MiB +
-# gathered rows 128 MiB, while each GEMM still has 4096 columns.
-_CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 22}
+from .grad_filter import FilterPlan, plan, resolve_filter_eps
+from .masked_rows import (check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows,
+                          rows_at)
+from .vocab_walk import Chunk, VocabWalk, chunk_columns, mean_logit_order
 
 
 def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
                       weights: Tensor, sample_index: Tensor, num_samples: int, *,
                       bias: Tensor | None = None, softcap: float | None = None,
                       chunk_size: int | None = None, keep_logits: bool = False,
-                      backend: str = "auto") -> Tensor:
+                      filter_eps: Union[None, float, str] = None, backend: str = "auto") -> Tensor:
     """``fused_elbo`` of ``logits = hidden @ weight.T (+ bias)``, soft-capped when asked.
 
     Args:
@@ -46,6 +51,13 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
         chunk_size: vocabulary columns per chunk; None picks one from a memory budget.
         keep_logits: keep the float32 logits of the M masked rows (4 * M * V bytes) from forward
             to backward instead of recomputing them: a quarter fewer FLOPs for that memory.
+        filter_eps: gradient filtering. None (default) or 0: the exact gradients. A float, or
+            "auto" (``torch.finfo(hidden.dtype).eps / 32``: 2^-12 for bfloat16): the backward
+            skips every tile (one masked row x one chunk of the vocabulary, walked in order of
+            mean logit) whose entries of ``softmax - onehot`` are all below it before the
+            upstream scale, so dH, dW and the bias gradient err by at most filter_eps x the
+            upstream scale per dropped entry (DESIGN.md §4; ``grad_filter.py``). The value is
+            exact. Costs one more host sync in the backward.
         backend: "auto", "triton", "torch" or "cpu" for the row primitives (GEMMs are torch's).
 
     Returns:
@@ -73,21 +85,27 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, expected {hidden.device}")
+    filter_eps = resolve_filter_eps(filter_eps, hidden.dtype)
     name = resolve_backend(backend, hidden.device)
-    # Logits are kept only for a backward that will happen.
-    keep_logits = bool(keep_logits) and torch.is_grad_enabled() and any(
+    # Logits are kept, and the walk sorted for the filter, only for a backward that will happen.
+    backward_follows = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    out, _, _ = torch.ops.elbokto.fused_linear_elbo(
+    out, *_ = torch.ops.elbokto.fused_linear_elbo(
         hidden, weight, bias, targets, mask, weights, sample_index, num_samples,
-        None if softcap is None else float(softcap), chunk_size or 0, keep_logits, name)
+        None if softcap is None else float(softcap), chunk_size or 0,
+        bool(keep_logits) and backward_follows, filter_eps if backward_follows else None, name)
     return out
 
 
-def _chunk_columns(vocab: int, num_rows: int, chunk_size: int, device: torch.device) -> int:
-    if chunk_size:
-        return min(chunk_size, vocab)
-    budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"])
-    return min(vocab, max(128, budget // max(num_rows, 1) // 128 * 128))
+def _walk(h: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_size: int,
+          filter_eps: Optional[float], order: Optional[Tensor] = None) -> VocabWalk:
+    """The forward's vocabulary walk (sorted when filtering), or the backward's from the order
+    the forward returned (empty for the natural order)."""
+    filtered = filter_eps is not None
+    chunk = chunk_columns(weight.shape[0], h.shape[0], chunk_size, h.device, filtered)
+    if order is None:
+        order = mean_logit_order(h, weight, bias) if filtered else None
+    return VocabWalk(weight.shape[0], chunk, order if order is None or order.numel() else None)
 
 
 def _gemm_rows(hidden: Tensor, index: Tensor) -> Tensor:
@@ -116,127 +134,208 @@ def _matmul_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool = False) ->
 
 
 class _ChunkWorkspace:
-    """The vocabulary walk and its buffers.
+    """The buffers of a vocabulary walk, reused by every chunk.
 
-    Logits of a chunk are computed into one float32 [M, chunk] buffer reused by every chunk, or
-    into ``store``, float32 [M * V] holding the whole [M, V] logits chunk by chunk (chunk
-    [start, end) is the [M, end - start] block at offset M * start), which a backward with
-    ``filled=True`` then reads instead of recomputing.
+    Logits of a chunk are computed into one float32 [M, chunk] buffer, or into ``store``, float32
+    [M * V] holding the whole [M, V] logits chunk by chunk (chunk [start, end) of the walk is the
+    [M, end - start] block at offset M * start), which a backward with ``filled=True`` then reads
+    instead of recomputing. A filtered backward computes the live rows of a chunk only
+    (``live``: their ids, int64 [n]; None for all M rows): their hidden states are gathered, and
+    their dH is computed apart before it is added to its rows.
 
     Args:
         h: [M, D] masked rows from ``_gemm_rows``; weight: [V, D]; bias: [V] or None.
-        chunk_size: columns per chunk, 0 for the device's memory budget.
+        walk: the vocabulary walk; a sorted one gathers each chunk's weight rows.
         store, filled: see above; None / False for the recompute path.
+        filtered: a filtered backward (gathers live rows).
     """
 
-    def __init__(self, h: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_size: int,
-                 store: Optional[Tensor] = None, filled: bool = False):
+    def __init__(self, h: Tensor, weight: Tensor, bias: Optional[Tensor], walk: VocabWalk,
+                 store: Optional[Tensor] = None, filled: bool = False, filtered: bool = False):
         self.h, self.weight, self.bias, self.store, self.filled = h, weight, bias, store, filled
-        self.chunk = _chunk_columns(weight.shape[0], h.shape[0], chunk_size, h.device)
-        size = h.shape[0] * self.chunk
+        rows, dim, device = h.shape[0], h.shape[1], h.device
+        size = rows * walk.chunk
         half = h.dtype != torch.float32
-        # The float32 buffer holds computed logits (no store) or the gradient of kept ones.
-        needs_z = store is None or (filled and not half)
-        self._z = memory.empty((size,), torch.float32, h.device) if needs_z else None
-        self._dz = memory.empty((size,), h.dtype, h.device) if half else None
+        # The float32 buffer holds computed logits (no store), the gradient of kept ones, or
+        # the kept logits of a chunk's live rows.
+        needs_z = store is None or (filled and (filtered or not half))
+        self._z = memory.empty((size,), torch.float32, device) if needs_z else None
+        self._dz = memory.empty((size,), h.dtype, device) if half else None
+        self._w = (memory.empty((walk.chunk, dim), weight.dtype, device)
+                   if walk.order is not None else None)
+        self._h = memory.empty((rows, dim), h.dtype, device) if filtered else None
+        self._dh = memory.empty((rows, dim), torch.float32, device) if filtered else None
+        # A sorted chunk's rows of dW are computed here, then copied to where they belong.
+        self._dw = (memory.empty((walk.chunk, dim), weight.dtype, device)
+                    if filtered and walk.order is not None else None)
 
-    def chunks(self):
-        """(start, end) column ranges of the vocabulary, ``chunk`` columns each."""
-        vocab = self.weight.shape[0]
-        for start in range(0, vocab, self.chunk):
-            yield start, min(start + self.chunk, vocab)
+    def _block(self, buffer: Tensor, rows: int, width: int, offset: int = 0) -> Tensor:
+        return buffer[offset: offset + rows * width].view(rows, width)
 
-    def _block(self, buffer: Tensor, start: int, end: int, offset: int = 0) -> Tensor:
-        rows = self.h.shape[0]
-        return buffer[offset: offset + rows * (end - start)].view(rows, end - start)
+    def weight_rows(self, chunk: Chunk) -> Tensor:
+        """[width, D]: the chunk's rows of the weight (a view, or gathered for a sorted walk)."""
+        return chunk.rows(self.weight, None if self._w is None else self._w[:chunk.width])
 
-    def logits(self, start: int, end: int) -> Tensor:
-        """float32 [M, end - start] logits of the chunk: read back when kept, else computed."""
+    def live_h(self, live: Optional[Tensor]) -> Tensor:
+        """[n, D]: the hidden states of the live rows."""
+        if live is None:
+            return self.h
+        return torch.index_select(self.h, 0, live, out=self._h[:live.numel()])
+
+    def logits(self, chunk: Chunk, w: Tensor, live: Optional[Tensor] = None,
+               h: Optional[Tensor] = None) -> Tensor:
+        """float32 [n, width] logits of the chunk's live rows (all M when ``live`` is None; ``h``
+        their hidden states, ``w`` the chunk's weight rows): read back when kept, else
+        computed."""
         if self.store is None:
-            return self._compute(self._block(self._z, start, end), start, end)
-        z = self._block(self.store, start, end, self.h.shape[0] * start)
-        return z if self.filled else self._compute(z, start, end)
+            n = self.h.shape[0] if live is None else live.numel()
+            return self._compute(self._block(self._z, n, chunk.width), chunk, w,
+                                 self.h if h is None else h)
+        rows = self.h.shape[0]
+        z = self._block(self.store, rows, chunk.width, rows * chunk.start)
+        if not self.filled:
+            return self._compute(z, chunk, w, self.h)
+        if live is None:
+            return z
+        return torch.index_select(z, 0, live, out=self._block(self._z, live.numel(), chunk.width))
 
-    def _compute(self, z: Tensor, start: int, end: int) -> Tensor:
-        _matmul_into(z, self.h, self.weight[start:end].t())
+    def _compute(self, z: Tensor, chunk: Chunk, w: Tensor, h: Tensor) -> Tensor:
+        _matmul_into(z, h, w.t())
         if self.bias is not None:
-            z += self.bias[start:end].float()
+            z += chunk.rows(self.bias).float()
         return z
 
-    def grad_buffer(self, z: Tensor, start: int, end: int) -> Tensor:
+    def grad_buffer(self, z: Tensor, chunk: Chunk, live: Optional[Tensor] = None) -> Tensor:
         """Where the chunk's logit gradient goes: a half buffer for the half GEMMs; else over
-        recomputed logits in place (each element is read before the same program writes it), or
-        the float32 buffer for kept logits, which a second backward (retain_graph) reads again."""
+        recomputed (or gathered) logits in place (each element is read before the same program
+        writes it), or the float32 buffer for kept logits, which a second backward
+        (retain_graph) reads again."""
         if self._dz is not None:
-            return self._block(self._dz, start, end)
-        return z if self.store is None else self._block(self._z, start, end)
+            return self._block(self._dz, z.shape[0], chunk.width)
+        return z if self.store is None or live is not None else \
+            self._block(self._z, z.shape[0], chunk.width)
+
+    def add_live_dh(self, grad_h: Tensor, live: Tensor, dz: Tensor, w: Tensor) -> None:
+        """grad_h[live] += dz @ w (float32 [M, D]; dz [n, width], w [width, D])."""
+        # index_put_ rather than index_add_, which costs ~10x more on CPU whatever n.
+        grad_h.index_put_((live,), _matmul_into(self._dh[:live.numel()], dz, w), accumulate=True)
+
+
+    def write_rows(self, dst: Tensor, chunk: Chunk, fill: Callable[[Tensor], Tensor]) -> None:
+        """``dst[chunk's ids] = fill(out)``, dst being dW [V, D] or the bias gradient [V]:
+        ``out`` is dst's own rows in the natural order, else a buffer copied to the right
+        rows."""
+        if chunk.ids is None:
+            fill(dst[chunk.start:chunk.end])
+            return
+        out = self._dw[:chunk.width] if dst.dim() == 2 else dst.new_empty(chunk.width)
+        dst.index_copy_(0, chunk.ids, fill(out))
 
 
 @torch.library.custom_op("elbokto::fused_linear_elbo", mutates_args=())
 def _fused_linear_elbo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                        mask: Tensor, weights: Tensor, sample_index: Tensor, num_samples: int,
                        softcap: Optional[float], chunk_size: int, keep_logits: bool,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (out [num_samples], lse [C, L], kept logits float32 [M * V] or empty)."""
-    C, L, D = hidden.shape
+                       filter_eps: Optional[float], backend: str
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out [num_samples], lse [C, L], kept logits float32 [M * V] or empty, and for
+    the filter the rows' largest (soft-capped) logit per chunk, float32 [num_chunks * M], and
+    the walk's order, int64 [V]; both empty without the filter)."""
     rows = gather_masked_rows(targets, mask, weights, sample_index, weight.shape[0], num_samples)
     h = _gemm_rows(hidden, rows.index)
     ops = row_ops(backend)
+    walk = _walk(h, weight, bias, chunk_size, filter_eps)
     lse = torch.full((rows.count,), float("-inf"), dtype=torch.float32, device=hidden.device)
     target_logit = torch.zeros_like(lse)
     kept = (memory.empty((rows.count * weight.shape[0],), torch.float32, hidden.device)
             if keep_logits else hidden.new_empty(0, dtype=torch.float32))
-    work = _ChunkWorkspace(h, weight, bias, chunk_size, kept if keep_logits else None)
-    for start, end in work.chunks():
-        z = work.logits(start, end)
-        chunk_lse, chunk_target = ops.row_lse(z, None, rows.target - start, softcap)
+    tile_max = hidden.new_empty((walk.num_chunks, rows.count) if filter_eps is not None else 0,
+                                dtype=torch.float32)
+    work = _ChunkWorkspace(h, weight, bias, walk, kept if keep_logits else None)
+    target = walk.positions(rows.target)
+    for chunk in walk.chunks():
+        z = work.logits(chunk, work.weight_rows(chunk))
+        chunk_lse, chunk_target = ops.row_lse(z, None, target - chunk.start, softcap,
+                                              tile_max[chunk.index] if tile_max.numel() else None)
         lse = torch.logaddexp(lse, chunk_lse)
         target_logit += chunk_target
-    return reduce_rows(rows, target_logit, lse, num_samples, targets.shape) + (kept,)
+    order = walk.order if walk.order is not None else hidden.new_empty(0, dtype=torch.int64)
+    return reduce_rows(rows, target_logit, lse, num_samples, targets.shape) + (
+        kept, tile_max.view(-1), order)
 
 
 @_fused_linear_elbo.register_fake
 def _(hidden, weight, bias, targets, mask, weights, sample_index, num_samples, softcap,
-      chunk_size, keep_logits, backend):
-    kept = torch.library.get_ctx().new_dynamic_size() * weight.shape[0] if keep_logits else 0
+      chunk_size, keep_logits, filter_eps, backend):
+    ctx = torch.library.get_ctx()
+    kept = ctx.new_dynamic_size() * weight.shape[0] if keep_logits else 0
+    filtered = filter_eps is not None
     return (hidden.new_empty(num_samples, dtype=torch.float32),
             hidden.new_empty(targets.shape, dtype=torch.float32),
-            hidden.new_empty(kept, dtype=torch.float32))
+            hidden.new_empty(kept, dtype=torch.float32),
+            hidden.new_empty(ctx.new_dynamic_size() if filtered else 0, dtype=torch.float32),
+            hidden.new_empty(weight.shape[0] if filtered else 0, dtype=torch.int64))
 
 
 @torch.library.custom_op("elbokto::fused_linear_elbo_backward", mutates_args=())
 def _fused_linear_elbo_backward(
         grad_out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         targets: Tensor, mask: Tensor, weights: Tensor, sample_index: Tensor, lse: Tensor,
-        kept: Tensor, softcap: Optional[float], chunk_size: int, keep_logits: bool,
-        backend: str, needs_hidden_grad: bool, needs_weight_grad: bool,
-        needs_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (grad_hidden, grad_weight, grad_bias); an unneeded one is an empty tensor. ``kept``
-    is the forward's third output (the logits when ``keep_logits``)."""
+        kept: Tensor, tile_max: Tensor, order: Tensor, softcap: Optional[float], chunk_size: int,
+        keep_logits: bool, filter_eps: Optional[float], backend: str, needs_hidden_grad: bool,
+        needs_weight_grad: bool, needs_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_hidden, grad_weight, grad_bias); an unneeded one is an empty tensor.
+    ``kept``, ``tile_max`` and ``order`` are the forward's last three outputs."""
     C, L, D = hidden.shape
     rows = rows_at(masked_index(mask), targets, weights, sample_index)
     h = _gemm_rows(hidden, rows.index)
     scale = grad_out.float()[rows.sample] * rows.scale
     row_lse = lse.reshape(-1)[rows.index]
     ops = row_ops(backend)
+    walk = _walk(h, weight, bias, chunk_size, filter_eps, order)
+    target = walk.positions(rows.target)
+    skip = None if filter_eps is None else plan(
+        tile_max.view(walk.num_chunks, rows.count), row_lse, scale, target // walk.chunk,
+        filter_eps)
+    if skip is not None and not keep_logits and all(live is None for live in skip.live):
+        # Every tile is live: nothing to skip, and the natural walk gathers no weight rows.
+        skip, walk, target = None, _walk(h, weight, bias, chunk_size, None), rows.target
     grad_h = torch.zeros((rows.count, D) if needs_hidden_grad else (0,), dtype=torch.float32,
                          device=hidden.device)
-    # Every chunk writes its rows of grad_w, so it needs no zero fill.
+    # Every chunk writes its rows of grad_w, so it needs no zero fill, except where the filter
+    # skips chunks without live rows.
     grad_w = (memory.empty(weight.shape, weight.dtype, weight.device) if needs_weight_grad
               else weight.new_empty(0))
+    if needs_weight_grad and skip is not None:
+        grad_w.zero_()
     grad_b = torch.zeros_like(bias) if needs_bias_grad else weight.new_empty(0)
-    work = _ChunkWorkspace(h, weight, bias, chunk_size, kept if keep_logits else None,
-                           filled=True)
-    for start, end in work.chunks():
-        z = work.logits(start, end)
-        dz = work.grad_buffer(z, start, end)
-        ops.row_grad(z, None, rows.target - start, row_lse, scale, softcap, dz)
+    work = _ChunkWorkspace(h, weight, bias, walk, kept if keep_logits else None, filled=True,
+                           filtered=skip is not None)
+    for chunk, rows_live in zip(walk.chunks(), [None] * walk.num_chunks if skip is None
+                                else skip.live):
+        if rows_live is not None and not rows_live.numel():
+            continue
+
+        def pick(t: Tensor) -> Tensor:
+            return t if rows_live is None else t[rows_live]
+
+        w = work.weight_rows(chunk)
+        h_live = work.live_h(rows_live)
+        z = work.logits(chunk, w, rows_live, h_live)
+        dz = work.grad_buffer(z, chunk, rows_live)
+        ops.row_grad(z, None, pick(target) - chunk.start, pick(row_lse), pick(scale), softcap, dz)
         if needs_hidden_grad:
-            _matmul_into(grad_h, dz, weight[start:end], accumulate=True)
+            if rows_live is None:
+                _matmul_into(grad_h, dz, w, accumulate=True)
+            else:
+                work.add_live_dh(grad_h, rows_live, dz, w)
         if needs_weight_grad:
-            _matmul_into(grad_w[start:end], dz.t(), h)
+            work.write_rows(grad_w, chunk, lambda out: _matmul_into(out, dz.t(), h_live))
         if needs_bias_grad:
-            grad_b[start:end] = dz.float().sum(0)
+            work.write_rows(grad_b, chunk, lambda out: out.copy_(dz.float().sum(0)))
+    if skip is not None:
+        _add_lone_targets(skip, rows.target, h, weight, bias, scale, softcap, grad_h, grad_w,
+                          grad_b)
     if needs_hidden_grad:
         full = torch.zeros((C * L, D), dtype=hidden.dtype, device=hidden.device)
         full[rows.index] = grad_h.to(hidden.dtype)
@@ -246,9 +345,32 @@ def _fused_linear_elbo_backward(
     return grad_h, grad_w, grad_b
 
 
+def _add_lone_targets(skip: FilterPlan, target: Tensor, h: Tensor, weight: Tensor,
+                      bias: Optional[Tensor], scale: Tensor, softcap: Optional[float],
+                      grad_h: Tensor, grad_w: Tensor, grad_b: Tensor) -> None:
+    """Adds the target term ``scale * dz/dx`` of the lone-target rows (``grad_filter``) to each
+    wanted (non-empty) gradient: grad_h float32 [M, D] at their rows, grad_w [V, D] and grad_b
+    [V] at their targets (vocabulary ids, int64 [M]); h [M, D] are the masked rows."""
+    rows = skip.lone
+    ids = target[rows]
+    w, h_rows, g = weight[ids].float(), h[rows].float(), scale[rows]
+    if softcap is not None:
+        x = (h_rows * w).sum(1)
+        if bias is not None:
+            x = x + bias[ids].float()
+        g = g * (1.0 - torch.tanh(x / softcap) ** 2)
+    if grad_h.numel():
+        grad_h.index_put_((rows,), g[:, None] * w, accumulate=True)
+    if grad_w.numel():
+        grad_w.index_put_((ids,), (g[:, None] * h_rows).to(grad_w.dtype), accumulate=True)
+    if grad_b.numel():
+        grad_b.index_put_((ids,), g.to(grad_b.dtype), accumulate=True)
+
+
 @_fused_linear_elbo_backward.register_fake
-def _(grad_out, hidden, weight, bias, targets, mask, weights, sample_index, lse, kept, softcap,
-      chunk_size, keep_logits, backend, needs_hidden_grad, needs_weight_grad, needs_bias_grad):
+def _(grad_out, hidden, weight, bias, targets, mask, weights, sample_index, lse, kept, tile_max,
+      order, softcap, chunk_size, keep_logits, filter_eps, backend, needs_hidden_grad,
+      needs_weight_grad, needs_bias_grad):
     def maybe(flag, like):
         return torch.empty_like(like) if flag else like.new_empty(0)
     return (maybe(needs_hidden_grad, hidden), maybe(needs_weight_grad, weight),
@@ -257,23 +379,25 @@ def _(grad_out, hidden, weight, bias, targets, mask, weights, sample_index, lse,
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, targets, mask, weights, sample_index, _, softcap, chunk_size,
-     keep_logits, backend) = inputs
-    _, lse, kept = output
-    ctx.save_for_backward(hidden, weight, bias, targets, mask, weights, sample_index, lse, kept)
-    ctx.options = (softcap, chunk_size, keep_logits, backend)
-    ctx.mark_non_differentiable(lse, kept)
+     keep_logits, filter_eps, backend) = inputs
+    _, lse, kept, tile_max, order = output
+    ctx.save_for_backward(hidden, weight, bias, targets, mask, weights, sample_index, lse, kept,
+                          tile_max, order)
+    ctx.options = (softcap, chunk_size, keep_logits, filter_eps, backend)
+    ctx.mark_non_differentiable(lse, kept, tile_max, order)
     # Without this autograd would build zero "gradients" of lse and kept (M * V floats).
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_kept):
-    hidden, weight, bias, targets, mask, weights, sample_index, lse, kept = ctx.saved_tensors
+def _backward(ctx, grad_out, *_grad_aux):
+    (hidden, weight, bias, targets, mask, weights, sample_index, lse, kept, tile_max,
+     order) = ctx.saved_tensors
     needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
     grad_h, grad_w, grad_b = torch.ops.elbokto.fused_linear_elbo_backward(
         grad_out, hidden, weight, bias, targets, mask, weights, sample_index, lse, kept,
-        *ctx.options, needs_h, needs_w, needs_b and bias is not None)
+        tile_max, order, *ctx.options, needs_h, needs_w, needs_b and bias is not None)
     return (grad_h if needs_h else None, grad_w if needs_w else None,
-            grad_b if needs_b and bias is not None else None) + (None,) * 9
+            grad_b if needs_b and bias is not None else None) + (None,) * 10
 
 
 _fused_linear_elbo.register_autograd(_backward, setup_context=_setup_context)

@@ -1,12 +1,13 @@
 """Large CPU buffers of the ops, backed by transparent huge pages where Linux offers them.
 
 On CPU a fresh tensor of hundreds of MiB costs more in first-touch page faults than in arithmetic:
-``fused_elbo``'s dense [C * L, V] gradient (500 MiB at 4096 x 32000 float32) took ~120 ms to fault
-in with 4 KiB pages and ~35 ms with 2 MiB pages on the 2-core benchmark machine, against ~40 ms
-for the whole ELBO arithmetic. So the ops' large outputs and workspaces ask the kernel for huge
-pages (``madvise(MADV_HUGEPAGE)`` over the 2 MiB-aligned interior of the buffer), as PyTorch's
-own CPU allocator does for every tensor under ``THP_MEM_ALLOC_ENABLE=1``. Only these buffers are
-advised, so the rest of the process keeps the system's policy.
+faulting in ``fused_elbo``'s dense [C * L, V] gradient (500 MiB at 4096 x 32000 float32) with
+4 KiB pages takes longer than the whole ELBO arithmetic, and 2 MiB pages cut that cost to a
+fraction (figures in benchmarks/README.md, "CPU: where the time goes"). So the ops' large outputs
+and workspaces ask the kernel for huge pages (``madvise(MADV_HUGEPAGE)`` over the 2 MiB-aligned
+interior of the buffer), as PyTorch's own CPU allocator does for every tensor under
+``THP_MEM_ALLOC_ENABLE=1``. Only these buffers are advised, so the rest of the process keeps the
+system's policy.
 
 Plain ``torch.empty`` on other devices, on other systems, below ``MIN_BYTES``, where THP is off,
 and when ``ELBOKTO_CPU_HUGE_PAGES=0`` (for machines where huge-page allocation stalls on memory

@@ -1,40 +1,26 @@
 """Self-check: every backend usable here against the float64 oracle, as a small table.
 
-    python -m elbokto_kernels.selfcheck
+    python -m elbokto_kernels.selfcheck [device]     (or: elbokto selfcheck)
 
-Without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set here before
-triton is first imported), so the shapes stay small.
+Without CUDA the Triton kernels run under the interpreter (TRITON_INTERPRET=1), so the shapes stay
+small. The interpreter is decided when triton is first imported: ``run`` turns it on when triton
+is not imported yet, and otherwise checks in a fresh process (``elbokto selfcheck`` has imported
+transformers, which imports triton). A TRITON_INTERPRET already set is left as it is.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from .backends import resolve_backend  # noqa: E402
-from .elbo import fused_elbo  # noqa: E402
-from .linear_elbo import fused_linear_elbo  # noqa: E402
-from .oracle import elbo_oracle, linear_elbo_oracle, relative_error, tolerances  # noqa: E402
-
-
-def _usable_backends(device: torch.device) -> list[str]:
-    names = []
-    for name in ("triton", "cpu", "torch"):
-        try:
-            resolve_backend(name, device)
-        except ValueError:
-            continue
-        if name == "cpu":
-            from . import cpu
-            if not cpu.available():
-                continue
-        names.append(name)
-    return names
+from .backends import usable_backends
+from .elbo import fused_elbo
+from .linear_elbo import fused_linear_elbo
+from .oracle import elbo_oracle, linear_elbo_oracle, relative_error, tolerances
 
 
 def _case(dtype: torch.dtype, device: torch.device, seed: int):
@@ -79,12 +65,20 @@ def _check(op: str, backend: str, dtype: torch.dtype, device: torch.device):
 def run(device: str | None = None) -> bool:
     """Prints the table; True when every backend is within DESIGN.md §4's tolerances."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu" and "TRITON_INTERPRET" not in os.environ:
+        if "triton" in sys.modules:  # too late for the interpreter in this process
+            sys.stdout.flush()
+            child = subprocess.run([sys.executable, "-m", "elbokto_kernels.selfcheck", str(dev)],
+                                   env={**os.environ, "TRITON_INTERPRET": "1"})
+            return child.returncode == 0
+        os.environ["TRITON_INTERPRET"] = "1"
     print(f"elbokto_kernels self-check on {dev} (C=8 copies x L=16, V=1000, D=32; errors are "
           "relative to the float64 oracle)")
     print(f"{'op':<18}{'backend':<8}{'dtype':<10}{'value err':>11}{'grad err':>11}{'ms':>9}  ok")
     all_ok = True
+    backends = usable_backends(dev)
     for op in ("fused_elbo", "fused_linear_elbo"):
-        for backend in _usable_backends(dev):
+        for backend in backends:
             for dtype in (torch.float32, torch.bfloat16):
                 value_err, grad_err, ms, ok = _check(op, backend, dtype, dev)
                 all_ok &= ok
@@ -95,4 +89,4 @@ def run(device: str | None = None) -> bool:
 
 
 if __name__ == "__main__":
-    raise SystemExit(0 if run() else 1)
+    raise SystemExit(0 if run(*sys.argv[1:2]) else 1)

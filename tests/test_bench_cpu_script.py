@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from elbokto_kernels import cpu
+from elbokto_kernels import usable_backends
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cpu.py"
 
 
 def test_bench_cpu_quick(tmp_path):
-    if not cpu.available():
+    if "cpu" not in usable_backends("cpu"):
         pytest.skip("the C++ kernel did not build here")
     readme = tmp_path / "README.md"
     result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--rounds", "1",
@@ -27,3 +27,27 @@ def test_bench_cpu_quick(tmp_path):
                 "eager PyTorch + THP for every tensor"):
         assert f"| {row} |" in text
     assert "Goal: >= 3.0x faster" in text and "`THP_MEM_ALLOC_ENABLE=1`):" in text
+
+
+def test_filter_distributions_and_table():
+    """The filtered case's logit distributions go from sparse to dense as documented, its
+    sparsity figures follow, and its table states the goals (quick shapes, in process)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_cpu
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    shape = bench_cpu.SHAPES["quick"]
+    figures = {d: bench_cpu.sparsity(shape, d) for d in ("very sparse", "half", "uniform")}
+    assert figures["very sparse"]["density"] < figures["half"]["density"] \
+        < figures["uniform"]["density"]
+    assert figures["very sparse"]["live"] < 0.5 and figures["uniform"]["live"] == 1.0
+    assert figures["half"]["tiles_sorted"] <= figures["half"]["tiles_unsorted"]
+    rows = {v: {"time_s": 1.0, "peak_extra_mib": 100.0}
+            for v in bench_cpu.VARIANTS["fused_linear_elbo_filter"]}
+    rows["cpu_filter@half"].update(time_s=0.5, peak_extra_mib=20.0)
+    for variant, r in rows.items():
+        r["sparsity"] = figures.get(variant.split("@")[1], figures["half"])
+    text = "\n".join(bench_cpu.filter_table(rows, shape))
+    assert ": 2.00x, met; peak memory <= 0.3x eager's: 0.20x, met." in text
+    assert "no slower than the exact op: 1.00x its speed, met." in text

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from elbokto import ELBOKTOObjective, MCConfig, sample_draws
+from elbokto import ELBOKTOObjective, LossConfig, MCConfig, sample_draws
 from elbokto.block import (block_diffusion_mask, check_block_attention, check_block_model,
                            resolve_block_size)
 from elbokto.estimate import elbo_estimate
@@ -61,7 +61,7 @@ def test_chunked_objective_equals_one_pass():
     batch = tiny_batch(seed=3)
     results = []
     for chunk in (None, 3):
-        objective = ELBOKTOObjective(mc=MCConfig(n_t=2, block_size=4), beta=1.0,
+        objective = ELBOKTOObjective(mc=MCConfig(n_t=2, block_size=4), loss=LossConfig(beta=1.0),
                                      mc_chunk_size=chunk, backend="torch")
         policy.zero_grad()
         out = objective(policy, batch, reference=reference)

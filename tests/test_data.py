@@ -11,8 +11,8 @@ from transformers import HfArgumentParser
 
 import elbokto.data
 from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_class_balance,
-                          detect_layout, example_uid, load_source, subsample_classes,
-                          tokenize_dataset, unpair)
+                          dataset_uids, detect_layout, example_uid, load_source, pair_rows,
+                          subsample_classes, tokenize_dataset, unpair)
 from elbokto.objective import BATCH_KEYS
 from elbokto.tiny import CHAT_TEMPLATE, ROLE_TOKENS, build_tiny_tokenizer
 
@@ -299,7 +299,7 @@ def test_build_dataset_end_to_end(tmp_path, tokenizer):
     assert (stats.n_desirable, stats.n_undesirable) == (4, 2) and len(data) == 6
     assert stats.truncated_responses >= 2 and stats.dropped_long_prompt == 0
     assert set(data.column_names) == {"input_ids", "prompt_length", "response_length",
-                                      "desirable", "uid", "length"}
+                                      "desirable", "uid", "pair_uid", "length"}
     batch = PreferenceCollator.from_config(config, tokenizer)(list(data))
     assert batch["input_ids"].shape == (6, 16)
     assert (batch["prompt_lengths"] + batch["response_lengths"]).max() <= 16
@@ -311,6 +311,56 @@ def test_build_dataset_end_to_end(tmp_path, tokenizer):
             build_dataset(empty, tokenizer)
     with pytest.raises(ValueError, match="fractions"):
         DataConfig(dataset="x", desirable_fraction=-0.1)
+
+
+def test_pairs_stay_together(tmp_path, tokenizer):
+    # The second pair repeats the first; the third loses its empty chosen answer.
+    rows = [PAIRED[0], PAIRED[0], {"prompt": "Hi", "chosen": "", "rejected": "No."}, PAIRED[1]]
+    path = write(rows, tmp_path / "pairs.jsonl", "jsonl")
+    config = DataConfig(dataset=str(path), append_eos=False)
+    unpaired, _ = build_dataset(config, tokenizer)
+    siblings = {}
+    for row in unpaired:
+        siblings.setdefault(row["pair_uid"], []).append(row["desirable"])
+    assert sorted(sorted(v) for v in siblings.values()) == [
+        [False], [False, False, True, True], [False, True]]
+
+    data, stats = build_dataset(config, tokenizer, paired=True)
+    assert (stats.n_pairs, stats.dropped_pairs) == (2, 2) and len(data) == 2
+    assert set(data.column_names) == {"chosen", "rejected", "pair_uid", "length"}
+    first = data[0]
+    assert first["chosen"]["uid"] == example_uid([USER(PAIRED[0]["prompt"])], PAIRED[0]["chosen"],
+                                                 True)
+    assert first["length"] == first["chosen"]["length"] + first["rejected"]["length"]
+    batch = PreferenceCollator(tokenizer.pad_token_id)(list(data))
+    assert batch["desirable"].tolist() == [True, False] * 2
+    assert batch["pair_uid"].tolist() == [p["pair_uid"] for p in data for _ in range(2)]
+    assert batch["uid"].tolist() == [p[side]["uid"] for p in data
+                                     for side in ("chosen", "rejected")]
+    assert torch.equal(torch.sort(dataset_uids(data)).values, torch.sort(batch["uid"]).values)
+    # Each row keeps its own tokens: the rejected row of a pair is its own answer.
+    rejected = batch["input_ids"][1, batch["prompt_lengths"][1]:][:batch["response_lengths"][1]]
+    assert tokenizer.decode(rejected.tolist()).startswith(PAIRED[0]["rejected"])
+
+
+def test_duplicates_are_named(caplog):
+    rows = [UNPAIRED[0], UNPAIRED[1], UNPAIRED[0], UNPAIRED[2], UNPAIRED[1]]
+    unpair(Dataset.from_list(rows))
+    assert "2 duplicate examples" in caplog.text
+    assert "row 2 repeats row 0, row 4 repeats row 1" in caplog.text
+    caplog.clear()
+    unpair(Dataset.from_list([PAIRED[0], PAIRED[1], PAIRED[0]]))
+    assert "row 2 repeats row 0, row 2 repeats row 0" in caplog.text  # both responses
+
+
+def test_paired_loss_refuses_unpaired_data(tmp_path, tokenizer):
+    path = write(UNPAIRED, tmp_path / "kto.jsonl", "jsonl")
+    with pytest.raises(ValueError, match="unpaired layout.*loss_type elbo_kto"):
+        build_dataset(DataConfig(dataset=str(path)), tokenizer, paired=True)
+    pairs = write(PAIRED, tmp_path / "pairs.jsonl", "jsonl")
+    with pytest.raises(ValueError, match="both responses are kept or neither"):
+        build_dataset(DataConfig(dataset=str(pairs), desirable_fraction=0.5), tokenizer,
+                      paired=True)
 
 
 def test_tiny_tokenizer(tokenizer):

@@ -10,7 +10,7 @@ def test_quick_demo_writes_summary_and_plot(tmp_path):
     assert main(["demo", "--quick", "--output_dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in ("base_desirable_rate", "aligned_desirable_rate", "train_seconds", "config",
-                "psi", "curves"):
+                "psi", "curves", "winrate"):
         assert key in summary
     assert 0 <= summary["base_desirable_rate"] <= 1
     assert summary["config"]["mc"]["n_t"] >= 1

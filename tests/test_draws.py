@@ -322,6 +322,21 @@ def test_bernoulli_eps_branch_bounds_weights():
     assert draws.weight.max() <= 1 / (0.05 * 2) + 1e-3
 
 
+def test_bernoulli_forced_token_is_uniform_over_the_response():
+    """In the small-t branch the forced token is uniform over the response positions: among the
+    copies that mask exactly one token (t ~ 0), each position is that token 1/L of the time."""
+    prompt_lengths, response_lengths, uids = toy_batch(6000, 5)
+    config = MCConfig(estimator="bernoulli", n_t=1, antithetic=False, eps=0.999)
+    draws = sample_draws(config, prompt_lengths, response_lengths, 10, uids=uids, seed=9)
+    single = draws.mask.sum(-1) == 1
+    relative = draws.mask[single].long().argmax(-1) - prompt_lengths[draws.sample_index[single]]
+    share = torch.bincount(relative, minlength=5).double() / relative.numel()
+    n = relative.numel()
+    assert n > 500
+    assert torch.allclose(share, torch.full((5,), 0.2, dtype=torch.float64),
+                          atol=5 * (0.2 * 0.8 / n) ** 0.5), share
+
+
 # --- determinism ---------------------------------------------------------------------------------
 
 

@@ -1,5 +1,7 @@
 """elbo_estimate through real transformers models: the fused head equals full logits."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -63,6 +65,11 @@ def test_shift_logits_and_logits_path():
                             mask_token_id=MASK_ID, attention_mask=batch["attention_mask"],
                             shift_logits=True)
     torch.testing.assert_close(shifted, direct, rtol=1e-5, atol=1e-5)
+    batch["prompt_lengths"][1] = 0  # a response at position 0: nothing scores its first token
+    draws = draws_for(batch, n_t=2)
+    with pytest.raises(RuntimeError, match="prompt of at least one token"):
+        elbo_estimate(NextTokenLogits(inner), batch["input_ids"], draws, mask_token_id=MASK_ID,
+                      attention_mask=batch["attention_mask"], shift_logits=True)
 
 
 def test_fused_head_under_fsdp2(tmp_path):
@@ -80,3 +87,64 @@ def test_fused_head_under_fsdp2(tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("match") == 2 and "MISMATCH" not in result.stdout, result.stdout
+
+
+def test_fused_head_under_autocast_runs_in_the_autocast_dtype(monkeypatch):
+    """Under autocast the LM head's GEMMs run in bf16, as an nn.Linear head would, and the ELBO
+    matches the unfused model under the same autocast."""
+    import elbokto.estimate
+
+    seen = []
+    real = elbokto.estimate.fused_linear_elbo
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return real(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(elbokto.estimate, "fused_linear_elbo", spy)
+    model = tiny_gemma()
+    batch = tiny_batch()
+    draws = draws_for(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
+                              attention_mask=batch["attention_mask"], backend="torch")
+        ref = unfused_elbo(model, batch["input_ids"], draws, batch["attention_mask"])
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused.double(), ref, rtol=1e-4, atol=1e-4)
+    for g, w in zip(grads_of(model, fused.sum()), grads_of(model, ref.sum())):
+        assert (g.double() - w.double()).abs().max() <= 3e-2 * w.abs().max()
+    elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
+                  attention_mask=batch["attention_mask"], backend="torch")
+    assert seen[-1] == (torch.float32, torch.float32)
+
+
+class _Recorder(nn.Module):
+    """Uniform logits over the vocabulary; remembers the tokens and attention mask it was given."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids, attention_mask=None):
+        self.seen, self.attention = input_ids, attention_mask
+        return torch.zeros(*input_ids.shape, self.vocab)
+
+
+def test_the_model_sees_exactly_the_drawn_copies():
+    """Copy c is example c // K with its drawn positions replaced by the mask token (and nothing
+    else changed); with uniform logits each masked position scores -log V, times its weight."""
+    batch = tiny_batch(seed=3)
+    draws = draws_for(batch, n_t=4)
+    assert draws.mask.any() and not draws.mask.all()
+    expected = batch["input_ids"].repeat_interleave(4, dim=0)
+    expected[draws.mask] = MASK_ID
+    assert torch.equal(noisy_copies(batch["input_ids"], draws, MASK_ID), expected)
+    model = _Recorder(vocab=97)
+    elbo = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
+                         attention_mask=batch["attention_mask"], backend="torch")
+    assert torch.equal(model.seen, expected)
+    assert torch.equal(model.attention, batch["attention_mask"].repeat_interleave(4, dim=0))
+    per_copy = draws.weight.double() * draws.mask.sum(1) * -math.log(97)
+    want = torch.zeros(4, dtype=torch.float64).index_add(0, draws.sample_index, per_copy)
+    torch.testing.assert_close(elbo.double(), want, rtol=1e-6, atol=1e-6)

@@ -208,3 +208,122 @@ def test_decode_responses_cuts_at_first_eos():
     tokens = torch.tensor([[0, 1, 2, 3, 2], [3, 3, 3, 3, 3], [2, 0, 0, 0, 0]])
     assert decode_responses(CharTokenizer(), tokens) == ["ab", "ddddd", ""]
     assert decode_responses(CharTokenizer(), tokens, eos_token_id=3) == ["abc", "", "caaaa"]
+
+
+# --- confidence-threshold parallel decoding (Fast-dLLM) ---------------------------------------
+
+class PeakedLogits(nn.Module):
+    """Response position j proposes token 1 with probability probs[j] (the rest spread evenly
+    over the other tokens); counts its calls."""
+
+    def __init__(self, probs, vocab=6):
+        super().__init__()
+        self.probs, self.vocab, self.calls = torch.tensor(probs, dtype=torch.float64), vocab, []
+
+    def forward(self, input_ids):
+        self.calls.append(input_ids.clone())
+        gen = len(self.probs)
+        rest = (1 - self.probs) / (self.vocab - 1)
+        probs = torch.full((input_ids.shape[1], self.vocab + 1), 1e-30, dtype=torch.float64)
+        probs[-gen:, :self.vocab] = rest[:, None]
+        probs[-gen:, 1] = self.probs
+        return probs.log().expand(input_ids.shape[0], -1, -1)
+
+
+def committed_per_call(model, mask_id):
+    masked = [set((c[0, 1:] == mask_id).nonzero().flatten().tolist()) for c in model.calls]
+    return [sorted(a - b) for a, b in zip(masked, masked[1:] + [set()])]
+
+
+def test_commits_everything_above_the_threshold_and_at_least_one():
+    probs = [0.9, 0.3, 0.95, 0.6, 0.25]
+    model = PeakedLogits(probs)
+    config = GenerationConfig(gen_length=5, steps=5, block_length=5, mask_token_id=6,
+                              threshold=0.5)
+    out = generate(model, [[2]], config, pad_token_id=PAD)
+    assert out.tolist() == [[1] * 5]
+    # Step 1: 0.95, 0.9, 0.6 pass; then one per step, most confident first.
+    assert committed_per_call(model, 6) == [[0, 2, 3], [1], [4]]
+
+
+def test_schedule_count_is_the_floor():
+    # 4 tokens in 2 steps: the schedule asks for 2 per step even when none passes.
+    model = PeakedLogits([0.3, 0.2, 0.4, 0.1])
+    config = GenerationConfig(gen_length=4, steps=2, block_length=4, mask_token_id=6,
+                              threshold=0.9)
+    generate(model, [[2]], config, pad_token_id=PAD)
+    assert committed_per_call(model, 6) == [[0, 2], [1, 3]]
+
+
+def test_threshold_one_is_the_schedule(gemma):
+    prompts = [[5, 9, 11], [7, 3, 8, 2, 4], [6]]
+    base = GenerationConfig(gen_length=8, steps=8, block_length=4)
+    strict = GenerationConfig(gen_length=8, steps=8, block_length=4, threshold=1.0)
+    torch.testing.assert_close(generate(gemma, prompts, strict, pad_token_id=PAD),
+                               generate(gemma, prompts, base, pad_token_id=PAD), rtol=0, atol=0)
+
+
+def test_batch_with_padding_equals_each_prompt_alone(gemma):
+    # Rows finish their blocks at different steps; a finished row must stay untouched.
+    prompts = [[5, 9, 11], [7, 3, 8, 2, 4, 1, 1], [6]]
+    config = GenerationConfig(gen_length=8, steps=8, block_length=4, threshold=0.02)
+    batch = generate(gemma, prompts, config, pad_token_id=PAD)
+    alone = torch.cat([generate(gemma, [p], config, pad_token_id=PAD) for p in prompts])
+    torch.testing.assert_close(batch, alone, rtol=0, atol=0)
+    assert not (batch == MASK_ID).any()
+
+
+def test_fewer_model_calls_when_confident():
+    model = PeakedLogits([0.99] * 8)
+    config = GenerationConfig(gen_length=8, steps=8, block_length=4, mask_token_id=6,
+                              threshold=0.9)
+    generate(model, [[2], [3]], config, pad_token_id=PAD)
+    assert len(model.calls) == 2  # one per block
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(threshold=0.0), "threshold=0.0"),
+    (dict(threshold=1.5), "threshold=1.5"),
+    (dict(threshold=0.5, remasking="random"), "low_confidence"),
+])
+def test_bad_threshold(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**kwargs)
+
+
+class CountingLogits(nn.Module):
+    """Proposes token 1 + (number of earlier calls) everywhere, with probability ``probs[b]`` in
+    row b: a token committed at call k reads k + 1 forever after, unless it is overwritten."""
+
+    def __init__(self, probs, vocab=8):
+        super().__init__()
+        self.probs, self.vocab, self.calls = probs, vocab, 0
+
+    def forward(self, input_ids, attention_mask=None):
+        token = 1 + self.calls
+        self.calls += 1
+        rows = []
+        for p in self.probs:
+            probs = torch.full((self.vocab + 1,), (1 - p) / (self.vocab - 1), dtype=torch.float64)
+            probs[token], probs[self.vocab] = p, 1e-30
+            rows.append(probs.log().expand(input_ids.shape[1], -1))
+        return torch.stack(rows)
+
+
+def test_rows_that_finish_early_keep_their_tokens():
+    # Row 0 fills its block at the first call; row 1 needs all four. Row 0 must keep the tokens
+    # of call 0 through the calls that row 1 still needs.
+    model = CountingLogits([0.99, 0.3])
+    config = GenerationConfig(gen_length=4, steps=4, block_length=4, mask_token_id=8,
+                              threshold=0.9)
+    out = generate(model, [[2], [3]], config, pad_token_id=PAD)
+    assert model.calls == 4
+    assert out[0].tolist() == [1, 1, 1, 1] and sorted(out[1].tolist()) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("gen_length", [1, 7, 64, 100])
+def test_defaults_work_with_any_gen_length(gen_length):
+    config = GenerationConfig(gen_length=gen_length)
+    assert (config.block_length, config.steps) == (gen_length, gen_length)
+    with pytest.raises(ValueError, match="multiple"):
+        GenerationConfig(gen_length=gen_length + 1, block_length=gen_length + 2)

@@ -15,6 +15,8 @@ def test_gpu_check_dry_run():
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     table = result.stdout
-    for variant in ("triton", "torch path", "eager", "GEMM floor"):
+    for variant in ("triton", "torch path", "eager", "GEMM floor", "filter_eps=auto",
+                    "filter_eps=auto (zipf)"):
         assert variant in table
     assert "linear triton vs float64 oracle" in table
+    assert "linear triton filter_eps=auto vs float64 oracle" in table

@@ -16,8 +16,10 @@ KTO_METRICS = {
     "count/rejected",
     "elbo/policy",
     "elbo/reference",
-    "kl",
+    "logps/chosen",
+    "logps/rejected",
     "saturated_fraction",
+    "baseline",
 }
 
 
@@ -58,26 +60,31 @@ def test_kto_loss_value_and_gradient(baseline, beta, lambda_d, lambda_u):
     # The baseline is a constant: the gradient is the formula's with b0 frozen, not through the mean.
     torch.testing.assert_close(policy.grad.double(), grad, rtol=1e-4, atol=1e-8)
     assert ref.grad is None
-    assert set(metrics) == KTO_METRICS
+    assert set(metrics) == KTO_METRICS | ({"kl"} if baseline == "kl" else set())
     assert all(not v.requires_grad and v.shape == () and v.is_floating_point() for v in metrics.values())
-    assert math.isclose(float(metrics["kl"]), b0, rel_tol=1e-5, abs_tol=1e-6)
+    assert math.isclose(float(metrics["baseline"]), b0, rel_tol=1e-5, abs_tol=1e-6)
 
 
 def test_kto_metrics():
     policy = torch.tensor([-10.0, -20.0, -30.0, -40.0])
     ref = torch.tensor([-12.0, -19.0, -100.0, -40.0])
     desirable = torch.tensor([True, True, False, False])
-    _, metrics = elbo_kto_loss(policy, ref, desirable, beta=0.5, baseline="none")
+    # A non-zero baseline: rewards are beta * r, without b0; saturation is measured on r - b0.
+    _, metrics = elbo_kto_loss(policy, ref, desirable, beta=0.5, baseline="kl",
+                               kl=torch.tensor(13.0))
     expected = {
         "rewards/chosen": 0.5 * (2 - 1) / 2,
         "rewards/rejected": 0.5 * (70 + 0) / 2,
         "rewards/margins": 0.25 - 17.5,
+        "logps/chosen": -15,
+        "logps/rejected": -35,
         "count/chosen": 2,
         "count/rejected": 2,
         "elbo/policy": -25,
         "elbo/reference": -42.75,
-        "kl": 0,
-        "saturated_fraction": 0.25,  # only |0.5 * 70| > 6
+        "baseline": 13,
+        "kl": 13,
+        "saturated_fraction": 0.75,  # 0.5 * (r - 13) = -5.5, -7, 28.5, -6.5
     }
     assert {k: pytest.approx(float(v)) for k, v in metrics.items()} == expected
 
@@ -144,17 +151,20 @@ def test_kto_validation(kwargs, match):
 def test_dpo_loss_value_gradient_and_metrics():
     gen = torch.Generator().manual_seed(1)
     pc, rc, pr, rr = (torch.randn(6, generator=gen) * 10 - 200 for _ in range(4))
-    pc.requires_grad_(), pr.requires_grad_(), rc.requires_grad_()
+    pc.requires_grad_(), pr.requires_grad_(), rc.requires_grad_(), rr.requires_grad_()
     loss, metrics = elbo_dpo_loss(pc, rc, pr, rr, beta=0.2)
-    logits = 0.2 * ((pc.detach().double() - rc.detach().double()) - (pr.detach().double() - rr.double()))
+    logits = 0.2 * ((pc.detach().double() - rc.detach().double()) - (pr.detach().double() - rr.detach().double()))
     expected = -torch.nn.functional.logsigmoid(logits).mean()
     assert math.isclose(float(loss.detach()), float(expected), rel_tol=1e-5)
     loss.backward()
     sig = torch.sigmoid(-logits)
     torch.testing.assert_close(pc.grad.double(), -0.2 * sig / 6, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(pr.grad.double(), 0.2 * sig / 6, rtol=1e-4, atol=1e-9)
-    assert rc.grad is None
-    assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"}
+    assert rc.grad is None and rr.grad is None  # the reference never gets a gradient
+    assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                            "logps/chosen", "logps/rejected"}
+    assert math.isclose(float(metrics["logps/chosen"]), float(pc.detach().mean()), rel_tol=1e-6)
+    assert math.isclose(float(metrics["logps/rejected"]), float(pr.detach().mean()), rel_tol=1e-6)
     accuracy = float((logits > 0).double().mean())
     assert math.isclose(float(metrics["rewards/accuracies"]), accuracy, rel_tol=1e-6)
     with pytest.raises(ValueError, match="ref_rejected is \\[5\\]"):
@@ -176,7 +186,7 @@ def _worker(rank: int, world_size: int, init_file: str) -> None:
         loss, metrics = elbo_kto_loss(policy, ref, desirable, beta=0.3)
         everything = torch.tensor(RANK_MARGINS[0] + RANK_MARGINS[1], dtype=torch.float64)
         b0 = float(everything.mean())
-        assert math.isclose(float(metrics["kl"]), b0, rel_tol=1e-6), (rank, float(metrics["kl"]), b0)
+        assert math.isclose(float(metrics["baseline"]), b0, rel_tol=1e-6), (rank, float(metrics["baseline"]), b0)
         value, grad = _expected(policy, ref, desirable, 0.3, 1.0, 1.0, b0)  # the LOCAL m
         assert math.isclose(float(loss.detach()), float(value), rel_tol=1e-5)
         loss.backward()

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from elbokto import MCConfig
+from elbokto import LossConfig, MCConfig
 from elbokto.objective import ELBOKTOObjective, mismatched_batch
 from tiny_models import tiny_batch, tiny_gemma
 
@@ -29,7 +29,7 @@ def param_grads(model):
 def test_loss_is_the_formula_on_the_estimates():
     policy, reference = policy_and_reference()
     batch = tiny_batch()
-    obj = ELBOKTOObjective(mc=MCConfig(n_t=4), beta=0.5, lambda_u=1.5)
+    obj = ELBOKTOObjective(mc=MCConfig(n_t=4), loss=LossConfig(beta=0.5, lambda_u=1.5))
     out = obj(policy, batch, reference=reference, step=2)
     draws = obj.draws(batch, step=2)
     ref_elbo = obj.elbo(reference, batch, draws)
@@ -42,11 +42,18 @@ def test_loss_is_the_formula_on_the_estimates():
     out.loss.backward()
     assert all(p.grad is None for p in reference.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
-    assert set(out.metrics) >= {"rewards/chosen", "rewards/rejected", "rewards/margins", "kl"}
+    assert set(out.metrics) >= {"rewards/chosen", "rewards/rejected", "rewards/margins",
+                                "logps/chosen", "logps/rejected"}
+    assert "kl" not in out.metrics  # only the KL baseline logs kl
 
 
-@pytest.mark.parametrize("keep_logits", [False, True], ids=["recompute", "keep-logits"])
-def test_mc_chunk_size_equals_one_pass(keep_logits):
+@pytest.mark.parametrize("keep_logits, chunk", [(False, 5), (True, 5), (False, 1), (False, 6),
+                                                (False, 24), (False, 100)],
+                         ids=["recompute", "keep-logits", "one-copy", "one-example", "all",
+                              "more-than-all"])
+def test_mc_chunk_size_equals_one_pass(keep_logits, chunk):
+    """B * K = 24 copies in chunks of 5 (a chunk splits an example), 1, 6 (= K: chunks follow the
+    examples), 24 (one chunk) and 100 (larger than the batch)."""
     policy, reference = policy_and_reference(seed=1)
     batch = tiny_batch(seed=1)
     mc = MCConfig(n_t=3, n_yt=2)
@@ -54,7 +61,7 @@ def test_mc_chunk_size_equals_one_pass(keep_logits):
     whole.loss.backward()
     expected = param_grads(policy)
     policy.zero_grad(set_to_none=True)
-    chunked = ELBOKTOObjective(mc=mc, mc_chunk_size=5, keep_logits=keep_logits)(
+    chunked = ELBOKTOObjective(mc=mc, mc_chunk_size=chunk, keep_logits=keep_logits)(
         policy, batch, reference=reference)
     torch.testing.assert_close(chunked.loss, whole.loss)
     torch.testing.assert_close(chunked.policy_elbo, whole.policy_elbo)
@@ -96,11 +103,25 @@ def test_peft_reference_is_the_policy_without_adapters():
 
 
 def test_kl_baseline():
-    policy, reference = policy_and_reference(seed=3)
+    """b0 = max(0, mean margin of the mismatched pairs), on their own draws; the loss uses it."""
+    first, second = policy_and_reference(seed=3)
     batch = tiny_batch(seed=3)
-    out = ELBOKTOObjective(mc=MCConfig(n_t=2), baseline="kl")(policy, batch, reference=reference)
-    assert out.metrics["kl"] >= 0
-    assert torch.isfinite(out.loss)
+    obj = ELBOKTOObjective(mc=MCConfig(n_t=2), loss=LossConfig(baseline="kl", beta=0.5))
+    mismatched = mismatched_batch(batch, obj.pad_token_id)
+    draws = obj.draws(mismatched)
+    raw = (obj.elbo(first, mismatched, draws) - obj.elbo(second, mismatched, draws)).mean()
+    # The orientation with a positive KL estimate, so that the clamp does not hide it.
+    policy, reference = (first, second) if raw > 0 else (second, first)
+    kl = abs(float(raw))
+    assert kl > 1e-3
+    out = obj(policy, batch, reference=reference)
+    assert float(out.metrics["kl"]) == pytest.approx(kl, rel=1e-5)
+    r = out.policy_elbo.double() - out.ref_elbo.double()
+    sign = batch["desirable"].double() * 2 - 1
+    expected = torch.sigmoid(-0.5 * sign * (r - kl)).mean()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
+    # The other orientation's estimate is negative: clamped to 0.
+    assert float(obj(reference, batch, reference=policy).metrics["kl"]) == 0
 
 
 def test_mismatched_batch_pairs_prompt_with_next_response():
@@ -129,7 +150,69 @@ def test_psi_of_a_model_setting():
     assert est.num_redraws == 6 and est.batch_size == 4
     assert est.psi > 0
     assert abs(est.psi_baseline - est.psi) < 1e-9 * max(1.0, est.psi)  # batch_mean: b = b0
-    none = ELBOKTOObjective(mc=MCConfig(n_t=2), baseline="none")
+    none = ELBOKTOObjective(mc=MCConfig(n_t=2), loss=LossConfig(baseline="none"))
     assert none.psi(policy, batch, reference=reference, redraws=6).psi_baseline >= est.psi - 1e-9
     # Common random numbers: the same model as policy and reference gives zero margins.
     assert torch.all(obj.margins(reference, batch, reference=reference, redraws=2) == 0)
+
+
+def test_pairs_share_their_draws_and_crn_off_does_not():
+    batch = tiny_batch(seed=6)
+    batch["response_lengths"] = torch.tensor([4, 4, 5, 5])
+    batch["pair_uid"] = torch.tensor([11, 11, 12, 12])
+    obj = ELBOKTOObjective(mc=MCConfig(n_t=3))
+    draws = obj.draws(batch)
+    K = 3
+    t = draws.t.view(4, K)
+    assert torch.equal(t[0], t[1]) and torch.equal(t[2], t[3]) and not torch.equal(t[0], t[2])
+    # The same relative positions are masked in both rows of a pair of equal lengths.
+    p = batch["prompt_lengths"]
+    mask = draws.mask.view(4, K, -1)
+    for a, b in ((0, 1), (2, 3)):
+        length = int(batch["response_lengths"][a])
+        assert torch.equal(mask[a, :, p[a]:p[a] + length], mask[b, :, p[b]:p[b] + length])
+    # Without CRN the reference of the same model scores other copies: the margins move.
+    policy, _ = policy_and_reference(seed=6)
+    off = ELBOKTOObjective(mc=MCConfig(n_t=2), crn=False)
+    assert off.margins(policy, batch, reference=policy, redraws=2).abs().max() > 0
+    out = off(policy, batch, reference=policy)
+    assert not torch.equal(out.policy_elbo, out.ref_elbo)
+
+
+def test_elbo_dpo_objective_is_the_pairwise_formula():
+    policy, reference = policy_and_reference(seed=7)
+    batch = tiny_batch(seed=7)
+    batch["pair_uid"] = torch.tensor([1, 1, 2, 2])
+    obj = ELBOKTOObjective(mc=MCConfig(n_t=2), loss=LossConfig(loss_type="elbo_dpo", beta=0.3))
+    out = obj(policy, batch, reference=reference)
+    r = out.policy_elbo.double() - out.ref_elbo.double()
+    expected = -torch.nn.functional.logsigmoid(0.3 * (r[0::2] - r[1::2])).mean()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-6, atol=1e-7)
+    out.loss.backward()
+    assert all(p.grad is None for p in reference.parameters())
+    batch["desirable"] = torch.tensor([True, True, False, False])
+    with pytest.raises(RuntimeError, match="alternate chosen"):
+        obj(policy, batch, reference=reference)
+
+
+def test_filter_eps_reaches_the_fused_head(monkeypatch):
+    """The objective's filter_eps is what the LM head's fused_linear_elbo gets, and training
+    with it moves the same parameters, within the filter's error, as without."""
+    import elbokto.estimate
+
+    seen = []
+    real = elbokto.estimate.fused_linear_elbo
+    monkeypatch.setattr(elbokto.estimate, "fused_linear_elbo",
+                        lambda *a, **kw: seen.append(kw["filter_eps"]) or real(*a, **kw))
+    policy, reference = policy_and_reference(seed=2)
+    batch = tiny_batch(seed=2)
+    grads = []
+    for eps in (None, 2.0 ** -12):
+        policy.zero_grad()
+        ELBOKTOObjective(mc=MCConfig(n_t=2), filter_eps=eps, backend="torch")(
+            policy, batch, reference=reference).loss.backward()
+        grads.append(param_grads(policy))
+    # Reference and policy alike: without a backward (the reference) the op ignores it.
+    assert seen == [None, None, 2.0 ** -12, 2.0 ** -12]
+    for exact, filtered in zip(*grads):
+        assert (filtered - exact).abs().max() <= 1e-3 * exact.abs().max() + 1e-8

@@ -71,6 +71,36 @@ def test_training_moves_the_margins(tmp_path, writer):
     assert (tmp_path / "out" / "config.json").exists()
 
 
+def test_elbo_dpo_trains_on_pairs(tmp_path):
+    data = write_ultrafeedback(tmp_path / "data.json")
+    trainer = train(*configs(tmp_path, data, num_train_epochs=6, loss_type="elbo_dpo"))
+    margins = history(trainer, "rewards/margins")
+    losses = history(trainer, "loss")
+    assert len(margins) >= 12 and "rewards/accuracies" in trainer.state.log_history[0]
+    assert "kl" not in trainer.state.log_history[0]
+    # Chosen minus rejected starts at 0 (policy == reference) and must rise.
+    assert abs(margins[0]) < 1e-4 and sum(margins[-4:]) / 4 > 0.05
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    logps = history(trainer, "logps/chosen")
+    assert len(logps) == len(margins) and all(v < 0 for v in logps)
+
+
+def test_elbo_dpo_precomputed_reference_equals_online(tmp_path):
+    data = write_ultrafeedback(tmp_path / "data.json")
+    model_cfg, data_cfg, train_cfg = configs(tmp_path, data, max_steps=2, loss_type="elbo_dpo")
+    table = precompute_ref(model_cfg, data_cfg, train_cfg, str(tmp_path / "ref.pt"))
+    assert table.uids.numel() == 16 and table.meta["paired_draws"] is True
+    online = train(*configs(tmp_path / "online", data, max_steps=2, loss_type="elbo_dpo"))
+    offline = train(*configs(tmp_path / "offline", data, max_steps=2, loss_type="elbo_dpo",
+                             ref_elbo_file=str(tmp_path / "ref.pt")))
+    for key in ("loss", "rewards/margins"):
+        torch.testing.assert_close(history(offline, key), history(online, key), rtol=1e-4,
+                                   atol=1e-5)
+    # Unpaired training keys its draws by example: the paired file does not match it.
+    with pytest.raises(ValueError, match="paired_draws"):
+        train(*configs(tmp_path / "bad", data, max_steps=1, ref_elbo_file=str(tmp_path / "ref.pt")))
+
+
 def test_resume_replays_the_same_next_step(tmp_path):
     data = write_kto_mix(tmp_path / "data.jsonl")
     straight = train(*configs(tmp_path / "a", data, max_steps=4))
@@ -107,20 +137,13 @@ def test_clear_errors(tmp_path):
     odd.write_text(json.dumps({"question": "q", "answer": "a"}))
     with pytest.raises(ValueError, match="column"):
         train(*configs(tmp_path, odd, max_steps=1))
-
-
-def test_causal_model_and_missing_mask_token_are_refused(tmp_path):
-    from transformers import GemmaConfig
-
-    from elbokto.models import load_model, resolve_mask_token_id
-
-    causal = tmp_path / "causal"
-    GemmaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=8).save_pretrained(causal)
-    with pytest.raises(ValueError, match="causal"):
-        load_model(str(causal), ModelConfig())
-    with pytest.raises(ValueError, match="mask_token_id"):
-        resolve_mask_token_id(GemmaConfig(), tokenizer=None)
+    unpaired = write_kto_mix(tmp_path / "kto.jsonl")
+    with pytest.raises(ValueError, match="unpaired layout"):
+        train(*configs(tmp_path, unpaired, max_steps=1, loss_type="elbo_dpo"))
+    with pytest.raises(ValueError, match="loss_type='dpo'"):
+        configs(tmp_path, unpaired, loss_type="dpo")
+    with pytest.raises(ValueError, match="do not apply"):
+        configs(tmp_path, unpaired, loss_type="elbo_dpo", baseline="kl")
 
 
 def test_two_ranks_share_the_baseline(tmp_path):
@@ -133,15 +156,16 @@ import json, os, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from pathlib import Path
 import torch.distributed as dist
-import elbokto.objective
+import elbokto.loss
 from test_trainer import configs
 from elbokto.run import train
 seen = []
-def recording_loss(policy_elbo, ref_elbo, *args, **kwargs):
-    loss, metrics = elbokto.loss.elbo_kto_loss(policy_elbo, ref_elbo, *args, **kwargs)
-    seen.append([float(metrics["kl"]), float((policy_elbo - ref_elbo).mean())])
-    return loss, metrics
-elbokto.objective.elbo_kto_loss = recording_loss
+global_mean = elbokto.loss._global_mean
+def recording_mean(r):  # the batch_mean baseline's b0, computed once per loss call
+    b0 = global_mean(r)
+    seen.append([float(b0), float(r.mean())])
+    return b0
+elbokto.loss._global_mean = recording_mean
 train(*configs(Path({str(tmp_path)!r}), Path({str(data)!r}), max_steps=3,
                per_device_train_batch_size=2))
 Path({str(tmp_path)!r}, f"rank{{dist.get_rank()}}.json").write_text(json.dumps(seen))
@@ -162,10 +186,75 @@ os._exit(0)  # skip teardown: gloo's threads sometimes abort at interpreter exit
     assert any(abs(a[1] - b[1]) > 1e-6 for a, b in zip(rank0, rank1))
 
 
-def test_load_model_from_a_folder(tmp_path):
-    from elbokto.models import build_tiny_model, load_model
+def test_precompute_follows_max_steps_and_refuses_a_short_file(tmp_path):
+    data = write_kto_mix(tmp_path / "data.jsonl")  # 16 examples: 4 steps of 4 per epoch
+    model_cfg, data_cfg, train_cfg = configs(tmp_path, data, max_steps=6)
+    table = precompute_ref(model_cfg, data_cfg, train_cfg, str(tmp_path / "two.pt"))
+    assert table.meta["epochs"] == 2
+    short = precompute_ref(*configs(tmp_path, data, max_steps=4), str(tmp_path / "one.pt"))
+    assert short.meta["epochs"] == 1
+    # Refused at start-up, before any step: a 6-step run reaches epoch 1, which the file lacks.
+    with pytest.raises(ValueError, match="epochs: file covers 1, training runs 2"):
+        train(*configs(tmp_path / "run", data, max_steps=6, ref_elbo_file=str(tmp_path / "one.pt")))
+    trainer = train(*configs(tmp_path / "ok", data, max_steps=6,
+                             ref_elbo_file=str(tmp_path / "two.pt")))
+    assert trainer.state.global_step == 6
 
-    build_tiny_model(40, mask_token_id=2).save_pretrained(tmp_path / "m")
-    model = load_model(str(tmp_path / "m"), ModelConfig())
-    assert model.config.mask_token_id == 2
-    assert model.config.is_causal is False  # bidirectional even when a padding mask is passed
+
+def test_precomputed_file_from_another_model_is_refused(tmp_path):
+    from elbokto.models import build_tiny_model
+    from elbokto.run import tokenizer_for
+
+    data = write_kto_mix(tmp_path / "data.jsonl")
+    model_cfg, data_cfg, train_cfg = configs(tmp_path, data, max_steps=2)
+    other = tmp_path / "other"
+    tokenizer = tokenizer_for(model_cfg, data_cfg)
+    build_tiny_model(len(tokenizer), tokenizer.mask_token_id, seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    model_cfg.ref_model_name_or_path = str(other)
+    precompute_ref(model_cfg, data_cfg, train_cfg, str(tmp_path / "ref.pt"))
+    with pytest.raises(ValueError, match=r"reference model: file was written by .*other"):
+        train(*configs(tmp_path / "run", data, max_steps=2, ref_elbo_file=str(tmp_path / "ref.pt")))
+
+
+def test_resume_last_skips_a_half_written_checkpoint(tmp_path, caplog):
+    data = write_kto_mix(tmp_path / "data.jsonl")
+    train(*configs(tmp_path, data, max_steps=2, save_strategy="steps", save_steps=1))
+    out = tmp_path / "out"
+    broken = out / "checkpoint-3"  # a kill during its save: no trainer_state.json yet
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"partial")
+    trainer = train(*configs(tmp_path, data, max_steps=3), resume_from_checkpoint="last")
+    assert trainer.state.global_step == 3
+    assert "skipping" in caplog.text and "checkpoint-3" in caplog.text
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train(*configs(tmp_path / "empty", data, max_steps=1), resume_from_checkpoint="last")
+
+
+def test_evaluation_split_during_training(tmp_path):
+    data = write_kto_mix(tmp_path / "data.jsonl")
+    held_out = write_kto_mix(tmp_path / "eval.jsonl", n=8, seed=5)
+    model_cfg, data_cfg, train_cfg = configs(tmp_path, data, max_steps=4)
+    data_cfg.eval_dataset = str(held_out)
+    trainer = train(model_cfg, data_cfg, train_cfg)
+    evals = history(trainer, "eval_rewards/margins")
+    assert len(evals) >= 2 and len(history(trainer, "eval_loss")) == len(evals)
+    with pytest.raises(ValueError, match="training data itself"):
+        _, same, cfg = configs(tmp_path, data, max_steps=1)
+        same.eval_split = same.dataset_split
+        train(ModelConfig(), same, cfg)
+
+
+def test_filter_eps_default_follows_the_precision(tmp_path):
+    """--filter_eps unset: "auto" when training in bf16 / fp16, exact in fp32; '0' is exact; the
+    objective receives the resolved value; a malformed value raises at once."""
+    def config(**kw):
+        return ELBOKTOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kw)
+
+    assert config().objective().filter_eps is None
+    assert config(bf16=True).objective().filter_eps == "auto"
+    assert config(bf16=True, filter_eps="0").objective().filter_eps == 0.0
+    assert config(filter_eps="0.000244140625").objective().filter_eps == 2.0 ** -12
+    assert config(filter_eps="auto").objective().filter_eps == "auto"
+    with pytest.raises(ValueError, match="--filter_eps '2\\*\\*-12'"):
+        config(filter_eps="2**-12")

@@ -1,17 +1,7 @@
-"""The "torch" backend: the numerical reference path of the two row primitives.
+"""The "torch" backend: the row primitives of ``RowOps`` in plain PyTorch, the numerical
+reference path (any device torch runs on).
 
-Plain PyTorch, chunked over rows so that at most one chunk of float32 log-softmax is alive at a
-time. Every backend implements the same two primitives (see ``backends.RowOps``):
-
-``row_lse(x, rows, targets, softcap) -> (lse, target_logit)``
-    x: [N, V] any float dtype, any strides; rows: int64 [M] row ids into x, or None for all N rows;
-    targets: int64 [M] column of the clean token, or outside [0, V) when it lies in another
-    vocabulary chunk. Returns float32 [M] log-sum-exp over the (soft-capped) row and float32 [M]
-    soft-capped logit at the target (0 where the target is outside [0, V)).
-
-``row_grad(x, rows, targets, lse, scale, softcap, out)``
-    Writes ``out[rows] = scale * (onehot(target) - exp(z - lse)) * dz/dx`` in out's dtype, with
-    z = softcap * tanh(x / softcap) (or z = x). out: contiguous [N, V]; other rows untouched.
+Chunked over rows so that at most one chunk of float32 log-softmax is alive at a time.
 """
 
 from __future__ import annotations
@@ -42,7 +32,8 @@ def _target_onehot(targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     return inside, targets.clamp(0, max(vocab - 1, 0)).unsqueeze(1)
 
 
-def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None):
+def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None,
+            row_max: Tensor | None = None):
     num_rows, vocab = targets.numel(), x.shape[1]
     lse = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     target_logit = torch.empty_like(lse)
@@ -50,6 +41,8 @@ def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | No
         z, _ = _load(x, rows, start, end, softcap)
         inside, col = _target_onehot(targets[start:end], vocab)
         lse[start:end] = torch.logsumexp(z, dim=1)
+        if row_max is not None:
+            torch.amax(z, 1, out=row_max[start:end])
         target_logit[start:end] = torch.where(inside, z.gather(1, col).squeeze(1), 0.0)
     return lse, target_logit
 

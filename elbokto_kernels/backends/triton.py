@@ -1,26 +1,61 @@
-"""The "triton" backend: Triton kernels for the two row primitives (contract in ``reference``).
+"""The "triton" backend: Triton kernels for the row primitives of ``RowOps``.
 
 One program per masked row streams the vocabulary in blocks of BLOCK_V:
 ``_row_lse_kernel`` keeps an online log-sum-exp (one exp per element plus one per block),
 ``_row_grad_kernel`` recomputes the softmax from the saved LSE and writes the scaled gradient.
 Arithmetic is float32 whatever the input dtype; offsets are int64 (C*L*V passes 2^31 at LLaDA
-shapes). tanh is written with exp because libdevice tanh does not run under TRITON_INTERPRET=1.
+shapes). Under TRITON_INTERPRET=1 the kernels run on CPU tensors in the interpreter, for the tests
+(``elbokto_kernels.backends`` says when the variable must be set); tanh is written with exp
+because libdevice tanh does not run there.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+# On GPU every launch has one block shape, 4096 float32 per program over 8 warps (busy, no
+# spills), so that the configurations the ops launch are few enough to compile and check ahead
+# for sm_80 / sm_90 (``GPU_LAUNCHES``); a row shorter than a block costs one masked block.
+GPU_BLOCK_V = 4096
+
+
 def _block_v(vocab: int) -> int:
-    # Larger blocks amortise the interpreter's per-op cost; on GPU 4096 x fp32 per program keeps
-    # 8 warps busy without spilling.
-    cap = 16384 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
-    return max(16, min(cap, triton.next_power_of_2(max(vocab, 1))))
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # Larger blocks amortise the interpreter's per-op cost.
+        return max(16, min(16384, triton.next_power_of_2(max(vocab, 1))))
+    return GPU_BLOCK_V
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One configuration of a row kernel: which kernel ("row_lse" or "row_grad"), the dtypes
+    of the logits and of the gradient (row_grad; None for row_lse), HAS_ROWS, HAS_SOFTCAP."""
+
+    kernel: str
+    x_dtype: torch.dtype
+    out_dtype: torch.dtype | None
+    rows: bool
+    softcap: bool
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Every configuration the ops launch (tests/test_triton_compile.py checks that they launch no
+# other): fused_elbo scores the masked rows of its logits in their dtype, without soft-capping;
+# fused_linear_elbo float32 chunk logits, all rows, soft-capped or not, its logit gradient in
+# float32 or the inputs' half dtype. ``benchmarks/kernel_report.py`` compiles each for GPUs.
+GPU_LAUNCHES = (
+    *(Launch("row_lse", dtype, None, True, False) for dtype in _DTYPES),
+    *(Launch("row_grad", dtype, dtype, True, False) for dtype in _DTYPES),
+    *(Launch("row_lse", torch.float32, None, False, cap) for cap in (False, True)),
+    *(Launch("row_grad", torch.float32, dtype, False, cap) for dtype in _DTYPES
+      for cap in (False, True)),
+)
 
 
 @triton.jit
@@ -42,7 +77,7 @@ def _row_of(rows_ptr, pid, HAS_ROWS: tl.constexpr):
 
 @triton.jit
 def _row_lse_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr, tlogit_ptr,
-                    vocab, softcap,
+                    max_ptr, vocab, softcap,
                     HAS_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     row = _row_of(rows_ptr, pid, HAS_ROWS)
@@ -62,8 +97,11 @@ def _row_lse_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr,
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
-        t_acc += tl.where(cols == target, z, 0.0)
+        # `valid &`: a target of the next vocabulary chunk can fall in this block's padding,
+        # where z is -inf.
+        t_acc += tl.where(valid & (cols == target), z, 0.0)
     tl.store(lse_ptr + pid, m + tl.log(s))
+    tl.store(max_ptr + pid, m)
     tl.store(tlogit_ptr + pid, tl.sum(t_acc, axis=0))
 
 
@@ -95,20 +133,22 @@ def _launch_args(x: Tensor, rows: Tensor | None, softcap: float | None):
     vocab = x.shape[1]
     block = _block_v(vocab)
     meta = dict(HAS_ROWS=rows is not None, HAS_SOFTCAP=softcap is not None, BLOCK_V=block,
-                num_warps=8 if block >= 4096 else 4)
+                num_warps=8 if block >= GPU_BLOCK_V else 4)
     return vocab, 0.0 if softcap is None else float(softcap), meta
 
 
-def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None):
+def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None,
+            row_max: Tensor | None = None):
     num_rows = targets.numel()
     lse = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     target_logit = torch.empty_like(lse)
     if num_rows == 0:
         return lse, target_logit
     vocab, cap, meta = _launch_args(x, rows, softcap)
+    # The row maxima cost one store per row: written always, into a scratch vector when unwanted.
     _row_lse_kernel[(num_rows,)](
         x, x.stride(0), x.stride(1), rows if rows is not None else targets, targets, lse,
-        target_logit, vocab, cap, **meta)
+        target_logit, torch.empty_like(lse) if row_max is None else row_max, vocab, cap, **meta)
     return lse, target_logit
 
 

@@ -1,0 +1,62 @@
+"""`elbokto eval`: the evaluation subcommands.
+
+    elbokto eval winrate   adjusted win rate of a candidate against a baseline, judged by an
+                           OpenAI-compatible LLM judge (flags: `elbokto eval winrate --help`)
+    elbokto eval lm-eval   lm-evaluation-harness with the diffusion model `elbokto` registered;
+                           every argument goes to lm-eval's own CLI, e.g.
+                           --model elbokto --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct
+                           --tasks gsm8k
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+SUBCOMMANDS = ("winrate", "lm-eval")
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in SUBCOMMANDS:
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "winrate":
+            return winrate(rest)
+        return lm_eval(rest)
+    except ValueError as e:
+        print(f"elbokto eval {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def winrate(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from elbokto.eval.judge import JudgeConfig
+    from elbokto.eval.winrate import WinrateArgs, run_winrate
+    from elbokto.generate import GenerationConfig
+
+    parser = HfArgumentParser([WinrateArgs, GenerationConfig, JudgeConfig],
+                              prog="elbokto eval winrate")
+    args, gen_cfg, judge_cfg = parser.parse_args_into_dataclasses(argv)
+    summary = run_winrate(args, gen_cfg, judge_cfg)
+    keys = ("awr", "ci_low", "ci_high", "n", "wins", "ties", "losses", "inconsistent", "errors")
+    print(json.dumps({k: summary[k] for k in keys}))
+    return 0
+
+
+def lm_eval(argv: list[str]) -> int:
+    """lm-eval's CLI (``lm-eval run ...``; the subcommand may be left out) on ``argv``."""
+    import elbokto.eval  # noqa: F401  (registers the model "elbokto")
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    setup_logging()
+    saved, sys.argv = sys.argv, ["lm-eval", *argv]
+    try:
+        parser = HarnessCLI()
+        parser.execute(parser.parse_args())
+    finally:
+        sys.argv = saved
+    return 0
