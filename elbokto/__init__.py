@@ -6,6 +6,7 @@ and CLI.
 """
 
 from elbokto.block import check_block_attention
+from elbokto.block_generate import block_generate
 from elbokto.data import (DataConfig, DataStats, PreferenceCollator, build_dataset,
                           check_class_balance, load_source, pair_rows, subsample_classes,
                           tokenize_dataset, unpair)
@@ -36,6 +37,7 @@ __all__ = [
     "PreferenceCollator",
     "PsiEstimate",
     "ReferenceTable",
+    "block_generate",
     "build_dataset",
     "build_tiny_tokenizer",
     "check_block_attention",

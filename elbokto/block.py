@@ -30,10 +30,8 @@ so that path could not be tested on CPU here: load the model with ``attn_impleme
 as dFactory trains LLaDA2.0), and sliding-window layers (a 4D mask replaces their window).
 :func:`check_block_attention` checks a model end to end before training.
 
-Not done yet: block sampling (block by block, with a KV cache of the clean blocks). The sampler
-in :mod:`elbokto.generate` calls the model on the whole canvas without the block-causal mask, so
-it does not sample a block-diffusion model correctly; the mask it needs is the clean-clean
-quadrant of :func:`block_diffusion_mask`.
+Sampling block by block, with a KV cache of the finished blocks: :mod:`elbokto.block_generate`
+(its mask is the clean-clean quadrant's, block-causal).
 """
 
 from __future__ import annotations

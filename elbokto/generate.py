@@ -16,10 +16,14 @@ masked position of the block whose confidence exceeds the threshold, so a block 
 steps than its share; the sampler moves on as soon as the block is full in every row. A step still
 commits at least the schedule's count (one per step when ``steps == gen_length``, which is
 Fast-dLLM's rule: the most confident token plus all those above the threshold).
+
+Block-diffusion models (LLaDA2.0, SDAR) are sampled by :mod:`elbokto.block_generate`, which runs
+the same steps over the model's own blocks with a KV cache.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -156,49 +160,26 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: Generat
     same tokens, but a prompt's sample depends on its batch companions when T > 0 or the remasking
     is random.
     """
-    mask_id = config.mask_token_id
-    if mask_id is None:
-        mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
-    if mask_id is None:
-        raise ValueError(f"no mask token id: set GenerationConfig.mask_token_id, or "
-                         f"{type(model).__name__}.config.mask_token_id")
-    canvas, attention_mask = _build_canvas(prompts, config.gen_length, mask_id, pad_token_id,
-                                           _device_of(model))
+    mask_id = _mask_token_id(model, config)
+    rows = _prompt_rows(prompts)
+    width = max(row.numel() for row in rows)
+    canvas, real = _build_canvas(rows, [width - row.numel() for row in rows],
+                                 width + config.gen_length, mask_id, pad_token_id,
+                                 _device_of(model))
     generator = torch.Generator(device=canvas.device).manual_seed(config.seed)
-    model_kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    model_kwargs = {} if bool(real.all()) else {"attention_mask": real.long()}
     if isinstance(model, PreTrainedModel):
         model_kwargs["use_cache"] = False  # every step is a fresh full pass: a cache is waste
-    block_steps = config.steps // config.num_blocks
-    schedule = _transfer_schedule(config.block_length, block_steps)
-    rows = torch.arange(canvas.shape[0], device=canvas.device)[:, None]
+    schedule = _schedules([config.block_length] * len(rows), config.steps // config.num_blocks)
+    # With a shift, position p reads the output at p - 1 (start >= 1: prompts are non-empty).
+    offset = int(config.shift_logits)
     for block in range(config.num_blocks):
         start = canvas.shape[1] - config.gen_length + block * config.block_length
         end = start + config.block_length
-        for num_transfer in schedule:
-            # Threshold decoding can fill a block early: then its remaining steps are skipped.
-            if config.threshold is not None and not bool((canvas[:, start:end] == mask_id).any()):
-                break
-            out = model(input_ids=canvas, **model_kwargs)
-            logits = out if isinstance(out, Tensor) else out.logits
-            # Only the current block can be committed, so only its logits are needed. With a
-            # shift, position p reads the output at p - 1 (start >= 1: prompts are non-empty).
-            offset = int(config.shift_logits)
-            logits = logits[:, start - offset:end - offset].to(canvas.device)
-            proposal, confidence = _propose(logits, config, generator)
-            block_tokens = canvas[:, start:end]
-            masked = block_tokens == mask_id
-            confidence = confidence.masked_fill(~masked, float("-inf"))
-            # Without a threshold every row has the same number of masks left in the block (all
-            # canvases start with a full mask block and commit the same counts), so one top-k
-            # serves the batch and never reaches a -inf (already committed) position.
-            chosen = confidence.topk(num_transfer, dim=1).indices
-            if config.threshold is None:
-                block_tokens[rows, chosen] = proposal.gather(1, chosen)
-            else:
-                # Rows now differ: a top-k that reaches committed positions must not rewrite them.
-                commit = torch.zeros_like(masked).scatter_(1, chosen, True) & masked
-                commit |= confidence > config.threshold
-                block_tokens[commit] = proposal[commit]
+        _fill_block(canvas[:, start:end],
+                    partial(_canvas_logits, model, canvas, model_kwargs, start - offset,
+                            end - offset),
+                    schedule, mask_id, config, generator)
     return canvas[:, -config.gen_length:]
 
 
@@ -221,33 +202,89 @@ def decode_responses(tokenizer, tokens: Tensor, eos_token_id: int | None = None)
     return texts
 
 
-def _build_canvas(prompts: Sequence[Sequence[int]], gen_length: int, mask_id: int, pad_id: int,
-                  device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """int64 [B, P + gen_length] canvases (padding, prompt, masks) and their int64 attention mask,
-    or None when no prompt is padded."""
+def _mask_token_id(model: nn.Module, config: GenerationConfig) -> int:
+    """The config's mask token id, else the model config's; ValueError when neither has one."""
+    mask_id = config.mask_token_id
+    if mask_id is None:
+        mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+    if mask_id is None:
+        raise ValueError(f"no mask token id: set GenerationConfig.mask_token_id, or "
+                         f"{type(model).__name__}.config.mask_token_id")
+    return mask_id
+
+
+def _prompt_rows(prompts: Sequence[Sequence[int]]) -> list[Tensor]:
+    """The prompts as int64 1-D CPU tensors; ValueError for no prompt or an empty one."""
     if len(prompts) == 0:
         raise ValueError("prompts is empty; expected at least one prompt")
     rows = [torch.as_tensor(p, dtype=torch.int64).reshape(-1) for p in prompts]
     for i, row in enumerate(rows):
         if row.numel() == 0:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (BOS)")
-    width = max(row.numel() for row in rows)
-    canvas = torch.full((len(rows), width + gen_length), mask_id, dtype=torch.int64)
-    canvas[:, :width] = pad_id
-    lengths = torch.tensor([row.numel() for row in rows])
-    for i, row in enumerate(rows):
-        canvas[i, width - row.numel():width] = row
-    canvas = canvas.to(device)
-    if bool((lengths == width).all()):
-        return canvas, None
-    real = torch.arange(width + gen_length) >= (width - lengths)[:, None]
-    return canvas, real.long().to(device)
+    return rows
+
+
+def _build_canvas(rows: list[Tensor], pads: Sequence[int], width: int, mask_id: int, pad_id: int,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
+    """int64 [B, width] canvases: ``pads[i]`` padding tokens, prompt i, then mask tokens; and
+    bool [B, width], True on the prompt and the masks (False on the left padding)."""
+    canvas = torch.full((len(rows), width), mask_id, dtype=torch.int64)
+    for i, (row, pad) in enumerate(zip(rows, pads)):
+        canvas[i, :pad] = pad_id
+        canvas[i, pad:pad + row.numel()] = row
+    real = torch.arange(width) >= torch.tensor(pads)[:, None]
+    return canvas.to(device), real.to(device)
+
+
+def _canvas_logits(model: nn.Module, canvas: Tensor, model_kwargs: dict, start: int,
+                   end: int) -> Tensor:
+    """The model's logits [B, end - start, V] on the whole canvas, columns [start, end)."""
+    out = model(input_ids=canvas, **model_kwargs)
+    return (out if isinstance(out, Tensor) else out.logits)[:, start:end]
 
 
 def _transfer_schedule(num_masks: int, steps: int) -> list[int]:
     """LLaDA's get_num_transfer_tokens: ``num_masks`` split over ``steps``, remainder first."""
     base, remainder = divmod(num_masks, steps)
     return [base + 1] * remainder + [base] * (steps - remainder)
+
+
+def _schedules(num_masks: Sequence[int], steps: int) -> Tensor:
+    """int64 [B, steps] on the CPU: row i's ``num_masks[i]`` split over ``steps``."""
+    return torch.tensor([_transfer_schedule(n, steps) for n in num_masks], dtype=torch.int64)
+
+
+def _fill_block(block_tokens: Tensor, block_logits: Callable[[], Tensor], schedule: Tensor,
+                mask_id: int, config: GenerationConfig, generator: torch.Generator) -> None:
+    """Runs one block's steps: commits proposals into its mask positions, in place.
+
+    Args:
+        block_tokens: int64 [B, N], the block's columns of the canvas (a view: commits land in
+            the canvas). Positions that are not ``mask_id`` are never changed.
+        block_logits: returns the model's logits [B, N, V] for the block on the current canvas.
+        schedule: int64 [B, S] on the CPU: row i commits ``schedule[i, s]`` of its masks at step
+            s (the most confident ones), and with ``config.threshold`` also every mask above it.
+        mask_id, config, generator: as in :func:`generate`.
+    """
+    for counts in schedule.unbind(1):
+        if config.threshold is not None:
+            # Threshold decoding can fill a block early: then its remaining steps are skipped.
+            if not bool((block_tokens == mask_id).any()):
+                break
+        elif not bool(counts.any()):
+            continue  # no row commits at this step (its masks were fewer than the steps)
+        proposal, confidence = _propose(block_logits().to(block_tokens.device), config,
+                                        generator)
+        masked = block_tokens == mask_id
+        confidence = confidence.masked_fill(~masked, float("-inf"))
+        # Row i keeps the first counts[i] of a top-k sorted by confidence. A top-k that reaches
+        # committed (-inf) positions, as it can with a threshold, must not rewrite them.
+        chosen = confidence.topk(int(counts.max()), dim=1).indices
+        keep = (torch.arange(chosen.shape[1]) < counts[:, None]).to(chosen.device)
+        commit = torch.zeros_like(masked).scatter_(1, chosen, keep) & masked
+        if config.threshold is not None:
+            commit |= confidence > config.threshold
+        block_tokens.copy_(torch.where(commit, proposal, block_tokens))
 
 
 def _propose(logits: Tensor, config: GenerationConfig,
