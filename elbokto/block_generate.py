@@ -32,18 +32,23 @@ batch runs one block more than ``gen_length / b`` and each row keeps its ``gen_l
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from elbokto.block import _format_mask, check_block_model
+from elbokto.block import (_format_mask, check_block_attention, check_block_model,
+                           resolve_block_size)
 from elbokto.generate import (GenerationConfig, _build_canvas, _device_of, _fill_block,
-                              _mask_token_id, _prompt_rows, _schedules)
+                              _mask_token_id, _prompt_rows, _schedules, generate)
 
-__all__ = ["block_generate", "check_block_cache"]
+__all__ = ["block_generate", "check_block_cache", "sampler_for"]
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -190,3 +195,27 @@ class _Prefix:
                              f"positions in the DynamicCache it was passed, expected {end}: its "
                              "code does not append to a transformers cache (it may keep its "
                              "own); sample it with use_cache=False")
+
+
+def sampler_for(model: nn.Module, config: GenerationConfig, block_size: int | None = None):
+    """(config, sampler) for ``model``: :func:`elbokto.generate.generate` as it is, or for a
+    block-diffusion model (``block_size``, else its config's; :func:`resolve_block_size`)
+    :func:`block_generate` over the model's own blocks, its mask handling checked as for
+    training and its KV cache used when :func:`check_block_cache` finds it exact (else the
+    cache-free computation, with a warning). The sampler is called as ``generate``."""
+    block_size = resolve_block_size(model.config, block_size)
+    if block_size is None:
+        return config, generate
+    if config.block_length not in (config.gen_length, block_size):
+        raise ValueError(f"--block_length {config.block_length} differs from the model's block "
+                         f"size {block_size}: a block-diffusion model is sampled over its own "
+                         "blocks (leave --block_length out)")
+    config = replace(config, block_length=block_size)
+    check_block_attention(model, block_size)
+    try:
+        check_block_cache(model, block_size)
+    except ValueError as err:
+        logger.warning("%s; sampling without a KV cache (same tokens, slower)", err)
+        return config, partial(block_generate, use_cache=False)
+    return config, block_generate
+

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,10 +17,10 @@ from torch.utils.data import DataLoader
 from transformers import IntervalStrategy
 
 from elbokto.block import check_block_attention, resolve_block_size
-from elbokto.block_generate import block_generate, check_block_cache
+from elbokto.block_generate import sampler_for
 from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_class_balance,
                           dataset_uids, load_source, prompt_token_ids)
-from elbokto.generate import GenerationConfig, decode_responses, generate
+from elbokto.generate import GenerationConfig, decode_responses
 from elbokto.models import (ADAPTER_CONFIG, TINY, ModelConfig, adapter_base, frozen_reference,
                             load_model, load_tokenizer, local_or_hub, prepare_policy,
                             resolve_mask_token_id, uses_shifted_logits)
@@ -222,10 +221,7 @@ def generate_text(model_cfg: ModelConfig, gen_cfg: GenerationConfig, args: Gener
     if gen_cfg.mask_token_id is None:
         gen_cfg.mask_token_id = model.config.mask_token_id
     gen_cfg.shift_logits = gen_cfg.shift_logits or uses_shifted_logits(model.config)
-    sampler = generate
-    block_size = resolve_block_size(model.config, args.block_size)
-    if block_size is not None:
-        gen_cfg, sampler = _block_sampler(model, gen_cfg, block_size)
+    gen_cfg, sampler = sampler_for(model, gen_cfg, args.block_size)
     texts = []
     for start in range(0, len(prompts), args.batch_size):
         ids = prompt_token_ids(tokenizer, [[{"role": "user", "content": p}]
@@ -233,23 +229,6 @@ def generate_text(model_cfg: ModelConfig, gen_cfg: GenerationConfig, args: Gener
         tokens = sampler(model, ids, gen_cfg, pad_token_id=tokenizer.pad_token_id or 0)
         texts += decode_responses(tokenizer, tokens)
     return list(zip(prompts, texts))
-
-
-def _block_sampler(model, gen_cfg: GenerationConfig, block_size: int):
-    """The config and sampler for a block-diffusion model: its blocks are the sampler's, its mask
-    handling is checked as for training, and its KV cache is used when it is exact."""
-    if gen_cfg.block_length not in (gen_cfg.gen_length, block_size):
-        raise ValueError(f"--block_length {gen_cfg.block_length} differs from the model's block "
-                         f"size {block_size}: a block-diffusion model is sampled over its own "
-                         "blocks (leave --block_length out)")
-    gen_cfg = replace(gen_cfg, block_length=block_size)
-    check_block_attention(model, block_size)
-    try:
-        check_block_cache(model, block_size)
-    except ValueError as err:
-        logger.warning("%s; sampling without a KV cache (same tokens, slower)", err)
-        return gen_cfg, partial(block_generate, use_cache=False)
-    return gen_cfg, block_generate
 
 
 @dataclass

@@ -10,20 +10,16 @@ import pytest
 import torch
 
 from elbokto.block_generate import block_generate
-from elbokto.demo import (DESIRABLE, DemoConfig, Encoder, build_model, classify, kto_rows,
+from elbokto.demo import (DESIRABLE, Encoder, build_model, classify, kto_rows,
                           sample_prompts, train_kto, train_sft)
 from elbokto.draws import MCConfig
 from elbokto.generate import GenerationConfig, decode_responses
+from tiny_models import small_demo_config
 
-# Three letters: prompts of 6 tokens and answers of 4, in blocks of 2. 600 SFT steps give the
-# demo's 50/50 base (after 300, most samples were malformed); at kto_lr 1e-3 the samples
-# collapsed into malformed ones, block ELBO or not.
+# Three letters: prompts of 6 tokens and answers of 4, in blocks of 2.
 BLOCK = 2
-CONFIG = DemoConfig(min_letters=3, max_letters=3, hidden_size=32, intermediate_size=64,
-                    num_heads=2, sft_steps=600, sft_batch_size=32, sft_lr=3e-3,
-                    sft_mc=MCConfig(n_t=1, block_size=BLOCK),
-                    mc=MCConfig(n_t=4, block_size=BLOCK), kto_examples=128, kto_batch_size=32,
-                    kto_epochs=2, kto_lr=4e-4, eval_prompts=200, eval_checkpoints=0)
+CONFIG = small_demo_config(sft_mc=MCConfig(n_t=1, block_size=BLOCK),
+                           mc=MCConfig(n_t=4, block_size=BLOCK))
 
 
 def rates(model, encoder, prompts) -> Counter:

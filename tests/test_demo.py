@@ -6,16 +6,8 @@ import json
 import pytest
 
 from elbokto.cli import main
-from elbokto.demo import DESIRABLE, OTHER, UNDESIRABLE, DemoConfig, classify, run_demo
-from elbokto.draws import MCConfig
-
-# Three-letter strings, a model of width 32: minutes on 2 cores, and ELBO-KTO has room to move
-# the SFT model's ~50/50 styles.
-SMALL = DemoConfig(min_letters=3, max_letters=3, hidden_size=32, intermediate_size=64,
-                   num_heads=2, sft_steps=300, sft_batch_size=32, sft_lr=3e-3,
-                   mc=MCConfig(n_t=4), kto_examples=128, kto_batch_size=32, kto_epochs=2,
-                   kto_lr=1e-3, eval_prompts=200, eval_checkpoints=0, psi_batch_size=16,
-                   psi_redraws=2)
+from elbokto.demo import DESIRABLE, OTHER, UNDESIRABLE, classify, run_demo
+from tiny_models import small_demo_config
 
 
 def test_quick_demo_writes_summary_and_plot(tmp_path):
@@ -52,7 +44,7 @@ def test_seeds_and_filter_eps(tmp_path):
 def test_alignment_moves_the_desirable_rate(tmp_path):
     """SFT leaves both styles; ELBO-KTO on unpaired feedback raises the desirable rate by 20
     points and more, and the rule judge prefers the aligned model."""
-    summary = run_demo(str(tmp_path), config=SMALL)
+    summary = run_demo(str(tmp_path), config=small_demo_config(psi_batch_size=16, psi_redraws=2))
     base, aligned = summary["base_desirable_rate"], summary["aligned_desirable_rate"]
     assert 0.2 <= base <= 0.8, summary["base_rates"]
     assert aligned - base >= 0.2, (summary["base_rates"], summary["aligned_rates"])

@@ -63,3 +63,18 @@ class NextTokenLogits(nn.Module):
     def forward(self, input_ids, attention_mask=None):
         logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
         return torch.cat([logits[:, 1:], logits[:, -1:]], dim=1)
+
+
+def small_demo_config(**changes):
+    """The demo's task at a size where alignment shows within minutes on 2 cores: three-letter
+    strings, a model of width 32. 600 SFT steps give a ~50/50 base (after 300 most samples were
+    malformed); at kto_lr 1e-3 the samples collapsed into malformed ones."""
+    from elbokto.demo import DemoConfig
+    from elbokto.draws import MCConfig
+
+    small = dict(min_letters=3, max_letters=3, hidden_size=32, intermediate_size=64, num_heads=2,
+                 sft_steps=600, sft_batch_size=32, sft_lr=3e-3, mc=MCConfig(n_t=4),
+                 kto_examples=128, kto_batch_size=32, kto_epochs=2, kto_lr=4e-4,
+                 eval_prompts=200, eval_checkpoints=0)
+    return DemoConfig(**{**small, **changes})
+

@@ -18,7 +18,8 @@ Registered with lm-eval (>= 0.4.13) when :mod:`elbokto.eval` is imported, so
 - ``loglikelihood_rolling(text)``: the ELBO of the whole text after the prefix token, in disjoint
   windows of at most ``max_length`` tokens (each window conditioned on the tokens before it).
 - ``generate_until``: :func:`elbokto.generate` (semi-autoregressive blocks, optionally
-  confidence-threshold parallel decoding), at most ``max_gen_toks`` tokens, cut at EOS and at the
+  confidence-threshold parallel decoding; :func:`elbokto.block_generate` over the model's own
+  blocks for a block-diffusion model), at most ``max_gen_toks`` tokens, cut at EOS and at the
   first ``until`` string; greedy unless the task asks ``do_sample`` with a temperature.
 - ``cfg_scale`` > 0: classifier-free guidance for the likelihoods (LLaDA's): logits =
   u + (cfg_scale + 1)(c - u), u with the context masked. It needs the full logits of the copies
@@ -49,7 +50,8 @@ from tqdm.auto import tqdm
 
 from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
-from elbokto.generate import GenerationConfig, decode_responses, generate
+from elbokto.block_generate import sampler_for
+from elbokto.generate import GenerationConfig, decode_responses
 from elbokto.models import ModelConfig, load_model, load_tokenizer, resolve_mask_token_id, \
     uses_shifted_logits
 
@@ -342,7 +344,8 @@ class DiffusionLM(TemplateLM):
             until = handle_stop_sequences(kwargs.get("until"), self._eos_text())
             temperature = (kwargs.get("temperature", 0.0) if kwargs.get("do_sample")
                            else self.sampler.temperature)
-            config = self._sampler_config(kwargs["max_gen_toks"], temperature)
+            config, sampler = sampler_for(self.model,
+                                          self._sampler_config(kwargs["max_gen_toks"], temperature))
             budget = self.max_length - config.gen_length
             contexts = {i: (self.tok_encode(requests[i].args[0],
                                             left_truncate_len=budget) or [self.prefix_token_id])
@@ -350,8 +353,8 @@ class DiffusionLM(TemplateLM):
             ordered = sorted(indices, key=lambda i: -len(contexts[i]))
             for start in range(0, len(ordered), self.batch_size):
                 batch = ordered[start:start + self.batch_size]
-                tokens = generate(self.model, [contexts[i] for i in batch], config,
-                                  pad_token_id=self.tokenizer.pad_token_id or 0)
+                tokens = sampler(self.model, [contexts[i] for i in batch], config,
+                                 pad_token_id=self.tokenizer.pad_token_id or 0)
                 texts = decode_responses(self.tokenizer, tokens[:, :kwargs["max_gen_toks"]])
                 for i, text in zip(batch, texts):
                     results[i] = postprocess_generated_text(text, until, None)

@@ -8,7 +8,8 @@ as ``role: content`` paragraphs.
 
 A response source is a JSONL file of ``{"prompt": ..., "response": ...}`` lines (what
 ``elbokto generate`` prints), or a model (hub name or folder): its responses are sampled through
-the model's chat template with :func:`elbokto.generate` and appended to
+the model's chat template with :func:`elbokto.generate` (:func:`elbokto.block_generate` for a
+block-diffusion model) and appended to
 ``<output_dir>/responses_<name>.jsonl`` batch by batch, each line tagged with a fingerprint of the
 model and the sampler settings, so that a repeated or interrupted run samples only what is missing.
 """
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 
 from elbokto.data import load_source, prompt_token_ids, unpair
-from elbokto.generate import GenerationConfig, decode_responses, generate
+from elbokto.block_generate import sampler_for
+from elbokto.generate import GenerationConfig, decode_responses
 from elbokto.models import ModelConfig, load_model, load_tokenizer, uses_shifted_logits
 
 logger = logging.getLogger(__name__)
@@ -154,6 +156,7 @@ def _sample_into(path: Path, source: str, prompts: list[Prompt], fingerprint: st
                                               if gen_cfg.mask_token_id is not None
                                               else model.config.mask_token_id),
                       shift_logits=gen_cfg.shift_logits or uses_shifted_logits(model.config))
+    gen_cfg, sampler = sampler_for(model, gen_cfg)
     ids = prompt_token_ids(tokenizer, [p.chat() for p in prompts])
     # Similar lengths in one batch: less left padding to run through the model.
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
@@ -161,7 +164,7 @@ def _sample_into(path: Path, source: str, prompts: list[Prompt], fingerprint: st
     path.parent.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        tokens = generate(model, [ids[i] for i in batch], gen_cfg, pad_token_id=pad or 0)
+        tokens = sampler(model, [ids[i] for i in batch], gen_cfg, pad_token_id=pad or 0)
         texts = decode_responses(tokenizer, tokens)
         with path.open("a") as f:
             for i, text in zip(batch, texts):
