@@ -132,6 +132,15 @@ def test_generate_until_is_the_sampler_cut_at_until(lm):
     assert text == decode_responses(lm.tokenizer, tokens)[0].split(".")[0]
 
 
+def test_likelihoods_of_a_block_model_are_refused_not_misscored(lm, monkeypatch):
+    """A block-diffusion model's ELBO is not the plain one: scoring it as such would be wrong."""
+    from elbokto.eval import harness
+
+    monkeypatch.setattr(harness, "resolve_block_size", lambda config, block_size: 4)
+    with pytest.raises(NotImplementedError, match="block-diffusion model"):
+        lm.loglikelihood([loglikelihood_request("Reverse abc:", " cba")])
+
+
 def test_a_model_without_a_mask_token_is_refused(tmp_path):
     folder = save_tiny_model(tmp_path / "nomask", mask=False)
     with pytest.raises(ValueError, match="no mask token id"):

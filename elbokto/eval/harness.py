@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
+from elbokto.block import resolve_block_size
 from elbokto.block_generate import sampler_for
 from elbokto.generate import GenerationConfig, decode_responses
 from elbokto.models import ModelConfig, load_model, load_tokenizer, resolve_mask_token_id, \
@@ -251,6 +252,13 @@ class DiffusionLM(TemplateLM):
 
         Pairs are taken longest first and their copies cut into forwards of ``mc_batch_size``
         copies (a forward may hold the copies of several pairs, right-padded)."""
+        if resolve_block_size(self.model.config, None) is not None:
+            # Its ELBO needs the per-block draws and [x_t ; x_0] forward of training; scoring it
+            # like a plain masked diffusion model would give a silently wrong likelihood.
+            raise NotImplementedError(
+                f"{type(self.model).__name__} is a block-diffusion model: the lm-eval model "
+                "scores likelihoods of plain masked diffusion models only (generate_until "
+                "tasks work, block by block)")
         order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
         draws = {}
         copies = [(i, k) for i in order for k in range(self.mc.num_copies)]
