@@ -46,7 +46,7 @@ from elbokto.models import build_tiny_model
 from elbokto.objective import ELBOKTOObjective
 from elbokto.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
 
-__all__ = ["DemoConfig", "classify", "run_demo", "run_seeds"]
+__all__ = ["DemoConfig", "classify", "run_demo", "run_seeds", "write_ablations"]
 
 logger = logging.getLogger(__name__)
 
@@ -409,28 +409,63 @@ def run_seeds(output_dir: str, seeds: list[int], ablate: bool = False, quick: bo
               config: DemoConfig | None = None) -> dict:
     """:func:`run_demo` once per seed; with more than one seed, each writes under
     ``output_dir/seed<k>`` and ``output_dir/seeds.json`` gathers the base and aligned desirable
-    rates per seed with their mean, standard deviation, minimum and maximum.
+    rates per seed with their spread (:func:`spread`). With ``ablate``,
+    ``output_dir/ablations.json`` and ``ablations.png`` gather the ablations of every seed
+    (:func:`write_ablations`).
 
     Returns the summary of the single seed, or the content of ``seeds.json``."""
     config = config or DemoConfig()
-    if len(seeds) == 1:
-        return run_demo(output_dir, ablate, quick, replace(config, seed=seeds[0]))
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {seeds}: each seed once")
-    runs = {seed: run_demo(str(Path(output_dir) / f"seed{seed}"), ablate, quick,
-                           replace(config, seed=seed)) for seed in seeds}
-    result = {"seeds": {seed: {"base": r["base_desirable_rate"],
-                               "aligned": r["aligned_desirable_rate"]} for seed, r in runs.items()},
-              "filter_eps": config.filter_eps, "quick": quick}
-    for key in ("base", "aligned"):
-        rates = np.array([r[key] for r in result["seeds"].values()])
-        result[key] = {"mean": rates.mean(), "std": rates.std(ddof=1), "min": rates.min(),
-                       "max": rates.max()}
-    (Path(output_dir) / "seeds.json").write_text(json.dumps(result, indent=1))
-    logger.info("seeds %s: aligned desirable rate %.3f +- %.3f (min %.3f, max %.3f), base %.3f",
-                seeds, *(result["aligned"][k] for k in ("mean", "std", "min", "max")),
-                result["base"]["mean"])
+    out = Path(output_dir)
+    if len(seeds) == 1:
+        runs = {seeds[0]: run_demo(output_dir, ablate, quick, replace(config, seed=seeds[0]))}
+        result = runs[seeds[0]]
+    else:
+        runs = {seed: run_demo(str(out / f"seed{seed}"), ablate, quick, replace(config, seed=seed))
+                for seed in seeds}
+        result = {"seeds": {seed: {"base": r["base_desirable_rate"],
+                                   "aligned": r["aligned_desirable_rate"]}
+                            for seed, r in runs.items()},
+                  "filter_eps": config.filter_eps, "quick": quick}
+        for key in ("base", "aligned"):
+            result[key] = spread([r[key] for r in result["seeds"].values()])
+        (out / "seeds.json").write_text(json.dumps(result, indent=1))
+        logger.info("seeds %s: aligned desirable rate %.3f +- %.3f (min %.3f, max %.3f), base "
+                    "%.3f", seeds, *(result["aligned"][k] for k in ("mean", "std", "min", "max")),
+                    result["base"]["mean"])
+    if ablate:
+        write_ablations(out, {seed: r["ablations"] for seed, r in runs.items()})
     return result
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), minimum and maximum."""
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max())}
+
+
+# What ablations.json summarises over the seeds, per setting.
+ABLATION_FIGURES = ("desirable_rate", "undesirable_rate", "other_rate", "psi", "v", "c",
+                    "kto_seconds")
+
+
+def write_ablations(out: Path, per_seed: dict[int, dict]) -> dict:
+    """``out/ablations.json``: per setting, each seed's results (:func:`run_ablations`) and the
+    spread of each of ``ABLATION_FIGURES`` over the seeds; ``out/ablations.png``: the rates of
+    every setting, seed by seed, with their mean and standard deviation. Returns the JSON."""
+    settings = list(next(iter(per_seed.values())))
+    table = {"seeds": list(per_seed),
+             "settings": {name: {"per_seed": {seed: results[name]
+                                              for seed, results in per_seed.items()},
+                                 **{key: spread([results[name][key]
+                                                 for results in per_seed.values()])
+                                    for key in ABLATION_FIGURES}}
+                          for name in settings}}
+    (out / "ablations.json").write_text(json.dumps(table, indent=1))
+    plot_ablations(table, out / "ablations.png")
+    return table
 
 
 def _psi_examples(config: DemoConfig, prompts: list[str]) -> tuple[list[str], list[bool]]:
@@ -458,8 +493,9 @@ def run_ablations(config: DemoConfig, encoder: Encoder, sft_state: dict, referen
     """Each variant: KTO from the same SFT weights, its desirable rate, and the Psi(S) of its MC
     setting measured on one fixed policy (the main run's aligned model) and batch, so that the
     Psi column compares estimators, not training outcomes."""
-    results = {"default": {"desirable_rate": main["aligned_desirable_rate"],
-                           "kto_seconds": main["kto_seconds"], **main["psi"]}}
+    results = {"default": {**_class_rates(main["aligned_rates"]),
+                           "kto_seconds": main["kto_seconds"],
+                           "kto_examples": sum(main["kto_examples"].values()), **main["psi"]}}
     for name, change in ABLATIONS.items():
         variant = change(config)
         variant_rows = kto_rows(encoder, variant, train_prompts)
@@ -468,12 +504,17 @@ def run_ablations(config: DemoConfig, encoder: Encoder, sft_state: dict, referen
         tick = time.perf_counter()
         train_kto(policy, reference, encoder, variant_rows, replace(variant, eval_checkpoints=0))
         seconds = time.perf_counter() - tick
-        rates = evaluate(policy, encoder, eval_prompts, variant)
-        results[name] = {"desirable_rate": rates[DESIRABLE], "kto_seconds": seconds,
-                         "kto_examples": len(variant_rows),
+        results[name] = {**_class_rates(evaluate(policy, encoder, eval_prompts, variant)),
+                         "kto_seconds": seconds, "kto_examples": len(variant_rows),
                          **psi(aligned, reference, psi_batch, variant)}
         logger.info("ablation %s: %s", name, results[name])
     return results
+
+
+def _class_rates(rates: dict) -> dict:
+    """The rates of :func:`evaluate` under the names ablations.json uses."""
+    return {"desirable_rate": rates[DESIRABLE], "undesirable_rate": rates[UNDESIRABLE],
+            "other_rate": rates[OTHER]}
 
 
 def _rates(rates: dict) -> str:
@@ -512,6 +553,40 @@ def plot_curves(summary: dict, path: Path) -> bool:
     axes[3].set_ylim(0, 1)
     axes[3].set_title("desirable (reverse) rate", fontsize=10)
     axes[3].set_xlabel("KTO step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_ablations(table: dict, path: Path) -> bool:
+    """Desirable, undesirable and malformed rates of every setting of ``table``
+    (:func:`write_ablations`): one dot per seed, the mean with one standard deviation.
+
+    Returns False (and writes nothing) when matplotlib is not importable."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot")
+        return False
+    names = list(table["settings"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(names) + 1.5), sharey=True)
+    for ax, (key, title) in zip(axes, [("desirable_rate", "desirable (reverse) rate"),
+                                       ("undesirable_rate", "undesirable (copy) rate"),
+                                       ("other_rate", "malformed rate")]):
+        for y, name in enumerate(names):
+            entry = table["settings"][name]
+            seeds = [r[key] for r in entry["per_seed"].values()]
+            ax.plot(seeds, [y] * len(seeds), "o", color="0.6", ms=4)
+            ax.errorbar(entry[key]["mean"], y, xerr=entry[key]["std"], fmt="D", color="C0",
+                        capsize=3)
+        ax.set_title(f"{title}, seeds {table['seeds']}", fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

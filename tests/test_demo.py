@@ -6,7 +6,8 @@ import json
 import pytest
 
 from elbokto.cli import main
-from elbokto.demo import DESIRABLE, OTHER, UNDESIRABLE, classify, run_demo
+from elbokto.demo import (ABLATION_FIGURES, ABLATIONS, DESIRABLE, OTHER, UNDESIRABLE, classify,
+                          run_demo)
 from tiny_models import small_demo_config
 
 
@@ -38,6 +39,31 @@ def test_seeds_and_filter_eps(tmp_path):
     assert seeds["aligned"]["min"] == min(rates) and seeds["aligned"]["max"] == max(rates)
     assert seeds["filter_eps"] == 2.0 ** -12
     assert main(["demo", "--quick", "--seeds", "1", "1", "--output_dir", str(tmp_path)]) == 2
+
+
+def test_ablations_over_seeds(tmp_path):
+    """--ablate --seeds: every setting for every seed, gathered in ablations.json with the spread
+    over the seeds, and plotted."""
+    assert main(["demo", "--quick", "--ablate", "--seeds", "0", "1",
+                 "--output_dir", str(tmp_path)]) == 0
+    table = json.loads((tmp_path / "ablations.json").read_text())
+    assert table["seeds"] == [0, 1]
+    assert list(table["settings"]) == ["default", *ABLATIONS]
+    for name, entry in table["settings"].items():
+        runs = [json.loads((tmp_path / f"seed{s}" / "summary.json").read_text())["ablations"][name]
+                for s in (0, 1)]
+        assert list(entry["per_seed"].values()) == runs
+        for r in runs:
+            assert r["desirable_rate"] + r["undesirable_rate"] + r["other_rate"] == \
+                pytest.approx(1.0)
+        for key in ABLATION_FIGURES:
+            values = [r[key] for r in runs]
+            assert entry[key]["mean"] == pytest.approx(sum(values) / 2)
+            assert entry[key]["min"] == min(values) and entry[key]["max"] == max(values)
+    default = table["settings"]["default"]["per_seed"]["0"]
+    summary = json.loads((tmp_path / "seed0" / "summary.json").read_text())
+    assert default["desirable_rate"] == summary["aligned_desirable_rate"]
+    assert (tmp_path / "ablations.png").stat().st_size > 0
 
 
 @pytest.mark.slow
