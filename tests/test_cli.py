@@ -85,6 +85,8 @@ ONE = {"prompt": "q", "completion": "a", "label": True}
     (["train", "--dataset", "{data}", "--end_of_turn_token_id", "100000"], "end_of_turn_token_id"),
     (["train", "--dataset", "{data}", "--mask_token_id", "100000"], "--mask_token_id 100000"),
     (["train", "--dataset", "{data}", "--kernel_backend", "cuda"], "backend"),
+    (["train", "--dataset", "{data}", "--filter_eps", "2**x"], "--filter_eps '2**x'"),
+    (["train", "--dataset", "{data}", "--block_size", "0"], "block_size=0"),
     (["train", "--dataset", "{data}", "--ref_elbo_file", "{garbage}"], "not a reference ELBO"),
     (["train", "--dataset", "{data}", "--ref_elbo_file", "{empty}"], "not a reference ELBO"),
     (["train", "--dataset", "{data}", "--ref_elbo_file", "{tmp}/nope.pt"], "does not exist"),
