@@ -146,10 +146,10 @@ def block_model_inputs(noisy: Tensor, clean: Tensor, block_size: int,
     position_ids = torch.arange(seq_len, device=noisy.device).repeat(2)
     return {"input_ids": torch.cat([noisy, clean], dim=1),
             "position_ids": position_ids.expand(num_copies, -1),
-            "attention_mask": _format_mask(allowed, attn_implementation, dtype)}
+            "attention_mask": format_mask(allowed, attn_implementation, dtype)}
 
 
-def _format_mask(allowed: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
+def format_mask(allowed: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
     """bool [N, Q, K] -> the 4D [N, 1, Q, K] mask that ``attn_implementation`` adds or applies."""
     if attn_implementation == "sdpa":
         return allowed[:, None]
@@ -182,7 +182,7 @@ def check_block_attention(model: nn.Module, block_size: int) -> None:
     seq_len = 2 * block_size
     causal = block_diffusion_mask(seq_len, block_size, device)[seq_len:, seq_len:][None]
     per_block = model(input_ids=torch.cat([clean[:, :block_size], noisy[:, block_size:]], 1),
-                      attention_mask=_format_mask(causal, implementation, dtype),
+                      attention_mask=format_mask(causal, implementation, dtype),
                       position_ids=torch.arange(seq_len, device=device)[None],
                       use_cache=False).logits[0, block_size:].float()
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2

@@ -41,10 +41,10 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from elbokto.block import (_format_mask, check_block_attention, check_block_model,
+from elbokto.block import (check_block_attention, check_block_model, format_mask,
                            resolve_block_size)
-from elbokto.generate import (GenerationConfig, _build_canvas, _device_of, _fill_block,
-                              _mask_token_id, _prompt_rows, _schedules, generate)
+from elbokto.generate import (GenerationConfig, build_canvas, device_of, fill_block, generate,
+                              prompt_rows, sampler_mask_id, schedules)
 
 __all__ = ["block_generate", "check_block_cache", "sampler_for"]
 
@@ -80,14 +80,14 @@ def block_generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: G
     if config.shift_logits:
         raise ValueError("shift_logits=True: block-diffusion models score each position at its "
                          "own output; a shifted head is not supported by the block sampler")
-    mask_id = _mask_token_id(model, config)
+    mask_id = sampler_mask_id(model, config)
     size = config.block_length
-    rows = _prompt_rows(prompts)
+    rows = prompt_rows(prompts)
     first = max(row.numel() // size for row in rows)  # F, the first response block
     tails = [row.numel() % size for row in rows]
     num_blocks = -(-(first * size + max(tails) + config.gen_length) // size)
-    canvas, real = _build_canvas(rows, [(first - row.numel() // size) * size for row in rows],
-                                 num_blocks * size, mask_id, pad_token_id, _device_of(model))
+    canvas, real = build_canvas(rows, [(first - row.numel() // size) * size for row in rows],
+                                 num_blocks * size, mask_id, pad_token_id, device_of(model))
     generator = torch.Generator(device=canvas.device).manual_seed(config.seed)
     prefix = _Prefix(model, canvas, real, size, use_cache)
     prefix.extend(first * size)
@@ -95,8 +95,8 @@ def block_generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: G
     for block in range(first, num_blocks):
         start, end = block * size, (block + 1) * size
         masks = [size - tail for tail in tails] if block == first else [size] * len(rows)
-        _fill_block(canvas[:, start:end], partial(prefix.logits, start, end),
-                    _schedules(masks, steps), mask_id, config, generator)
+        fill_block(canvas[:, start:end], partial(prefix.logits, start, end),
+                    schedules(masks, steps), mask_id, config, generator)
         if block + 1 < num_blocks:
             prefix.extend(end)
     columns = torch.tensor([first * size + tail for tail in tails])[:, None] + torch.arange(
@@ -185,7 +185,7 @@ class _Prefix:
             extra[self.cache_argument] = self.cache
         out = self.model(input_ids=self.canvas[:, start:end],
                          position_ids=self.positions[:, start:end],
-                         attention_mask=_format_mask(allowed, self.implementation, self.dtype),
+                         attention_mask=format_mask(allowed, self.implementation, self.dtype),
                          use_cache=self.cache is not None, **extra)
         return out.logits[:, -keep:]
 

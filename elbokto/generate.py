@@ -160,23 +160,23 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: Generat
     same tokens, but a prompt's sample depends on its batch companions when T > 0 or the remasking
     is random.
     """
-    mask_id = _mask_token_id(model, config)
-    rows = _prompt_rows(prompts)
+    mask_id = sampler_mask_id(model, config)
+    rows = prompt_rows(prompts)
     width = max(row.numel() for row in rows)
-    canvas, real = _build_canvas(rows, [width - row.numel() for row in rows],
+    canvas, real = build_canvas(rows, [width - row.numel() for row in rows],
                                  width + config.gen_length, mask_id, pad_token_id,
-                                 _device_of(model))
+                                 device_of(model))
     generator = torch.Generator(device=canvas.device).manual_seed(config.seed)
     model_kwargs = {} if bool(real.all()) else {"attention_mask": real.long()}
     if isinstance(model, PreTrainedModel):
         model_kwargs["use_cache"] = False  # every step is a fresh full pass: a cache is waste
-    schedule = _schedules([config.block_length] * len(rows), config.steps // config.num_blocks)
+    schedule = schedules([config.block_length] * len(rows), config.steps // config.num_blocks)
     # With a shift, position p reads the output at p - 1 (start >= 1: prompts are non-empty).
     offset = int(config.shift_logits)
     for block in range(config.num_blocks):
         start = canvas.shape[1] - config.gen_length + block * config.block_length
         end = start + config.block_length
-        _fill_block(canvas[:, start:end],
+        fill_block(canvas[:, start:end],
                     partial(_canvas_logits, model, canvas, model_kwargs, start - offset,
                             end - offset),
                     schedule, mask_id, config, generator)
@@ -202,7 +202,7 @@ def decode_responses(tokenizer, tokens: Tensor, eos_token_id: int | None = None)
     return texts
 
 
-def _mask_token_id(model: nn.Module, config: GenerationConfig) -> int:
+def sampler_mask_id(model: nn.Module, config: GenerationConfig) -> int:
     """The config's mask token id, else the model config's; ValueError when neither has one."""
     mask_id = config.mask_token_id
     if mask_id is None:
@@ -213,7 +213,7 @@ def _mask_token_id(model: nn.Module, config: GenerationConfig) -> int:
     return mask_id
 
 
-def _prompt_rows(prompts: Sequence[Sequence[int]]) -> list[Tensor]:
+def prompt_rows(prompts: Sequence[Sequence[int]]) -> list[Tensor]:
     """The prompts as int64 1-D CPU tensors; ValueError for no prompt or an empty one."""
     if len(prompts) == 0:
         raise ValueError("prompts is empty; expected at least one prompt")
@@ -224,7 +224,7 @@ def _prompt_rows(prompts: Sequence[Sequence[int]]) -> list[Tensor]:
     return rows
 
 
-def _build_canvas(rows: list[Tensor], pads: Sequence[int], width: int, mask_id: int, pad_id: int,
+def build_canvas(rows: list[Tensor], pads: Sequence[int], width: int, mask_id: int, pad_id: int,
                   device: torch.device) -> tuple[Tensor, Tensor]:
     """int64 [B, width] canvases: ``pads[i]`` padding tokens, prompt i, then mask tokens; and
     bool [B, width], True on the prompt and the masks (False on the left padding)."""
@@ -249,12 +249,12 @@ def _transfer_schedule(num_masks: int, steps: int) -> list[int]:
     return [base + 1] * remainder + [base] * (steps - remainder)
 
 
-def _schedules(num_masks: Sequence[int], steps: int) -> Tensor:
+def schedules(num_masks: Sequence[int], steps: int) -> Tensor:
     """int64 [B, steps] on the CPU: row i's ``num_masks[i]`` split over ``steps``."""
     return torch.tensor([_transfer_schedule(n, steps) for n in num_masks], dtype=torch.int64)
 
 
-def _fill_block(block_tokens: Tensor, block_logits: Callable[[], Tensor], schedule: Tensor,
+def fill_block(block_tokens: Tensor, block_logits: Callable[[], Tensor], schedule: Tensor,
                 mask_id: int, config: GenerationConfig, generator: torch.Generator) -> None:
     """Runs one block's steps: commits proposals into its mask positions, in place.
 
@@ -306,6 +306,6 @@ def _propose(logits: Tensor, config: GenerationConfig,
     return proposal, confidence
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return torch.device("cpu") if param is None else param.device
