@@ -257,9 +257,10 @@ def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: l
     The draws of step s use ``step=s``. With ``crn=False`` the reference scores independent
     noisy copies (see :class:`ELBOKTOObjective`).
 
-    Returns per-step ``loss`` and ``margins`` (rewards/chosen - rewards/rejected, i.e.
-    beta * (mean r over desirable - mean r over undesirable)), and ``checkpoints``:
-    [step, desirable rate] pairs from ``evaluate_fn``.
+    Returns per-step ``loss``, ``margins`` (rewards/chosen - rewards/rejected, i.e.
+    beta * (mean r over desirable - mean r over undesirable)) and ``saturated`` (the share of the
+    batch's examples in the flat tails of the value function, ``saturated_fraction``), and
+    ``checkpoints``: [step, desirable rate] pairs from ``evaluate_fn``.
     """
     objective = kto_objective(config)
     order_rng = np.random.default_rng([config.seed, 2])
@@ -267,7 +268,7 @@ def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: l
                for rows_idx in _batches(order_rng.permutation(len(rows)), config.kto_batch_size)]
     optimizer, schedule = _optimizer(policy, config.kto_lr, len(batches), warmup=0.1)
     every = len(batches) // config.eval_checkpoints if config.eval_checkpoints else 0
-    history: dict = {"loss": [], "margins": [], "checkpoints": []}
+    history: dict = {"loss": [], "margins": [], "saturated": [], "checkpoints": []}
     policy.train()
     for step, index in enumerate(batches):
         batch = encoder.batch([rows[i] for i in index])
@@ -278,6 +279,7 @@ def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: l
         schedule.step()
         history["loss"].append(out.loss.item())
         history["margins"].append(out.metrics["rewards/margins"].item())
+        history["saturated"].append(out.metrics["saturated_fraction"].item())
         if evaluate_fn is not None and every and (step + 1) % every == 0 \
                 and step + 1 < len(batches):
             policy.eval()
@@ -448,7 +450,7 @@ def spread(values: list[float]) -> dict:
 
 # What ablations.json summarises over the seeds, per setting.
 ABLATION_FIGURES = ("desirable_rate", "undesirable_rate", "other_rate", "psi", "v", "c",
-                    "kto_seconds")
+                    "late_saturation", "kto_seconds")
 
 
 def write_ablations(out: Path, per_seed: dict[int, dict]) -> dict:
@@ -495,20 +497,30 @@ def run_ablations(config: DemoConfig, encoder: Encoder, sft_state: dict, referen
     Psi column compares estimators, not training outcomes."""
     results = {"default": {**_class_rates(main["aligned_rates"]),
                            "kto_seconds": main["kto_seconds"],
-                           "kto_examples": sum(main["kto_examples"].values()), **main["psi"]}}
+                           "kto_examples": sum(main["kto_examples"].values()),
+                           "late_saturation": _late_saturation(main["curves"]), **main["psi"]}}
     for name, change in ABLATIONS.items():
         variant = change(config)
         variant_rows = kto_rows(encoder, variant, train_prompts)
         policy = build_model(variant, encoder.tokenizer)
         policy.load_state_dict(sft_state)
         tick = time.perf_counter()
-        train_kto(policy, reference, encoder, variant_rows, replace(variant, eval_checkpoints=0))
+        history = train_kto(policy, reference, encoder, variant_rows,
+                            replace(variant, eval_checkpoints=0))
         seconds = time.perf_counter() - tick
         results[name] = {**_class_rates(evaluate(policy, encoder, eval_prompts, variant)),
                          "kto_seconds": seconds, "kto_examples": len(variant_rows),
+                         "late_saturation": _late_saturation(history),
                          **psi(aligned, reference, psi_batch, variant)}
         logger.info("ablation %s: %s", name, results[name])
     return results
+
+
+def _late_saturation(history: dict) -> float:
+    """Mean share of saturated examples over the last quarter of the KTO steps: how much of the
+    batch still drives the gradient once training has run."""
+    late = history["saturated"][-max(1, len(history["saturated"]) // 4):]
+    return float(np.mean(late))
 
 
 def _class_rates(rates: dict) -> dict:
