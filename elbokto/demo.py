@@ -539,16 +539,24 @@ def _jsonable(config: DemoConfig) -> dict:
 
 # --- plot -----------------------------------------------------------------------------------------
 
-def plot_curves(summary: dict, path: Path) -> bool:
-    """SFT loss, KTO loss, reward margins and the desirable rate at checkpoints, as one PNG.
-
-    Returns False (and writes nothing) when matplotlib is not importable."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a warning) without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         logger.warning("matplotlib is not installed: no plot")
+        return None
+    return plt
+
+
+def plot_curves(summary: dict, path: Path) -> bool:
+    """SFT loss, KTO loss, reward margins and the desirable rate at checkpoints, as one PNG.
+
+    Returns False (and writes nothing) when matplotlib is not importable."""
+    plt = _pyplot()
+    if plt is None:
         return False
     curves = summary["curves"]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
@@ -576,12 +584,8 @@ def plot_ablations(table: dict, path: Path) -> bool:
     (:func:`write_ablations`): one dot per seed, the mean with one standard deviation.
 
     Returns False (and writes nothing) when matplotlib is not importable."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot")
+    plt = _pyplot()
+    if plt is None:
         return False
     names = list(table["settings"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(names) + 1.5), sharey=True)
