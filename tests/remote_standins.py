@@ -19,11 +19,64 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from string import Template
 
 import torch
 from safetensors.torch import save_file
 
 VOCAB, WIDTH, HEADS, THETA = 32, 8, 2, 10000.0
+
+# What Dream and LLaDA-MoE share, as their published code does (both derive from transformers 4's
+# Qwen2 / OLMoE code): the rotary module, the PreTrainedModel with its transformers 4
+# _init_weights, then the family's own classes (BODY), then the LM class around the base model.
+_QWEN_STYLE = Template('''
+class ${P}RotaryEmbedding(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.rope_type = "default"
+        self.rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = self.rope_init_fn(config, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.original_inv_freq = self.inv_freq
+
+    def forward(self, hidden):
+        positions = torch.arange(hidden.shape[1], dtype=torch.float32)
+        angles = positions[:, None] * self.inv_freq[None, :]
+        heads = hidden.shape[-1] // (2 * angles.shape[-1])
+        return hidden * torch.cat([angles.cos(), angles.sin()], -1).repeat(1, heads)
+
+
+class ${P}PreTrainedModel(PreTrainedModel):
+    config_class = ${P}Config
+    base_model_prefix = "model"
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=0.02)
+
+${BODY}
+class ${LM}(${P}PreTrainedModel):
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = ${BASE}(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return MaskedLMOutput(logits=self.lm_head(self.model(input_ids, attention_mask)))
+${LM_EXTRA}''')
+
+_DREAM_FROM_PRETRAINED = '''
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.generation_config = DreamGenerationConfig.from_pretrained(
+            pretrained_model_name_or_path)
+        return model
+'''
 
 _DREAM_CONFIG = '''
 from transformers import PretrainedConfig
@@ -43,6 +96,21 @@ class DreamConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
 '''
 
+_DREAM_BODY = '''
+class DreamBaseModel(DreamPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = DreamRotaryEmbedding(config)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = self.rotary_emb(self.embed_tokens(input_ids))
+        keep = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        scores = (hidden @ hidden.transpose(1, 2)).masked_fill(~keep[:, None, :].bool(), -1e9)
+        return hidden + scores.softmax(-1) @ hidden
+'''
+
 _DREAM = '''
 import torch
 from torch import nn
@@ -56,67 +124,9 @@ from .configuration_dream import DreamConfig
 class DreamGenerationConfig(GenerationConfig):
     def validate(self, is_init=False):
         pass
-
-
-class DreamRotaryEmbedding(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.rope_type = "default"
-        self.rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
-        inv_freq, self.attention_scaling = self.rope_init_fn(config, None)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.original_inv_freq = self.inv_freq
-
-    def forward(self, hidden):
-        positions = torch.arange(hidden.shape[1], dtype=torch.float32)
-        angles = positions[:, None] * self.inv_freq[None, :]
-        heads = hidden.shape[-1] // (2 * angles.shape[-1])
-        return hidden * torch.cat([angles.cos(), angles.sin()], -1).repeat(1, heads)
-
-
-class DreamPreTrainedModel(PreTrainedModel):
-    config_class = DreamConfig
-    base_model_prefix = "model"
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=0.02)
-
-
-class DreamBaseModel(DreamPreTrainedModel):
-    def __init__(self, config):
-        super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rotary_emb = DreamRotaryEmbedding(config)
-        self.post_init()
-
-    def forward(self, input_ids, attention_mask=None):
-        hidden = self.rotary_emb(self.embed_tokens(input_ids))
-        keep = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        scores = (hidden @ hidden.transpose(1, 2)).masked_fill(~keep[:, None, :].bool(), -1e9)
-        return hidden + scores.softmax(-1) @ hidden
-
-
-class DreamModel(DreamPreTrainedModel):
-    _tied_weights_keys = ["lm_head.weight"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = DreamBaseModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        return MaskedLMOutput(logits=self.lm_head(self.model(input_ids, attention_mask)))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model.generation_config = DreamGenerationConfig.from_pretrained(
-            pretrained_model_name_or_path)
-        return model
-'''
+''' + _QWEN_STYLE.substitute(
+    P="Dream", BASE="DreamBaseModel", LM="DreamModel",
+    BODY=_DREAM_BODY, LM_EXTRA=_DREAM_FROM_PRETRAINED)
 
 _LLADA_CONFIG = '''
 from transformers import PretrainedConfig
@@ -209,33 +219,7 @@ class LLaDAMoEConfig(PretrainedConfig):
         super().__init__(**kwargs)
 '''
 
-_LLADA_MOE = '''
-import torch
-from torch import nn
-from transformers import PreTrainedModel
-from transformers.modeling_attn_mask_utils import AttentionMaskConverter
-from transformers.modeling_outputs import MaskedLMOutput
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-from .configuration_lladamoe import LLaDAMoEConfig
-
-
-class LLaDAMoERotaryEmbedding(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.rope_init_fn = ROPE_INIT_FUNCTIONS["default"]
-        inv_freq, self.attention_scaling = self.rope_init_fn(config, None)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.original_inv_freq = self.inv_freq
-
-    def forward(self, hidden):
-        positions = torch.arange(hidden.shape[1], dtype=torch.float32)
-        angles = positions[:, None] * self.inv_freq[None, :]
-        heads = hidden.shape[-1] // (2 * angles.shape[-1])
-        return hidden * torch.cat([angles.cos(), angles.sin()], -1).repeat(1, heads)
-
-
+_LLADA_MOE_BODY = '''
 class LLaDAMoEAttention(nn.Module):
     def __init__(self, width):
         super().__init__()
@@ -274,15 +258,6 @@ class LLaDAMoEBlock(nn.Module):
         return x + sum(weights[..., e:e + 1] * expert(x) for e, expert in enumerate(self.experts))
 
 
-class LLaDAMoEPreTrainedModel(PreTrainedModel):
-    config_class = LLaDAMoEConfig
-    base_model_prefix = "model"
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(mean=0.0, std=0.02)
-
-
 class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
@@ -296,20 +271,20 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
         for layer in self.layers:
             x = layer(x, attention_mask)
         return x
-
-
-class LLaDAMoEModelLM(LLaDAMoEPreTrainedModel):
-    _tied_weights_keys = ["lm_head.weight"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = LLaDAMoEModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        return MaskedLMOutput(logits=self.lm_head(self.model(input_ids, attention_mask)))
 '''
+
+_LLADA_MOE = '''
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_attn_mask_utils import AttentionMaskConverter
+from transformers.modeling_outputs import MaskedLMOutput
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .configuration_lladamoe import LLaDAMoEConfig
+''' + _QWEN_STYLE.substitute(
+    P="LLaDAMoE", BASE="LLaDAMoEModel", LM="LLaDAMoEModelLM",
+    BODY=_LLADA_MOE_BODY, LM_EXTRA="")
 
 
 def _block_shapes(prefix: str, names: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
