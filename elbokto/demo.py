@@ -453,10 +453,10 @@ ABLATION_FIGURES = ("desirable_rate", "undesirable_rate", "other_rate", "psi", "
                     "late_saturation", "kto_seconds")
 
 
-def write_ablations(out: Path, per_seed: dict[int, dict]) -> dict:
+def write_ablations(out: Path, per_seed: dict[int, dict]) -> None:
     """``out/ablations.json``: per setting, each seed's results (:func:`run_ablations`) and the
     spread of each of ``ABLATION_FIGURES`` over the seeds; ``out/ablations.png``: the rates of
-    every setting, seed by seed, with their mean and standard deviation. Returns the JSON."""
+    every setting, seed by seed, with their mean and standard deviation."""
     settings = list(next(iter(per_seed.values())))
     table = {"seeds": list(per_seed),
              "settings": {name: {"per_seed": {seed: results[name]
@@ -467,7 +467,6 @@ def write_ablations(out: Path, per_seed: dict[int, dict]) -> dict:
                           for name in settings}}
     (out / "ablations.json").write_text(json.dumps(table, indent=1))
     plot_ablations(table, out / "ablations.png")
-    return table
 
 
 def _psi_examples(config: DemoConfig, prompts: list[str]) -> tuple[list[str], list[bool]]:
