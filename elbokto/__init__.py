@@ -10,7 +10,7 @@ from elbokto.block_generate import block_generate
 from elbokto.data import (DataConfig, DataStats, PreferenceCollator, build_dataset,
                           check_class_balance, load_source, pair_rows, subsample_classes,
                           tokenize_dataset, unpair)
-from elbokto.diagnostics import PsiEstimate, estimate_psi
+from elbokto.diagnostics import GradientNoise, PsiEstimate, estimate_gradient_noise, estimate_psi
 from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.generate import GenerationConfig, decode_responses, generate
@@ -29,6 +29,7 @@ __all__ = [
     "ELBOKTOObjective",
     "ELBOKTOTrainer",
     "GenerationConfig",
+    "GradientNoise",
     "LOSSES",
     "LossConfig",
     "MCConfig",
@@ -46,6 +47,7 @@ __all__ = [
     "elbo_dpo_loss",
     "elbo_estimate",
     "elbo_kto_loss",
+    "estimate_gradient_noise",
     "estimate_psi",
     "generate",
     "kl_baseline",

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "merge", "demo", "eval",
             "selfcheck")
@@ -45,6 +45,15 @@ class DemoArgs:
     filter_eps: str | None = field(default=None, metadata={
         "help": "Gradient filtering of the LM head's backward in SFT and ELBO-KTO (e.g. 2**-12; "
                 "default exact)."})
+    beta: float | None = field(default=None, metadata={
+        "help": "ELBO-KTO's beta (default: the demo's 1.0; the paper's is 0.1)."})
+    kto_lr: float | None = field(default=None, metadata={
+        "help": "ELBO-KTO's peak learning rate (default: the demo's 2e-4)."})
+    kto_epochs: int | None = field(default=None, metadata={
+        "help": "Passes of ELBO-KTO over its examples (default 1)."})
+    sft_cache: str | None = field(default=None, metadata={
+        "help": "A folder that keeps the SFT models, so that runs that change only the ELBO-KTO "
+                "stage (--beta, --kto_lr, --kto_epochs, --ablate) skip SFT."})
 
 
 def _parse(prog: str, dataclasses, argv):
@@ -93,8 +102,12 @@ def _run(command: str, rest: list[str]) -> int:
 
         (args,) = _parse(command, [DemoArgs], rest)
         config = DemoConfig(filter_eps=filter_eps_flag(args.filter_eps, half=False))
+        if args.beta is not None:
+            config = replace(config, loss=replace(config.loss, beta=args.beta))
+        config = replace(config, **{name: getattr(args, name) for name in ("kto_lr", "kto_epochs")
+                                    if getattr(args, name) is not None})
         run_seeds(args.output_dir, args.seeds, ablate=args.ablate, quick=args.quick,
-                  config=config)
+                  config=config, sft_cache=args.sft_cache)
         return 0
 
     from elbokto import run

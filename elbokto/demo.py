@@ -25,6 +25,7 @@ Nothing is downloaded: the model has random initial weights and the tokenizer is
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -94,6 +95,14 @@ class DemoConfig:
     psi_redraws: int = 8
     backend: str = "torch"  # the tiny vocabulary needs no compiled kernel
     filter_eps: float | str | None = None  # gradient filtering of the LM head, SFT and ELBO-KTO
+
+    def __post_init__(self) -> None:
+        for name in ("sft_lr", "kto_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)}: a learning rate must be > 0")
+        for name in ("sft_steps", "kto_epochs", "kto_batch_size", "kto_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
 
     @property
     def gen_length(self) -> int:
@@ -232,6 +241,41 @@ def train_sft(model: nn.Module, encoder: Encoder, config: DemoConfig,
     return losses
 
 
+# What the SFT model depends on: a cached one is reused only when all of these match.
+SFT_FIELDS = ("seed", "alphabet", "min_letters", "max_letters", "upper", "hidden_size",
+              "intermediate_size", "num_layers", "num_heads", "sft_steps", "sft_batch_size",
+              "sft_lr", "sft_mc", "backend", "filter_eps", "eval_prompts", "kto_examples")
+
+
+def sft_model(model: nn.Module, encoder: Encoder, config: DemoConfig, rng: np.random.Generator,
+              cache: str | None = None) -> tuple[list[float], float]:
+    """Train ``model`` with :func:`train_sft`, or load it from ``cache``.
+
+    The cache file is named by a hash of the configuration's :data:`SFT_FIELDS` (the prompts
+    sampled before SFT depend on eval_prompts and kto_examples, and SFT draws its examples from
+    the same generator) and holds the weights, the loss curve and the training time.
+
+    Returns (the SFT loss of every step, the seconds SFT took when it was trained)."""
+    path = None
+    if cache is not None:
+        fields = {name: getattr(config, name) for name in SFT_FIELDS}
+        key = hashlib.sha256(json.dumps(_jsonable_value(fields), sort_keys=True).encode())
+        path = Path(cache) / f"sft-{key.hexdigest()[:16]}.pt"
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(saved["state"])
+            logger.info("SFT model loaded from %s", path)
+            model.eval()
+            return saved["losses"], saved["seconds"]
+    tick = time.perf_counter()
+    losses = train_sft(model, encoder, config, rng)
+    seconds = time.perf_counter() - tick
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": model.state_dict(), "losses": losses, "seconds": seconds}, path)
+    return losses, seconds
+
+
 def kto_rows(encoder: Encoder, config: DemoConfig, prompts: list[str]) -> list[dict]:
     """One answer per prompt, reversal (desirable) or copy with probability 1/2 (seeded), then
     the first ``fraction`` of each class kept (the imbalance ablation: the same labels, fewer
@@ -258,8 +302,9 @@ def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: l
     noisy copies (see :class:`ELBOKTOObjective`).
 
     Returns per-step ``loss``, ``margins`` (rewards/chosen - rewards/rejected, i.e.
-    beta * (mean r over desirable - mean r over undesirable)) and ``saturated`` (the share of the
-    batch's examples in the flat tails of the value function, ``saturated_fraction``), and
+    beta * (mean r over desirable - mean r over undesirable)), ``saturated`` (the share of the
+    batch's examples in the flat tails of the value function, ``saturated_fraction``) and
+    ``mean_reward`` (beta * the batch mean of r, the batch-mean baseline's b0 scaled), and
     ``checkpoints``: [step, desirable rate] pairs from ``evaluate_fn``.
     """
     objective = kto_objective(config)
@@ -268,7 +313,8 @@ def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: l
                for rows_idx in _batches(order_rng.permutation(len(rows)), config.kto_batch_size)]
     optimizer, schedule = _optimizer(policy, config.kto_lr, len(batches), warmup=0.1)
     every = len(batches) // config.eval_checkpoints if config.eval_checkpoints else 0
-    history: dict = {"loss": [], "margins": [], "saturated": [], "checkpoints": []}
+    history: dict = {"loss": [], "margins": [], "saturated": [], "mean_reward": [],
+                     "checkpoints": []}
     policy.train()
     for step, index in enumerate(batches):
         batch = encoder.batch([rows[i] for i in index])
@@ -280,6 +326,8 @@ def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: l
         history["loss"].append(out.loss.item())
         history["margins"].append(out.metrics["rewards/margins"].item())
         history["saturated"].append(out.metrics["saturated_fraction"].item())
+        history["mean_reward"].append(config.loss.beta * float(out.policy_elbo.mean()
+                                                               - out.ref_elbo.mean()))
         if evaluate_fn is not None and every and (step + 1) % every == 0 \
                 and step + 1 < len(batches):
             policy.eval()
@@ -310,19 +358,23 @@ def evaluate(model: nn.Module, encoder: Encoder, prompts: list[str], config: Dem
     return {k: v / len(prompts) for k, v in counts.items()}
 
 
-def psi(policy: nn.Module, reference: nn.Module, batch: dict[str, Tensor],
-        config: DemoConfig) -> dict:
-    """Psi(S) of the config's MC setting, CRN and baseline on ``batch`` (DESIGN.md §2)."""
-    estimate = kto_objective(config).psi(policy, batch, reference=reference,
-                                         redraws=config.psi_redraws)
+def mc_noise(policy: nn.Module, reference: nn.Module, batch: dict[str, Tensor],
+             config: DemoConfig) -> dict:
+    """The Monte-Carlo noise of the config's setting (MC budget, CRN, baseline) on ``batch``, over
+    ``psi_redraws`` redraws: Psi(S), v, c of the margins (DESIGN.md §2) and the relative variance
+    of the loss gradient (:meth:`ELBOKTOObjective.gradient_noise`)."""
+    objective = kto_objective(config)
+    estimate = objective.psi(policy, batch, reference=reference, redraws=config.psi_redraws)
+    gradient = objective.gradient_noise(policy, batch, reference=reference,
+                                        redraws=config.psi_redraws)
     return {"psi": estimate.psi, "psi_baseline": estimate.psi_baseline, "v": estimate.v,
-            "c": estimate.c}
+            "c": estimate.c, "gradient_noise": gradient.relative_variance}
 
 
 # --- the demo -------------------------------------------------------------------------------------
 
 def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = False,
-             config: DemoConfig | None = None) -> dict:
+             config: DemoConfig | None = None, sft_cache: str | None = None) -> dict:
     """Run SFT, sample, ELBO-KTO, sample again; write summary.json and curves.png.
 
     Args:
@@ -330,6 +382,8 @@ def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = 
         ablate: also run the ablations (several more KTO runs from the same SFT model).
         quick: a seconds-long smoke version (tiny model, few steps; the rates mean nothing).
         config: overrides the defaults (``quick`` then applies on top of it).
+        sft_cache: a folder where SFT models are kept (:func:`sft_model`), so that runs which
+            change only the ELBO-KTO stage skip SFT.
 
     Returns:
         The summary dict written to ``summary.json``.
@@ -350,9 +404,7 @@ def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = 
     psi_batch = encoder.batch(encoder.rows(*_psi_examples(config, eval_prompts)))
 
     model = build_model(config, encoder.tokenizer)
-    tick = time.perf_counter()
-    sft_loss = train_sft(model, encoder, config, rng)
-    sft_seconds = time.perf_counter() - tick
+    sft_loss, sft_seconds = sft_model(model, encoder, config, rng, sft_cache)
     reference = copy.deepcopy(model).requires_grad_(False)
     sft_state = copy.deepcopy(model.state_dict())
 
@@ -383,7 +435,7 @@ def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = 
         "sample_seconds": sample_seconds,
         "kto_examples": {"desirable": sum(r["desirable"] for r in rows),
                          "undesirable": sum(not r["desirable"] for r in rows)},
-        "psi": psi(model, reference, psi_batch, config),
+        "noise": mc_noise(model, reference, psi_batch, config),
         "config": _jsonable(config),
         "quick": quick,
         "curves": {"sft_loss": sft_loss, **history},
@@ -408,7 +460,7 @@ def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = 
 
 
 def run_seeds(output_dir: str, seeds: list[int], ablate: bool = False, quick: bool = False,
-              config: DemoConfig | None = None) -> dict:
+              config: DemoConfig | None = None, sft_cache: str | None = None) -> dict:
     """:func:`run_demo` once per seed; with more than one seed, each writes under
     ``output_dir/seed<k>`` and ``output_dir/seeds.json`` gathers the base and aligned desirable
     rates per seed with their spread (:func:`spread`). With ``ablate``,
@@ -421,10 +473,12 @@ def run_seeds(output_dir: str, seeds: list[int], ablate: bool = False, quick: bo
         raise ValueError(f"--seeds {seeds}: each seed once")
     out = Path(output_dir)
     if len(seeds) == 1:
-        runs = {seeds[0]: run_demo(output_dir, ablate, quick, replace(config, seed=seeds[0]))}
+        runs = {seeds[0]: run_demo(output_dir, ablate, quick, replace(config, seed=seeds[0]),
+                                   sft_cache)}
         result = runs[seeds[0]]
     else:
-        runs = {seed: run_demo(str(out / f"seed{seed}"), ablate, quick, replace(config, seed=seed))
+        runs = {seed: run_demo(str(out / f"seed{seed}"), ablate, quick, replace(config, seed=seed),
+                               sft_cache)
                 for seed in seeds}
         result = {"seeds": {seed: {"base": r["base_desirable_rate"],
                                    "aligned": r["aligned_desirable_rate"]}
@@ -450,20 +504,28 @@ def spread(values: list[float]) -> dict:
 
 # What ablations.json summarises over the seeds, per setting.
 ABLATION_FIGURES = ("desirable_rate", "undesirable_rate", "other_rate", "psi", "v", "c",
-                    "late_saturation", "kto_seconds")
+                    "gradient_noise", "start_psi", "start_gradient_noise", "late_saturation",
+                    "reward_drift", "kto_seconds")
 
 
 def write_ablations(out: Path, per_seed: dict[int, dict]) -> None:
-    """``out/ablations.json``: per setting, each seed's results (:func:`run_ablations`) and the
-    spread of each of ``ABLATION_FIGURES`` over the seeds; ``out/ablations.png``: the rates of
-    every setting, seed by seed, with their mean and standard deviation."""
+    """``out/ablations.json``: per setting, each seed's results (:func:`run_ablations`), the
+    spread of each of ``ABLATION_FIGURES`` over the seeds, and ``desirable_rate_change``: the
+    spread of the per-seed differences from the default setting's desirable rate (paired: each
+    seed's settings start from one SFT model, so the paired spread is the one that tells a
+    setting's effect from the seed's); ``out/ablations.png``: the rates of every setting, seed by
+    seed, with their mean and standard deviation."""
     settings = list(next(iter(per_seed.values())))
     table = {"seeds": list(per_seed),
              "settings": {name: {"per_seed": {seed: results[name]
                                               for seed, results in per_seed.items()},
                                  **{key: spread([results[name][key]
                                                  for results in per_seed.values()])
-                                    for key in ABLATION_FIGURES}}
+                                    for key in ABLATION_FIGURES},
+                                 "desirable_rate_change": spread(
+                                     [results[name]["desirable_rate"]
+                                      - results["default"]["desirable_rate"]
+                                      for results in per_seed.values()])}
                           for name in settings}}
     (out / "ablations.json").write_text(json.dumps(table, indent=1))
     plot_ablations(table, out / "ablations.png")
@@ -491,13 +553,23 @@ def run_ablations(config: DemoConfig, encoder: Encoder, sft_state: dict, referen
                   train_prompts: list[str], eval_prompts: list[str],
                   psi_batch: dict[str, Tensor],
                   aligned: nn.Module, main: dict) -> dict:
-    """Each variant: KTO from the same SFT weights, its desirable rate, and the Psi(S) of its MC
-    setting measured on one fixed policy (the main run's aligned model) and batch, so that the
-    Psi column compares estimators, not training outcomes."""
+    """Each variant: KTO from the same SFT weights, its class rates, how its training went
+    (:func:`_training_figures`), and the Monte-Carlo noise of its setting (:func:`mc_noise`)
+    measured on fixed policies and one fixed batch, so that the noise columns compare
+    estimators, not training outcomes: at the start of ELBO-KTO (``start_``: the SFT model, which
+    is also the reference) and at the end (the main run's aligned model)."""
+    start = build_model(config, encoder.tokenizer)
+    start.load_state_dict(sft_state)
+
+    def noise(variant: DemoConfig) -> dict:
+        return {**mc_noise(aligned, reference, psi_batch, variant),
+                **{f"start_{k}": v for k, v in mc_noise(start, reference, psi_batch, variant)
+                   .items() if k in ("psi", "gradient_noise")}}
+
     results = {"default": {**_class_rates(main["aligned_rates"]),
                            "kto_seconds": main["kto_seconds"],
                            "kto_examples": sum(main["kto_examples"].values()),
-                           "late_saturation": _late_saturation(main["curves"]), **main["psi"]}}
+                           **_training_figures(main["curves"]), **noise(config)}}
     for name, change in ABLATIONS.items():
         variant = change(config)
         variant_rows = kto_rows(encoder, variant, train_prompts)
@@ -509,17 +581,19 @@ def run_ablations(config: DemoConfig, encoder: Encoder, sft_state: dict, referen
         seconds = time.perf_counter() - tick
         results[name] = {**_class_rates(evaluate(policy, encoder, eval_prompts, variant)),
                          "kto_seconds": seconds, "kto_examples": len(variant_rows),
-                         "late_saturation": _late_saturation(history),
-                         **psi(aligned, reference, psi_batch, variant)}
+                         **_training_figures(history), **noise(variant)}
         logger.info("ablation %s: %s", name, results[name])
     return results
 
 
-def _late_saturation(history: dict) -> float:
-    """Mean share of saturated examples over the last quarter of the KTO steps: how much of the
-    batch still drives the gradient once training has run."""
+def _training_figures(history: dict) -> dict:
+    """late_saturation: the mean share of saturated examples over the last quarter of the KTO
+    steps (how much of the batch still drives the gradient once training has run);
+    reward_drift: the mean over the steps of |beta * mean_i r_i|, how far the batch-mean
+    baseline moves the value function's argument (the sigmoid's scale is 1)."""
     late = history["saturated"][-max(1, len(history["saturated"]) // 4):]
-    return float(np.mean(late))
+    return {"late_saturation": float(np.mean(late)),
+            "reward_drift": float(np.mean(np.abs(history["mean_reward"])))}
 
 
 def _class_rates(rates: dict) -> dict:
@@ -534,6 +608,13 @@ def _rates(rates: dict) -> str:
 
 def _jsonable(config: DemoConfig) -> dict:
     return {**asdict(config), "gen_length": config.gen_length}
+
+
+def _jsonable_value(value):
+    """Dataclasses (MCConfig) as dicts, for hashing."""
+    if isinstance(value, dict):
+        return {k: _jsonable_value(v) for k, v in value.items()}
+    return asdict(value) if hasattr(value, "__dataclass_fields__") else value
 
 
 # --- plot -----------------------------------------------------------------------------------------

@@ -5,14 +5,19 @@
 v: mean per-item MC variance of the margins r_i; c: mean MC covariance between distinct items.
 Estimate it from R >= 2 independent redraws (fresh seeds) of the margins of one fixed batch, once
 per estimator setting (n_t, n_yt, antithetic, sharing, CRN), to choose a setting by a number.
+
+Gradient noise: the spread of one step's loss gradient over the same redraws. The MC noise of the
+margins only rescales each example's gradient (its sign is the label's), while the noise of the
+policy ELBO's own gradient enters its direction; the gradient noise weighs both.
 """
 
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["PsiEstimate", "estimate_psi"]
+__all__ = ["GradientNoise", "PsiEstimate", "estimate_gradient_noise", "estimate_psi"]
 
 
 @dataclass(frozen=True)
@@ -83,3 +88,51 @@ def estimate_psi(margins: Tensor, baseline: Tensor | float | None = None) -> Psi
         num_redraws=num_redraws,
         batch_size=batch_size,
     )
+
+
+@dataclass(frozen=True)
+class GradientNoise:
+    """Spread of a loss gradient g over R independent MC redraws of one batch.
+
+    Attributes:
+        variance: trace of the covariance of g, E||g - E g||^2 (unbiased, divisor R - 1).
+        signal: ||E g||^2, unbiased (||mean g||^2 - variance / R); can come out <= 0 when the
+            noise swamps the mean.
+        relative_variance: variance / signal, the inverse signal-to-noise ratio of one step's
+            gradient (inf when signal <= 0).
+        num_redraws: R.
+    """
+
+    variance: float
+    signal: float
+    relative_variance: float
+    num_redraws: int
+
+
+def estimate_gradient_noise(gradients: Iterable[Sequence[Tensor]]) -> GradientNoise:
+    """Estimate the gradient noise from R >= 2 gradients of the same loss under independent
+    redraws, streamed: each item is one redraw's parameter gradients (any shapes, the same every
+    time); two parameter-sized float32 buffers are kept, the norms are summed in float64.
+    """
+    total: list[Tensor] | None = None
+    sum_sq = 0.0
+    num_redraws = 0
+    for grads in gradients:
+        grads = [g.detach().float() for g in grads]
+        if total is None:
+            total = [g.clone() for g in grads]
+        else:
+            if [g.shape for g in grads] != [t.shape for t in total]:
+                raise ValueError("every redraw must give gradients of the same parameters")
+            for t, g in zip(total, grads):
+                t.add_(g)
+        sum_sq += sum(float(g.double().square().sum()) for g in grads)
+        num_redraws += 1
+    if num_redraws < 2:
+        raise ValueError(f"got {num_redraws} redraws; need R >= 2")
+    mean_sq = sum(float(t.double().square().sum()) for t in total) / num_redraws**2
+    variance = max(0.0, (sum_sq - num_redraws * mean_sq) / (num_redraws - 1))
+    signal = mean_sq - variance / num_redraws
+    return GradientNoise(variance=variance, signal=signal,
+                         relative_variance=variance / signal if signal > 0 else float("inf"),
+                         num_redraws=num_redraws)

@@ -28,7 +28,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
-from elbokto.diagnostics import PsiEstimate, estimate_psi
+from elbokto.diagnostics import GradientNoise, PsiEstimate, estimate_gradient_noise, estimate_psi
 from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.guards import check_step_values
@@ -205,6 +205,30 @@ class ELBOKTOObjective:
                                                                          batch, step)
                                     for k in range(redraws)])
         return estimate_psi(margins, baseline)
+
+    def gradient_noise(self, policy: nn.Module, batch: Mapping[str, Tensor], *,
+                       reference: nn.Module | None = None, redraws: int = 4,
+                       step: int = 0) -> GradientNoise:
+        """Spread of this objective's gradient (over the policy's trainable parameters) under
+        independent redraws (seed + k) of one batch: what n_t, n_yt, CRN and the baseline leave
+        of the training signal. One forward and backward per redraw; the parameters' ``.grad``
+        are restored afterwards."""
+        _check_batch(batch)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        saved = [p.grad for p in params]
+
+        def redraw(k: int) -> list[Tensor]:
+            for p in params:
+                p.grad = None
+            replace(self, seed=self.seed + k)(policy, batch, reference=reference,
+                                              step=step).loss.backward()
+            return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+        try:
+            return estimate_gradient_noise(redraw(k) for k in range(redraws))
+        finally:
+            for p, grad in zip(params, saved):
+                p.grad = grad
 
     def _estimate(self, model: nn.Module, batch: Mapping[str, Tensor], draws: Draws) -> Tensor:
         return elbo_estimate(model, batch["input_ids"], draws,

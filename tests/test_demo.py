@@ -15,7 +15,7 @@ def test_quick_demo_writes_summary_and_plot(tmp_path):
     assert main(["demo", "--quick", "--output_dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in ("base_desirable_rate", "aligned_desirable_rate", "train_seconds", "config",
-                "psi", "curves", "winrate"):
+                "noise", "curves", "winrate"):
         assert key in summary
     assert 0 <= summary["base_desirable_rate"] <= 1
     assert summary["config"]["mc"]["n_t"] >= 1
@@ -64,6 +64,37 @@ def test_ablations_over_seeds(tmp_path):
     summary = json.loads((tmp_path / "seed0" / "summary.json").read_text())
     assert default["desirable_rate"] == summary["aligned_desirable_rate"]
     assert (tmp_path / "ablations.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--beta", "0"], "beta=0.0"),
+    (["--kto_lr=-1e-4"], "kto_lr=-0.0001"),
+    (["--kto_epochs", "0"], "kto_epochs=0"),
+])
+def test_demo_flags_refuse_bad_values(tmp_path, capsys, argv, message):
+    assert main(["demo", "--quick", "--output_dir", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_kto_flags_and_the_sft_cache(tmp_path):
+    """--beta, --kto_lr and --kto_epochs reach the ELBO-KTO stage; with --sft_cache a second run
+    loads the SFT model the first one trained (the same SFT losses, no SFT time spent)."""
+    cache = tmp_path / "cache"
+    argv = ["demo", "--quick", "--sft_cache", str(cache)]
+    assert main([*argv, "--output_dir", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--output_dir", str(tmp_path / "b"), "--beta", "0.1", "--kto_lr", "1e-3",
+                 "--kto_epochs", "2"]) == 0
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    assert len(list(cache.iterdir())) == 1
+    assert a["curves"]["sft_loss"] == b["curves"]["sft_loss"]
+    assert a["base_rates"] == b["base_rates"]
+    assert (b["config"]["loss"]["beta"], b["config"]["kto_lr"], b["config"]["kto_epochs"]) == \
+        (0.1, 1e-3, 2)
+    assert len(b["curves"]["loss"]) == 2 * len(a["curves"]["loss"])
+    assert a["curves"]["loss"] != b["curves"]["loss"][:len(a["curves"]["loss"])]
+    # Another seed trains (and caches) its own SFT model.
+    assert main([*argv, "--output_dir", str(tmp_path / "c"), "--seeds", "1"]) == 0
+    assert len(list(cache.iterdir())) == 2
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from elbokto.diagnostics import estimate_psi
+from elbokto.diagnostics import estimate_gradient_noise, estimate_psi
 
 
 def _synthetic(num_redraws: int, m: int, a: float, b: float, seed: int = 0) -> torch.Tensor:
@@ -66,3 +66,33 @@ def test_shared_noise_lowers_psi():
 def test_validation(margins, kwargs, match):
     with pytest.raises(ValueError, match=match):
         estimate_psi(margins, **kwargs)
+
+
+def test_gradient_noise_recovers_known_moments():
+    """g = mu + sigma * eps over two parameter tensors: variance = P * sigma^2, signal = ||mu||^2."""
+    gen = torch.Generator().manual_seed(7)
+    mu = [torch.randn(3, 4, generator=gen), torch.randn(5, generator=gen)]
+    sigma, num_redraws = 0.5, 4000
+    noise = estimate_gradient_noise(
+        [m + sigma * torch.randn(m.shape, generator=gen) for m in mu] for _ in range(num_redraws))
+    assert noise.num_redraws == num_redraws
+    assert noise.variance == pytest.approx(17 * sigma**2, rel=0.03)
+    signal = sum(float(m.double().square().sum()) for m in mu)
+    assert noise.signal == pytest.approx(signal, rel=0.02)
+    assert noise.relative_variance == pytest.approx(17 * sigma**2 / signal, rel=0.05)
+
+
+def test_gradient_noise_of_identical_gradients_is_zero_and_of_pure_noise_is_infinite():
+    same = estimate_gradient_noise([torch.ones(3)] for _ in range(3))
+    assert same.variance == 0 and same.signal == pytest.approx(3.0) and same.relative_variance == 0
+    opposite = estimate_gradient_noise([[torch.ones(3)], [-torch.ones(3)]])
+    assert opposite.variance == pytest.approx(6.0) and opposite.relative_variance == math.inf
+
+
+@pytest.mark.parametrize("gradients, match", [
+    ([[torch.ones(2)]], "need R >= 2"),
+    ([[torch.ones(2)], [torch.ones(3)]], "same parameters"),
+])
+def test_gradient_noise_rejects(gradients, match):
+    with pytest.raises(ValueError, match=match):
+        estimate_gradient_noise(gradients)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from elbokto import LossConfig, MCConfig
+from elbokto import LossConfig, MCConfig, estimate_gradient_noise
 from elbokto.objective import ELBOKTOObjective, mismatched_batch
 from tiny_models import tiny_batch, tiny_gemma
 
@@ -154,6 +154,33 @@ def test_psi_of_a_model_setting():
     assert none.psi(policy, batch, reference=reference, redraws=6).psi_baseline >= est.psi - 1e-9
     # Common random numbers: the same model as policy and reference gives zero margins.
     assert torch.all(obj.margins(reference, batch, reference=reference, redraws=2) == 0)
+
+
+def test_gradient_noise_of_a_model_setting():
+    policy, reference = policy_and_reference(seed=5)
+    batch = tiny_batch(seed=5)
+    for p in policy.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    small = ELBOKTOObjective(mc=MCConfig(n_t=1)).gradient_noise(policy, batch, reference=reference,
+                                                              redraws=6)
+    assert all(torch.all(p.grad == 3.0) for p in policy.parameters())  # .grad restored
+    assert small.num_redraws == 6 and small.variance > 0
+    # A bigger budget averages more copies: less noise around the same mean gradient.
+    large = ELBOKTOObjective(mc=MCConfig(n_t=16)).gradient_noise(policy, batch,
+                                                               reference=reference, redraws=6)
+    assert large.variance < 0.5 * small.variance
+    # One seed for every redraw: the gradients coincide.
+    fixed = ELBOKTOObjective(mc=MCConfig(n_t=1))
+    grads = []
+    for _ in range(2):
+        policy.zero_grad(set_to_none=True)
+        fixed(policy, batch, reference=reference).loss.backward()
+        grads.append([p.grad.clone() for p in policy.parameters()])
+    assert estimate_gradient_noise(grads).variance < 1e-12 * max(1.0, small.variance)
+    # The chunked backward (mc_chunk_size) gives the same spread.
+    chunked = ELBOKTOObjective(mc=MCConfig(n_t=1), mc_chunk_size=1).gradient_noise(
+        policy, batch, reference=reference, redraws=6)
+    assert chunked.variance == pytest.approx(small.variance, rel=1e-4)
 
 
 def test_pairs_share_their_draws_and_crn_off_does_not():
