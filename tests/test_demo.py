@@ -60,6 +60,15 @@ def test_ablations_over_seeds(tmp_path):
             values = [r[key] for r in runs]
             assert entry[key]["mean"] == pytest.approx(sum(values) / 2)
             assert entry[key]["min"] == min(values) and entry[key]["max"] == max(values)
+        changes = [r["desirable_rate"] - d["desirable_rate"] for r, d in
+                   zip(runs, table["settings"]["default"]["per_seed"].values())]
+        assert entry["desirable_rate_change"]["mean"] == pytest.approx(sum(changes) / 2)
+        assert entry["start_gradient_noise"]["mean"] > 0
+    assert table["settings"]["default"]["desirable_rate_change"]["max"] == 0
+    # At the start the policy is the reference: with CRN the margins have no MC noise, without
+    # CRN they do.
+    assert table["settings"]["default"]["start_psi"]["max"] == 0
+    assert table["settings"]["crn=off"]["start_psi"]["min"] > 0
     default = table["settings"]["default"]["per_seed"]["0"]
     summary = json.loads((tmp_path / "seed0" / "summary.json").read_text())
     assert default["desirable_rate"] == summary["aligned_desirable_rate"]
