@@ -137,10 +137,13 @@ def _run(command: str, rest: list[str]) -> int:
     elif command == "diagnose":
         model_cfg, data_cfg, train_cfg, args = _parse(
             command, [ModelConfig, DataConfig, ELBOKTOConfig, run.DiagnoseArgs], rest)
-        print(f"{'n_t':>4} {'n_yt':>5} {'estimator':>12} {'Psi':>11} {'v':>11} {'c':>11}")
+        noise = args.gradient_noise
+        print(f"{'n_t':>4} {'n_yt':>5} {'estimator':>12} {'Psi':>11} {'v':>11} {'c':>11}"
+              + (f" {'grad noise':>11}" if noise else ""))
         for row in run.diagnose(model_cfg, data_cfg, train_cfg, args):
             print(f"{row['n_t']:>4} {row['n_yt']:>5} {row['estimator']:>12} {row['psi']:>11.4g} "
-                  f"{row['v']:>11.4g} {row['c']:>11.4g}")
+                  f"{row['v']:>11.4g} {row['c']:>11.4g}"
+                  + (f" {row['gradient_noise']:>11.4g}" if noise else ""))
     elif command == "merge":
         model_cfg, args = _parse(command, [ModelConfig, run.MergeArgs], rest)
         print(f"wrote the merged model to {run.merge(model_cfg, args)}")

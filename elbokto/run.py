@@ -267,6 +267,11 @@ class DiagnoseArgs:
     redraws: int = field(default=8, metadata={"help": "Independent redraws R per setting."})
     budgets: list[str] = field(default_factory=lambda: ["8x1", "1x8", "4x2", "2x1", "4x1"],
                                metadata={"help": "n_t x n_yt settings to compare."})
+    gradient_noise: bool = field(default=False, metadata={
+        "help": "Also measure the relative variance of the loss gradient over the redraws (one "
+                "backward per redraw; holds the parameters' gradients plus one float32 copy of "
+                "them). Unlike Psi it is informative when the policy is its own reference: it "
+                "carries the noise of the policy ELBO's gradient (the budget)."})
 
     def __post_init__(self) -> None:
         for name, low in (("num_batches", 1), ("batch_size", 2), ("redraws", 2)):
@@ -291,7 +296,8 @@ def _budget(text: str) -> tuple[int, int]:
 
 def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig,
              args: DiagnoseArgs) -> list[dict]:
-    """`elbokto diagnose`: Psi(S), v and c per MC setting, from R redraws of a few batches.
+    """`elbokto diagnose`: Psi(S), v and c per MC setting, from R redraws of a few batches, and
+    with ``--gradient_noise`` the gradient's relative variance (averaged over the batches).
 
     The policy is the model as loaded and the reference a frozen copy, so the margins are 0
     unless ``--ref_model_name_or_path`` names another model (e.g. the SFT base of a trained one).
@@ -319,6 +325,11 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
                      "estimator": objective.mc.estimator,
                      **{k: sum(getattr(e, k) for e in estimates) / len(estimates)
                         for k in ("psi", "v", "c")}})
+        if args.gradient_noise:
+            rows[-1]["gradient_noise"] = sum(
+                objective.gradient_noise(policy, b, reference=reference,
+                                         redraws=args.redraws).relative_variance
+                for b in batches) / len(batches)
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnose.json").write_text(json.dumps(rows, indent=1))

@@ -52,6 +52,14 @@ def test_precompute_ref_and_diagnose(tmp_path, capsys):
     # The policy is its own reference: with common random numbers every margin is exactly 0.
     assert all(r["psi"] == r["v"] == r["c"] == 0 for r in rows)
     assert (tmp_path / "diagnose.png").stat().st_size > 0
+    # The gradient still moves with the redraws: its noise is what tells the budgets apart here.
+    assert main(["diagnose", "--dataset", str(data), "--output_dir", str(tmp_path),
+                 "--budgets", "1x1", "8x1", "--redraws", "4", "--batch_size", "4",
+                 "--num_batches", "1", "--gradient_noise", *COMMON]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["n_t", "n_yt", "estimator", "Psi", "v", "c", "grad", "noise"]
+    one, eight = json.loads((tmp_path / "diagnose.json").read_text())
+    assert 0 < eight["gradient_noise"] < one["gradient_noise"]
 
 
 def test_usage_and_bad_flags(capsys):
