@@ -510,11 +510,11 @@ ABLATION_FIGURES = ("desirable_rate", "undesirable_rate", "other_rate", "psi", "
 
 def write_ablations(out: Path, per_seed: dict[int, dict]) -> None:
     """``out/ablations.json``: per setting, each seed's results (:func:`run_ablations`), the
-    spread of each of ``ABLATION_FIGURES`` over the seeds, and ``desirable_rate_change``: the
-    spread of the per-seed differences from the default setting's desirable rate (paired: each
-    seed's settings start from one SFT model, so the paired spread is the one that tells a
-    setting's effect from the seed's); ``out/ablations.png``: the rates of every setting, seed by
-    seed, with their mean and standard deviation."""
+    spread of each of ``ABLATION_FIGURES`` over the seeds, its ``control`` (:data:`CONTROLS`)
+    and ``desirable_rate_change``: the spread of the per-seed differences from the control's
+    desirable rate (paired: each seed's settings start from one SFT model, so the paired spread
+    is the one that tells a setting's effect from the seed's); ``out/ablations.png``: the rates of
+    every setting, seed by seed, with their mean and standard deviation."""
     settings = list(next(iter(per_seed.values())))
     table = {"seeds": list(per_seed),
              "settings": {name: {"per_seed": {seed: results[name]
@@ -522,9 +522,10 @@ def write_ablations(out: Path, per_seed: dict[int, dict]) -> None:
                                  **{key: spread([results[name][key]
                                                  for results in per_seed.values()])
                                     for key in ABLATION_FIGURES},
+                                 "control": CONTROLS.get(name, "default"),
                                  "desirable_rate_change": spread(
                                      [results[name]["desirable_rate"]
-                                      - results["default"]["desirable_rate"]
+                                      - results[CONTROLS.get(name, "default")]["desirable_rate"]
                                       for results in per_seed.values()])}
                           for name in settings}}
     (out / "ablations.json").write_text(json.dumps(table, indent=1))
@@ -553,6 +554,11 @@ ABLATIONS: dict[str, Callable[[DemoConfig], DemoConfig]] = {
     "fewer desirable (1/4)": lambda c: replace(c, desirable_fraction=0.25),
     "fewer undesirable (1/4)": lambda c: replace(c, undesirable_fraction=0.25),
 }
+
+
+# The setting an ablation is compared with, when it is not the default: the one that differs from
+# it in that ablation's choice only.
+CONTROLS = {"n_t=1,crn=off": "n_t=1", "n_t=1,crn=off,baseline=none": "n_t=1,crn=off"}
 
 
 def run_ablations(config: DemoConfig, encoder: Encoder, sft_state: dict, reference: nn.Module,

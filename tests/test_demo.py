@@ -6,8 +6,8 @@ import json
 import pytest
 
 from elbokto.cli import main
-from elbokto.demo import (ABLATION_FIGURES, ABLATIONS, DESIRABLE, OTHER, UNDESIRABLE, classify,
-                          run_demo)
+from elbokto.demo import (ABLATION_FIGURES, ABLATIONS, CONTROLS, DESIRABLE, OTHER, UNDESIRABLE,
+                          classify, run_demo)
 from tiny_models import small_demo_config
 
 
@@ -60,8 +60,9 @@ def test_ablations_over_seeds(tmp_path):
             values = [r[key] for r in runs]
             assert entry[key]["mean"] == pytest.approx(sum(values) / 2)
             assert entry[key]["min"] == min(values) and entry[key]["max"] == max(values)
-        changes = [r["desirable_rate"] - d["desirable_rate"] for r, d in
-                   zip(runs, table["settings"]["default"]["per_seed"].values())]
+        control = table["settings"][entry["control"]]["per_seed"].values()
+        assert entry["control"] == CONTROLS.get(name, "default")
+        changes = [r["desirable_rate"] - d["desirable_rate"] for r, d in zip(runs, control)]
         assert entry["desirable_rate_change"]["mean"] == pytest.approx(sum(changes) / 2)
         assert entry["start_gradient_noise"]["mean"] > 0
     assert table["settings"]["default"]["desirable_rate_change"]["max"] == 0
