@@ -16,7 +16,9 @@ then EOS tokens up to a fixed width (LLaDA's SFT convention), so that the sample
 :func:`run_demo` writes ``summary.json`` (rates, wall times, the configuration) and ``curves.png``
 (SFT loss, KTO loss, reward margins, desirable rate at checkpoints) under ``output_dir``.
 ``ablate=True`` adds a miniature of the paper's ablations (baseline, common random numbers, n_t,
-n_t x n_yt at a fixed budget, class imbalance), each with its desirable rate and Psi(S).
+n_t x n_yt at a fixed budget, class imbalance, and CRN and the baseline at one copy per example),
+each with its class rates, its Monte-Carlo noise (Psi(S) and the gradient noise, at the start and
+the end of ELBO-KTO), its saturation and its reward drift.
 
 Nothing is downloaded: the model has random initial weights and the tokenizer is built offline
 (:func:`elbokto.tiny.build_tiny_tokenizer` without merges: one token per ASCII character).
@@ -253,7 +255,8 @@ def sft_model(model: nn.Module, encoder: Encoder, config: DemoConfig, rng: np.ra
 
     The cache file is named by a hash of the configuration's :data:`SFT_FIELDS` (the prompts
     sampled before SFT depend on eval_prompts and kto_examples, and SFT draws its examples from
-    the same generator) and holds the weights, the loss curve and the training time.
+    the same generator) and holds the weights, the loss curve and the training time. The key
+    does not cover the code: empty the folder after changing how SFT trains.
 
     Returns (the SFT loss of every step, the seconds SFT took when it was trained)."""
     path = None
