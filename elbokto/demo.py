@@ -326,11 +326,11 @@ def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: l
         out.loss.backward()
         optimizer.step()
         schedule.step()
-        history["loss"].append(out.loss.item())
-        history["margins"].append(out.metrics["rewards/margins"].item())
-        history["saturated"].append(out.metrics["saturated_fraction"].item())
-        history["mean_reward"].append(config.loss.beta * float(out.policy_elbo.mean()
-                                                               - out.ref_elbo.mean()))
+        mean_reward = config.loss.beta * (out.policy_elbo - out.ref_elbo).mean()
+        figures = torch.stack([out.loss.detach(), out.metrics["rewards/margins"],
+                               out.metrics["saturated_fraction"], mean_reward]).tolist()
+        for key, value in zip(("loss", "margins", "saturated", "mean_reward"), figures):
+            history[key].append(value)
         if evaluate_fn is not None and every and (step + 1) % every == 0 \
                 and step + 1 < len(batches):
             policy.eval()

@@ -111,27 +111,31 @@ class GradientNoise:
 
 def estimate_gradient_noise(gradients: Iterable[Sequence[Tensor]]) -> GradientNoise:
     """Estimate the gradient noise from R >= 2 gradients of the same loss under independent
-    redraws, streamed: each item is one redraw's parameter gradients (any shapes, the same every
-    time); two parameter-sized float32 buffers are kept, the norms are summed in float64.
+    redraws, streamed: each item is one redraw's parameter gradients (any shapes and devices, the
+    same every time). Welford's update on the device keeps one float32 mean per parameter and a
+    float64 sum of squared deviations (no cancellation when the redraws nearly agree); the only
+    host sync is at the end.
     """
-    total: list[Tensor] | None = None
-    sum_sq = 0.0
+    mean: list[Tensor] = []
+    deviations: Tensor | None = None  # sum over redraws of (g - old mean) . (g - new mean)
     num_redraws = 0
     for grads in gradients:
         grads = [g.detach().float() for g in grads]
-        if total is None:
-            total = [g.clone() for g in grads]
-        else:
-            if [g.shape for g in grads] != [t.shape for t in total]:
-                raise ValueError("every redraw must give gradients of the same parameters")
-            for t, g in zip(total, grads):
-                t.add_(g)
-        sum_sq += sum(float(g.double().square().sum()) for g in grads)
         num_redraws += 1
+        if num_redraws == 1:
+            mean = [g.clone() for g in grads]
+            deviations = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+            continue
+        if [g.shape for g in grads] != [m.shape for m in mean]:
+            raise ValueError("every redraw must give gradients of the same parameters")
+        for m, g in zip(mean, grads):
+            delta = g - m
+            m.add_(delta, alpha=1 / num_redraws)
+            deviations += (delta * (g - m)).sum(dtype=torch.float64).to(deviations.device)
     if num_redraws < 2:
         raise ValueError(f"got {num_redraws} redraws; need R >= 2")
-    mean_sq = sum(float(t.double().square().sum()) for t in total) / num_redraws**2
-    variance = max(0.0, (sum_sq - num_redraws * mean_sq) / (num_redraws - 1))
+    mean_sq = sum(m.square().sum(dtype=torch.float64).to(deviations.device) for m in mean)
+    variance, mean_sq = (float(x) for x in torch.stack([deviations / (num_redraws - 1), mean_sq]))
     signal = mean_sq - variance / num_redraws
     return GradientNoise(variance=variance, signal=signal,
                          relative_variance=variance / signal if signal > 0 else float("inf"),

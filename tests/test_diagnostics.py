@@ -82,6 +82,17 @@ def test_gradient_noise_recovers_known_moments():
     assert noise.relative_variance == pytest.approx(17 * sigma**2 / signal, rel=0.05)
 
 
+def test_gradient_noise_survives_a_large_mean():
+    """Gradients of size 1e3 that differ by 1e-2 across redraws: sums of squares would cancel
+    (in float32 the running total alone rounds by more than the noise); Welford's update does not."""
+    gen = torch.Generator().manual_seed(8)
+    mu = 1e3 * (1 + torch.rand(17, generator=gen))
+    sigma, num_redraws = 1e-2, 400
+    noise = estimate_gradient_noise(
+        [mu + sigma * torch.randn(17, generator=gen)] for _ in range(num_redraws))
+    assert noise.variance == pytest.approx(17 * sigma**2, rel=0.15)
+
+
 def test_gradient_noise_of_identical_gradients_is_zero_and_of_pure_noise_is_infinite():
     same = estimate_gradient_noise([torch.ones(3)] for _ in range(3))
     assert same.variance == 0 and same.signal == pytest.approx(3.0) and same.relative_variance == 0
