@@ -13,7 +13,7 @@ from elbokto import ELBOKTOObjective, LossConfig, MCConfig, sample_draws
 from elbokto.block import (block_diffusion_mask, check_block_attention, check_block_model,
                            resolve_block_size)
 from elbokto.estimate import elbo_estimate
-from tiny_models import MASK_ID, tiny_batch, tiny_block_model
+from tiny_models import MASK_ID, Wrapper, tiny_batch, tiny_block_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from bench_step import per_block_elbo  # noqa: E402  (the benchmark's baseline, in float64 here)
@@ -90,15 +90,8 @@ def test_capability_probe():
     for attn in ("sdpa", "eager"):
         check_block_attention(tiny_block_model(attn_implementation=attn), 4)
 
-    class IgnoresMask(nn.Module):
+    class IgnoresMask(Wrapper):
         """Drops the custom mask: the model's own (causal) attention runs instead."""
-
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.config = inner, inner.config
-
-        def get_input_embeddings(self):
-            return self.inner.get_input_embeddings()
 
         def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
             return self.inner(input_ids=input_ids, position_ids=position_ids, **kwargs)

@@ -14,7 +14,7 @@ from elbokto.data import prompt_token_ids
 from elbokto.generate import GenerationConfig, decode_responses, generate
 from elbokto.models import ModelConfig, build_tiny_model, load_model, load_tokenizer
 from elbokto.tiny import build_tiny_tokenizer
-from tiny_models import MASK_ID, tiny_block_model
+from tiny_models import MASK_ID, Wrapper, tiny_block_model
 
 PAD, BLOCK = 0, 4
 
@@ -137,15 +137,8 @@ def test_layout_of_prompts_that_end_inside_a_block(model):
     assert out[1, :2].tolist() == final[1, 2:].tolist()
 
 
-class OwnCache(nn.Module):
+class OwnCache(Wrapper):
     """A model whose code ignores the transformers cache it is passed (keeps its own)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.config = inner, inner.config
-
-    def get_input_embeddings(self):
-        return self.inner.get_input_embeddings()
 
     def forward(self, input_ids, attention_mask, position_ids, use_cache, cache=None):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask,
