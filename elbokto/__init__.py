@@ -3,59 +3,48 @@
 The algorithm layer on top of :mod:`elbokto_kernels`: deterministic draws, ELBO estimation,
 the losses (ELBO-KTO, ELBO-DPO), diagnostics, data, the precomputed reference, trainer, sampler
 and CLI.
+
+The public names below are imported from their modules on first access, so that ``import
+elbokto`` costs no import of transformers, datasets or the trainer until a name that needs them
+is used.
 """
 
-from elbokto.block import check_block_attention
-from elbokto.block_generate import block_generate
-from elbokto.data import (DataConfig, DataStats, PreferenceCollator, build_dataset,
-                          check_class_balance, load_source, pair_rows, subsample_classes,
-                          tokenize_dataset, unpair)
-from elbokto.diagnostics import GradientNoise, PsiEstimate, estimate_gradient_noise, estimate_psi
-from elbokto.draws import Draws, MCConfig, sample_draws
-from elbokto.estimate import elbo_estimate
-from elbokto.generate import GenerationConfig, decode_responses, generate
-from elbokto.loss import LOSSES, LossConfig, elbo_dpo_loss, elbo_kto_loss, kl_baseline
-from elbokto.objective import ELBOKTOObjective, ObjectiveOutput
-from elbokto.models import ModelConfig
-from elbokto.precompute import ReferenceTable, precompute_reference
-from elbokto.tiny import build_tiny_tokenizer
-from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer
+from __future__ import annotations
 
-__all__ = [
-    "DataConfig",
-    "DataStats",
-    "Draws",
-    "ELBOKTOConfig",
-    "ELBOKTOObjective",
-    "ELBOKTOTrainer",
-    "GenerationConfig",
-    "GradientNoise",
-    "LOSSES",
-    "LossConfig",
-    "MCConfig",
-    "ModelConfig",
-    "ObjectiveOutput",
-    "PreferenceCollator",
-    "PsiEstimate",
-    "ReferenceTable",
-    "block_generate",
-    "build_dataset",
-    "build_tiny_tokenizer",
-    "check_block_attention",
-    "check_class_balance",
-    "decode_responses",
-    "elbo_dpo_loss",
-    "elbo_estimate",
-    "elbo_kto_loss",
-    "estimate_gradient_noise",
-    "estimate_psi",
-    "generate",
-    "kl_baseline",
-    "load_source",
-    "pair_rows",
-    "precompute_reference",
-    "sample_draws",
-    "subsample_classes",
-    "tokenize_dataset",
-    "unpair",
-]
+import importlib
+
+# module -> the public names it defines
+_EXPORTS = {
+    "elbokto.block": ("check_block_attention",),
+    "elbokto.block_generate": ("block_generate",),
+    "elbokto.data": ("DataConfig", "DataStats", "PreferenceCollator", "build_dataset",
+                     "check_class_balance", "load_source", "pair_rows", "subsample_classes",
+                     "tokenize_dataset", "unpair"),
+    "elbokto.diagnostics": ("GradientNoise", "PsiEstimate", "estimate_gradient_noise",
+                            "estimate_psi"),
+    "elbokto.draws": ("Draws", "MCConfig", "sample_draws"),
+    "elbokto.estimate": ("elbo_estimate",),
+    "elbokto.generate": ("GenerationConfig", "decode_responses", "generate"),
+    "elbokto.loss": ("LOSSES", "LossConfig", "elbo_dpo_loss", "elbo_kto_loss", "kl_baseline"),
+    "elbokto.objective": ("ELBOKTOObjective", "ObjectiveOutput"),
+    "elbokto.models": ("ModelConfig",),
+    "elbokto.precompute": ("ReferenceTable", "precompute_reference"),
+    "elbokto.tiny": ("build_tiny_tokenizer",),
+    "elbokto.trainer": ("ELBOKTOConfig", "ELBOKTOTrainer"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -21,6 +21,7 @@ label. The pipeline of :func:`build_dataset`:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,12 +31,16 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
 from torch import Tensor
+
+from elbokto.requires import require
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +53,33 @@ _LAYOUT_HELP = ("unpaired: prompt, completion, label (TRL's KTO layout, e.g. "
                 "chosen/rejected are message lists that start with the prompt turns (e.g. "
                 "HuggingFaceH4/ultrafeedback_binarized)")
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_MESSAGES = List({"role": Value("string"), "content": Value("string")})
-CANONICAL_FEATURES = Features({"prompt": _MESSAGES, "completion": Value("string"),
-                               "label": Value("bool"), "uid": Value("int64"),
-                               "pair_uid": Value("int64")})
-TOKEN_FEATURES = Features({"input_ids": List(Value("int32")), "prompt_length": Value("int64"),
-                           "response_length": Value("int64"), "desirable": Value("bool"),
-                           "uid": Value("int64"), "pair_uid": Value("int64"),
-                           "length": Value("int64")})
-_TOKEN_ROW = {k: v for k, v in TOKEN_FEATURES.items() if k not in ("desirable", "pair_uid")}
-PAIR_FEATURES = Features({"chosen": _TOKEN_ROW, "rejected": _TOKEN_ROW,
-                          "pair_uid": Value("int64"), "length": Value("int64")})
+
+
+def _datasets():
+    """The ``datasets`` package (imported on first use, so that ``import elbokto`` needs none)."""
+    return require("datasets", "elbokto's data loading")
+
+
+@functools.cache
+def features() -> dict[str, Any]:
+    """The schemas of the three tables, as ``datasets.Features``: "canonical" (one example a row:
+    prompt messages, completion, label, uid, pair_uid), "token" (its tokens and lengths) and "pair"
+    (a chosen and a rejected token row)."""
+    datasets = _datasets()
+    Features, List, Value = datasets.Features, datasets.List, datasets.Value
+    messages = List({"role": Value("string"), "content": Value("string")})
+    token = Features({"input_ids": List(Value("int32")), "prompt_length": Value("int64"),
+                      "response_length": Value("int64"), "desirable": Value("bool"),
+                      "uid": Value("int64"), "pair_uid": Value("int64"), "length": Value("int64")})
+    token_row = {k: v for k, v in token.items() if k not in ("desirable", "pair_uid")}
+    return {"canonical": Features({"prompt": messages, "completion": Value("string"),
+                                   "label": Value("bool"), "uid": Value("int64"),
+                                   "pair_uid": Value("int64")}),
+            "token": token,
+            "pair": Features({"chosen": token_row, "rejected": token_row,
+                              "pair_uid": Value("int64"), "length": Value("int64")})}
+
+
 # Per-row outcome of tokenize_dataset; counted after the map so that the counts also hold when
 # datasets serves the map from its cache (a counter inside the mapped function would stay at 0).
 _KEPT, _TRUNCATED, _LONG_PROMPT, _EMPTY = 0, 1, 2, 3
@@ -192,9 +213,10 @@ def load_source(source: str | os.PathLike | Dataset | DatasetDict, split: str = 
     path is a hub dataset, unless it reads as a path (a known extension, a leading ``.``, ``/``
     or ``~``, or more than one ``/``): then it is a missing file.
     """
-    if isinstance(source, Dataset):
+    datasets = _datasets()
+    if isinstance(source, datasets.Dataset):
         return source
-    if isinstance(source, DatasetDict):
+    if isinstance(source, datasets.DatasetDict):
         return source[split]
     path = Path(source).expanduser()
     if path.exists():
@@ -212,7 +234,8 @@ def load_source(source: str | os.PathLike | Dataset | DatasetDict, split: str = 
             raise ValueError(f"{', '.join(empty)}: empty file")
         builder = builders.pop()
         try:
-            return load_dataset(builder, data_files=[str(p) for p in files], split="train")
+            return datasets.load_dataset(builder, data_files=[str(p) for p in files],
+                                         split="train")
         except Exception as err:  # datasets wraps the parser's error: report the root cause
             cause = err
             while cause.__cause__ is not None:
@@ -222,7 +245,7 @@ def load_source(source: str | os.PathLike | Dataset | DatasetDict, split: str = 
     text = str(source)
     if path.suffix in _FILE_BUILDERS or text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise FileNotFoundError(f"{text}: no such file or folder")
-    return load_dataset(text, split=split)
+    return datasets.load_dataset(text, split=split)
 
 
 def detect_layout(columns: Sequence[str]) -> str:
@@ -235,7 +258,7 @@ def detect_layout(columns: Sequence[str]) -> str:
 
 
 def unpair(dataset: Dataset, seed: int = 0) -> Dataset:
-    """Canonical unpaired rows of :data:`CANONICAL_FEATURES`: prompt, completion, label, uid.
+    """Canonical unpaired rows of ``features()["canonical"]``: prompt, completion, label, uid.
 
     A plain-string prompt becomes one user turn. A response (completion, chosen, rejected) that is
     a message list ends with the assistant turn that is the completion; when it starts with a
@@ -248,7 +271,7 @@ def unpair(dataset: Dataset, seed: int = 0) -> Dataset:
     layout = detect_layout(dataset.column_names)
     paired = layout == "paired"
     rows = dataset.map(_unpair_batch, batched=True, with_indices=True, fn_kwargs={"paired": paired},
-                       remove_columns=dataset.column_names, features=CANONICAL_FEATURES,
+                       remove_columns=dataset.column_names, features=features()["canonical"],
                        desc=f"unpairing ({layout})")
     _warn_duplicates(rows["uid"], per_source_row=2 if paired else 1)
     return rows.shuffle(seed=seed) if paired else rows
@@ -406,7 +429,7 @@ def tokenize_dataset(dataset: Dataset, tokenizer, *, max_length: int | None = 10
     end-of-turn token, since it did not end there); an empty response drops the example.
 
     Returns:
-        Rows of :data:`TOKEN_FEATURES`: input_ids list[int32], prompt_length int64,
+        Rows of ``features()["token"]``: input_ids list[int32], prompt_length int64,
         response_length int64 (>= 1, incl. the end-of-turn token), desirable bool, uid int64,
         length int64 (total, for transformers' ``group_by_length`` with
         ``length_column_name="length"``); and the drop/cut counts.
@@ -420,13 +443,15 @@ def tokenize_dataset(dataset: Dataset, tokenizer, *, max_length: int | None = 10
         raise ValueError("the tokenizer has no eos_token_id: pass end_of_turn_token_id (None "
                          "appends nothing)")
     if len(dataset) == 0:  # map would not run, and the output would lack the columns
-        empty = Dataset.from_dict({k: [] for k in TOKEN_FEATURES}, features=TOKEN_FEATURES)
+        token = features()["token"]
+        empty = _datasets().Dataset.from_dict({k: [] for k in token}, features=token)
         return empty, DataStats()
     limits = {"max_length": max_length, "max_prompt_length": max_prompt_length, "eot": eot}
     tokens = dataset.map(_tokenize_batch, batched=True,
                          fn_kwargs={"tokenizer": tokenizer, **limits},
                          remove_columns=dataset.column_names,
-                         features=Features({**TOKEN_FEATURES, "status": Value("int8")}),
+                         features=_datasets().Features({**features()["token"],
+                                                        "status": _datasets().Value("int8")}),
                          desc="tokenising")
     counts = Counter(tokens["status"])
     kept = tokens.filter(lambda status: [s <= _TRUNCATED for s in status], batched=True,
@@ -447,7 +472,7 @@ def tokenize_dataset(dataset: Dataset, tokenizer, *, max_length: int | None = 10
 
 
 def pair_rows(rows: Dataset) -> Dataset:
-    """Pairs of :data:`PAIR_FEATURES` from token rows: the desirable (chosen) and undesirable
+    """Pairs of ``features()["pair"]`` from token rows: the desirable (chosen) and undesirable
     (rejected) rows that share a ``pair_uid``, in the order the pairs first appear.
 
     A pair missing one of its rows (dropped by the length policy) is dropped; a pair_uid seen
@@ -458,11 +483,11 @@ def pair_rows(rows: Dataset) -> Dataset:
     for row in rows:
         slot = slots.setdefault(row["pair_uid"], {})
         side = "chosen" if row["desirable"] else "rejected"
-        slot.setdefault(side, {k: row[k] for k in _TOKEN_ROW})
+        slot.setdefault(side, {k: row[k] for k in features()["pair"]["chosen"]})
     pairs = [{"chosen": slot["chosen"], "rejected": slot["rejected"], "pair_uid": key,
               "length": slot["chosen"]["length"] + slot["rejected"]["length"]}
              for key, slot in slots.items() if len(slot) == 2]
-    return Dataset.from_list(pairs, features=PAIR_FEATURES)
+    return _datasets().Dataset.from_list(pairs, features=features()["pair"])
 
 
 def dataset_uids(dataset: Dataset) -> Tensor:
@@ -484,7 +509,7 @@ def _tokenize_batch(batch: dict[str, list], tokenizer, max_length: int | None,
                     max_prompt_length: int | None, eot: int | None) -> dict[str, list]:
     prompts = prompt_token_ids(tokenizer, batch["prompt"])
     responses = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
-    out: dict[str, list] = {k: [] for k in (*TOKEN_FEATURES, "status")}
+    out: dict[str, list] = {k: [] for k in (*features()["token"], "status")}
     for prompt, response, label, uid, pair_uid in zip(prompts, responses, batch["label"],
                                                       batch["uid"], batch["pair_uid"]):
         response = response + ([] if eot is None else [eot])

@@ -47,6 +47,7 @@ from elbokto.generate import GenerationConfig, decode_responses, generate
 from elbokto.loss import LossConfig
 from elbokto.models import build_tiny_model
 from elbokto.objective import ELBOKTOObjective
+from elbokto.requires import pyplot
 from elbokto.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
 
 __all__ = ["DemoConfig", "classify", "run_demo", "run_seeds", "write_ablations"]
@@ -637,13 +638,10 @@ def _jsonable_value(value):
 def _pyplot():
     """matplotlib.pyplot on the file-only Agg backend, or None (with a warning) without it."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot")
+        return pyplot("the demo's plots")
+    except ModuleNotFoundError as error:
+        logger.warning("%s (no plot)", error)
         return None
-    return plt
 
 
 def plot_curves(summary: dict, path: Path) -> bool:

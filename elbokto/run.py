@@ -26,6 +26,7 @@ from elbokto.models import (ADAPTER_CONFIG, TINY, ModelConfig, adapter_base, fro
                             resolve_mask_token_id, uses_shifted_logits)
 from elbokto.precompute import (ReferenceTable, data_fingerprint, model_identity,
                                 precompute_reference, reference_meta)
+from elbokto.requires import pyplot
 from elbokto.tiny import build_tiny_tokenizer
 from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer, last_complete_checkpoint
 
@@ -339,9 +340,7 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
 
 def plot_psi(rows: list[dict], path: Path) -> None:
     """Psi(S), v(S) and c(S) per Monte-Carlo setting, as one bar chart."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the diagnose chart")
 
     labels = [f"{r['n_t']}x{r['n_yt']}" for r in rows]
     fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 3.2))

@@ -9,7 +9,6 @@ import torch
 from datasets import Dataset
 from transformers import HfArgumentParser
 
-import elbokto.data
 from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_class_balance,
                           dataset_uids, detect_layout, example_uid, load_source, pair_rows,
                           subsample_classes, tokenize_dataset, unpair)
@@ -161,7 +160,7 @@ def test_missing_sources(tmp_path):
 def test_hub_names_and_dataset_dicts(tmp_path, monkeypatch):
     calls = []
     fake = Dataset.from_list(UNPAIRED)
-    monkeypatch.setattr(elbokto.data, "load_dataset",
+    monkeypatch.setattr(datasets, "load_dataset",
                         lambda *args, **kwargs: calls.append((args, kwargs)) or fake)
     assert load_source("HuggingFaceH4/ultrafeedback_binarized", "train_prefs") is fake
     assert calls == [(("HuggingFaceH4/ultrafeedback_binarized",), {"split": "train_prefs"})]

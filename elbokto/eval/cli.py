@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import sys
 
+from elbokto.requires import require
+
 SUBCOMMANDS = ("winrate", "lm-eval")
 
 
@@ -48,7 +50,8 @@ def winrate(argv: list[str]) -> int:
 
 def lm_eval(argv: list[str]) -> int:
     """lm-eval's CLI (``lm-eval run ...``; the subcommand may be left out) on ``argv``."""
-    import elbokto.eval  # noqa: F401  (registers the model "elbokto")
+    require("lm_eval", "elbokto eval lm-eval")
+    import elbokto.eval.harness  # noqa: F401  (registers the model "elbokto")
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 

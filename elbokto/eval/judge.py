@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elbokto.eval.template import render
+from elbokto.requires import require
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class PairwiseJudge:
 
     def _ask(self, message: str) -> str | None:
         """The judge's text for one message, retrying what is transient."""
-        import openai
+        openai = require("openai", "the pairwise judge")
 
         config = self.config
         for attempt in range(config.judge_max_retries + 1):
@@ -254,7 +255,7 @@ def require_judge(config: JudgeConfig) -> None:
 def check_reachable(config: JudgeConfig, client=None) -> None:
     """ValueError unless a judge is named and its endpoint answers (any HTTP answer to a model
     listing will do, except a refused key): checked before hours of sampling, not after."""
-    import openai
+    openai = require("openai", "the pairwise judge")
 
     require_judge(config)
     client = client or _client(config)
@@ -271,7 +272,7 @@ def check_reachable(config: JudgeConfig, client=None) -> None:
 
 
 def _client(config: JudgeConfig):
-    import openai
+    openai = require("openai", "the pairwise judge")
 
     key = os.environ.get("OPENAI_API_KEY")
     if not key:

@@ -26,6 +26,7 @@ from elbokto.eval.stats import cohen_kappa, prompt_outcome, win_rate
 from elbokto.eval.template import load_template
 from elbokto.generate import GenerationConfig
 from elbokto.models import ModelConfig
+from elbokto.requires import pyplot
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +149,7 @@ def compute_winrate(prompts: list[str], candidate: list[str], baseline: list[str
 
 def plot_winrate(summary: dict, path: Path) -> None:
     """One bar per judge: its AWR with the 95% interval, and the 0.5 line of a draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the win-rate chart")
 
     names = list(summary["judges"])
     awr = [summary["judges"][m]["awr"] or 0.0 for m in names]

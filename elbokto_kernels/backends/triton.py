@@ -25,6 +25,29 @@ from torch import Tensor
 GPU_BLOCK_V = 4096
 
 
+def _repair_interpreter() -> None:
+    """Triton's interpreter up to 3.6 converts a scalar argument to an index with
+    ``int(array_of_shape_1)``, which numpy >= 2.4 refuses (TypeError on the kernels' first
+    ``range(0, vocab, ...)``); later releases squeeze the array first, as done here. The patch is
+    applied after the interpreter's own, each time it patches ``tl.tensor`` for a launch."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "_elbokto_index", False):
+        return
+
+    def patch_with_squeeze(tensor, *args, **kwargs):
+        patch(tensor, *args, **kwargs)
+        tensor.__index__ = lambda self: int(self.handle.data.reshape(()))
+
+    patch_with_squeeze._elbokto_index = True
+    interpreter._patch_lang_tensor = patch_with_squeeze
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _repair_interpreter()
+
+
 def _block_v(vocab: int) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         # Larger blocks amortise the interpreter's per-op cost.

@@ -1,0 +1,80 @@
+"""What importing costs: ``import elbokto`` loads nothing heavy until a name is used, and the
+optional packages (datasets, lm-eval, openai, matplotlib) are needed only by the functions that
+use them, which then say in one line what to install."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+OPTIONAL = ("datasets", "lm_eval", "openai", "matplotlib")
+
+
+def run_without(code: str, missing=OPTIONAL) -> str:
+    """Runs ``code`` in a fresh interpreter where ``missing`` cannot be imported (as if not
+    installed: ``importlib.util.find_spec`` gives None too); returns its stdout."""
+    prelude = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in missing)
+    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_import_elbokto_loads_nothing_heavy():
+    out = run_without("""
+        import elbokto, elbokto_kernels
+        print(sorted(m for m in ("torch", "transformers", "triton", "accelerate", "peft")
+                     if m in sys.modules))
+    """, missing=())
+    assert out.split("\n")[0] == "['torch']"  # elbokto_kernels' one dependency
+
+
+def test_the_library_works_without_the_optional_packages():
+    out = run_without("""
+        import elbokto
+        from elbokto import ELBOKTOObjective, ELBOKTOTrainer, elbo_estimate, sample_draws
+        import elbokto.eval
+        import elbokto.eval.cli
+        from elbokto.eval import win_rate
+        print("imported")
+        for call in (lambda: elbokto.load_source("rows.jsonl"),
+                     lambda: elbokto.eval.DiffusionLM,
+                     lambda: elbokto.eval.cli.lm_eval(["--help"])):
+            try:
+                call()
+            except ModuleNotFoundError as error:
+                print(error)
+    """)
+    lines = out.strip().split("\n")
+    assert lines[0] == "imported"
+    assert lines[1] == "elbokto's data loading needs the 'datasets' package: pip install datasets"
+    assert lines[2] == "elbokto's lm-eval model needs the 'lm-eval' package: pip install lm-eval"
+    assert lines[3] == "elbokto eval lm-eval needs the 'lm-eval' package: pip install lm-eval"
+
+
+@pytest.mark.parametrize("module, purpose", [("openai", "the pairwise judge"),
+                                             ("matplotlib.pyplot", "the win-rate chart")])
+def test_require_names_the_package(module, purpose):
+    out = run_without(f"""
+        from elbokto.requires import require
+        try:
+            require({module!r}, {purpose!r})
+        except ModuleNotFoundError as error:
+            print(error)
+    """)
+    package = module.partition(".")[0]
+    assert out.strip() == f"{purpose} needs the {package!r} package: pip install {package}"
+
+
+def test_an_error_inside_an_installed_package_is_not_renamed():
+    """Only a missing top-level package becomes the install hint; any other import error of an
+    installed package propagates as it is."""
+    from elbokto.requires import require
+
+    with pytest.raises(ModuleNotFoundError, match="No module named 'json.nope'"):
+        require("json.nope", "a test")
