@@ -131,7 +131,7 @@ def bench_sampler(shape: dict, repeats: int) -> tuple[str, float]:
 
     from elbokto.demo import OTHER, DESIRABLE, DemoConfig, Encoder, build_model, classify, \
         sample_prompts, train_sft
-    from elbokto.generate import GenerationConfig, decode_responses, generate
+    from elbokto.sampling import GenerationConfig, decode_responses, generate
 
     config = DemoConfig()
     if shape["sft_steps"]:

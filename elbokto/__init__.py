@@ -16,7 +16,7 @@ import importlib
 # module -> the public names it defines
 _EXPORTS = {
     "elbokto.block": ("check_block_attention",),
-    "elbokto.block_generate": ("block_generate",),
+    "elbokto.block_sampling": ("block_generate",),
     "elbokto.data": ("DataConfig", "DataStats", "PreferenceCollator", "build_dataset",
                      "check_class_balance", "load_source", "pair_rows", "subsample_classes",
                      "tokenize_dataset", "unpair"),
@@ -24,7 +24,7 @@ _EXPORTS = {
                             "estimate_psi"),
     "elbokto.draws": ("Draws", "MCConfig", "sample_draws"),
     "elbokto.estimate": ("elbo_estimate",),
-    "elbokto.generate": ("GenerationConfig", "decode_responses", "generate"),
+    "elbokto.sampling": ("GenerationConfig", "decode_responses", "generate"),
     "elbokto.loss": ("LOSSES", "LossConfig", "elbo_dpo_loss", "elbo_kto_loss", "kl_baseline"),
     "elbokto.objective": ("ELBOKTOObjective", "ObjectiveOutput"),
     "elbokto.models": ("ModelConfig",),

@@ -30,7 +30,7 @@ so that path could not be tested on CPU here: load the model with ``attn_impleme
 as dFactory trains LLaDA2.0), and sliding-window layers (a 4D mask replaces their window).
 :func:`check_block_attention` checks a model end to end before training.
 
-Sampling block by block, with a KV cache of the finished blocks: :mod:`elbokto.block_generate`
+Sampling block by block, with a KV cache of the finished blocks: :mod:`elbokto.block_sampling`
 (its mask is the clean-clean quadrant's, block-causal).
 """
 

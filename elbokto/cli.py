@@ -112,7 +112,7 @@ def _run(command: str, rest: list[str]) -> int:
 
     from elbokto import run
     from elbokto.data import DataConfig
-    from elbokto.generate import GenerationConfig
+    from elbokto.sampling import GenerationConfig
     from elbokto.models import ModelConfig
     from elbokto.trainer import ELBOKTOConfig
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from elbokto.data import PreferenceCollator, example_uid, prompt_token_ids
 from elbokto.draws import MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
-from elbokto.generate import GenerationConfig, decode_responses, generate
+from elbokto.sampling import GenerationConfig, decode_responses, generate
 from elbokto.loss import LossConfig
 from elbokto.models import build_tiny_model
 from elbokto.objective import ELBOKTOObjective

@@ -1,6 +1,6 @@
 """The demo's task on a tiny block-diffusion model: SFT and ELBO-KTO with the block ELBO (the demo's
 own training functions), then block-by-block sampling with the KV cache
-(:func:`elbokto.block_generate.block_generate`): the desirable rate must rise."""
+(:func:`elbokto.block_sampling.block_generate`): the desirable rate must rise."""
 
 import copy
 from collections import Counter
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from elbokto.block_generate import block_generate
+from elbokto.block_sampling import block_generate
 from elbokto.demo import (DESIRABLE, Encoder, build_model, classify, kto_rows,
                           sample_prompts, train_kto, train_sft)
 from elbokto.draws import MCConfig
-from elbokto.generate import GenerationConfig, decode_responses
+from elbokto.sampling import GenerationConfig, decode_responses
 from tiny_models import small_demo_config
 
 # Three letters: prompts of 6 tokens and answers of 4, in blocks of 2.

@@ -16,7 +16,7 @@ from lm_eval.tasks import TaskManager
 
 from elbokto.cli import main
 from elbokto.eval import DiffusionLM
-from elbokto.generate import decode_responses, generate
+from elbokto.sampling import decode_responses, generate
 from tiny_eval import save_tiny_model
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"

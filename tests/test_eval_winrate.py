@@ -7,7 +7,7 @@ import pytest
 
 from elbokto.cli import main
 from elbokto.eval import JudgeConfig, RuleJudgeServer, WinrateArgs, run_winrate
-from elbokto.generate import GenerationConfig
+from elbokto.sampling import GenerationConfig
 from tiny_eval import save_tiny_model
 
 PROMPTS = ["Reverse abc", "Reverse hello", "What color is the sky?"]

@@ -78,3 +78,17 @@ def test_an_error_inside_an_installed_package_is_not_renamed():
 
     with pytest.raises(ModuleNotFoundError, match="No module named 'json.nope'"):
         require("json.nope", "a test")
+
+
+def test_public_names_are_what_they_say_after_any_import():
+    """A public name that were also a submodule's would turn into that module once anything
+    imported the submodule (``from elbokto import generate`` would give a module)."""
+    out = run_without("""
+        import importlib, pkgutil, types
+        import elbokto
+        for info in pkgutil.iter_modules(elbokto.__path__):
+            importlib.import_module("elbokto." + info.name)
+        print([name for name in elbokto.__all__
+               if isinstance(getattr(elbokto, name), types.ModuleType)])
+    """, missing=())
+    assert out.strip() == "[]"

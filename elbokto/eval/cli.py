@@ -37,7 +37,7 @@ def winrate(argv: list[str]) -> int:
 
     from elbokto.eval.judge import JudgeConfig
     from elbokto.eval.winrate import WinrateArgs, run_winrate
-    from elbokto.generate import GenerationConfig
+    from elbokto.sampling import GenerationConfig
 
     parser = HfArgumentParser([WinrateArgs, GenerationConfig, JudgeConfig],
                               prog="elbokto eval winrate")

@@ -16,7 +16,7 @@ from elbokto.demo import DESIRABLE, OTHER, UNDESIRABLE, DemoConfig, Encoder, cla
 from elbokto.eval.judge import JudgeConfig
 from elbokto.eval.rule_judge import Rule, RuleJudgeServer
 from elbokto.eval.winrate import compute_winrate
-from elbokto.generate import GenerationConfig, decode_responses, generate
+from elbokto.sampling import GenerationConfig, decode_responses, generate
 
 _RANK = {DESIRABLE: 2, UNDESIRABLE: 1, OTHER: 0}
 

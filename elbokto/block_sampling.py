@@ -6,14 +6,14 @@ training (:mod:`elbokto.block`). So once a block is final its keys and values ne
 the sampler keeps them in a transformers ``DynamicCache``:
 
 1. prefill: one forward over the prompts' whole blocks (block-causal mask) fills the cache;
-2. each response block is denoised over its steps as in :func:`elbokto.generate.generate` (the
+2. each response block is denoised over its steps as in :func:`elbokto.sampling.generate` (the
    same proposals, schedule, remasking, threshold and random draws), every step one forward of
    the block alone, attending to the cache and to itself; the cache is cropped back after each
    of these calls, since the block's keys and values are not final yet;
 3. once the block is full, one forward of it appends its keys and values to the cache.
 
 Without the cache (``use_cache=False``) each step runs the whole prefix with the block-causal
-mask instead: the same logits up to rounding, so the same tokens (``tests/test_block_generate.py``
+mask instead: the same logits up to rounding, so the same tokens (``tests/test_block_sampling.py``
 checks it), at the cost of attending over the whole canvas every step. :func:`check_block_cache`
 tells whether a model's cache behaves (remote code may keep a cache of its own); `elbokto
 generate` falls back to the cache-free computation when it does not.
@@ -43,7 +43,7 @@ from transformers import DynamicCache
 
 from elbokto.block import (check_block_attention, check_block_model, format_mask,
                            resolve_block_size)
-from elbokto.generate import (GenerationConfig, build_canvas, device_of, fill_block, generate,
+from elbokto.sampling import (GenerationConfig, build_canvas, device_of, fill_block, generate,
                               prompt_rows, sampler_mask_id, schedules)
 
 __all__ = ["block_generate", "check_block_cache", "sampler_for"]
@@ -65,7 +65,7 @@ def block_generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: G
             (as ``cache``, else ``past_key_values``; ``logits_to_keep`` when its forward takes
             it).
         prompts: B >= 1 non-empty token-id sequences, of any lengths.
-        config: as for :func:`elbokto.generate.generate`, with ``block_length`` the model's block
+        config: as for :func:`elbokto.sampling.generate`, with ``block_length`` the model's block
             size b: each block of b positions gets ``steps / (gen_length / b)`` steps (a block
             shared with a prompt splits its fewer masks over as many steps, skipping the steps
             where no row has anything to commit). ``shift_logits`` is refused.
@@ -198,7 +198,7 @@ class _Prefix:
 
 
 def sampler_for(model: nn.Module, config: GenerationConfig, block_size: int | None = None):
-    """(config, sampler) for ``model``: :func:`elbokto.generate.generate` as it is, or for a
+    """(config, sampler) for ``model``: :func:`elbokto.sampling.generate` as it is, or for a
     block-diffusion model (``block_size``, else its config's; :func:`resolve_block_size`)
     :func:`block_generate` over the model's own blocks, its mask handling checked as for
     training and its KV cache used when :func:`check_block_cache` finds it exact (else the

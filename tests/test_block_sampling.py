@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from elbokto.block_generate import block_generate, check_block_cache
+from elbokto.block_sampling import block_generate, check_block_cache
 from elbokto.cli import main
 from elbokto.data import prompt_token_ids
-from elbokto.generate import GenerationConfig, decode_responses, generate
+from elbokto.sampling import GenerationConfig, decode_responses, generate
 from elbokto.models import ModelConfig, build_tiny_model, load_model, load_tokenizer
 from elbokto.tiny import build_tiny_tokenizer
 from tiny_models import MASK_ID, Wrapper, tiny_block_model
@@ -41,7 +41,7 @@ class Recorder:
 
 class BlockCausal(nn.Module):
     """The plain sampler's whole-canvas call made block-causal, written out independently of
-    :mod:`elbokto.block_generate`: canvas column block k attends to itself and the column blocks
+    :mod:`elbokto.block_sampling`: canvas column block k attends to itself and the column blocks
     before it (whole-block left padding keeps columns and positions in the same blocks),
     padding keys excluded, positions counted from each row's first token."""
 

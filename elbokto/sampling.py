@@ -17,7 +17,7 @@ steps than its share; the sampler moves on as soon as the block is full in every
 commits at least the schedule's count (one per step when ``steps == gen_length``, which is
 Fast-dLLM's rule: the most confident token plus all those above the threshold).
 
-Block-diffusion models (LLaDA2.0, SDAR) are sampled by :mod:`elbokto.block_generate`, which runs
+Block-diffusion models (LLaDA2.0, SDAR) are sampled by :mod:`elbokto.block_sampling`, which runs
 the same steps over the model's own blocks with a KV cache.
 """
 
