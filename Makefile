@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install demo test bench-cpu clean
+.PHONY: install demo test test-compat gpu-check bench-cpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The compat lane on the other stacks of the supported matrix (tests/compat.py: venvs of their own,
+# cached under ~/.cache/elbokto/compat); stdlib-only, so no install step.
+test-compat:
+	$(PYTHON) tests/compat.py
 
 bench-cpu: install
 	$(PY) -m pytest benchmarks -q --benchmark-enable

@@ -13,6 +13,13 @@ from __future__ import annotations
 
 import importlib
 
+from elbokto.requires import MINIMUM as _MINIMUM
+from elbokto_kernels.versions import require_version as _require_version
+
+for _name, _version in _MINIMUM.items():
+    _require_version(_name, _version, "elbokto")
+del _name, _version
+
 # module -> the public names it defines
 _EXPORTS = {
     "elbokto.block": ("check_block_attention",),

@@ -83,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-# What a user's input can raise (ValueError also covers NonFiniteError); anything else is a bug
-# and keeps its traceback.
+# What a user's input or installation can raise (ValueError also covers NonFiniteError;
+# ImportError: a missing optional package or a refused version); anything else is a bug and keeps
+# its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError)
+               PermissionError, ImportError)
 
 
 def _run(command: str, rest: list[str]) -> int:
@@ -112,8 +113,8 @@ def _run(command: str, rest: list[str]) -> int:
 
     from elbokto import run
     from elbokto.data import DataConfig
-    from elbokto.sampling import GenerationConfig
     from elbokto.models import ModelConfig
+    from elbokto.sampling import GenerationConfig
     from elbokto.trainer import ELBOKTOConfig
 
     if command == "train":

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from elbokto import fixups
+from elbokto_kernels.versions import installed, release
 
 ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer but the output head
 
@@ -50,6 +51,19 @@ class ModelFamily:
     """``fix(model_config)``, run after the config is loaded, before the model code is imported."""
     class_fixups: tuple[Callable[[type], None], ...] = ()
     """``fix(model_class)``, run on the model class (remote code) before it is instantiated."""
+    min_transformers: tuple[str, str] | None = None
+    """(version, why): the oldest transformers that builds the family right, and the reason."""
+
+
+def check_transformers(family: ModelFamily) -> None:
+    """ValueError, in one line, when the installed transformers predates the family's floor."""
+    if family.min_transformers is None:
+        return
+    minimum, why = family.min_transformers
+    found = installed("transformers")
+    if release(found) < release(minimum):
+        raise ValueError(f"{family.name} models need transformers >= {minimum} ({why}); found "
+                         f"{found}: pip install 'transformers>={minimum}'")
 
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -103,6 +117,8 @@ FAMILIES: tuple[ModelFamily, ...] = (
         name="bidirectional",
         flag="use_bidirectional_attention",
         config_fixups=(fixups.not_causal,),
+        min_transformers=("5.0", "earlier releases ignore use_bidirectional_attention and build "
+                                 "the model causal"),
     ),
 )
 

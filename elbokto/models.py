@@ -17,11 +17,13 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GemmaConfig, GemmaForCausalLM
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from elbokto.families import ALL_LINEAR, ModelFamily, family_of
+from elbokto.families import ALL_LINEAR, FAMILIES, ModelFamily, check_transformers, family_of
 
 # Diffusion LMs whose forward process is not masking: the masked-diffusion ELBO does not apply.
 UNIFORM_NOISE_MODEL_TYPES = {"diffusion_gemma", "diffusion_gemma_text"}
 TINY = "tiny"
+# The tiny model is a transformers-native bidirectional Gemma.
+FAMILY_OF_TINY = next(family for family in FAMILIES if family.name == "bidirectional")
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -158,6 +160,7 @@ def _accepted_family(model_config, name: str, assume_bidirectional: bool) -> Mod
     """The model's family; a model outside the table only with --assume_bidirectional."""
     family = family_of(model_config)
     if family is not None:
+        check_transformers(family)
         return family
     if assume_bidirectional:
         return _outside_table(model_config)
@@ -268,6 +271,7 @@ def build_tiny_model(vocab_size: int, mask_token_id: int, *, hidden_size: int = 
     ``intermediate_size`` defaults to 4 x ``hidden_size``; the head size is
     ``hidden_size // num_heads``; no BOS token. The weights are a function of ``seed`` and the
     shapes (the global torch RNG is seeded)."""
+    check_transformers(FAMILY_OF_TINY)
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(f"hidden_size {hidden_size}, num_heads {num_heads}, num_kv_heads "
                          f"{num_kv_heads}: heads must divide hidden_size and kv heads the heads")

@@ -9,6 +9,9 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+# The oldest tested versions of what elbokto itself imports (elbokto_kernels checks torch).
+MINIMUM = {"transformers": "4.54.1", "accelerate": "1.11.0", "peft": "0.17.0"}
+
 # import name -> the distribution that provides it
 PACKAGES = {"datasets": "datasets", "lm_eval": "lm-eval", "openai": "openai",
             "matplotlib": "matplotlib"}

@@ -19,17 +19,23 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from elbokto_kernels.versions import require_version
 
-from elbokto.data import dataset_uids
-from elbokto.draws import MCConfig
-from elbokto.guards import NonFiniteError, all_finite
-from elbokto.loss import LossConfig
-from elbokto.objective import ELBOKTOObjective
-from elbokto.precompute import ReferenceTable
-from elbokto_kernels import BACKENDS
+# Tested on transformers 5 only (README, "Versions"); earlier releases are refused here rather
+# than run untested.
+require_version("transformers", "5.0", "elbokto's trainer")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from elbokto.data import dataset_uids  # noqa: E402
+from elbokto.draws import MCConfig  # noqa: E402
+from elbokto.guards import NonFiniteError, all_finite  # noqa: E402
+from elbokto.loss import LossConfig  # noqa: E402
+from elbokto.objective import ELBOKTOObjective  # noqa: E402
+from elbokto.precompute import ReferenceTable  # noqa: E402
+from elbokto_kernels import BACKENDS  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

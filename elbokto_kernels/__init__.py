@@ -7,8 +7,12 @@ CPU under TRITON_INTERPRET=1), "cpu" (C++), "torch" (reference path); "auto" pic
 ``usable_backends(device)`` lists those that work on a device here.
 """
 
-from .backends import BACKENDS, usable_backends
-from .elbo import fused_elbo
-from .linear_elbo import fused_linear_elbo
+from .versions import MINIMUM, require_version
+
+require_version("torch", MINIMUM["torch"], "elbokto_kernels")
+
+from .backends import BACKENDS, usable_backends  # noqa: E402
+from .elbo import fused_elbo  # noqa: E402
+from .linear_elbo import fused_linear_elbo  # noqa: E402
 
 __all__ = ["fused_elbo", "fused_linear_elbo", "BACKENDS", "usable_backends"]

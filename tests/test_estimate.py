@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from elbokto import MCConfig, sample_draws
+from devices import DEVICE, MODEL_BACKEND, on_device
 from elbokto.estimate import elbo_estimate, noisy_copies
 from tiny_models import MASK_ID, NextTokenLogits, tiny_batch, tiny_gemma
 
@@ -21,8 +22,8 @@ def unfused_elbo(model, input_ids, draws, attention_mask=None, shift=False):
     logp = torch.log_softmax(logits.double(), -1).gather(
         -1, input_ids[draws.sample_index].unsqueeze(-1)).squeeze(-1)
     per_copy = (logp * draws.mask).sum(1) * draws.weight.double()
-    return torch.zeros(input_ids.shape[0], dtype=torch.float64).index_add(0, draws.sample_index,
-                                                                          per_copy)
+    return torch.zeros(input_ids.shape[0], dtype=torch.float64,
+                       device=input_ids.device).index_add(0, draws.sample_index, per_copy)
 
 
 def draws_for(batch, n_t=4):
@@ -38,13 +39,12 @@ def grads_of(model, value):
 @pytest.mark.parametrize("keep_logits", [False, True], ids=["recompute", "keep-logits"])
 @pytest.mark.parametrize("softcap", [False, True], ids=["gemma", "gemma2-softcap"])
 def test_fused_head_matches_full_logits(softcap, keep_logits):
-    model = tiny_gemma(softcap=softcap)
-    batch = tiny_batch()
+    model, batch = on_device(tiny_gemma(softcap=softcap), tiny_batch())
     draws = draws_for(batch)
-    upstream = torch.randn(4)
+    upstream = torch.randn(4, device=DEVICE)
     fused = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
                           attention_mask=batch["attention_mask"], keep_logits=keep_logits,
-                          backend="torch")
+                          backend=MODEL_BACKEND)
     ref = unfused_elbo(model, batch["input_ids"], draws, batch["attention_mask"])
     assert fused.dtype == torch.float32 and fused.shape == (4,)
     torch.testing.assert_close(fused.double(), ref, rtol=1e-5, atol=1e-5)
@@ -56,8 +56,7 @@ def test_fused_head_matches_full_logits(softcap, keep_logits):
 
 
 def test_shift_logits_and_logits_path():
-    inner = tiny_gemma(seed=1)
-    batch = tiny_batch(seed=1)
+    inner, batch = on_device(tiny_gemma(seed=1), tiny_batch(seed=1))
     draws = draws_for(batch, n_t=2)
     direct = elbo_estimate(inner, batch["input_ids"], draws, mask_token_id=MASK_ID,
                            attention_mask=batch["attention_mask"])

@@ -36,8 +36,10 @@ def test_import_elbokto_loads_nothing_heavy():
 
 def test_the_library_works_without_the_optional_packages():
     out = run_without("""
-        import elbokto
-        from elbokto import ELBOKTOObjective, ELBOKTOTrainer, elbo_estimate, sample_draws
+        import elbokto, transformers
+        from elbokto import ELBOKTOObjective, elbo_estimate, sample_draws
+        if int(transformers.__version__.split(".")[0]) >= 5:  # the trainer's floor
+            from elbokto import ELBOKTOTrainer
         import elbokto.eval
         import elbokto.eval.cli
         from elbokto.eval import win_rate
@@ -92,3 +94,34 @@ def test_public_names_are_what_they_say_after_any_import():
                if isinstance(getattr(elbokto, name), types.ModuleType)])
     """, missing=())
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("version, release", [
+    ("2.11.0+cu130", (2, 11, 0)), ("3.0.0rc1", (3, 0, 0)), ("2.12.0a0+git1234", (2, 12, 0)),
+    ("4.54.1", (4, 54, 1)), ("1.26", (1, 26))])
+def test_release(version, release):
+    from elbokto_kernels.versions import release as parse
+
+    assert parse(version) == release
+
+
+@pytest.mark.parametrize("package, old, needed_by", [
+    ("torch", "2.6.0+cu124", "elbokto_kernels"), ("transformers", "4.53.3", "elbokto"),
+    ("peft", "0.16.0", "elbokto")])
+def test_an_older_dependency_is_refused_at_import_in_one_line(package, old, needed_by):
+    from elbokto.requires import MINIMUM as ELBOKTO
+    from elbokto_kernels.versions import MINIMUM as KERNELS
+
+    minimum = {**KERNELS, **ELBOKTO}[package]
+    code = f"""
+        import importlib.metadata as m
+        real = m.version
+        m.version = lambda name: {old!r} if name == {package!r} else real(name)
+        try:
+            import {needed_by}
+        except ImportError as error:
+            print(error)
+    """
+    out = run_without(code, missing=())
+    assert out.strip() == (f"{needed_by} needs {package} >= {minimum}, found {old}: "
+                           f"pip install '{package}>={minimum}'")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from devices import DEVICE, on_device
 from elbokto_kernels import fused_elbo, fused_linear_elbo
 from elbokto_kernels.backends import resolve_backend
 from elbokto_kernels.oracle import assert_close, elbo_oracle, linear_elbo_oracle, tolerances
@@ -28,6 +29,9 @@ def make_case(C, L, V, *, seed, num_samples=3, p_mask=0.5, per_position=False, s
 
 
 def check_elbo(backend, logits, targets, mask, weights, sample_index, num_samples, seed=0):
+    """fused_elbo's values and logit gradients against the float64 oracle, on the test device."""
+    logits, targets, mask, weights, sample_index = on_device(logits, targets, mask, weights,
+                                                             sample_index)
     dtype = logits.dtype
     value_tol, grad_tol = tolerances(dtype)
     x = logits.detach().requires_grad_()
@@ -36,7 +40,7 @@ def check_elbo(backend, logits, targets, mask, weights, sample_index, num_sample
     ref = elbo_oracle(x64, targets, mask, weights, sample_index, num_samples)
     assert out.dtype == torch.float32 and out.shape == (num_samples,)
     assert_close(out, ref, value_tol, "values")
-    upstream = torch.randn(num_samples, generator=torch.Generator().manual_seed(seed))
+    upstream = on_device(torch.randn(num_samples, generator=torch.Generator().manual_seed(seed)))
     (grad,) = torch.autograd.grad(out, x, upstream)
     (ref_grad,) = torch.autograd.grad(ref, x64, upstream.double())
     assert grad.dtype == dtype and grad.shape == logits.shape
@@ -66,10 +70,12 @@ def test_elbo_one_row(backend):
 
 def test_elbo_nothing_masked(backend):
     logits, targets, mask, weights, sample_index, n = make_case(3, 4, 11, seed=2, p_mask=0.0)
-    x = logits.requires_grad_()
+    x, targets, mask, weights, sample_index = on_device(logits, targets, mask, weights,
+                                                        sample_index)
+    x.requires_grad_()
     out = fused_elbo(x, targets, mask, weights, sample_index, n, backend=backend)
-    assert torch.equal(out, torch.zeros(n))
-    (grad,) = torch.autograd.grad(out, x, torch.randn(n))
+    assert torch.equal(out, torch.zeros(n, device=DEVICE))
+    (grad,) = torch.autograd.grad(out, x, torch.randn(n, device=DEVICE))
     assert torch.equal(grad, torch.zeros_like(grad))
 
 
@@ -83,7 +89,8 @@ def test_elbo_extreme_logits(backend, dtype):
 
 def test_elbo_non_contiguous(backend):
     logits, targets, mask, weights, sample_index, n = make_case(4, 6, 33, seed=4)
-    wide = torch.randn(4, 6, 40)
+    logits = on_device(logits)  # the layouts are made on the device
+    wide = torch.randn(4, 6, 40, device=DEVICE)
     wide[..., :33] = logits
     check_elbo(backend, wide[..., :33], targets, mask, weights, sample_index, n)  # vocab slice
     transposed = logits.transpose(0, 1).contiguous().transpose(0, 1)  # C and L not mergeable
@@ -93,6 +100,8 @@ def test_elbo_non_contiguous(backend):
 
 def test_elbo_bad_targets(backend):
     logits, targets, mask, weights, sample_index, n = make_case(3, 4, 10, seed=5, p_mask=1.0)
+    logits, targets, mask, weights, sample_index = on_device(logits, targets, mask, weights,
+                                                             sample_index)
     for bad in (10, -1):
         t = targets.clone()
         t[2, 1] = bad
@@ -129,6 +138,10 @@ def make_linear_case(C, L, D, V, *, seed, dtype=torch.float32, bias=False, scale
 
 def check_linear(backend, hidden, weight, bias, rest, *, softcap=None, chunk_size=None,
                  keep_logits=False, grads=(True, True, True), seed=0):
+    """fused_linear_elbo's values and gradients against the float64 oracle, on the test device;
+    rest: (targets, mask, weights, sample_index, num_samples)."""
+    hidden, weight, bias = on_device(hidden, weight, bias)
+    rest = (*on_device(*rest[:4]), rest[4])
     value_tol, grad_tol = tolerances(hidden.dtype, vocab=weight.shape[0])
     leaves = [t.detach().requires_grad_(need) if t is not None else None
               for t, need in zip((hidden, weight, bias), grads)]
@@ -138,7 +151,7 @@ def check_linear(backend, hidden, weight, bias, rest, *, softcap=None, chunk_siz
                 for t, need in zip((hidden, weight, bias), grads)]
     ref = linear_elbo_oracle(leaves64[0], leaves64[1], leaves64[2], softcap, *rest)
     assert_close(out, ref, value_tol, "values")
-    upstream = torch.randn(rest[-1], generator=torch.Generator().manual_seed(seed))
+    upstream = on_device(torch.randn(rest[-1], generator=torch.Generator().manual_seed(seed)))
     wanted = [(a, b) for a, b in zip(leaves, leaves64) if a is not None and a.requires_grad]
     got = torch.autograd.grad(out, [a for a, _ in wanted], upstream, retain_graph=True)
     # A second backward of the same graph must not see anything the first one overwrote.
@@ -163,7 +176,7 @@ def test_linear_random(backend, dtype, softcap):
                                   chunk_size=chunk_size, keep_logits=keep_logits)
         assert out[-1] == 0
         grad_hidden = grads[0]
-        assert torch.all(grad_hidden[~rest[1]] == 0)
+        assert torch.all(grad_hidden[~on_device(rest[1])] == 0)
 
 
 def test_linear_target_in_the_next_chunk(backend):
@@ -202,7 +215,8 @@ def test_linear_nothing_masked_and_one_row(backend):
 
 def test_linear_extreme_and_non_contiguous(backend):
     hidden, weight, bias, rest = make_linear_case(3, 4, 8, 23, seed=12, scale=300.0)
-    view = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+    view = on_device(hidden).transpose(0, 1).contiguous().transpose(0, 1)
+    assert not view.is_contiguous()
     out, _ = check_linear(backend, view, weight, bias, rest)
     assert torch.isfinite(out).all()
 

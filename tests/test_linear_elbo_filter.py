@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from devices import DEVICE, on_device
 from elbokto_kernels import fused_linear_elbo
 from elbokto_kernels.backends import row_ops
 from elbokto_kernels.grad_filter import resolve_filter_eps
@@ -18,11 +19,11 @@ from elbokto_kernels.vocab_walk import mean_logit_order
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def trained_case(C, L, D, V, *, seed, dtype=torch.float32, bias=False):
+def trained_case(C, L, D, V, *, seed, dtype=torch.float32, bias=False, device=DEVICE):
     """A trained-looking head: each masked row's hidden state points at one token (its target
     for two rows in three), so its softmax has one large entry and a tail of small ones.
     Returns (hidden, weight, bias, (targets, mask, weights, sample_index, num_samples),
-    upstream)."""
+    upstream), on ``device``."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(V, D, generator=g) / D ** 0.5
     pointed = torch.randint(0, V, (C, L), generator=g)
@@ -35,7 +36,9 @@ def trained_case(C, L, D, V, *, seed, dtype=torch.float32, bias=False):
     sample_index = torch.arange(C) % 3
     b = 0.1 * torch.randn(V, generator=g) if bias else None
     upstream = torch.randn(3, generator=g)
-    cast = (lambda t: None if t is None else t.to(dtype))
+    cast = (lambda t: None if t is None else t.to(device, dtype))
+    targets, mask, weights, sample_index, upstream = (
+        t.to(device) for t in (targets, mask, weights, sample_index, upstream))
     return cast(hidden), cast(weight), cast(b), (targets, mask, weights, sample_index, 3), upstream
 
 
@@ -116,7 +119,8 @@ def todays_linear_elbo(hidden, weight, bias, rest, upstream, softcap, chunk):
 
 @pytest.mark.parametrize("softcap", [None, 2.5])
 def test_unfiltered_is_todays_op_bit_for_bit(softcap):
-    hidden, weight, bias, rest, upstream = trained_case(4, 6, 16, 37, seed=1, bias=True)
+    hidden, weight, bias, rest, upstream = trained_case(4, 6, 16, 37, seed=1, bias=True,
+                                                        device="cpu")
     want_out, want = todays_linear_elbo(hidden, weight, bias, rest, upstream, softcap, 16)
     for eps in (None, 0.0):
         out, got = grads("torch", hidden, weight, bias, rest, upstream, softcap=softcap,
@@ -144,7 +148,7 @@ def test_filter_tests_soft_capped_logits(backend):
     is flat: every entry of the gradient is ~0.42 / V, above eps, and must be kept. A test on the
     raw logits would see probabilities ~1300 times smaller and drop them all."""
     hidden, weight, _, rest, upstream = trained_case(2, 4, 16, 60, seed=6)
-    bias = torch.full((60,), -30.0)
+    bias = torch.full((60,), -30.0, device=DEVICE)
     check_filtered(backend, hidden / 6, weight, bias, rest, upstream, 2.0 ** -8, softcap=30.0,
                    chunk_size=16)
 
@@ -159,7 +163,8 @@ def test_filtered_frozen_head_one_row_nothing_masked(backend):
                           1e-3)[0]
     assert ((grad_h.double() - exact_h.double()).abs() - bound).max() <= 1e-5
     targets, mask, weights, sample_index, n = rest
-    one = mask & (torch.arange(mask.numel()).view(mask.shape) == mask.nonzero()[0, 0] * 5
+    one = mask & (torch.arange(mask.numel(), device=DEVICE).view(mask.shape)
+                  == mask.nonzero()[0, 0] * 5
                   + mask.nonzero()[0, 1])
     check_filtered(backend, hidden.detach(), weight, None, (targets, one, weights, sample_index,
                                                              n), upstream, 1e-3, chunk_size=16)
@@ -195,6 +200,9 @@ def test_sorted_walk_leaves_unused_entries_exactly_zero(backend, softcap):
     rest = (targets, mask, torch.rand(C, generator=g) + 0.5, torch.arange(C) % 2, 2)
     upstream = torch.randn(2, generator=g)
     bias = torch.zeros(V).index_fill_(0, lone_targets[lone], -10.0)
+    hidden, weight, bias, upstream, tokens, lone_targets, lone, mask = on_device(
+        hidden, weight, bias, upstream, tokens, lone_targets, lone, mask)
+    rest = (*on_device(*rest[:4]), rest[4])
     got = check_filtered(backend, hidden, weight, bias, rest, upstream, 1e-2, softcap=softcap,
                          chunk_size=chunk)
     zero_rows = (got[1] == 0).all(1)

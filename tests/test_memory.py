@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from devices import on_device
 from elbokto_kernels import fused_elbo, memory
 from elbokto_kernels.oracle import assert_close, elbo_oracle, tolerances
 
@@ -70,11 +71,14 @@ def test_gradient_is_the_same_either_way(monkeypatch, backend, setting):
     monkeypatch.setenv(memory.ENV_VAR, setting)
     gen = torch.Generator().manual_seed(0)
     C, L, V = 2, 64, 20000
-    logits = torch.randn(C, L, V, generator=gen).requires_grad_()
+    logits = torch.randn(C, L, V, generator=gen)
     mask = torch.rand(C, L, generator=gen) < 0.5
     targets = torch.randint(0, V, (C, L), generator=gen).masked_fill(~mask, -100)
     weights = torch.rand(C, generator=gen) + 0.5
     sample_index = torch.tensor([0, 0])
+    logits, mask, targets, weights, sample_index = on_device(logits, mask, targets, weights,
+                                                             sample_index)
+    logits.requires_grad_()
     out = fused_elbo(logits, targets, mask, weights, sample_index, 1, backend=backend)
     (grad,) = torch.autograd.grad(out.sum(), logits)
     assert grad.numel() * 4 >= memory.MIN_BYTES

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import (AutoModel, GemmaConfig, GemmaForCausalLM, GenerationConfig,
                           LlamaConfig, PretrainedConfig, modeling_rope_utils)
 
-from elbokto import fixups, models
+from elbokto import families, fixups, models
 from elbokto.families import FAMILIES, family_of
 from elbokto.models import (ModelConfig, _outside_table, build_tiny_model, disable_dropout,
                             frozen_reference, load_model, load_tokenizer, local_or_hub,
@@ -272,6 +272,26 @@ def test_tiny_model_defaults_and_arguments():
     assert not torch.equal(same["lm_head.weight"], model.state_dict()["lm_head.weight"])
     with pytest.raises(ValueError, match="num_heads"):
         build_tiny_model(40, 2, hidden_size=30, num_heads=4)
+
+
+def test_native_bidirectional_models_need_transformers5(monkeypatch):
+    """Before transformers 5, use_bidirectional_attention is ignored and the model is causal:
+    the tiny model and the transformers-native bidirectional family are refused there, in one
+    line (on the installed release, and on a stated older one)."""
+    message = (r"^bidirectional models need transformers >= 5.0 \(earlier releases ignore "
+               r"use_bidirectional_attention and build the model causal\); found {}: pip install "
+               r"'transformers>=5.0'$")
+    found = transformers.__version__
+    if TRANSFORMERS_MAJOR >= 5:
+        assert build_tiny_model(40, 2, num_layers=1).config.use_bidirectional_attention
+        found = "4.57.1"
+        monkeypatch.setattr(families, "installed", lambda name: found)
+    with pytest.raises(ValueError, match=message.format(re.escape(found))):
+        build_tiny_model(40, 2, num_layers=1)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, use_bidirectional_attention=True)
+    with pytest.raises(ValueError, match="bidirectional models need transformers >= 5.0"):
+        models._accepted_family(config, "a-bidirectional-llama", assume_bidirectional=False)
 
 
 def test_reference_is_a_frozen_copy_none_with_lora_or_the_named_model(tmp_path):

@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from elbokto import LossConfig, MCConfig, estimate_gradient_noise
+from devices import on_device
 from elbokto.objective import ELBOKTOObjective, mismatched_batch
 from tiny_models import tiny_batch, tiny_gemma
 
 
-def policy_and_reference(seed=0):
+def policy_and_reference(seed=0, on_test_device=False):
+    """(policy, frozen reference): the policy moved a little away from it; on the test device
+    when asked."""
     reference = tiny_gemma(seed=seed)
     policy = copy.deepcopy(reference)
     with torch.no_grad():  # move the policy away from the reference so margins are non-zero
@@ -18,7 +21,7 @@ def policy_and_reference(seed=0):
             p.add_(torch.randn_like(p) * 0.05)
     for p in reference.parameters():
         p.requires_grad_(False)
-    return policy, reference
+    return on_device(policy, reference) if on_test_device else (policy, reference)
 
 
 def param_grads(model):
@@ -27,8 +30,8 @@ def param_grads(model):
 
 
 def test_loss_is_the_formula_on_the_estimates():
-    policy, reference = policy_and_reference()
-    batch = tiny_batch()
+    policy, reference = policy_and_reference(on_test_device=True)
+    batch = on_device(tiny_batch())
     obj = ELBOKTOObjective(mc=MCConfig(n_t=4), loss=LossConfig(beta=0.5, lambda_u=1.5))
     out = obj(policy, batch, reference=reference, step=2)
     draws = obj.draws(batch, step=2)
@@ -54,8 +57,8 @@ def test_loss_is_the_formula_on_the_estimates():
 def test_mc_chunk_size_equals_one_pass(keep_logits, chunk):
     """B * K = 24 copies in chunks of 5 (a chunk splits an example), 1, 6 (= K: chunks follow the
     examples), 24 (one chunk) and 100 (larger than the batch)."""
-    policy, reference = policy_and_reference(seed=1)
-    batch = tiny_batch(seed=1)
+    policy, reference = policy_and_reference(seed=1, on_test_device=True)
+    batch = on_device(tiny_batch(seed=1))
     mc = MCConfig(n_t=3, n_yt=2)
     whole = ELBOKTOObjective(mc=mc)(policy, batch, reference=reference)
     whole.loss.backward()

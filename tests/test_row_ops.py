@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from devices import DEVICE, on_device
 from elbokto_kernels.backends import BACKENDS, resolve_backend, row_ops, usable_backends
 from elbokto_kernels.oracle import assert_close, row_grad_oracle, row_lse_oracle, tolerances
 
@@ -18,16 +19,20 @@ CPU = torch.device("cpu")
 
 
 def make_x(n, v, dtype, layout, gen, scale=4.0):
-    """[n, v] logits laid out as asked: contiguous, a column slice of a wider tensor, every
-    other row of a taller one, or the transpose of a [v, n] tensor (column stride n)."""
+    """[n, v] logits on the test device, laid out as asked: contiguous, a column slice of a wider
+    tensor, every other row of a taller one, or the transpose of a [v, n] tensor (column stride
+    n). The layout is made on the device (a copy across devices may not keep it)."""
+    def random(*shape):
+        return on_device((torch.randn(*shape, generator=gen) * scale).to(dtype))
+
     if layout == "contiguous":
-        return (torch.randn(n, v, generator=gen) * scale).to(dtype)
+        return random(n, v)
     if layout == "column_slice":
-        return (torch.randn(n, v + 7, generator=gen) * scale).to(dtype)[:, 3:v + 3]
+        return random(n, v + 7)[:, 3:v + 3]
     if layout == "row_strided":
-        return (torch.randn(2 * n, v, generator=gen) * scale).to(dtype)[::2]
+        return random(2 * n, v)[::2]
     assert layout == "transposed"
-    return (torch.randn(v, n, generator=gen) * scale).to(dtype).t()
+    return random(v, n).t()
 
 
 def make_rows(n, m, gen):
@@ -44,15 +49,16 @@ def make_targets(m, v, gen):
 
 def selected_and_untouched(num_rows, rows):
     """(row ids that row_grad writes, mask of the rows it must leave alone)."""
-    selected = torch.arange(num_rows) if rows is None else rows
-    untouched = torch.ones(num_rows, dtype=torch.bool)
+    selected = torch.arange(num_rows, device=DEVICE) if rows is None else rows
+    untouched = torch.ones(num_rows, dtype=torch.bool, device=DEVICE)
     untouched[selected] = False
     return selected, untouched
 
 
 def check_row_ops(backend, x, rows, targets, softcap, out_dtype=None):
     """row_lse and row_grad of ``backend`` against the float64 oracle, at DESIGN.md §4's
-    tolerances; returns (lse, target_logit)."""
+    tolerances; returns (lse, target_logit). Tensors are moved to the test device."""
+    x, rows, targets = on_device(x, rows, targets)
     ops = row_ops(backend)
     value_tol, grad_tol = tolerances(x.dtype)
     lse, target_logit = ops.row_lse(x, rows, targets, softcap)
@@ -62,17 +68,17 @@ def check_row_ops(backend, x, rows, targets, softcap, out_dtype=None):
     assert_close(lse, want_lse, value_tol, "lse")
     assert_close(target_logit, want_target_logit, value_tol, "target logit")
     # The optional row maxima (gradient filtering's tile maxima) change nothing else.
-    row_max = torch.full(targets.shape, 7.0)
+    row_max = torch.full(targets.shape, 7.0, device=DEVICE)
     again = ops.row_lse(x, rows, targets, softcap, row_max)
     assert torch.equal(again[0], lse) and torch.equal(again[1], target_logit)
     z = (x if rows is None else x[rows]).double()
     z = z if softcap is None else softcap * torch.tanh(z / softcap)
     assert_close(row_max, z.amax(1), value_tol, "row max")
 
-    scale = torch.randn(targets.numel(), generator=torch.Generator().manual_seed(1))
+    scale = on_device(torch.randn(targets.numel(), generator=torch.Generator().manual_seed(1)))
     out_dtype = out_dtype or x.dtype
     grad_tol = max(grad_tol, tolerances(out_dtype)[1])
-    out = torch.full(x.shape, 7.0, dtype=out_dtype)
+    out = torch.full(x.shape, 7.0, dtype=out_dtype, device=DEVICE)
     ops.row_grad(x, rows, targets, want_lse.float(), scale, softcap, out)
     selected, untouched = selected_and_untouched(x.shape[0], rows)
     assert_close(out[selected], row_grad_oracle(x, rows, targets, scale, softcap), grad_tol,
@@ -108,7 +114,7 @@ def test_several_vocabulary_blocks(backend, softcap):
     gen = torch.Generator().manual_seed(3)
     v = 2 * 16384 + 7
     x = make_x(4, v, torch.float32, "contiguous", gen)
-    ramp = torch.linspace(-6.0, 6.0, v)
+    ramp = torch.linspace(-6.0, 6.0, v, device=DEVICE)
     x[1] += ramp
     x[2] -= ramp
     x[3, v - 2] = 25.0
@@ -132,8 +138,9 @@ def test_grad_in_place(backend, with_rows, softcap):
     x = make_x(n, v, torch.float32, "contiguous", gen)
     rows = make_rows(n, 5, gen) if with_rows else None
     targets = make_targets(5 if with_rows else n, v, gen)
-    lse, _ = row_lse_oracle(x, rows, targets, softcap)
     scale = torch.rand(targets.numel(), generator=gen) + 0.5
+    rows, targets, scale = on_device(rows, targets, scale)
+    lse, _ = row_lse_oracle(x, rows, targets, softcap)
     want = row_grad_oracle(x, rows, targets, scale, softcap)
     before = x.clone()
     row_ops(backend).row_grad(x, rows, targets, lse.float(), scale, softcap, x)
@@ -144,10 +151,10 @@ def test_grad_in_place(backend, with_rows, softcap):
 
 def test_no_rows(backend):
     ops = row_ops(backend)
-    x = torch.randn(5, 100)
-    for rows, n in ((torch.empty(0, dtype=torch.long), 5), (None, 0)):
+    x = torch.randn(5, 100, device=DEVICE)
+    for rows, n in ((torch.empty(0, dtype=torch.long, device=DEVICE), 5), (None, 0)):
         xs = x[:n]
-        targets = torch.empty(0, dtype=torch.long)
+        targets = torch.empty(0, dtype=torch.long, device=DEVICE)
         lse, target_logit = ops.row_lse(xs, rows, targets, None)
         assert lse.shape == target_logit.shape == (0,)
         out = torch.full_like(xs, 3.0)
@@ -169,18 +176,19 @@ def test_extreme_logits(backend, dtype, softcap):
     x[3, ::3] = -1e4
     x[4, 10:20] = float("-inf")  # masked-out vocabulary entries
     x[5, 0], x[5, 1] = 1e4, -1e4
-    x = x.to(dtype)
-    targets = torch.tensor([5, 3, 0, 0, 2, 1])
+    x, targets = on_device(x.to(dtype), torch.tensor([5, 3, 0, 0, 2, 1]))
     lse, target_logit = check_row_ops(backend, x, None, targets, softcap)
     assert torch.isfinite(lse).all() and torch.isfinite(target_logit).all()
     out = torch.empty_like(x)
-    row_ops(backend).row_grad(x, None, targets, lse, torch.ones(n), softcap, out)
+    row_ops(backend).row_grad(x, None, targets, lse, torch.ones(n, device=DEVICE), softcap, out)
     assert torch.isfinite(out.float()).all()
     assert (out[4, 10:20] == 0).all()
 
 
 # ------------------------------------------------------------------------------- the registry
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="checks the interpreter's registry entry (--device cpu)")
 def test_usable_backends_on_cpu(monkeypatch):
     usable = usable_backends(CPU)
     assert usable == [name for name in BACKENDS[1:] if name in usable]  # registry order

@@ -15,9 +15,14 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
-from torch import Tensor
+
+from ..versions import MINIMUM, require_version
+
+require_version("triton", MINIMUM["triton"], "the triton backend")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 # On GPU every launch has one block shape, 4096 float32 per program over 8 warps (busy, no
 # spills), so that the configurations the ops launch are few enough to compile and check ahead
