@@ -24,6 +24,12 @@ test: install
 test-compat:
 	$(PYTHON) tests/compat.py
 
+# On a lent GPU machine (its own python3; no install, no network): the CUDA tests, the LLaDA-8B-sized
+# step and gpu_check.py in one call, results into $$OUT (benchmarks/gpu_campaign.py; carry .whl,
+# filled here by `python benchmarks/fetch_wheels.py`).
+gpu-check:
+	python3 benchmarks/gpu_campaign.py
+
 bench-cpu: install
 	$(PY) -m pytest benchmarks -q --benchmark-enable
 

@@ -25,6 +25,18 @@ ELBO, block size 8; :mod:`elbokto.block`):
                          [x_t ; x_0] with the block-diffusion mask, the fused LM head on the masked
                          rows of the noisy half only (and with mc_chunk_size = 8).
 
+Suite ``llada8b``: one step (objective, backward, AdamW) of a randomly initialised LLaDA-8B-sized
+bidirectional model (32 layers, hidden 4096, MLP 12288, 32 heads of 128, V = 126464; ``--quick``:
+the same structure at toy size), bf16, gradient checkpointing, B = 1, K = 8, L = ``--length``:
+
+  straightforward LoRA   K forwards of the policy (LoRA r = 16 on every linear layer but the head)
+                         and K of the reference (adapters off), full logits, float32 log_softmax;
+  objective LoRA         ELBOKTOObjective, mc_chunk_size = 8, the reference with adapters off;
+  objective full         full fine-tuning (AdamW on every weight), the reference precomputed
+                         (as ``elbokto precompute-ref`` gives it: no second 8B model in memory).
+
+A variant that runs out of GPU memory is reported as OOM.
+
 Method: each variant in a fresh subprocess; time = median of the timed steps after one warm-up;
 memory = peak resident set size during the timed steps minus the resident size before them
 (see measure.py). On a GPU (--device cuda) time is CUDA-synchronised and memory is the peak of
@@ -54,7 +66,15 @@ SUITES = {
     "block": {"block straightforward": (8, None), "block objective": (8, None),
               "block objective chunk": (8, 8)},
 }
-TITLES = {"whole": "ELBO-KTO step", "block": "Block-diffusion ELBO-KTO step"}
+# suite llada8b -> {variant: (K, mc_chunk_size)}; model shapes of its own.
+SUITES["llada8b"] = {"straightforward LoRA": (8, None), "objective LoRA": (8, 8),
+                     "objective full": (8, 8)}
+LLADA_SHAPES = {
+    "full": dict(vocab=126464, hidden=4096, mlp=12288, layers=32, heads=32, head_dim=128),
+    "quick": dict(vocab=512, hidden=64, mlp=192, layers=2, heads=4, head_dim=16),
+}
+TITLES = {"whole": "ELBO-KTO step", "block": "Block-diffusion ELBO-KTO step",
+          "llada8b": "LLaDA-8B-sized ELBO-KTO step"}
 
 
 def build(shape: dict, device: str):
@@ -87,7 +107,10 @@ def build(shape: dict, device: str):
 
 
 def straightforward_step(policy, reference, batch, objective):
-    """The textbook loop: K forwards, full float32 log_softmax per example, fixed padding."""
+    """The textbook loop: K forwards, full float32 log_softmax per example, fixed padding.
+    ``reference`` None: the policy with its LoRA adapters off."""
+    import contextlib
+
     import torch
 
     from elbokto import elbo_kto_loss
@@ -95,15 +118,17 @@ def straightforward_step(policy, reference, batch, objective):
     draws = objective.draws(batch)
     K = objective.mc.num_copies
     ids, attn = batch["input_ids"], batch["attention_mask"]
-    policy_terms, ref_terms = [[] for _ in range(BATCH)], [[] for _ in range(BATCH)]
+    size = ids.shape[0]
+    policy_terms, ref_terms = [[] for _ in range(size)], [[] for _ in range(size)]
+    frozen = policy.disable_adapter if reference is None else contextlib.nullcontext
     for k in range(K):
-        copy = torch.arange(BATCH, device=ids.device) * K + k
+        copy = torch.arange(size, device=ids.device) * K + k
         mask = draws.mask[copy]
         noisy = ids.masked_fill(mask, objective.mask_token_id)
         logits = policy(input_ids=noisy, attention_mask=attn).logits
-        with torch.no_grad():
-            ref_logits = reference(input_ids=noisy, attention_mask=attn).logits
-        for b in range(BATCH):
+        with torch.no_grad(), frozen():
+            ref_logits = (reference or policy)(input_ids=noisy, attention_mask=attn).logits
+        for b in range(size):
             target = ids[b][mask[b]]
             w = draws.weight[copy[b]]
             lp = torch.log_softmax(logits[b].float(), -1)[mask[b]]
@@ -173,6 +198,91 @@ BASELINE_STEPS = {"straightforward": straightforward_step,
                   "block straightforward": block_straightforward_step}
 
 
+def build_llada8b(shape: dict, device: str, length: int, lora: bool):
+    """(policy, batch): the LLaDA-8B-sized bidirectional model in bf16 with gradient
+    checkpointing (LoRA-wrapped or not), and one example of ``length`` tokens, a quarter prompt."""
+    import torch
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(SEED)
+    config = GemmaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
+                         intermediate_size=shape["mlp"], num_hidden_layers=shape["layers"],
+                         num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
+                         head_dim=shape["head_dim"], max_position_embeddings=max(length, 4096),
+                         use_bidirectional_attention=True, is_causal=False,
+                         mask_token_id=shape["vocab"] - 1, tie_word_embeddings=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: no float32 copy of 8B weights
+    try:
+        with torch.device(device):
+            policy = GemmaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    if lora:
+        import peft
+
+        policy = peft.get_peft_model(policy, peft.LoraConfig(r=16, lora_alpha=32,
+                                                             target_modules="all-linear"))
+    prompt = length // 4
+    g = torch.Generator().manual_seed(SEED)
+    batch = {"input_ids": torch.randint(0, shape["vocab"] - 1, (1, length), generator=g),
+             "attention_mask": torch.ones(1, length, dtype=torch.long),
+             "prompt_lengths": torch.tensor([prompt]),
+             "response_lengths": torch.tensor([length - prompt]),
+             "desirable": torch.tensor([True]), "uid": torch.tensor([0])}
+    return policy, {k: v.to(device) for k, v in batch.items()}
+
+
+def llada8b_worker(variant: str, shape_name: str, device: str, repeats: int,
+                   length: int) -> dict:
+    import torch
+
+    from elbokto import ELBOKTOObjective, MCConfig
+
+    shape = LLADA_SHAPES[shape_name]
+    n_t, chunk = SUITES["llada8b"][variant]
+    try:
+        policy, batch = build_llada8b(shape, device, length, lora="LoRA" in variant)
+        objective = ELBOKTOObjective(mc=MCConfig(n_t=n_t), mc_chunk_size=chunk,
+                                     mask_token_id=shape["vocab"] - 1)
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
+                                      lr=1e-6)
+        # Full fine-tuning scores against precomputed reference ELBOs (any values will do).
+        ref_elbo = None if "LoRA" in variant else torch.full((1,), -2.0 * length, device=device)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            if variant.startswith("straightforward"):
+                straightforward_step(policy, None, batch, objective)
+            else:
+                objective(policy, batch, ref_elbo=ref_elbo).loss.backward()
+            optimizer.step()
+
+        seconds, peak = time_and_peak(step, repeats, device)
+    except torch.OutOfMemoryError:
+        return {"oom": True}
+    return {"seconds": seconds, "peak_mib": peak / 2 ** 20, "tokens_per_s": length / seconds}
+
+
+def llada8b_table(results: dict, shape: dict, length: int, device: str) -> str:
+    base = results["straightforward LoRA"]
+    lines = [f"{TITLES['llada8b']}: {shape['layers']} layers, hidden {shape['hidden']}, MLP "
+             f"{shape['mlp']}, V = {shape['vocab']}, bf16, gradient checkpointing, B = 1, K = 8, "
+             f"L = {length}, device {device}; speed-up against the straightforward LoRA step",
+             "", "| variant | step s | tokens/s | speed-up | peak extra GiB |",
+             "|---|---|---|---|---|"]
+    for name, r in results.items():
+        if r.get("oom"):
+            lines.append(f"| {name} | OOM | | | |")
+            continue
+        speed = "" if base.get("oom") else f"{base['seconds'] / r['seconds']:.2f}x"
+        lines.append(f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {speed} | "
+                     f"{r['peak_mib'] / 1024:.2f} |")
+    return "\n".join(lines)
+
+
 def worker(suite: str, variant: str, shape_name: str, device: str, repeats: int) -> dict:
     import torch
 
@@ -202,18 +312,32 @@ def main() -> None:
     p.add_argument("--suite", choices=sorted(SUITES), default="whole")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--length", type=int, default=None,
+                   help="suite llada8b: tokens per example (default 1024; --quick 64)")
     p.add_argument("--readme", type=Path, default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     shape_name = "quick" if args.quick else "full"
+    length = args.length or (64 if args.quick else 1024)
     if args.worker:
         import json
-        print(json.dumps(worker(args.suite, args.worker, shape_name, args.device, args.repeats)))
+        if args.suite == "llada8b":
+            result = llada8b_worker(args.worker, shape_name, args.device, args.repeats, length)
+        else:
+            result = worker(args.suite, args.worker, shape_name, args.device, args.repeats)
+        print(json.dumps(result))
         return
-    base = ["--suite", args.suite, "--device", args.device, "--repeats", str(args.repeats)] + (
-        ["--quick"] if args.quick else [])
+    base = ["--suite", args.suite, "--device", args.device, "--repeats", str(args.repeats),
+            "--length", str(length)] + (["--quick"] if args.quick else [])
     variants = SUITES[args.suite]
     results = {v: run_worker(__file__, ["--worker", v, *base]) for v in variants}
+    if args.suite == "llada8b":
+        table = llada8b_table(results, LLADA_SHAPES[shape_name], length, args.device)
+        print(table)
+        if args.readme:
+            record_in_readme(args.readme, f"{TITLES['llada8b']}, L = {length} ({args.device})",
+                             table)
+        return
     baseline = next(iter(variants))
     ref = results[baseline]
     shape = SHAPES[shape_name]

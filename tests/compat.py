@@ -7,8 +7,9 @@
 `make test` covers the default stack (the newest the registry serves, torch 2.13 on CPU). Each
 stack here is a set of exact pins in a venv of its own, cached under ``$ELBOKTO_COMPAT_CACHE``
 (default ``~/.cache/elbokto/compat``) and keyed by the pins, so a changed pin builds a new one. The
-lane on each: the kernel, row-op, estimate and objective tests, ``benchmarks/gpu_check.py
---dry-run``, ``benchmarks/kernel_report.py --check``, ``benchmarks/bench_step.py --quick``, and
+lane on each: the kernel, row-op, estimate and objective tests, ``make gpu-check``'s rehearsal
+(``benchmarks/gpu_campaign.py --dry-run``: gpu_check.py --dry-run and the LLaDA-8B-sized step at
+toy size), ``benchmarks/kernel_report.py --check``, ``benchmarks/bench_step.py --quick``, and
 the tests of what else the stack supports (the published models' loading; the trainer and a tiny
 ``elbokto train`` where the stack carries it).
 
@@ -126,7 +127,8 @@ def lane(stack: Stack, python: Path) -> list[tuple[str, list[str]]]:
     """(name, command) of each step of the stack's lane."""
     tests = [*KERNEL_TESTS, *ALGORITHM_TESTS, *stack.tests]
     steps = [("tests", [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]),
-             ("gpu_check --dry-run", [str(python), "benchmarks/gpu_check.py", "--dry-run"]),
+             ("gpu_campaign --dry-run", [str(python), "benchmarks/gpu_campaign.py", "--dry-run",
+                                         "--out", tempfile.mkdtemp(prefix="gpu-campaign-")]),
              ("kernel_report --check", [str(python), "benchmarks/kernel_report.py", "--check"]),
              ("bench_step --quick", [str(python), "benchmarks/bench_step.py", "--quick",
                                      "--repeats", "1"])]
