@@ -25,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import create_function_from_signature  # noqa: E402
+from triton.runtime.jit import (create_function_from_signature, find_paths_if,  # noqa: E402
+                                get_iterable_path)
 
 from elbokto_kernels.backends import triton as kernels  # noqa: E402
 
@@ -90,8 +92,18 @@ def compile_for(kernel, args, kwargs, target: GPUTarget):
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
-                                                              specialization, options)
+    if hasattr(kernel, "_pack_args"):
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
+                                                                  specialization, options)
+    else:  # triton < 3.5 does the same inside JITFunction.run
+        options = backend.parse_options(kwargs)
+        values = [x[0] for x in specialization]
+        signature = {p.name: v for p, v in zip(kernel.params, values)}
+        constexprs = {path: get_iterable_path(list(bound.values()), path)
+                      for path in find_paths_if(values, lambda _, v: v == "constexpr")}
+        attrs = [x[1] for x in specialization]
+        attrs = {path: backend.parse_attr(get_iterable_path(attrs, path))
+                 for path in find_paths_if(attrs, lambda _, x: isinstance(x, str))}
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                           options=options.__dict__)
 
@@ -103,7 +115,9 @@ def usage(compiled, target: GPUTarget) -> Usage:
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
-        report = subprocess.run([get_ptxas(target.arch).path, f"--gpu-name={arch}", "-v",
+        ptxas = get_ptxas(target.arch)
+        ptxas = ptxas[0] if isinstance(ptxas, tuple) else ptxas.path  # (path, version) < 3.5
+        report = subprocess.run([ptxas, f"--gpu-name={arch}", "-v",
                                  ptx.name, "-o",
                                  os.devnull], capture_output=True, text=True, check=True).stderr
     return parse_ptxas(report, compiled.metadata.shared)
@@ -145,6 +159,9 @@ def main() -> int:
         launch, (kernel, call_args, call_kwargs), (_, target, _) = job
         return usage(compile_for(kernel, call_args, call_kwargs, target), target)
 
+    # Triton reads sysconfig in each compile; its lazy first read is not thread-safe on Python
+    # 3.10 (a thread can see None), so it happens here, before the threads.
+    sysconfig.get_config_vars()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = list(pool.map(run, jobs))
     print(f"{'kernel':<10}{'logits':<10}{'gradient':<10}{'rows':<6}{'softcap':<9}"

@@ -18,10 +18,16 @@ from transformers import AutoConfig, AutoTokenizer, GemmaConfig, GemmaForCausalL
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from elbokto.families import ALL_LINEAR, FAMILIES, ModelFamily, check_transformers, family_of
+from elbokto_kernels.versions import installed, release
 
 # Diffusion LMs whose forward process is not masking: the masked-diffusion ELBO does not apply.
 UNIFORM_NOISE_MODEL_TYPES = {"diffusion_gemma", "diffusion_gemma_text"}
 TINY = "tiny"
+TRANSFORMERS = release(installed("transformers"))
+TRANSFORMERS_5 = TRANSFORMERS >= (5,)
+# from_pretrained's dtype argument: "dtype" from transformers 4.56 on; before, "torch_dtype" (an
+# unknown "dtype" would reach the model's __init__).
+DTYPE_KWARG = "dtype" if TRANSFORMERS >= (4, 56) else "torch_dtype"
 # The tiny model is a transformers-native bidirectional Gemma.
 FAMILY_OF_TINY = next(family for family in FAMILIES if family.name == "bidirectional")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -119,9 +125,10 @@ def load_model(name_or_path: str, config: ModelConfig, *, tokenizer=None) -> nn.
                          "LM: it corrupts tokens into random tokens and has no mask token, so the "
                          "masked-diffusion ELBO that ELBO-KTO estimates does not apply to it")
     family = _accepted_family(model_config, name_or_path, config.assume_bidirectional)
-    for fix in family.config_fixups:
+    # The fix-ups repair what transformers 5 broke; transformers 4 runs the code as published.
+    for fix in family.config_fixups if TRANSFORMERS_5 else ():
         fix(model_config)
-    if family.class_fixups and config.trust_remote_code:
+    if family.class_fixups and config.trust_remote_code and TRANSFORMERS_5:
         model_class = _remote_class(family, model_config, name_or_path)
         for fix in family.class_fixups:
             fix(model_class)
@@ -130,7 +137,7 @@ def load_model(name_or_path: str, config: ModelConfig, *, tokenizer=None) -> nn.
     # The Auto class resolves the remote class again: the same (fixed) class object, as long as
     # its code is unchanged, and it registers the class so that save_pretrained copies the code.
     loader = getattr(transformers, family.auto_class)
-    model = loader.from_pretrained(name_or_path, config=model_config, dtype=dtype,
+    model = loader.from_pretrained(name_or_path, config=model_config, **{DTYPE_KWARG: dtype},
                                    trust_remote_code=config.trust_remote_code,
                                    attn_implementation=config.attn_implementation)
     model.config.mask_token_id = resolve_mask_token_id(model.config, tokenizer)

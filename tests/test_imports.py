@@ -88,10 +88,15 @@ def test_public_names_are_what_they_say_after_any_import():
     out = run_without("""
         import importlib, pkgutil, types
         import elbokto
+        refused = set()
         for info in pkgutil.iter_modules(elbokto.__path__):
-            importlib.import_module("elbokto." + info.name)
-        print([name for name in elbokto.__all__
-               if isinstance(getattr(elbokto, name), types.ModuleType)])
+            try:
+                importlib.import_module("elbokto." + info.name)
+            except ImportError as error:  # the trainer's floor, on transformers 4
+                assert "needs transformers >= 5.0" in str(error), error
+                refused.add("elbokto." + info.name)
+        print([name for name in elbokto.__all__ if elbokto._MODULE_OF[name] not in refused
+               and isinstance(getattr(elbokto, name), types.ModuleType)])
     """, missing=())
     assert out.strip() == "[]"
 
