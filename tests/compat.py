@@ -107,7 +107,8 @@ def build(stack: Stack) -> Path:
     python = venv / "bin" / "python"
     if (venv / "ready").exists():
         return python
-    shutil.rmtree(venv, ignore_errors=True)
+    for stale in CACHE.glob(f"{stack.name}-*"):  # this stack's venvs of other pins (GBs each)
+        shutil.rmtree(stale, ignore_errors=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
     print(f"compat: building {venv} ...", flush=True)
     run([find_python(stack.python), "-m", "venv", str(venv)])
