@@ -99,9 +99,10 @@ struct Row {
 
 // tanh(u) = 1 - 2 / (exp(2u) + 1): a third of the cost of Sleef's vector tanh, exact limits at
 // +-inf (exp saturates, 2 / huge -> 0), and absolute error ~1e-7, which is what cap * tanh needs.
+// exp_u20 need not return NaN for NaN, so a NaN is put back.
 inline fVec fast_tanh(const fVec& u) {
   const fVec one(1.f), two(2.f);
-  return one - two / ((u * two).exp_u20() + one);
+  return fVec::blendv(one - two / ((u * two).exp_u20() + one), u, u.isnan());
 }
 
 struct Softcap {
@@ -134,8 +135,9 @@ inline fVec load_or_neg_inf(const float* z, int64_t i, int64_t n) {
   return k == fVec::size() ? fVec::loadu(z + i) : fVec::set(fVec(-kInf), fVec::loadu(z + i, k), k);
 }
 
-// A NaN need not survive a running max: exp(NaN - m) makes the sum NaN anyway.
-const auto vmax = [](const fVec& a, const fVec& b) { return at::vec::clamp_min(a, b); };
+// NaN-propagating: a row holding a NaN gets a NaN max, hence a NaN lse (exp_u20 need not return
+// NaN for NaN, so the sum cannot be relied on to carry it).
+const auto vmax = [](const fVec& a, const fVec& b) { return at::vec::maximum(a, b); };
 const auto vadd = [](const fVec& a, const fVec& b) { return a + b; };
 
 // acc = step(acc, v) over the vectors of z[0, n), in four independent accumulators joined by
@@ -177,6 +179,8 @@ std::pair<float, float> row_lse_one(const Row& row, int64_t vocab, const Softcap
     m = m_new;
   }
   const float m_row = at::vec::vec_reduce_all<float>(vmax, m);
+  // As torch.logsumexp: NaN for a row holding a NaN, +inf for one holding +inf.
+  if (std::isnan(m_row) || m_row == kInf) return {m_row, m_row};
   const float s_row = at::vec::vec_reduce_all<float>(vadd, (m - fVec(m_row)).exp_u20() * s);
   return {m_row, m_row + std::log(s_row)};
 }
@@ -323,7 +327,14 @@ void row_grad(const at::Tensor& x, const std::optional<at::Tensor>& rows,
         // A float32 out takes the gradient directly. In place (out is x) each vector is read
         // before it is written.
         float* g = out_f32 ? reinterpret_cast<float*>(out_row) + v0 : g_buf;
-        if (sc.on) {
+        if (!std::isfinite(lse_in[i])) {
+          // A NaN, +inf or all -inf row: std::exp gives NaN where the oracle has it (NaN - lse,
+          // inf - inf, -inf + inf), which exp_u20 need not.
+          for (int64_t j = 0; j < n; ++j) {
+            const auto [z, dz] = sc.scalar(xb[j]);
+            g[j] = -scale_in[i] * std::exp(z - lse_in[i]) * dz;
+          }
+        } else if (sc.on) {
           grad_block<true>(xb, n, lse_in[i], scale_in[i], sc, g);
         } else {
           grad_block<false>(xb, n, lse_in[i], scale_in[i], sc, g);

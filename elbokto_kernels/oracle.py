@@ -14,8 +14,13 @@ from torch import Tensor
 
 def elbo_oracle(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
                 sample_index: Tensor, num_samples: int) -> Tensor:
-    """``fused_elbo`` in float64: logits [C, L, V] float64 -> [num_samples] float64."""
-    logp = torch.log_softmax(logits, dim=-1)
+    """``fused_elbo`` in float64: logits [C, L, V] float64 -> [num_samples] float64.
+
+    log p = z - logsumexp(z), as the row primitives compute it (``row_lse_oracle``): equal to
+    log_softmax for finite logits, and for non-finite ones torch.logsumexp's convention (a row
+    holding +inf has lse +inf, so its other tokens get -inf; a NaN anywhere gives NaN), where
+    log_softmax would turn a +inf row into NaN."""
+    logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     w = weights.double() if weights.dim() == 2 else weights.double().unsqueeze(1)
     per_copy = torch.where(mask, picked * w, 0.0).sum(1)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,6 +90,7 @@ def test_a_library_is_usable_only_as_its_build_stamped_it(tmp_path):
 _FAKE_BUILD = """
 import logging, shutil, sys
 from pathlib import Path
+from types import SimpleNamespace
 from torch.utils import cpp_extension
 from elbokto_kernels.backends import cpu
 
@@ -120,8 +122,8 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(kernel, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True"]
     assert re.search(r"WARNING .*unusable \(its content differs.*rebuilding", result.stderr)
-    assert re.search(r"INFO .*building the C\+\+ CPU kernel .*once", result.stderr)
-    assert re.search(r"INFO .*built the C\+\+ CPU kernel in \d+ s", result.stderr)
+    assert re.search(r"WARNING .*building the C\+\+ CPU kernel .*once", result.stderr)
+    assert re.search(r"WARNING .*built the C\+\+ CPU kernel in \d+ s", result.stderr)
     assert cpu.library_problem(library) is None and library.read_bytes() == good.read_bytes()
 
 
@@ -150,3 +152,28 @@ def test_build_failure_falls_back_to_torch(kernel, monkeypatch):
         cpu._build.cache_clear()
         monkeypatch.setattr(cpu, "_load_or_build", lambda: kernel)
         assert cpu.available()
+
+
+def test_the_build_says_what_it_does_and_how_long_it_took(tmp_path, monkeypatch, caplog):
+    """At WARNING, which Python shows on stderr without any logging set up: a minute of silence
+    on a first call would look like a hang."""
+    from torch.utils import cpp_extension
+
+    library = tmp_path / "built.so"
+    library.write_bytes(b"\x7fELF")
+    monkeypatch.setattr(cpp_extension, "load", lambda **_: SimpleNamespace(__file__=str(library)))
+    with caplog.at_level("WARNING", logger=cpu.__name__):
+        cpu._compile("elbokto_cpu_test", tmp_path / "build", [], [])
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(messages) == 2
+    assert messages[0].startswith("elbokto: building the C++ CPU kernel elbokto_cpu_test")
+    assert "python -m elbokto_kernels.build" in messages[0]
+    assert re.fullmatch(r"elbokto: built the C\+\+ CPU kernel in \d+ s", messages[1])
+
+
+def test_build_ahead(kernel):
+    result = subprocess.run([sys.executable, "-m", "elbokto_kernels.build"], capture_output=True,
+                            text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("elbokto: the C++ CPU kernel is ready: ")
+    assert Path(result.stdout.split(": ", 2)[2].strip()).is_file()

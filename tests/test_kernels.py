@@ -289,3 +289,37 @@ def test_keep_logits_only_for_a_backward(monkeypatch):
     fused_linear_elbo(hidden.requires_grad_(), weight, *rest, chunk_size=4, keep_logits=True,
                       backend="torch")
     assert (store,) in sizes
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=str)
+def test_non_finite_inputs_propagate_as_in_the_oracle(backend, value):
+    """A NaN or +inf logit, or a NaN in a hidden state, is never hidden: the sample's ELBO and
+    the gradients are what the float64 oracle gives (NaN where it has NaN), on every backend."""
+    logits, targets, mask, weights, sample_index, n = make_case(3, 4, 37, seed=20, p_mask=1.0)
+    logits[0, 1, 5] = value  # sample of copy 0: its ELBO is NaN or -inf
+    logits, targets, mask, weights, sample_index = on_device(logits, targets, mask, weights,
+                                                             sample_index)
+    x = logits.clone().requires_grad_()
+    out = fused_elbo(x, targets, mask, weights, sample_index, n, backend=backend)
+    x64 = logits.double().requires_grad_()
+    ref = elbo_oracle(x64, targets, mask, weights, sample_index, n)
+    torch.testing.assert_close(out.double(), ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+    assert not torch.isfinite(out[sample_index[0]])
+    upstream = torch.ones(n, device=DEVICE)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    (want,) = torch.autograd.grad(ref, x64, upstream.double())
+    assert torch.equal(grad.isnan(), want.isnan())
+
+    hidden, weight, _, rest = make_linear_case(2, 3, 8, 29, seed=21, p_mask=1.0)
+    hidden[0, 2, 3] = float("nan")
+    hidden, weight = on_device(hidden, weight)
+    rest = (*on_device(*rest[:4]), rest[4])
+    h = hidden.clone().requires_grad_()
+    out = fused_linear_elbo(h, weight, *rest, backend=backend)
+    ref = linear_elbo_oracle(hidden.double(), weight.double(), None, None, *rest)
+    torch.testing.assert_close(out.double(), ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+    assert out.isnan().any()
+    (grad,) = torch.autograd.grad(out.sum(), h)
+    assert grad.isnan().any(), "the NaN reaches the hidden states' gradient"

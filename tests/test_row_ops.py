@@ -219,3 +219,35 @@ def test_importing_the_package_imports_no_triton():
     code = ("import sys, elbokto_kernels, elbokto_kernels.selfcheck; "
             "sys.exit('triton' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=300).returncode == 0
+
+
+# ------------------------------------------------------------------------- non-finite logits
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+def test_non_finite_logits_as_the_oracle(backend, value, softcap):
+    """A NaN or an infinity in a row gives what the float64 oracle (torch's logsumexp and its
+    autograd) gives, on every backend: the same NaN, the same infinities, NaN gradients exactly
+    where the oracle has them. Row 0 holds the value at its target, row 1 away from it in a later
+    vocabulary block (past the C++ kernel's 2048 columns), row 2 at both places, row 3 none."""
+    gen = torch.Generator().manual_seed(0)
+    n, v = 4, 3000
+    x = torch.randn(n, v, generator=gen)
+    targets = torch.tensor([5, 7, 9, 11])
+    x[0, 5] = x[1, 2500] = x[2, 9] = x[2, 2600] = value
+    x, targets = on_device(x, targets)
+    ops = row_ops(backend)
+    lse, target_logit = ops.row_lse(x, None, targets, softcap)
+    want_lse, want_target = row_lse_oracle(x, None, targets, softcap)
+    torch.testing.assert_close(lse.double(), want_lse, equal_nan=True, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(target_logit.double(), want_target, equal_nan=True, rtol=1e-5,
+                               atol=1e-5)
+    scale = torch.full((n,), 0.5, device=DEVICE)
+    out = torch.empty_like(x)
+    ops.row_grad(x, None, targets, lse, scale, softcap, out)
+    want = row_grad_oracle(x, None, targets, scale, softcap)
+    assert torch.equal(out.isnan(), want.isnan()), "NaN gradients where the oracle has them"
+    torch.testing.assert_close(out.double().nan_to_num(), want.nan_to_num(), rtol=1e-4,
+                               atol=1e-6)

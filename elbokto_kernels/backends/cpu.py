@@ -133,19 +133,21 @@ def _import(name: str, library: Path) -> ModuleType:
 
 
 def _compile(name: str, directory: Path, cflags: list[str], ldflags: list[str]) -> ModuleType:
-    """Builds the extension into an empty ``directory``, imports it and stamps it; logs that the
-    one-time build runs and how long it took."""
+    """Builds the extension into an empty ``directory``, imports it and stamps it. That the
+    one-time build runs, and how long it took, is logged at WARNING: shown on stderr by default
+    (a minute or more of silence would look like a hang)."""
     from torch.utils import cpp_extension
 
-    logger.info("elbokto: building the C++ CPU kernel %s (once per machine and version; a minute "
-                "or more) in %s", name, directory)
+    logger.warning("elbokto: building the C++ CPU kernel %s (once per machine and version; a "
+                   "minute or more; `python -m elbokto_kernels.build` does it ahead) in %s",
+                   name, directory)
     start = time.perf_counter()
     directory.mkdir(parents=True)
     module = cpp_extension.load(name=name, sources=[str(_source())],
                                 build_directory=str(directory), extra_cflags=cflags,
                                 extra_ldflags=ldflags, verbose=False)
     write_stamp(Path(module.__file__))
-    logger.info("elbokto: built the C++ CPU kernel in %.0f s", time.perf_counter() - start)
+    logger.warning("elbokto: built the C++ CPU kernel in %.0f s", time.perf_counter() - start)
     return module
 
 
@@ -187,6 +189,12 @@ def available() -> bool:
     """Whether the C++ kernel builds (or is cached) here. Tried once per process; a failure warns
     once."""
     return _build()[0] is not None
+
+
+def library() -> Path:
+    """The C++ kernel's shared library, built first if needed; RuntimeError with the reason when
+    it does not build."""
+    return Path(_kernel().__file__)
 
 
 def _kernel() -> ModuleType:

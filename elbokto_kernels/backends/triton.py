@@ -114,6 +114,7 @@ def _row_lse_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr,
     # A finite floor for the running max, so exp(m_old - m_new) never sees (-inf) - (-inf).
     m = -3.0e38
     s = 0.0
+    nans = 0
     t_acc = tl.zeros([BLOCK_V], tl.float32)
     for v0 in range(0, vocab, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -122,13 +123,17 @@ def _row_lse_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr,
         if HAS_SOFTCAP:
             z, _ = _softcap(z, softcap)
         z = tl.where(valid, z, float("-inf"))
+        nans += tl.sum((z != z).to(tl.int32), axis=0)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
         # `valid &`: a target of the next vocabulary chunk can fall in this block's padding,
         # where z is -inf.
         t_acc += tl.where(valid & (cols == target), z, 0.0)
-    tl.store(lse_ptr + pid, m + tl.log(s))
+    # As torch.logsumexp: +inf for a row holding +inf (where the sum saw inf - inf), NaN for a
+    # row holding a NaN (which the running max need not keep).
+    lse = tl.where(m == float("inf"), float("inf"), m + tl.log(s))
+    tl.store(lse_ptr + pid, tl.where(nans > 0, float("nan"), lse))
     tl.store(max_ptr + pid, m)
     tl.store(tlogit_ptr + pid, tl.sum(t_acc, axis=0))
 
