@@ -116,14 +116,9 @@ def _fused_head(head: nn.Linear, elbo_args: tuple, softcap: float | None, keep_l
     result: list[Tensor] = []
 
     def forward(hidden: Tensor) -> Tensor:
-        weight, bias = head.weight, head.bias
-        # Under autocast the head would run in the autocast dtype; the fused op does the same.
-        dtype = (torch.get_autocast_dtype(hidden.device.type)
-                 if torch.is_autocast_enabled(hidden.device.type) else weight.dtype)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        elbo = fused_linear_elbo(hidden, weight, *elbo_args, bias=bias, softcap=softcap,
-                                 keep_logits=keep_logits, filter_eps=filter_eps,
+        # Under autocast the op runs in the autocast dtype, as the head itself would.
+        elbo = fused_linear_elbo(hidden, head.weight, *elbo_args, bias=head.bias,
+                                 softcap=softcap, keep_logits=keep_logits, filter_eps=filter_eps,
                                  backend=backend)
         result.append(elbo)
         # Empty logits that still hang off the ELBO's graph: DDP's search for unused parameters

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from . import memory
 from .backends import resolve_backend, row_ops
-from .masked_rows import (check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows,
-                          rows_at, unmasked_index)
+from .masked_rows import (check_compute_dtype, check_elbo_inputs, gather_masked_rows,
+                          masked_index, reduce_rows, rows_at, unmasked_index)
 
 
 def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
@@ -24,7 +24,8 @@ def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
     ``out[b] = sum_{c: sample_index[c] = b} sum_p mask[c, p] * w[c, p] * log_softmax(logits[c, p])[targets[c, p]]``
 
     Args:
-        logits: [C, L, V] float32 / bfloat16 / float16, any strides (C copies of length L).
+        logits: [C, L, V] float32 / bfloat16 / float16, any strides (C copies of length L);
+            float64 is refused (the kernels compute in float32).
         targets: [C, L] integer clean tokens; ignored where ``mask`` is False (e.g. -100).
         mask: [C, L] bool, True where the position was masked and is scored.
         weights: [C] (per copy) or [C, L] (per position) float, e.g. ``1 / (t * K)``: the caller
@@ -39,9 +40,9 @@ def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
         logits' dtype, exactly zero at unmasked positions. One host sync (the masked-row count) in
         forward and one in backward.
     """
-    if logits.dim() != 3 or not logits.dtype.is_floating_point:
-        raise ValueError(f"logits must be floating [C, L, V], got {logits.dtype} "
-                         f"{tuple(logits.shape)}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [C, L, V], got {tuple(logits.shape)}")
+    check_compute_dtype("logits", logits)
     if targets.dim() != 2 or tuple(targets.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"targets must be [C, L] = {list(logits.shape[:2])}, got "
                          f"{tuple(targets.shape)}")

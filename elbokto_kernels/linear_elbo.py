@@ -31,8 +31,8 @@ from torch import Tensor
 from . import memory
 from .backends import resolve_backend, row_ops
 from .grad_filter import FilterPlan, plan, resolve_filter_eps
-from .masked_rows import (check_elbo_inputs, gather_masked_rows, masked_index, reduce_rows,
-                          rows_at)
+from .masked_rows import (check_compute_dtype, check_elbo_inputs, gather_masked_rows,
+                          masked_index, reduce_rows, rows_at)
 from .vocab_walk import Chunk, VocabWalk, chunk_columns, mean_logit_order
 
 
@@ -44,8 +44,11 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
     """``fused_elbo`` of ``logits = hidden @ weight.T (+ bias)``, soft-capped when asked.
 
     Args:
-        hidden: [C, L, D] float32 / bfloat16 / float16 final hidden states.
-        weight: [V, D] LM-head weight, hidden's dtype. bias: optional [V], same dtype.
+        hidden: [C, L, D] float32 / bfloat16 / float16 final hidden states (float64 is refused:
+            the kernels compute in float32).
+        weight: [V, D] LM-head weight, hidden's dtype. bias: optional [V], same dtype. Under
+            ``torch.autocast`` all three are first cast to the autocast dtype, as ``nn.Linear``
+            does; outside it a dtype mismatch is refused, as ``F.linear`` refuses it.
         targets, mask, weights, sample_index, num_samples: as in ``fused_elbo``.
         softcap: Gemma-style final-logit soft-capping ``s * tanh(logits / s)``; None for none.
         chunk_size: vocabulary columns per chunk; None picks one from a memory budget.
@@ -65,9 +68,15 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
         dtypes; float32 accumulation). No [C * L, V] tensor is ever built; with keep_logits one
         [M, V] float32 tensor lives until the backward.
     """
-    if hidden.dim() != 3 or not hidden.dtype.is_floating_point:
-        raise ValueError(f"hidden must be floating [C, L, D], got {hidden.dtype} "
-                         f"{tuple(hidden.shape)}")
+    if torch.is_autocast_enabled(hidden.device.type):
+        # As nn.Linear under autocast: the GEMMs run in the autocast dtype. The casts are
+        # differentiable, so the gradients come back in the inputs' own dtypes.
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [C, L, D], got {tuple(hidden.shape)}")
+    check_compute_dtype("hidden", hidden)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2] or weight.dtype != hidden.dtype:
         raise ValueError(f"weight must be [V, D={hidden.shape[2]}] of dtype {hidden.dtype}, got "
                          f"{weight.dtype} {tuple(weight.shape)}")

@@ -35,6 +35,19 @@ class MaskedRows:
         return self.index.numel()
 
 
+# The dtypes the kernels take; their arithmetic is float32. float64 is refused rather than silently
+# computed in float32 (oracle.py holds the float64 reference).
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_compute_dtype(name: str, t: Tensor) -> None:
+    """ValueError unless ``t`` has one of the kernels' dtypes."""
+    if t.dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}"
+                         + (" (the kernels compute in float32; elbokto_kernels.oracle has the "
+                            "float64 reference)" if t.dtype == torch.float64 else ""))
+
+
 def check_elbo_inputs(
     targets: Tensor, mask: Tensor, weights: Tensor, sample_index: Tensor, num_samples: int,
     device: torch.device,

@@ -323,3 +323,32 @@ def test_non_finite_inputs_propagate_as_in_the_oracle(backend, value):
     assert out.isnan().any()
     (grad,) = torch.autograd.grad(out.sum(), h)
     assert grad.isnan().any(), "the NaN reaches the hidden states' gradient"
+
+
+def test_float64_is_refused_not_downcast():
+    logits, targets, mask, weights, sample_index, n = make_case(2, 3, 11, seed=22)
+    with pytest.raises(ValueError, match=r"logits must be float32, bfloat16 or float16, got "
+                                         r"torch.float64 \(the kernels compute in float32"):
+        fused_elbo(logits.double(), targets, mask, weights, sample_index, n)
+    hidden, weight, _, rest = make_linear_case(2, 3, 8, 11, seed=22)
+    with pytest.raises(ValueError, match="hidden must be float32, bfloat16 or float16"):
+        fused_linear_elbo(hidden.double(), weight.double(), *rest)
+
+
+def test_linear_follows_autocast_like_nn_linear(backend):
+    """Under autocast, float32 hidden states and head run in the autocast dtype (bf16 here), as
+    nn.Linear would: the same result as bf16 inputs, gradients back in float32. A bf16 hidden
+    with a float32 head outside autocast is refused, as F.linear refuses it."""
+    hidden, weight, bias, rest = make_linear_case(2, 4, 8, 19, seed=23, bias=True, p_mask=1.0)
+    hidden, weight, bias = on_device(hidden, weight, bias)
+    rest = (*on_device(*rest[:4]), rest[4])
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = fused_linear_elbo(leaves[0], leaves[1], *rest, bias=leaves[2], backend=backend)
+    want = fused_linear_elbo(hidden.bfloat16(), weight.bfloat16(), *rest, bias=bias.bfloat16(),
+                             backend=backend)
+    assert torch.equal(out, want)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="weight must be .* of dtype torch.bfloat16"):
+        fused_linear_elbo(hidden.bfloat16(), weight, *rest, backend=backend)
