@@ -13,44 +13,55 @@ from torch import Tensor
 
 from . import memory
 from .backends import resolve_backend, row_ops
+from .call_forms import check_reduction, normalise, reduce
 from .masked_rows import (check_compute_dtype, check_elbo_inputs, gather_masked_rows,
                           masked_index, reduce_rows, rows_at, unmasked_index)
 
 
-def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
-               sample_index: Tensor, num_samples: int, *, backend: str = "auto") -> Tensor:
+def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor | None = None,
+               weights: Tensor | None = None, sample_index: Tensor | None = None,
+               num_samples: int | None = None, *, reduction: str = "none",
+               backend: str = "auto") -> Tensor:
     """Weighted masked log-likelihood summed per sample: the Monte-Carlo ELBO of each sample.
 
     ``out[b] = sum_{c: sample_index[c] = b} sum_p mask[c, p] * w[c, p] * log_softmax(logits[c, p])[targets[c, p]]``
 
     Args:
         logits: [C, L, V] float32 / bfloat16 / float16, any strides (C copies of length L);
-            float64 is refused (the kernels compute in float32).
-        targets: [C, L] integer clean tokens; ignored where ``mask`` is False (e.g. -100).
-        mask: [C, L] bool, True where the position was masked and is scored.
+            or [N, V] (N positions, each its own sample: ``call_forms``). float64 is refused
+            (the kernels compute in float32).
+        targets: [C, L] (or [N]) integer clean tokens; ignored where ``mask`` is False.
+        mask: [C, L] bool, True where the position was masked and is scored; None: where the
+            target is not negative (the -100 ignore-index convention).
         weights: [C] (per copy) or [C, L] (per position) float, e.g. ``1 / (t * K)``: the caller
-            folds the 1/K of the Monte-Carlo mean in.
-        sample_index: [C] integer, the sample in [0, num_samples) each copy belongs to.
-        num_samples: number of samples B (samples without copies get 0).
+            folds the 1/K of the Monte-Carlo mean in. None: 1.
+        sample_index: [C] integer, the sample in [0, num_samples) each copy belongs to. None:
+            every copy is its own sample (the plain masked-diffusion loss).
+        num_samples: number of samples B (samples without copies get 0); with sample_index.
+        reduction: "none" ([num_samples]), "sum", "mean" (over the scored positions) or
+            "sample_mean" (over the samples).
         backend: "auto" (triton on CUDA, the C++ kernel on CPU when it builds, else torch),
             "triton", "torch" or "cpu".
 
     Returns:
-        [num_samples] float32. Differentiable w.r.t. ``logits``; the gradient comes back in
-        logits' dtype, exactly zero at unmasked positions. One host sync (the masked-row count) in
-        forward and one in backward.
+        [num_samples] float32, or a scalar when reduced. Differentiable w.r.t. ``logits``; the
+        gradient comes back in logits' dtype, exactly zero at unmasked positions. One host sync
+        (the masked-row count) in forward and one in backward. The training loss is its
+        negative.
     """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [C, L, V], got {tuple(logits.shape)}")
+    check_reduction(reduction)
+    call = normalise("logits", "V", logits, targets, mask, weights, sample_index, num_samples)
+    logits, targets = call.x, call.targets
     check_compute_dtype("logits", logits)
-    if targets.dim() != 2 or tuple(targets.shape) != tuple(logits.shape[:2]):
+    if tuple(targets.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"targets must be [C, L] = {list(logits.shape[:2])}, got "
                          f"{tuple(targets.shape)}")
-    check_elbo_inputs(targets, mask, weights, sample_index, num_samples, logits.device)
+    check_elbo_inputs(targets, call.mask, call.weights, call.sample_index, call.num_samples,
+                      logits.device)
     name = resolve_backend(backend, logits.device)
-    out, _ = torch.ops.elbokto.fused_elbo(logits, targets, mask, weights, sample_index,
-                                          num_samples, name)
-    return out
+    out, _ = torch.ops.elbokto.fused_elbo(logits, targets, call.mask, call.weights,
+                                          call.sample_index, call.num_samples, name)
+    return reduce(out, call, reduction)
 
 
 @torch.library.custom_op("elbokto::fused_elbo", mutates_args=())

@@ -30,26 +30,29 @@ from torch import Tensor
 
 from . import memory
 from .backends import resolve_backend, row_ops
+from .call_forms import check_reduction, normalise, reduce
 from .grad_filter import FilterPlan, plan, resolve_filter_eps
 from .masked_rows import (check_compute_dtype, check_elbo_inputs, gather_masked_rows,
                           masked_index, reduce_rows, rows_at)
 from .vocab_walk import Chunk, VocabWalk, chunk_columns, mean_logit_order
 
 
-def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
-                      weights: Tensor, sample_index: Tensor, num_samples: int, *,
-                      bias: Tensor | None = None, softcap: float | None = None,
-                      chunk_size: int | None = None, keep_logits: bool = False,
-                      filter_eps: Union[None, float, str] = None, backend: str = "auto") -> Tensor:
+def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | None = None,
+                      weights: Tensor | None = None, sample_index: Tensor | None = None,
+                      num_samples: int | None = None, *, bias: Tensor | None = None,
+                      softcap: float | None = None, chunk_size: int | None = None,
+                      keep_logits: bool = False, filter_eps: Union[None, float, str] = None,
+                      reduction: str = "none", backend: str = "auto") -> Tensor:
     """``fused_elbo`` of ``logits = hidden @ weight.T (+ bias)``, soft-capped when asked.
 
     Args:
-        hidden: [C, L, D] float32 / bfloat16 / float16 final hidden states (float64 is refused:
-            the kernels compute in float32).
+        hidden: [C, L, D] float32 / bfloat16 / float16 final hidden states, or [N, D] (N
+            positions, each its own sample); float64 is refused (the kernels compute in float32).
         weight: [V, D] LM-head weight, hidden's dtype. bias: optional [V], same dtype. Under
             ``torch.autocast`` all three are first cast to the autocast dtype, as ``nn.Linear``
             does; outside it a dtype mismatch is refused, as ``F.linear`` refuses it.
-        targets, mask, weights, sample_index, num_samples: as in ``fused_elbo``.
+        targets, mask, weights, sample_index, num_samples, reduction: as in ``fused_elbo``
+            (the same defaults).
         softcap: Gemma-style final-logit soft-capping ``s * tanh(logits / s)``; None for none.
         chunk_size: vocabulary columns per chunk; None picks one from a memory budget.
         keep_logits: keep the float32 logits of the M masked rows (4 * M * V bytes) from forward
@@ -64,9 +67,9 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
         backend: "auto", "triton", "torch" or "cpu" for the row primitives (GEMMs are torch's).
 
     Returns:
-        [num_samples] float32, differentiable w.r.t. hidden, weight and bias (gradients in their
-        dtypes; float32 accumulation). No [C * L, V] tensor is ever built; with keep_logits one
-        [M, V] float32 tensor lives until the backward.
+        [num_samples] float32 (a scalar when reduced), differentiable w.r.t. hidden, weight and
+        bias (gradients in their dtypes; float32 accumulation). No [C * L, V] tensor is ever
+        built; with keep_logits one [M, V] float32 tensor lives until the backward.
     """
     if torch.is_autocast_enabled(hidden.device.type):
         # As nn.Linear under autocast: the GEMMs run in the autocast dtype. The casts are
@@ -74,8 +77,9 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [C, L, D], got {tuple(hidden.shape)}")
+    check_reduction(reduction)
+    call = normalise("hidden", "D", hidden, targets, mask, weights, sample_index, num_samples)
+    hidden, targets = call.x, call.targets
     check_compute_dtype("hidden", hidden)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2] or weight.dtype != hidden.dtype:
         raise ValueError(f"weight must be [V, D={hidden.shape[2]}] of dtype {hidden.dtype}, got "
@@ -90,7 +94,8 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
     if tuple(targets.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"targets must be [C, L] = {list(hidden.shape[:2])}, got "
                          f"{tuple(targets.shape)}")
-    check_elbo_inputs(targets, mask, weights, sample_index, num_samples, hidden.device)
+    check_elbo_inputs(targets, call.mask, call.weights, call.sample_index, call.num_samples,
+                      hidden.device)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, expected {hidden.device}")
@@ -100,10 +105,10 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
     backward_follows = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     out, *_ = torch.ops.elbokto.fused_linear_elbo(
-        hidden, weight, bias, targets, mask, weights, sample_index, num_samples,
-        None if softcap is None else float(softcap), chunk_size or 0,
+        hidden, weight, bias, targets, call.mask, call.weights, call.sample_index,
+        call.num_samples, None if softcap is None else float(softcap), chunk_size or 0,
         bool(keep_logits) and backward_follows, filter_eps if backward_follows else None, name)
-    return out
+    return reduce(out, call, reduction)
 
 
 def _walk(h: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_size: int,
