@@ -1,5 +1,6 @@
 # Two commands do all set-up: `make demo` and `make test`. Each creates .venv, installs torch 2.13.0
-# (the CPU build on these machines) only when no torch is importable, then the package with its extras.
+# (the CPU build on these machines) only when no torch is importable, then the kernels
+# (elbokto-kernels) and the package with its extras, both editable.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,7 +12,7 @@ $(PY):
 
 install: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ./elbokto_kernels -e ".[test]"
 
 demo: install
 	$(PY) -m elbokto.cli demo

@@ -13,10 +13,17 @@ toy size), ``benchmarks/kernel_report.py --check``, ``benchmarks/bench_step.py -
 the tests of what else the stack supports (the published models' loading; the trainer and a tiny
 ``elbokto train`` where the stack carries it).
 
-The code always comes from this clone, on PYTHONPATH (as the GPU machines run it). A stack that
-``installs_project`` first has pip install the project under its pins as constraints, so that
-the declared bounds must admit them (pip refuses otherwise) and the dependencies are what they
-resolve to, then uninstalls the project itself. Standard library only: runs under any python3.
+How a stack gets the project (``Stack.install``):
+
+* "clone": a plain clone on PYTHONPATH, as the GPU machines run it;
+* "resolve": pip installs both distributions (``elbokto_kernels/`` and the root) under the pins as
+  constraints, so that the declared bounds must admit them (pip refuses otherwise) and the
+  dependencies are what they resolve to; then the two are uninstalled and the clone is used on
+  PYTHONPATH;
+* "kernels": only ``elbokto-kernels`` is installed, into a venv of torch and triton alone, and
+  the kernel tests run against the installed package (no transformers anywhere).
+
+Standard library only: runs under any python3.
 """
 
 from __future__ import annotations
@@ -51,16 +58,22 @@ class Stack:
     python: str
     pins: tuple[str, ...]
     why: str
-    installs_project: bool  # resolves the project's dependencies under the pins
-    tests: tuple[str, ...]  # run besides the kernel and algorithm tests
+    install: str  # "clone", "resolve" or "kernels" (the module docstring)
+    tests: tuple[str, ...]  # run besides the kernel tests (and the algorithm tests, but for
+    #                          "kernels")
 
     def key(self) -> str:
-        """Changes with the pins and, where pip resolves the project's dependencies, with
-        pyproject.toml (new bounds must be checked against the pins again)."""
-        text = "\n".join((self.python, *self.pins))
-        if self.installs_project:
+        """Changes with the pins and, where pip installs the project, with its pyproject files
+        (new bounds must be checked against the pins again; an installed package rebuilt)."""
+        text = "\n".join((self.python, self.install, *self.pins))
+        if self.install != "clone":
             text += (ROOT / "pyproject.toml").read_text()
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+            text += (ROOT / "elbokto_kernels" / "pyproject.toml").read_text()
+        digest = hashlib.sha256(text.encode())
+        if self.install == "kernels":  # the tests import the installed copy of the code
+            for path in sorted([*ROOT.glob("elbokto_kernels/**/*.py"), *ROOT.glob("csrc/*")]):
+                digest.update(path.read_bytes())
+        return digest.hexdigest()[:12]
 
 
 TEST_PINS = ("pytest>=8", "pytest-benchmark>=4", "hypothesis>=6")
@@ -71,7 +84,7 @@ STACKS = (
            "accelerate==1.15.0", "peft", "einops", "tqdm", "ninja", "matplotlib", *TEST_PINS),
           "the lent GPU machines' image (numpy 2.5 there; 2.4 is the registry's newest): no "
           "datasets, lm-eval or openai, no network, the project run from a plain clone",
-          installs_project=False, tests=("tests/test_models.py",)),
+          install="clone", tests=("tests/test_models.py",)),
     Stack("oldest", "3.10",
           ("torch==2.7.1", "triton==3.3.1", "transformers==4.54.1", "numpy==1.26.4",
            "accelerate==1.11.0", "peft==0.17.0", "datasets==4.0.0", "tokenizers==0.21.4",
@@ -80,9 +93,14 @@ STACKS = (
           "4.54.1) and dllm (accelerate 1.11, peft 0.17); the declared lower bounds. The "
           "trainer and the native bidirectional models need transformers 5: here their refusal "
           "is tested, and the published LLaDA / Dream / LLaDA-MoE code loading natively",
-          installs_project=True,
+          install="resolve",
           tests=("tests/test_models.py::test_published_code_loads_through_load_model",
                  "tests/test_models.py::test_native_bidirectional_models_need_transformers5")),
+    Stack("kernels-only", "3.10",
+          ("torch==2.7.1", "triton==3.3.1", "numpy==1.26.4", *TEST_PINS),
+          "what a dLLM codebase gets from `pip install elbokto-kernels` next to the oldest torch: "
+          "torch and triton alone (numpy for Triton's interpreter), no transformers",
+          install="kernels", tests=()),
 )
 
 
@@ -114,26 +132,38 @@ def build(stack: Stack) -> Path:
     run([find_python(stack.python), "-m", "venv", str(venv)])
     pip = [str(python), "-m", "pip", "install", "-q"]
     run([*pip, *stack.pins])
-    if stack.installs_project:
-        with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
-            constraints.write("\n".join(stack.pins))
-            constraints.flush()
-            run([*pip, "-c", constraints.name, f"{ROOT}[test]"])
-        run([str(python), "-m", "pip", "uninstall", "-q", "-y", "elbokto"])
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
+        constraints.write("\n".join(stack.pins))
+        constraints.flush()
+        if stack.install == "resolve":
+            run([*pip, "-c", constraints.name, str(ROOT / "elbokto_kernels"), f"{ROOT}[test]"])
+            run([str(python), "-m", "pip", "uninstall", "-q", "-y", "elbokto", "elbokto-kernels"])
+        elif stack.install == "kernels":
+            run([*pip, "-c", constraints.name, str(ROOT / "elbokto_kernels")])
     (venv / "ready").write_text("\n".join(stack.pins) + "\n")
     return python
 
 
 def lane(stack: Stack, python: Path) -> list[tuple[str, list[str]]]:
     """(name, command) of each step of the stack's lane."""
+    if stack.install == "kernels":
+        # pytest's own script, not `python -m pytest`, which would put the clone (cwd) first on
+        # sys.path: the installed package is the one under test.
+        where = ("import elbokto_kernels, importlib.util as u; "  # -I: the clone is not on path
+                 "assert 'site-packages' in elbokto_kernels.__file__, elbokto_kernels.__file__; "
+                 "assert u.find_spec('transformers') is None; print(elbokto_kernels.__file__)")
+        return [("installed, alone", [str(python), "-I", "-c", where]),
+                ("tests", [str(python.parent / "pytest"), "-q", "-p", "no:cacheprovider",
+                           *KERNEL_TESTS]),
+                ("kernel_report --check", [str(python), "benchmarks/kernel_report.py",
+                                           "--check"])]
     tests = [*KERNEL_TESTS, *ALGORITHM_TESTS, *stack.tests]
-    steps = [("tests", [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]),
-             ("gpu_campaign --dry-run", [str(python), "benchmarks/gpu_campaign.py", "--dry-run",
-                                         "--out", tempfile.mkdtemp(prefix="gpu-campaign-")]),
-             ("kernel_report --check", [str(python), "benchmarks/kernel_report.py", "--check"]),
-             ("bench_step --quick", [str(python), "benchmarks/bench_step.py", "--quick",
-                                     "--repeats", "1"])]
-    return steps
+    return [("tests", [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]),
+            ("gpu_campaign --dry-run", [str(python), "benchmarks/gpu_campaign.py", "--dry-run",
+                                        "--out", tempfile.mkdtemp(prefix="gpu-campaign-")]),
+            ("kernel_report --check", [str(python), "benchmarks/kernel_report.py", "--check"]),
+            ("bench_step --quick", [str(python), "benchmarks/bench_step.py", "--quick",
+                                    "--repeats", "1"])]
 
 
 def run(command: list[str], env: dict | None = None) -> None:
@@ -169,7 +199,8 @@ def main() -> int:
     for stack in stacks:
         python = build(stack)
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
-        env["PYTHONPATH"] = str(ROOT)
+        if stack.install != "kernels":
+            env["PYTHONPATH"] = str(ROOT)
         print(f"compat [{stack.name}]: {versions(python, env)}", flush=True)
         for name, command in lane(stack, python):
             start = time.perf_counter()
