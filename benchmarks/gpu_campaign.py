@@ -34,7 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ("tests/test_row_ops.py", "tests/test_kernels.py", "tests/test_call_forms.py",
-         "tests/test_linear_elbo_filter.py", "tests/test_memory.py", "tests/test_estimate.py",
+         "tests/test_linear_elbo_filter.py", "tests/test_memory.py", "tests/test_lm_head.py",
+         "tests/test_estimate.py",
          "tests/test_objective.py", "tests/test_loss.py", "tests/test_draws.py")
 # The dry run rehearses the test step on a slice of the kernel tests (the compat lane runs them
 # all on CPU anyway).

@@ -2,9 +2,9 @@
 
 For a transformers model the LM head is bypassed: while the model runs, its output-embedding module
 computes ``fused_linear_elbo`` on the final hidden states of the masked rows (with its own weight,
-bias and the config's ``final_logit_softcapping``) and hands the model an empty logits tensor.
-Running inside the head's forward is what keeps this right under FSDP, where the head weight is
-only gathered during that forward. Any other module that returns logits goes through
+bias and the config's ``final_logit_softcapping``) and hands the model an empty logits tensor
+(:func:`elbokto_kernels.fused_lm_head`). Running inside the head's forward is what keeps this right
+under FSDP, where the head weight is only gathered during that forward. Any other module that returns logits goes through
 ``fused_elbo``.
 
 Block draws (``draws.block_size``) run the one-pass block-diffusion forward of
@@ -13,15 +13,13 @@ Block draws (``draws.block_size``) run the one-pass block-diffusion forward of
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 from elbokto.block import block_model_inputs, check_block_model
 from elbokto.draws import Draws
-from elbokto_kernels import fused_elbo, fused_linear_elbo
+from elbokto_kernels import fused_elbo, fused_lm_head
 
 
 def noisy_copies(input_ids: Tensor, draws: Draws, mask_token_id: int) -> Tensor:
@@ -88,7 +86,8 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
         logits = out if isinstance(out, Tensor) else out.logits
         return fused_elbo(logits, *elbo_args, backend=backend)
     softcap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
-    with _fused_head(head, elbo_args, softcap, keep_logits, filter_eps, backend) as result:
+    with fused_lm_head(head, *elbo_args, softcap=softcap, keep_logits=keep_logits,
+                       filter_eps=filter_eps, backend=backend) as result:
         model(**inputs, use_cache=False)
     if not result:
         raise RuntimeError(f"{type(model).__name__}'s forward never called its output embedding")
@@ -106,27 +105,3 @@ def _fusable_head(model: nn.Module) -> nn.Linear | None:
     # Only a plain Linear is replaced: a head with adapters (e.g. LoRA on lm_head) keeps its own
     # forward, and its logits go through fused_elbo instead.
     return head if type(head) is nn.Linear else None
-
-
-@contextmanager
-def _fused_head(head: nn.Linear, elbo_args: tuple, softcap: float | None, keep_logits: bool,
-                filter_eps: float | str | None, backend: str):
-    """Within the block, ``head(hidden)`` stores the fused ELBO in the yielded list and returns
-    an empty [..., 0] logits tensor (whatever the model does to logits afterwards is then free)."""
-    result: list[Tensor] = []
-
-    def forward(hidden: Tensor) -> Tensor:
-        # Under autocast the op runs in the autocast dtype, as the head itself would.
-        elbo = fused_linear_elbo(hidden, head.weight, *elbo_args, bias=head.bias,
-                                 softcap=softcap, keep_logits=keep_logits, filter_eps=filter_eps,
-                                 backend=backend)
-        result.append(elbo)
-        # Empty logits that still hang off the ELBO's graph: DDP's search for unused parameters
-        # walks the graph of the forward's outputs, and must find every parameter used.
-        return hidden.new_zeros(*hidden.shape[:-1], 0) * elbo.sum()
-
-    head.forward = forward
-    try:
-        yield result
-    finally:
-        del head.forward

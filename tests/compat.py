@@ -45,7 +45,8 @@ CACHE = Path(os.environ.get("ELBOKTO_COMPAT_CACHE", "~/.cache/elbokto/compat")).
 
 KERNEL_TESTS = ("tests/test_row_ops.py", "tests/test_kernels.py", "tests/test_call_forms.py",
                 "tests/test_cpu_backend.py", "tests/test_linear_elbo_filter.py",
-                "tests/test_memory.py", "tests/test_triton_compile.py", "tests/test_gpu_check.py")
+                "tests/test_memory.py", "tests/test_lm_head.py", "tests/test_triton_compile.py",
+                "tests/test_gpu_check.py")
 ALGORITHM_TESTS = ("tests/test_estimate.py", "tests/test_objective.py", "tests/test_loss.py",
                    "tests/test_draws.py", "tests/test_imports.py")
 

@@ -228,11 +228,11 @@ def test_elbo_dpo_objective_is_the_pairwise_formula():
 def test_filter_eps_reaches_the_fused_head(monkeypatch):
     """The objective's filter_eps is what the LM head's fused_linear_elbo gets, and training
     with it moves the same parameters, within the filter's error, as without."""
-    import elbokto.estimate
+    from elbokto_kernels import lm_head
 
     seen = []
-    real = elbokto.estimate.fused_linear_elbo
-    monkeypatch.setattr(elbokto.estimate, "fused_linear_elbo",
+    real = lm_head.fused_linear_elbo
+    monkeypatch.setattr(lm_head, "fused_linear_elbo",
                         lambda *a, **kw: seen.append(kw["filter_eps"]) or real(*a, **kw))
     policy, reference = policy_and_reference(seed=2)
     batch = tiny_batch(seed=2)
