@@ -60,8 +60,7 @@ class Stack:
     pins: tuple[str, ...]
     why: str
     install: str  # "clone", "resolve" or "kernels" (the module docstring)
-    tests: tuple[str, ...]  # run besides the kernel tests (and the algorithm tests, but for
-    #                          "kernels")
+    tests: tuple[str, ...]  # "kernels": the tests; else run besides the kernel and algorithm tests
 
     def key(self) -> str:
         """Changes with the pins and, where pip installs the project, with its pyproject files
@@ -101,7 +100,13 @@ STACKS = (
           ("torch==2.7.1", "triton==3.3.1", "numpy==1.26.4", *TEST_PINS),
           "what a dLLM codebase gets from `pip install elbokto-kernels` next to the oldest torch: "
           "torch and triton alone (numpy for Triton's interpreter), no transformers",
-          install="kernels", tests=()),
+          install="kernels", tests=KERNEL_TESTS),
+    Stack("dllm", "3.11",
+          ("torch==2.7.1", "triton==3.3.1", "transformers==4.57.0", "accelerate==1.11.0",
+           "peft==0.17.0", "numpy==1.26.4", *TEST_PINS),
+          "a dLLM codebase's stack (dllm's pins: transformers 4.57.0, accelerate 1.11, peft 0.17) "
+          "with elbokto-kernels installed beside it: the drop-in examples and fused_lm_head",
+          install="kernels", tests=("tests/test_examples.py", "tests/test_lm_head.py")),
 )
 
 
@@ -150,14 +155,20 @@ def lane(stack: Stack, python: Path) -> list[tuple[str, list[str]]]:
     if stack.install == "kernels":
         # pytest's own script, not `python -m pytest`, which would put the clone (cwd) first on
         # sys.path: the installed package is the one under test.
-        where = ("import elbokto_kernels, importlib.util as u; "  # -I: the clone is not on path
+        # -I: the clone is not on sys.path. Without transformers among the pins, pip must not
+        # have brought it either.
+        alone = not any(pin.startswith("transformers") for pin in stack.pins)
+        where = ("import elbokto_kernels, importlib.util as u; "
                  "assert 'site-packages' in elbokto_kernels.__file__, elbokto_kernels.__file__; "
-                 "assert u.find_spec('transformers') is None; print(elbokto_kernels.__file__)")
-        return [("installed, alone", [str(python), "-I", "-c", where]),
-                ("tests", [str(python.parent / "pytest"), "-q", "-p", "no:cacheprovider",
-                           *KERNEL_TESTS]),
-                ("kernel_report --check", [str(python), "benchmarks/kernel_report.py",
-                                           "--check"])]
+                 f"assert {alone} <= (u.find_spec('transformers') is None); "
+                 "print(elbokto_kernels.__file__)")
+        steps = [("installed", [str(python), "-I", "-c", where]),
+                 ("tests", [str(python.parent / "pytest"), "-q", "-p", "no:cacheprovider",
+                            *stack.tests])]
+        if stack.tests == KERNEL_TESTS:
+            steps.append(("kernel_report --check", [str(python), "benchmarks/kernel_report.py",
+                                                    "--check"]))
+        return steps
     tests = [*KERNEL_TESTS, *ALGORITHM_TESTS, *stack.tests]
     return [("tests", [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]),
             ("gpu_campaign --dry-run", [str(python), "benchmarks/gpu_campaign.py", "--dry-run",
