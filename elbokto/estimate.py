@@ -85,9 +85,11 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
         out = model(**inputs)
         logits = out if isinstance(out, Tensor) else out.logits
         return fused_elbo(logits, *elbo_args, backend=backend)
-    softcap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)
-    with fused_lm_head(head, *elbo_args, softcap=softcap, keep_logits=keep_logits,
-                       filter_eps=filter_eps, backend=backend) as result:
+    config = getattr(inner, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    with fused_lm_head(head, *elbo_args, logit_scale=_logit_scale(config), softcap=softcap,
+                       keep_logits=keep_logits, filter_eps=filter_eps,
+                       backend=backend) as result:
         model(**inputs, use_cache=False)
     if not result:
         raise RuntimeError(f"{type(model).__name__}'s forward never called its output embedding")
@@ -97,6 +99,12 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
 def _dtype_of(model: nn.Module) -> torch.dtype:
     """The dtype of the model's activations: that of its input embedding."""
     return model.get_input_embeddings().weight.dtype
+
+
+def _logit_scale(config) -> float | None:
+    """The factor a model applies to its head's logits after the head, if any: LLaDA's
+    ``scale_logits`` flag, 1 / sqrt(d_model)."""
+    return config.d_model ** -0.5 if getattr(config, "scale_logits", False) else None
 
 
 def _fusable_head(model: nn.Module) -> nn.Linear | None:

@@ -24,12 +24,17 @@ _MISSING = object()
 @contextmanager
 def fused_lm_head(head: nn.Linear, targets: Tensor, mask: Tensor | None = None,
                   weights: Tensor | None = None, sample_index: Tensor | None = None,
-                  num_samples: int | None = None, *, softcap: float | None = None,
-                  keep_logits: bool = False, filter_eps: Union[None, float, str] = None,
+                  num_samples: int | None = None, *, logit_scale: float | None = None,
+                  softcap: float | None = None, keep_logits: bool = False,
+                  filter_eps: Union[None, float, str] = None,
                   backend: str = "auto") -> Iterator[list[Tensor]]:
     """Yields a list that receives the ELBO ([num_samples] float32) of each call of ``head``
     within the block; the arguments after ``head`` are ``fused_linear_elbo``'s, with the shapes
     of the hidden states the model will pass to its head ([C, L, D]).
+
+    ``logit_scale``: a factor the model applies to the head's logits after the head (LLaDA's
+    ``scale_logits``: 1 / sqrt(d_model)), before any soft-capping; it is folded into the hidden
+    states and the bias, since the model's own scaling then only touches empty logits.
 
     ``head`` must be a plain ``nn.Linear`` (a head with adapters computes more than its weight:
     refused with the reason). Under autocast the GEMMs run in the autocast dtype, as the head's
@@ -43,8 +48,12 @@ def fused_lm_head(head: nn.Linear, targets: Tensor, mask: Tensor | None = None,
     result: list[Tensor] = []
 
     def forward(hidden: Tensor) -> Tensor:
+        bias = head.bias
+        if logit_scale is not None:  # s (hW + b) = (s h) W + s b
+            hidden = hidden * logit_scale
+            bias = None if bias is None else bias * logit_scale
         elbo = fused_linear_elbo(hidden, head.weight, targets, mask, weights, sample_index,
-                                 num_samples, bias=head.bias, softcap=softcap,
+                                 num_samples, bias=bias, softcap=softcap,
                                  keep_logits=keep_logits, filter_eps=filter_eps, backend=backend)
         result.append(elbo)
         return hidden.new_zeros(*hidden.shape[:-1], 0) * elbo.sum()

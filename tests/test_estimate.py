@@ -1,6 +1,7 @@
 """elbo_estimate through real transformers models: the fused head equals full logits."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -147,3 +148,28 @@ def test_the_model_sees_exactly_the_drawn_copies():
     per_copy = draws.weight.double() * draws.mask.sum(1) * -math.log(97)
     want = torch.zeros(4, dtype=torch.float64).index_add(0, draws.sample_index, per_copy)
     torch.testing.assert_close(elbo.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_llada_scale_logits_is_scored():
+    """A model whose config says scale_logits (LLaDA's flag) multiplies its head's logits by
+    1 / sqrt(d_model) after the head: the fused head scores those logits."""
+
+    class ScaledLogits(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.config = SimpleNamespace(scale_logits=True, d_model=32)
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, input_ids, attention_mask=None, use_cache=None):
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
+            return SimpleNamespace(logits=out.logits * 32 ** -0.5)
+
+    model, batch = tiny_gemma(seed=2), tiny_batch(seed=2)
+    draws = draws_for(batch, n_t=2)
+    fused = elbo_estimate(ScaledLogits(model), batch["input_ids"], draws, mask_token_id=MASK_ID,
+                          attention_mask=batch["attention_mask"], backend="torch")
+    ref = unfused_elbo(ScaledLogits(model), batch["input_ids"], draws, batch["attention_mask"])
+    torch.testing.assert_close(fused.double(), ref, rtol=1e-5, atol=1e-5)

@@ -74,3 +74,18 @@ def test_a_head_with_adapters_is_refused():
     with pytest.raises(ValueError, match="needs a plain nn.Linear head, got Adapted"):
         with fused_lm_head(Adapted(4, 5), torch.zeros(1, 2, dtype=torch.long)):
             pass
+
+
+def test_a_scaled_head():
+    """A model that scales its head's logits (LLaDA's scale_logits: 1 / sqrt(d_model)) is scored
+    on the scaled logits: logit_scale folds the factor into the hidden states and the bias."""
+    model = on_device(TinyLM())
+    scale = 16 ** -0.5
+    g = torch.Generator().manual_seed(2)
+    ids = on_device(torch.randint(0, 29, (2, 5), generator=g))
+    targets = ids.masked_fill(on_device(torch.rand(2, 5, generator=g) < 0.4), -100)
+    want = fused_elbo(model(ids) * scale, targets, backend="torch")
+    with fused_lm_head(model.head, targets, logit_scale=scale, backend=MODEL_BACKEND) as result:
+        model(ids) * scale
+    torch.testing.assert_close(result[0], want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want, fused_elbo(model(ids), targets, backend="torch"))
