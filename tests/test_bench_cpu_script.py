@@ -51,3 +51,17 @@ def test_filter_distributions_and_table():
     text = "\n".join(bench_cpu.filter_table(rows, shape))
     assert ": 2.00x, met; peak memory <= 0.3x eager's: 0.20x, met." in text
     assert "no slower than the exact op: 1.00x its speed, met." in text
+
+
+def test_bench_integration_quick(tmp_path):
+    """benchmarks/bench_integration.py --quick: the three MDLM steps agree on the loss (the script
+    refuses otherwise) and the table is recorded."""
+    readme = tmp_path / "README.md"
+    script = SCRIPT.parent / "bench_integration.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--repeats", "1",
+                             "--readme", str(readme)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = readme.read_text()
+    assert "## The kernels in an adopter's MDLM step (cpu)" in text
+    for row in ("adopter", "masked rows", "fused_lm_head"):
+        assert f"| {row} |" in text
