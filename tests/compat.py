@@ -102,10 +102,11 @@ STACKS = (
           "torch and triton alone (numpy for Triton's interpreter), no transformers",
           install="kernels", tests=KERNEL_TESTS),
     Stack("dllm", "3.11",
-          ("torch==2.7.1", "triton==3.3.1", "transformers==4.57.0", "accelerate==1.11.0",
+          ("torch==2.7.1", "triton==3.3.1", "transformers==4.57.1", "accelerate==1.11.0",
            "peft==0.17.0", "numpy==1.26.4", *TEST_PINS),
-          "a dLLM codebase's stack (dllm's pins: transformers 4.57.0, accelerate 1.11, peft 0.17) "
-          "with elbokto-kernels installed beside it: the drop-in examples and fused_lm_head",
+          "a dLLM codebase's stack (dllm's pins: transformers 4.57, whose 4.57.0 is yanked; "
+          "accelerate 1.11, peft 0.17) with elbokto-kernels installed beside it: the drop-in "
+          "examples and fused_lm_head",
           install="kernels", tests=("tests/test_examples.py", "tests/test_lm_head.py")),
 )
 
