@@ -127,7 +127,8 @@ def straightforward_step(policy, reference, batch, objective):
         noisy = ids.masked_fill(mask, objective.mask_token_id)
         logits = policy(input_ids=noisy, attention_mask=attn).logits
         with torch.no_grad(), frozen():
-            ref_logits = (reference or policy)(input_ids=noisy, attention_mask=attn).logits
+            scorer = policy if reference is None else reference
+            ref_logits = scorer(input_ids=noisy, attention_mask=attn).logits
         for b in range(size):
             target = ids[b][mask[b]]
             w = draws.weight[copy[b]]

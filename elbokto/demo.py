@@ -43,11 +43,11 @@ from torch import Tensor, nn
 from elbokto.data import PreferenceCollator, example_uid, prompt_token_ids
 from elbokto.draws import MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
-from elbokto.sampling import GenerationConfig, decode_responses, generate
 from elbokto.loss import LossConfig
 from elbokto.models import build_tiny_model
 from elbokto.objective import ELBOKTOObjective
 from elbokto.requires import pyplot
+from elbokto.sampling import GenerationConfig, decode_responses, generate
 from elbokto.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
 
 __all__ = ["DemoConfig", "classify", "run_demo", "run_seeds", "write_ablations"]

@@ -3,9 +3,9 @@
 For a transformers model the LM head is bypassed: while the model runs, its output-embedding module
 computes ``fused_linear_elbo`` on the final hidden states of the masked rows (with its own weight,
 bias and the config's ``final_logit_softcapping``) and hands the model an empty logits tensor
-(:func:`elbokto_kernels.fused_lm_head`). Running inside the head's forward is what keeps this right
-under FSDP, where the head weight is only gathered during that forward. Any other module that returns logits goes through
-``fused_elbo``.
+(:func:`elbokto_kernels.fused_lm_head`). Running inside the head's forward is what keeps this
+right under FSDP, where the head weight is only gathered during that forward. Any other module
+that returns logits goes through ``fused_elbo``.
 
 Block draws (``draws.block_size``) run the one-pass block-diffusion forward of
 :mod:`elbokto.block` on [x_t ; x_0]; the clean half gets mask False, so none of its rows is scored.

@@ -10,9 +10,10 @@ from devices import DEVICE, on_device
 from elbokto_kernels import fused_elbo, fused_linear_elbo
 from elbokto_kernels.backends import resolve_backend
 from elbokto_kernels.oracle import assert_close, elbo_oracle, linear_elbo_oracle, tolerances
+from elbokto_kernels.versions import release
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TORCH = tuple(int(part) for part in torch.__version__.split(".")[:2])
+TORCH = release(torch.__version__)
 
 
 def make_case(C, L, V, *, seed, num_samples=3, p_mask=0.5, per_position=False, scale=3.0,

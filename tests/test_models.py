@@ -25,8 +25,6 @@ from elbokto.models import (ModelConfig, _outside_table, build_tiny_model, disab
 from elbokto.tiny import build_tiny_tokenizer
 from remote_standins import HEADS, WIDTH, standard_inv_freq, write_standin
 
-TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
-
 
 def standin_config(model_type: str, **attributes) -> PretrainedConfig:
     """A config of the given model_type, as a family's own config class would give it."""
@@ -282,7 +280,7 @@ def test_native_bidirectional_models_need_transformers5(monkeypatch):
                r"use_bidirectional_attention and build the model causal\); found {}: pip install "
                r"'transformers>=5.0'$")
     found = transformers.__version__
-    if TRANSFORMERS_MAJOR >= 5:
+    if models.TRANSFORMERS_5:
         assert build_tiny_model(40, 2, num_layers=1).config.use_bidirectional_attention
         found = "4.57.1"
         monkeypatch.setattr(families, "installed", lambda name: found)
@@ -321,7 +319,7 @@ def transformers_as_shipped():
     (elbokto's fix-ups register nothing globally, but be sure)."""
     table = modeling_rope_utils.ROPE_INIT_FUNCTIONS
     saved_table, saved_module = dict(table), sys.modules.pop(fixups.ATTN_MASK_UTILS, None)
-    if TRANSFORMERS_MAJOR >= 5:
+    if models.TRANSFORMERS_5:
         table.pop("default", None)
     yield
     table.clear()

@@ -52,9 +52,9 @@ from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.block import resolve_block_size
 from elbokto.block_sampling import sampler_for
-from elbokto.sampling import GenerationConfig, decode_responses
 from elbokto.models import ModelConfig, load_model, load_tokenizer, resolve_mask_token_id, \
     uses_shifted_logits
+from elbokto.sampling import GenerationConfig, decode_responses
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import torch
 
 from elbokto.data import load_source, prompt_token_ids, unpair
 from elbokto.block_sampling import sampler_for
-from elbokto.sampling import GenerationConfig, decode_responses
 from elbokto.models import ModelConfig, load_model, load_tokenizer, uses_shifted_logits
+from elbokto.sampling import GenerationConfig, decode_responses
 
 logger = logging.getLogger(__name__)
 

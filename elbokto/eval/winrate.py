@@ -24,9 +24,9 @@ from elbokto.eval.judge import (JudgeConfig, JudgmentCache, PairwiseJudge, check
 from elbokto.eval.sources import load_prompts, responses_from, source_name
 from elbokto.eval.stats import cohen_kappa, prompt_outcome, win_rate
 from elbokto.eval.template import load_template
-from elbokto.sampling import GenerationConfig
 from elbokto.models import ModelConfig
 from elbokto.requires import pyplot
+from elbokto.sampling import GenerationConfig
 
 logger = logging.getLogger(__name__)
 
