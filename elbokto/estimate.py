@@ -1,11 +1,12 @@
 """One-pass ELBO estimation: the B*K noisy copies of a batch through ONE batched forward.
 
-For a transformers model the LM head is bypassed: while the model runs, its output-embedding module
-computes ``fused_linear_elbo`` on the final hidden states of the masked rows (with its own weight,
-bias and the config's ``final_logit_softcapping``) and hands the model an empty logits tensor
-(:func:`elbokto_kernels.fused_lm_head`). Running inside the head's forward is what keeps this
-right under FSDP, where the head weight is only gathered during that forward. Any other module
-that returns logits goes through ``fused_elbo``.
+For a transformers model the LM head is bypassed: while the model runs, its head computes
+``fused_linear_elbo`` on the final hidden states of the masked rows (with its own weight, bias,
+LoRA adapters and the config's logit scale and soft-cap) and hands the model an empty logits
+tensor (:func:`elbokto_kernels.fused_lm_head`). Running inside the head's call is what keeps this
+right under FSDP, where the head weight is only gathered during that call. Any other module that
+returns logits, and a head the fused path cannot score exactly (said once in the log), goes
+through ``fused_elbo``.
 
 Block draws (``draws.block_size``) run the one-pass block-diffusion forward of
 :mod:`elbokto.block` on [x_t ; x_0]; the clean half gets mask False, so none of its rows is scored.
@@ -13,13 +14,18 @@ Block draws (``draws.block_size``) run the one-pass block-diffusion forward of
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 from elbokto.block import block_model_inputs, check_block_model
 from elbokto.draws import Draws
-from elbokto_kernels import fused_elbo, fused_lm_head
+from elbokto_kernels import fused_elbo, fused_lm_head, lm_head_unsupported
+
+logger = logging.getLogger(__name__)
 
 
 def noisy_copies(input_ids: Tensor, draws: Draws, mask_token_id: int) -> Tensor:
@@ -80,15 +86,14 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
         targets, mask, weight = (torch.cat([x, torch.zeros_like(x)], dim=1)
                                  for x in (targets, mask, weight))
     elbo_args = (targets, mask, weight, draws.sample_index, num_samples)
-    head = _fusable_head(inner)
-    if head is None:
+    problem = lm_head_unsupported(inner)
+    if problem is not None:
+        if callable(getattr(inner, "get_output_embeddings", None)):
+            _say_unfused(type(inner).__name__, problem)
         out = model(**inputs)
         logits = out if isinstance(out, Tensor) else out.logits
         return fused_elbo(logits, *elbo_args, backend=backend)
-    config = getattr(inner, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    with fused_lm_head(head, *elbo_args, logit_scale=_logit_scale(config), softcap=softcap,
-                       keep_logits=keep_logits, filter_eps=filter_eps,
+    with fused_lm_head(inner, *elbo_args, keep_logits=keep_logits, filter_eps=filter_eps,
                        backend=backend) as result:
         model(**inputs, use_cache=False)
     if not result:
@@ -96,20 +101,12 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
     return result[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _say_unfused(model_name: str, problem: str) -> None:
+    logger.warning("%s: the LM head is not fused, its full logits are built (%s)", model_name,
+                   problem)
+
+
 def _dtype_of(model: nn.Module) -> torch.dtype:
     """The dtype of the model's activations: that of its input embedding."""
     return model.get_input_embeddings().weight.dtype
-
-
-def _logit_scale(config) -> float | None:
-    """The factor a model applies to its head's logits after the head, if any: LLaDA's
-    ``scale_logits`` flag, 1 / sqrt(d_model)."""
-    return config.d_model ** -0.5 if getattr(config, "scale_logits", False) else None
-
-
-def _fusable_head(model: nn.Module) -> nn.Linear | None:
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    # Only a plain Linear is replaced: a head with adapters (e.g. LoRA on lm_head) keeps its own
-    # forward, and its logits go through fused_elbo instead.
-    return head if type(head) is nn.Linear else None

@@ -2,8 +2,8 @@
 
 ``fused_elbo`` scores logits; ``fused_linear_elbo`` scores final hidden states through the LM head
 without materialising the logits; ``fused_lm_head`` does that inside a model's own forward, at its
-head module. Both take the masked copies of every sample at once and return
-one float32 ELBO estimate per sample. Backends (``elbokto_kernels.backends``): "triton" (CUDA, or
+head (``lm_head_unsupported`` says when it cannot). All take the masked copies of every sample at
+once and return one float32 ELBO estimate per sample. Backends (``elbokto_kernels.backends``): "triton" (CUDA, or
 CPU under TRITON_INTERPRET=1), "cpu" (C++), "torch" (reference path); "auto" picks;
 ``usable_backends(device)`` lists those that work on a device here.
 """
@@ -15,6 +15,7 @@ require_version("torch", MINIMUM["torch"], "elbokto_kernels")
 from .backends import BACKENDS, usable_backends  # noqa: E402
 from .elbo import fused_elbo  # noqa: E402
 from .linear_elbo import fused_linear_elbo  # noqa: E402
-from .lm_head import fused_lm_head  # noqa: E402
+from .lm_head import fused_lm_head, lm_head_unsupported  # noqa: E402
 
-__all__ = ["fused_elbo", "fused_linear_elbo", "fused_lm_head", "BACKENDS", "usable_backends"]
+__all__ = ["fused_elbo", "fused_linear_elbo", "fused_lm_head", "lm_head_unsupported", "BACKENDS",
+           "usable_backends"]

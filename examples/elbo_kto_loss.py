@@ -31,7 +31,7 @@ def policy_elbo(model: nn.Module, input_ids: Tensor, masks: Tensor, completion_l
     copies = input_ids.repeat_interleave(draws, dim=0)  # [B * K, L], draws of b contiguous
     masks = masks.reshape(batch * draws, length)
     sample_index = torch.arange(batch, device=input_ids.device).repeat_interleave(draws)
-    with fused_lm_head(model.get_output_embeddings(), copies, masks, weights, sample_index,
+    with fused_lm_head(model, copies, masks, weights, sample_index,
                        batch, backend=backend) as elbo:
         model(input_ids=copies.masked_fill(masks, mask_token_id))
     return elbo[0]

@@ -27,8 +27,9 @@ def mdlm_loss(model: nn.Module, noised_input_ids: Tensor, input_ids: Tensor, mas
     """Scalar loss: sum over masked positions of w * NLL(token), normalised as ``norm`` says.
 
     Args:
-        model: a transformers-style model whose ``get_output_embeddings()`` is a plain linear
-            head (its forward is run as it is, with its own hooks).
+        model: a transformers-style model with ``get_output_embeddings()``: a linear head, a
+            LoRA-wrapped one, or LLaDA's tied embedding (its forward is run as it is, with its
+            own hooks; its config's logit scale and soft-cap are applied).
         noised_input_ids: int64 [B, L], the masked inputs; input_ids: [B, L] clean tokens.
         masked: bool [B, L], the positions the noise masked (scored).
         loss_weights: float [B] (per sequence, e.g. w(t)) or [B, L].
@@ -46,7 +47,7 @@ def mdlm_loss(model: nn.Module, noised_input_ids: Tensor, input_ids: Tensor, mas
     else:
         raise ValueError(f"norm must be 'token', 'sequence' or 'batch', got {norm!r}")
     weights = loss_weights.float() / scale
-    with fused_lm_head(model.get_output_embeddings(), input_ids, masked, weights,
+    with fused_lm_head(model, input_ids, masked, weights,
                        backend=backend) as elbo:
         model(input_ids=noised_input_ids, attention_mask=attention_mask)
     return -elbo[0].sum()

@@ -7,7 +7,9 @@ uses the transformers 4 idioms of the family's published code that break under t
   that skips the rotary module, a GenerationConfig subclass with ``validate(self, is_init=False)``
   read by a ``from_pretrained`` override; model_type "Dream", logits shifted.
 * LLaDA: no ``post_init()``, ``tie_weights(self)``, ``config.use_cache`` read in the forward;
-  OLMo-style module names (q_proj ... attn_out, ff_proj, up_proj, ff_out).
+  OLMo-style module names (q_proj ... attn_out, ff_proj, up_proj, ff_out); its head as published:
+  ``weight_tying`` applies the input embedding with ``F.linear`` (and ``get_output_embeddings``
+  returns the embedding), ``scale_logits`` multiplies the logits by 1 / sqrt(d_model) in place.
 * LLaDA-MoE: ``transformers.modeling_attn_mask_utils.AttentionMaskConverter``, the RoPE and tied
   weights idioms of Dream; its published config says model_type "llada" and has no mask token.
 
@@ -142,7 +144,10 @@ class LLaDAConfig(PretrainedConfig):
 '''
 
 _LLADA = '''
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -195,7 +200,21 @@ class LLaDAModelLM(PreTrainedModel):
         x = self.model.transformer.wte(input_ids)
         for block in self.model.transformer.blocks:
             x = block(x, keep)
-        return CausalLMOutputWithPast(logits=self.model.transformer.ff_out(x))
+        if getattr(self.config, "weight_tying", False):
+            logits = F.linear(x, self.model.transformer.wte.weight, None)
+        else:
+            logits = self.model.transformer.ff_out(x)
+        if getattr(self.config, "scale_logits", False):
+            logits.mul_(1 / math.sqrt(self.config.d_model))
+        return CausalLMOutputWithPast(logits=logits)
+
+    def get_input_embeddings(self):
+        return self.model.transformer.wte
+
+    def get_output_embeddings(self):
+        if getattr(self.config, "weight_tying", False):
+            return self.model.transformer.wte
+        return self.model.transformer.ff_out
 
     def tie_weights(self):
         pass

@@ -8,41 +8,36 @@ import torch
 from torch import nn
 
 from devices import DEVICE, MODEL_BACKEND, on_device
-from elbokto_kernels import fused_elbo, fused_lm_head
+from head_models import TinyLM, case, lora_tiny_lm
+from elbokto_kernels import fused_elbo, fused_lm_head, lm_head_unsupported
 
 
-class TinyLM(nn.Module):
-    """Embedding, one mixing layer, a (biased) linear head: logits [C, L, V]."""
-
-    def __init__(self, vocab=29, width=16):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(vocab, width)
-        self.mix = nn.Linear(width, width)
-        self.head = nn.Linear(width, vocab, bias=True)
-
-    def forward(self, ids):
-        return self.head(torch.tanh(self.mix(self.embed(ids))))
-
-
-def test_the_head_scores_the_models_own_forward():
-    model = on_device(TinyLM())
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 29, (3, 6), generator=g)
-    mask = torch.rand(3, 6, generator=g) < 0.5
-    weights = torch.rand(3, generator=g) + 0.5
-    ids, mask, weights = on_device(ids, mask, weights)
-    targets = ids.masked_fill(~mask, -100)
+def _assert_exact(model, scored, ids, targets, weights, rtol=1e-5):
+    """``scored`` (what fused_lm_head gave) equals fused_elbo of the model's own logits, value
+    and gradients of every trainable parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
     want = fused_elbo(model(ids), targets, weights=weights, backend="torch")
-    want_grads = torch.autograd.grad(want.sum(), list(model.parameters()))
-    with fused_lm_head(model.head, targets, weights=weights, backend=MODEL_BACKEND) as result:
+    torch.testing.assert_close(scored, want, rtol=rtol, atol=1e-5)
+    assert scored.requires_grad == want.requires_grad
+    if not want.requires_grad:  # e.g. merged adapters: nothing trainable is in the forward
+        return want
+    upstream = torch.rand(want.shape, generator=torch.Generator().manual_seed(9)).to(want)
+    got_grads = torch.autograd.grad(scored, params, upstream)
+    for got, expected, p in zip(got_grads, torch.autograd.grad(want, params, upstream), params):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    return want
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["linear", "tied"])
+def test_the_head_scores_the_models_own_forward(tied):
+    model = on_device(TinyLM(tied=tied))
+    ids, targets, weights = case(1)
+    with fused_lm_head(model, targets, weights=weights, backend=MODEL_BACKEND) as result:
         logits = model(ids)
     assert logits.shape == (3, 6, 0) and len(result) == 1
-    torch.testing.assert_close(result[0], want, rtol=1e-5, atol=1e-5)
-    got_grads = torch.autograd.grad(result[0].sum(), list(model.parameters()))
-    for got, expected in zip(got_grads, want_grads):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
-    assert "forward" not in model.head.__dict__  # the class's forward again
+    _assert_exact(model, result[0], ids, targets, weights)
+    assert "forward" not in model.get_output_embeddings().__dict__  # the class's forward again
+    assert model(ids).shape == (3, 6, 29)  # and F.linear is F.linear again
 
 
 def test_a_previous_instance_forward_and_hooks_come_back_exactly():
@@ -67,13 +62,44 @@ def test_a_previous_instance_forward_and_hooks_come_back_exactly():
     assert head.__dict__["forward"] is installed  # restored on errors too
 
 
-def test_a_head_with_adapters_is_refused():
+def test_a_head_that_computes_more_than_its_weight_is_refused():
     class Adapted(nn.Linear):
         pass
 
-    with pytest.raises(ValueError, match="needs a plain nn.Linear head, got Adapted"):
+    assert "Adapted head" in lm_head_unsupported(Adapted(4, 5))
+    with pytest.raises(ValueError, match="cannot score this head: a Adapted head"):
         with fused_lm_head(Adapted(4, 5), torch.zeros(1, 2, dtype=torch.long)):
             pass
+    assert lm_head_unsupported(TinyLM()) is None and lm_head_unsupported(nn.Linear(2, 3)) is None
+
+
+@pytest.mark.parametrize("config", [
+    {"scale_logits": True}, {"logits_scaling": 3.0}, {"final_logit_softcapping": 0.3},
+    {"scale_logits": True, "final_logit_softcapping": 0.5}], ids=str)
+@pytest.mark.parametrize("tied", [False, True], ids=["linear", "tied"])
+def test_the_logit_transforms_a_config_declares(config, tied):
+    """Given the model, its config's scale (LLaDA's scale_logits, Granite's logits_scaling) and
+    soft-cap (Gemma's) are applied as the model applies them to its own logits."""
+    model = on_device(TinyLM(tied=tied, **config))
+    ids, targets, weights = case(2)
+    with fused_lm_head(model, targets, weights=weights, backend=MODEL_BACKEND) as result:
+        model(ids)
+    want = _assert_exact(model, result[0], ids, targets, weights)
+    plain = fused_elbo(TinyLM(tied=tied).to(DEVICE)(ids), targets, weights=weights,
+                       backend="torch")
+    assert not torch.allclose(want, plain, rtol=1e-3)  # the transform mattered
+    with pytest.raises(ValueError, match="come from its config"):
+        with fused_lm_head(model, targets, logit_scale=0.5):
+            pass
+
+
+def test_a_partitioned_weight_is_refused_not_scored():
+    """ZeRO-3 leaves a parameter with no elements outside its module's gathered call."""
+    head = nn.Linear(4, 5)
+    head.weight = nn.Parameter(torch.empty(0))
+    with pytest.raises(RuntimeError, match="partitioned"):
+        with fused_lm_head(head, torch.zeros(1, 2, dtype=torch.long), backend="torch"):
+            head(torch.randn(1, 2, 4))
 
 
 def test_a_scaled_head():
@@ -89,3 +115,63 @@ def test_a_scaled_head():
         model(ids) * scale
     torch.testing.assert_close(result[0], want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(want, fused_elbo(model(ids), targets, backend="torch"))
+
+
+def _lora_model(**lora):
+    return on_device(lora_tiny_lm(pytest.importorskip("peft"), **lora))
+
+
+@pytest.mark.parametrize("lora", [{}, {"lora_bias": True}], ids=["lora", "lora_bias"])
+def test_a_lora_head_trains_its_adapters_exactly(lora):
+    """The adapters' low-rank path is part of the scored logits (the model's own forward adds
+    it), and the gradients reach A and B; the base weight is frozen, as peft leaves it."""
+    model = _lora_model(**lora)
+    head = model.get_output_embeddings()
+    assert lm_head_unsupported(model) is None and type(head).__name__ == "Linear"
+    ids, targets, weights = case(3)
+    with fused_lm_head(model, targets, weights=weights, backend=MODEL_BACKEND) as result:
+        assert model(ids).shape == (3, 6, 0)
+    _assert_exact(model, result[0], ids, targets, weights)
+    with model.disable_adapter():  # switching the adapters off is followed (peft freezes them)
+        with fused_lm_head(model, targets, weights=weights, backend=MODEL_BACKEND) as off:
+            model(ids)
+        want = fused_elbo(model(ids), targets, weights=weights, backend="torch")
+    torch.testing.assert_close(off[0], want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(off[0], result[0], rtol=1e-3)  # and the adapters mattered
+    assert "forward" not in head.__dict__
+
+
+def test_a_merged_lora_head_is_its_base_layer():
+    model = _lora_model()
+    ids, targets, weights = case(4)
+    model.merge_adapter()
+    with fused_lm_head(model, targets, weights=weights, backend=MODEL_BACKEND) as result:
+        model(ids)
+    _assert_exact(model, result[0], ids, targets, weights)
+
+
+def test_a_lora_variant_head_is_refused_with_the_reason():
+    model = _lora_model(use_dora=True)
+    assert "DoRA" in lm_head_unsupported(model)
+    with pytest.raises(ValueError, match="LoRA variant"):
+        with fused_lm_head(model, torch.zeros(1, 2, dtype=torch.long)):
+            pass
+
+
+def test_tied_and_lora_heads_under_fsdp2():
+    """Two gloo ranks, FSDP2 (fully_shard): the weights exist whole only inside the forward."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("peft")
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", str(tests / "fsdp_lm_head_worker.py")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("match") == 2 and "MISMATCH" not in result.stdout, (
+        result.stdout + result.stderr[-3000:])

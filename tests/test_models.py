@@ -17,6 +17,7 @@ from transformers import (AutoModel, GemmaConfig, GemmaForCausalLM, GenerationCo
                           LlamaConfig, PretrainedConfig, modeling_rope_utils)
 
 from elbokto import families, fixups, models
+from elbokto_kernels import fused_elbo, lm_head_unsupported
 from elbokto.families import FAMILIES, family_of
 from elbokto.models import (ModelConfig, _outside_table, build_tiny_model, disable_dropout,
                             frozen_reference, load_model, load_tokenizer, local_or_hub,
@@ -359,6 +360,37 @@ def test_published_code_loads_through_load_model(tmp_path, transformers_as_shipp
         other = model(input_ids=ids.index_fill(1, torch.tensor([3, 4]), 11),
                       attention_mask=mask).logits
     assert torch.allclose(logits[1, :3], other[1, :3], atol=1e-6)
+
+
+@pytest.mark.parametrize("head", [{}, {"weight_tying": True}, {"scale_logits": True},
+                                  {"weight_tying": True, "scale_logits": True}], ids=str)
+def test_llada_published_heads_are_scored_fused(tmp_path, head):
+    """LLaDA's head as published (a separate ff_out, or the input embedding applied with
+    F.linear under weight_tying; logits scaled in place under scale_logits) is fused and scores
+    the model's own logits, value and gradients."""
+    from elbokto import MCConfig, sample_draws
+    from elbokto.estimate import elbo_estimate, noisy_copies
+
+    folder = write_standin(tmp_path / "llada", "llada")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **head}))
+    model = load_model(str(folder), ModelConfig(trust_remote_code=True))
+    assert lm_head_unsupported(model) is None
+    ids = torch.randint(1, 30, (2, 7), generator=torch.Generator().manual_seed(0))
+    draws = sample_draws(MCConfig(n_t=2), torch.tensor([2, 3]), torch.tensor([5, 4]), 7,
+                         uids=torch.tensor([1, 2]), seed=0)
+    fused = elbo_estimate(model, ids, draws, mask_token_id=30, backend="torch")
+    logits = model(input_ids=noisy_copies(ids, draws, 30)).logits
+    assert logits.shape[-1] == 32  # the model's own logits again after the fused call
+    want = fused_elbo(logits, ids[draws.sample_index], draws.mask, draws.weight,
+                      draws.sample_index, 2, backend="torch")
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for got, expected in zip(torch.autograd.grad(fused.sum(), params, allow_unused=True),
+                             torch.autograd.grad(want.sum(), params, allow_unused=True)):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_dream_keeps_its_generation_config(tmp_path):
