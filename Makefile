@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install demo test test-compat gpu-check bench-cpu clean
+.PHONY: install demo test test-compat lint gpu-check bench-cpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The checkers CI holds the code to (pyproject.toml: [tool.ruff], [tool.mypy]; pinned in the dev extra).
+lint: install
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m ruff check elbokto_kernels
+	$(PY) -m mypy elbokto_kernels
 
 # The compat lane on the other stacks of the supported matrix (tests/compat.py: venvs of their own,
 # cached under ~/.cache/elbokto/compat); stdlib-only, so no install step.

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 
+__version__ = "0.1.0"  # pyproject.toml's (a test holds them equal)
+
 from elbokto.requires import MINIMUM as _MINIMUM
 from elbokto_kernels.versions import require_version as _require_version
 

@@ -14,8 +14,15 @@ from torch import Tensor
 from . import memory
 from .backends import resolve_backend, row_ops
 from .call_forms import check_reduction, normalise, reduce
-from .masked_rows import (check_compute_dtype, check_elbo_inputs, gather_masked_rows,
-                          masked_index, reduce_rows, rows_at, unmasked_index)
+from .masked_rows import (
+    check_compute_dtype,
+    check_elbo_inputs,
+    gather_masked_rows,
+    masked_index,
+    reduce_rows,
+    rows_at,
+    unmasked_index,
+)
 
 
 def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor | None = None,
@@ -24,7 +31,8 @@ def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor | None = None,
                backend: str = "auto") -> Tensor:
     """Weighted masked log-likelihood summed per sample: the Monte-Carlo ELBO of each sample.
 
-    ``out[b] = sum_{c: sample_index[c] = b} sum_p mask[c, p] * w[c, p] * log_softmax(logits[c, p])[targets[c, p]]``
+    ``out[b] = sum_{c: sample_index[c] = b} sum_p mask[c, p] * w[c, p]
+    * log_softmax(logits[c, p])[targets[c, p]]``
 
     Args:
         logits: [C, L, V] float32 / bfloat16 / float16, any strides (C copies of length L);

@@ -74,6 +74,7 @@ def plan(tile_max: Tensor, lse: Tensor, scale: Tensor, target_chunk: Tensor,
     lone = (scale != 0) & ~live.gather(0, target_chunk.view(1, -1)).view(-1)
     counts = torch.cat([live.sum(1), lone.sum().view(1)]).tolist()
     flat = torch.nonzero_static(live.reshape(-1), size=sum(counts[:-1])).reshape(-1)
-    rows = (flat % max(num_rows, 1)).split(counts[:-1])
-    return FilterPlan([None if n == num_rows else r for n, r in zip(counts, rows)],
-                      torch.nonzero_static(lone, size=counts[-1]).reshape(-1))
+    *per_chunk, num_lone = counts
+    rows = (flat % max(num_rows, 1)).split(per_chunk)
+    return FilterPlan([None if n == num_rows else r for n, r in zip(per_chunk, rows, strict=True)],
+                      torch.nonzero_static(lone, size=num_lone).reshape(-1))

@@ -23,6 +23,7 @@ passes share one chunk loop each with the exact op, whose tiles are all live.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional, Union
 
 import torch
@@ -32,8 +33,14 @@ from . import memory
 from .backends import resolve_backend, row_ops
 from .call_forms import check_reduction, normalise, reduce
 from .grad_filter import FilterPlan, plan, resolve_filter_eps
-from .masked_rows import (check_compute_dtype, check_elbo_inputs, gather_masked_rows,
-                          masked_index, reduce_rows, rows_at)
+from .masked_rows import (
+    check_compute_dtype,
+    check_elbo_inputs,
+    gather_masked_rows,
+    masked_index,
+    reduce_rows,
+    rows_at,
+)
 from .vocab_walk import Chunk, VocabWalk, chunk_columns, mean_logit_order
 
 
@@ -183,8 +190,8 @@ class _ChunkWorkspace:
         self._dw = (memory.empty((walk.chunk, dim), weight.dtype, device)
                     if filtered and walk.order is not None else None)
 
-    def _block(self, buffer: Tensor, rows: int, width: int, offset: int = 0) -> Tensor:
-        return buffer[offset: offset + rows * width].view(rows, width)
+    def _block(self, buffer: Optional[Tensor], rows: int, width: int, offset: int = 0) -> Tensor:
+        return _allocated(buffer)[offset: offset + rows * width].view(rows, width)
 
     def weight_rows(self, chunk: Chunk) -> Tensor:
         """[width, D]: the chunk's rows of the weight (a view, or gathered for a sorted walk)."""
@@ -194,7 +201,7 @@ class _ChunkWorkspace:
         """[n, D]: the hidden states of the live rows."""
         if live is None:
             return self.h
-        return torch.index_select(self.h, 0, live, out=self._h[:live.numel()])
+        return torch.index_select(self.h, 0, live, out=_allocated(self._h)[:live.numel()])
 
     def logits(self, chunk: Chunk, w: Tensor, live: Optional[Tensor] = None,
                h: Optional[Tensor] = None) -> Tensor:
@@ -232,7 +239,8 @@ class _ChunkWorkspace:
     def add_live_dh(self, grad_h: Tensor, live: Tensor, dz: Tensor, w: Tensor) -> None:
         """grad_h[live] += dz @ w (float32 [M, D]; dz [n, width], w [width, D])."""
         # index_put_ rather than index_add_, which costs ~10x more on CPU whatever n.
-        grad_h.index_put_((live,), _matmul_into(self._dh[:live.numel()], dz, w), accumulate=True)
+        grad_h.index_put_((live,), _matmul_into(_allocated(self._dh)[:live.numel()], dz, w),
+                          accumulate=True)
 
 
     def write_rows(self, dst: Tensor, chunk: Chunk, fill: Callable[[Tensor], Tensor]) -> None:
@@ -242,8 +250,18 @@ class _ChunkWorkspace:
         if chunk.ids is None:
             fill(dst[chunk.start:chunk.end])
             return
-        out = self._dw[:chunk.width] if dst.dim() == 2 else dst.new_empty(chunk.width)
+        out = _allocated(self._dw)[:chunk.width] if dst.dim() == 2 else dst.new_empty(chunk.width)
         dst.index_copy_(0, chunk.ids, fill(out))
+
+
+def _column_sums_into(out: Tensor, dz: Tensor) -> Tensor:
+    """The bias gradient of a chunk: dz [n, width] summed over rows in float32, into out."""
+    return out.copy_(dz.float().sum(0))
+
+
+def _allocated(buffer: Optional[Tensor]) -> Tensor:
+    assert buffer is not None, "the workspace allocates every buffer its path reads"
+    return buffer
 
 
 @torch.library.custom_op("elbokto::fused_linear_elbo", mutates_args=())
@@ -322,15 +340,16 @@ def _fused_linear_elbo_backward(
               else weight.new_empty(0))
     if needs_weight_grad and skip is not None:
         grad_w.zero_()
-    grad_b = torch.zeros_like(bias) if needs_bias_grad else weight.new_empty(0)
+    grad_b = (weight.new_zeros(weight.shape[:1]) if bias is not None and needs_bias_grad
+              else weight.new_empty(0))
     work = _ChunkWorkspace(h, weight, bias, walk, kept if keep_logits else None, filled=True,
                            filtered=skip is not None)
     for chunk, rows_live in zip(walk.chunks(), [None] * walk.num_chunks if skip is None
-                                else skip.live):
+                                else skip.live, strict=True):
         if rows_live is not None and not rows_live.numel():
             continue
 
-        def pick(t: Tensor) -> Tensor:
+        def pick(t: Tensor, rows_live: Optional[Tensor] = rows_live) -> Tensor:
             return t if rows_live is None else t[rows_live]
 
         w = work.weight_rows(chunk)
@@ -344,9 +363,9 @@ def _fused_linear_elbo_backward(
             else:
                 work.add_live_dh(grad_h, rows_live, dz, w)
         if needs_weight_grad:
-            work.write_rows(grad_w, chunk, lambda out: _matmul_into(out, dz.t(), h_live))
+            work.write_rows(grad_w, chunk, partial(_matmul_into, a=dz.t(), b=h_live))
         if needs_bias_grad:
-            work.write_rows(grad_b, chunk, lambda out: out.copy_(dz.float().sum(0)))
+            work.write_rows(grad_b, chunk, partial(_column_sums_into, dz=dz))
     if skip is not None:
         _add_lone_targets(skip, rows.target, h, weight, bias, scale, softcap, grad_h, grad_w,
                           grad_b)

@@ -94,8 +94,9 @@ def fused_lm_head(model_or_head: nn.Module, targets: Tensor, mask: Tensor | None
         with _LinearCalls(head, score):
             yield result
     else:
-        forward = _lora_forward(head, score) if _is_lora(head) else (
-            lambda hidden: score(hidden, head.weight, head.bias))
+        linear: Any = head  # an nn.Linear, or a LoRA layer around one
+        forward = _lora_forward(linear, score) if _is_lora(head) else (
+            lambda hidden: score(hidden, linear.weight, linear.bias))
         with _instance_forward(head, forward):
             yield result
 
@@ -190,14 +191,14 @@ def _is_lora(head: nn.Module) -> bool:
                ("base_layer", "lora_A", "lora_B", "scaling", "active_adapters", "lora_dropout"))
 
 
-def _active_lora(head: nn.Module) -> list[str]:
+def _active_lora(head: Any) -> list[str]:
     """The adapters that the layer's forward adds, in its order."""
     if head.disable_adapters or head.merged:
         return []  # the forward is the base layer's alone
     return [name for name in head.active_adapters if name in head.lora_A.keys()]
 
 
-def _lora_problem(head: nn.Module) -> str | None:
+def _lora_problem(head: Any) -> str | None:
     if head.disable_adapters and head.merged:
         return "merged adapters that are disabled (peft unmerges them in its forward)"
     if type(head.base_layer) is not nn.Linear:
@@ -214,7 +215,7 @@ def _lora_problem(head: nn.Module) -> str | None:
     return None
 
 
-def _lora_forward(head: nn.Module, score: Callable[..., Tensor]) -> Callable[..., Tensor]:
+def _lora_forward(head: Any, score: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """peft's ``lora.Linear.forward`` (h W.T + b + sum_a s_a B_a A_a dropout_a(h)) as one head:
     the adapters' ranks are appended to the hidden states and the weight."""
 

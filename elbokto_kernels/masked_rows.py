@@ -59,7 +59,8 @@ def check_elbo_inputs(
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
     if mask.shape != (C, L) or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool [C, L] = [{C}, {L}], got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(f"mask must be bool [C, L] = [{C}, {L}], got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
     if weights.shape not in ((C,), (C, L)) or not weights.dtype.is_floating_point:
         raise ValueError(
             f"weights must be floating [C] = [{C}] or [C, L] = [{C}, {L}], "

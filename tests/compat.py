@@ -76,7 +76,7 @@ class Stack:
         return digest.hexdigest()[:12]
 
 
-TEST_PINS = ("pytest>=8", "pytest-benchmark>=4", "hypothesis>=6")
+TEST_PINS = ("pytest>=8", "pytest-benchmark>=4")
 
 STACKS = (
     Stack("gpu-machines", "3.12",

@@ -4,6 +4,8 @@ use them, which then say in one line what to install."""
 
 from __future__ import annotations
 
+import importlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -130,3 +132,13 @@ def test_an_older_dependency_is_refused_at_import_in_one_line(package, old, need
     out = run_without(code, missing=())
     assert out.strip() == (f"{needed_by} needs {package} >= {minimum}, found {old}: "
                            f"pip install '{package}>={minimum}'")
+
+
+@pytest.mark.parametrize("package, pyproject", [
+    ("elbokto", "pyproject.toml"), ("elbokto_kernels", "elbokto_kernels/pyproject.toml")])
+def test_version_is_the_distributions(package, pyproject):
+    text = (Path(__file__).resolve().parents[1] / pyproject).read_text()
+    declared = re.search(r'^version = "([^"]+)"', text, re.MULTILINE).group(1)
+    module = importlib.import_module(package)
+    assert module.__version__ == declared
+    assert (Path(module.__file__).parent / "py.typed").exists()  # PEP 561: typed package

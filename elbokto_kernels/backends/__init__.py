@@ -99,7 +99,7 @@ def resolve_backend(backend: str, device: _torch.device) -> str:
                     if _runs_on(entry, device, interpreted=False) and _loads(name))
     entry = _REGISTRY[backend]
     if not _runs_on(entry, device):
-        wanted = " or ".join(f"{kind.upper()} tensors" for kind in entry.devices)
+        wanted = " or ".join(f"{kind.upper()} tensors" for kind in entry.devices or ())
         if entry.interpreted:
             wanted += ", or " + " or ".join(f"{kind.upper()} tensors" for kind in entry.interpreted)
             wanted += " with TRITON_INTERPRET=1 set before triton is first imported"

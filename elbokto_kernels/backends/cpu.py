@@ -127,6 +127,8 @@ def _exclusive(lock: Path):
 
 def _import(name: str, library: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"{library} cannot be loaded as a Python extension module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -194,7 +196,9 @@ def available() -> bool:
 def library() -> Path:
     """The C++ kernel's shared library, built first if needed; RuntimeError with the reason when
     it does not build."""
-    return Path(_kernel().__file__)
+    path = _kernel().__file__
+    assert path is not None, "an extension module is loaded from a file"
+    return Path(path)
 
 
 def _kernel() -> ModuleType:

@@ -45,7 +45,7 @@ def _repair_interpreter() -> None:
         patch(tensor, *args, **kwargs)
         tensor.__index__ = lambda self: int(self.handle.data.reshape(()))
 
-    patch_with_squeeze._elbokto_index = True
+    setattr(patch_with_squeeze, "_elbokto_index", True)  # noqa: B010 (a mark on a function)
     interpreter._patch_lang_tensor = patch_with_squeeze
 
 
