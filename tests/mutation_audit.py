@@ -57,26 +57,26 @@ MUTANTS: list[Mutant] = [
       "denominator = count.clamp(min=1).to(torch.float64)",
       ("tests/test_draws.py",), "draws: fixed_count weight L/l not divided by K"),
     M("draws_count_off_by_one", "elbokto/draws.py",
-      "torch.floor(a * lengths).to(torch.int64) + 1, lengths)",
-      "torch.floor(a * lengths).to(torch.int64), lengths)",
+      "torch.floor(a * n).to(torch.int64) + 1, n)",
+      "torch.floor(a * n).to(torch.int64), n)",
       ("tests/test_draws.py",), "draws: l = floor(a L) instead of floor(a L) + 1 (l can be 0)"),
     M("draws_bernoulli_no_stratum", "elbokto/draws.py",
       "t = (stratum + 1.0 - u) / strata", "t = (1.0 - u) / strata",
       ("tests/test_draws.py",), "draws: bernoulli t ignores the level's stratum j"),
     M("draws_eps_weight_no_L", "elbokto/draws.py",
-      "weight = torch.where(small, lengths / (size * num_copies), weight)",
+      "weight = torch.where(small, n / (size * num_copies), weight)",
       "weight = torch.where(small, 1.0 / (size * num_copies), weight)",
       ("tests/test_draws.py",), "draws: size-biased eps branch weight 1/|S| instead of L/|S|"),
     M("draws_window_one_past", "elbokto/draws.py",
-      "((relative >= 0) & (relative < lengths))", "((relative >= 0) & (relative <= lengths))",
+      "((relative >= 0) & (relative < n))", "((relative >= 0) & (relative <= n))",
       ("tests/test_draws.py",), "draws: response window includes the token after the response"),
     M("draws_uid_ignored", "elbokto/draws.py",
-      "return _combine(_host_key(seed, tag, step), uids)",
-      "return _combine(_host_key(seed, tag, step), uids * 0)",
+      "h = _combine(_host_key(seed, tag, step), uids)[:, None]",
+      "h = _combine(_host_key(seed, tag, step), uids * 0)[:, None]",
       ("tests/test_draws.py",), "draws: the example uid is left out of the hash"),
     M("draws_step_ignored", "elbokto/draws.py",
-      "return _combine(_host_key(seed, tag, step), uids)",
-      "return _combine(_host_key(seed, tag, 0), uids)",
+      "h = _combine(_host_key(seed, tag, step), uids)[:, None]",
+      "h = _combine(_host_key(seed, tag, 0), uids)[:, None]",
       ("tests/test_draws.py",), "draws: the step is left out of the hash (epochs replay draws)"),
     M("draws_level_per_copy", "elbokto/draws.py",
       "level = copy // n_yt  # [K]", "level = copy % n_t  # [K]",
@@ -103,10 +103,10 @@ MUTANTS: list[Mutant] = [
       "copy_attention = None",
       ("tests/test_estimate.py::test_the_model_sees_exactly_the_drawn_copies",
        "tests/test_estimate.py::test_fused_head_matches_full_logits"), "estimate: the attention mask is not passed to the model"),
-    M("estimate_softcap_dropped", "elbokto/estimate.py",
-      'softcap = getattr(getattr(inner, "config", None), "final_logit_softcapping", None)',
-      "softcap = None",
-      ("tests/test_estimate.py::test_fused_head_matches_full_logits",), "estimate: the fused head ignores final_logit_softcapping"),
+    M("lm_head_softcap_dropped", "elbokto_kernels/lm_head.py",
+      'softcap = getattr(config, "final_logit_softcapping", None)', "softcap = None",
+      ("tests/test_estimate.py::test_fused_head_matches_full_logits",),
+      "lm_head: the fused head ignores the config's final_logit_softcapping"),
     # --- loss -------------------------------------------------------------------------------
     M("loss_sign_flipped", "elbokto/loss.py",
       "sign = desirable.to(dtype) * 2 - 1", "sign = 1 - desirable.to(dtype) * 2",
@@ -247,7 +247,7 @@ MUTANTS: list[Mutant] = [
       ("tests/test_kernels.py", "-k", "torch and (elbo_random or linear_random or linear_target)"),
       "linear_elbo: backward's targets not shifted to the chunk"),
     M("linear_bias_grad_mean", "elbokto_kernels/linear_elbo.py",
-      "lambda out: out.copy_(dz.float().sum(0))", "lambda out: out.copy_(dz.float().mean(0))",
+      "return out.copy_(dz.float().sum(0))", "return out.copy_(dz.float().mean(0))",
       ("tests/test_kernels.py", "-k", "torch and (elbo_random or linear_random or linear_target)"), "linear_elbo: bias gradient averaged over rows"),
     M("torch_row_grad_softcap_derivative", "elbokto_kernels/backends/torch.py",
       "grad.mul_(1.0 - th * th)", "grad.mul_(1.0)",
@@ -367,9 +367,17 @@ def run_mutant(m: Mutant, timeout: int) -> tuple[str, float, str]:
     return status, time.time() - start, tail[0]
 
 
+def _head() -> str:
+    """The commit the mutants are planted in (short hash), or "unknown" outside git."""
+    done = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
 def table(results: dict) -> str:
-    lines = ["| # | mutant | file | planted bug | tests run | result |",
-             "|---|---|---|---|---|---|"]
+    """The markdown table of tests/README.md: each mutant's result and the commit it ran at."""
+    lines = ["| # | mutant | file | planted bug | tests run | result | at |",
+             "|---|---|---|---|---|---|---|"]
     for i, m in enumerate(MUTANTS, 1):
         r = results.get(m.name, {})
         status = "equivalent" if m.equivalent else r.get("status", "not run")
@@ -377,7 +385,9 @@ def table(results: dict) -> str:
             status += f" (before the new tests: {r['before']})"
         note = f" ({m.equivalent})" if m.equivalent else ""
         tests = " ".join(t.replace("tests/", "") for t in m.tests)
-        lines.append(f"| {i} | `{m.name}` | `{m.file}` | {m.what}{note} | `{tests}` | {status} |")
+        at = f"`{r['commit']}`" if r.get("commit") else ""
+        lines.append(f"| {i} | `{m.name}` | `{m.file}` | {m.what}{note} | `{tests}` | {status} "
+                     f"| {at} |")
     # A timeout (the shared machine was too loaded) decides nothing: left out like "not run".
     run = [results[m.name] for m in MUTANTS if not m.equivalent
            and results.get(m.name, {}).get("status") in ("caught", "survived")]
@@ -445,10 +455,11 @@ def main() -> None:
         results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # parallel runs
         previous = results.get(m.name, {})
         before = previous.get("before", previous.get("status"))
-        results[m.name] = {"status": status, "seconds": round(seconds),
+        results[m.name] = {"status": status, "seconds": round(seconds), "commit": _head(),
                            "date": datetime.date.today().isoformat(), "evidence": tail[:160]}
         if before and before != status:  # the result before the tests were strengthened
             results[m.name]["before"] = before
+        results = {name: r for name, r in results.items() if name in names}  # retired mutants
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         assert _git_clean(ROOT / m.file), f"{m.file} was not restored"
     print(table(results))
