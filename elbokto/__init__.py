@@ -22,23 +22,22 @@ for _name, _version in _MINIMUM.items():
     _require_version(_name, _version, "elbokto")
 del _name, _version
 
-# module -> the public names it defines
+# module -> the public names it defines: the configs, the steps of the method, the trainer, the
+# samplers and diagnostics. The data pipeline's inner steps and the demo's parts stay in their
+# modules (``elbokto.data.unpair``, ...).
 _EXPORTS = {
-    "elbokto.block": ("check_block_attention",),
     "elbokto.block_sampling": ("block_generate",),
-    "elbokto.data": ("DataConfig", "DataStats", "PreferenceCollator", "build_dataset",
-                     "check_class_balance", "load_source", "pair_rows", "subsample_classes",
-                     "tokenize_dataset", "unpair"),
+    "elbokto.data": ("DataConfig", "PreferenceCollator", "build_dataset"),
     "elbokto.diagnostics": ("GradientNoise", "PsiEstimate", "estimate_gradient_noise",
                             "estimate_psi"),
     "elbokto.draws": ("Draws", "MCConfig", "sample_draws"),
     "elbokto.estimate": ("elbo_estimate",),
+    "elbokto.guards": ("NonFiniteError",),
     "elbokto.sampling": ("GenerationConfig", "decode_responses", "generate"),
     "elbokto.loss": ("LOSSES", "LossConfig", "elbo_dpo_loss", "elbo_kto_loss", "kl_baseline"),
     "elbokto.objective": ("ELBOKTOObjective", "ObjectiveOutput"),
-    "elbokto.models": ("ModelConfig",),
+    "elbokto.models": ("ModelConfig", "load_model"),
     "elbokto.precompute": ("ReferenceTable", "precompute_reference"),
-    "elbokto.tiny": ("build_tiny_tokenizer",),
     "elbokto.trainer": ("ELBOKTOConfig", "ELBOKTOTrainer"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -277,12 +277,11 @@ def build_tiny_model(vocab_size: int, mask_token_id: int, *, hidden_size: int = 
 
     ``intermediate_size`` defaults to 4 x ``hidden_size``; the head size is
     ``hidden_size // num_heads``; no BOS token. The weights are a function of ``seed`` and the
-    shapes (the global torch RNG is seeded)."""
+    shapes; the global torch RNG is left as it was."""
     check_transformers(FAMILY_OF_TINY)
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(f"hidden_size {hidden_size}, num_heads {num_heads}, num_kv_heads "
                          f"{num_kv_heads}: heads must divide hidden_size and kv heads the heads")
-    torch.manual_seed(seed)
     config = GemmaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
                          intermediate_size=intermediate_size or 4 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -293,4 +292,6 @@ def build_tiny_model(vocab_size: int, mask_token_id: int, *, hidden_size: int = 
                          use_bidirectional_attention=True, is_causal=False,
                          mask_token_id=mask_token_id, tie_word_embeddings=False,
                          pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None)
-    return GemmaForCausalLM(config).float()
+    with torch.random.fork_rng(devices=[]):  # transformers initialises from the global RNG
+        torch.manual_seed(seed)
+        return GemmaForCausalLM(config).float()

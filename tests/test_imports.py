@@ -46,7 +46,8 @@ def test_the_library_works_without_the_optional_packages():
         import elbokto.eval.cli
         from elbokto.eval import win_rate
         print("imported")
-        for call in (lambda: elbokto.load_source("rows.jsonl"),
+        import elbokto.data
+        for call in (lambda: elbokto.data.load_source("rows.jsonl"),
                      lambda: elbokto.eval.DiffusionLM,
                      lambda: elbokto.eval.cli.lm_eval(["--help"])):
             try:
@@ -142,3 +143,16 @@ def test_version_is_the_distributions(package, pyproject):
     module = importlib.import_module(package)
     assert module.__version__ == declared
     assert (Path(module.__file__).parent / "py.typed").exists()  # PEP 561: typed package
+
+
+def test_the_public_api_is_curated():
+    """``elbokto.__all__`` is the documented surface: the configs, the method's steps, the
+    trainer, samplers and diagnostics; the data pipeline's inner steps stay in their modules."""
+    import elbokto
+
+    assert {"MCConfig", "LossConfig", "DataConfig", "ModelConfig", "ELBOKTOConfig", "sample_draws",
+            "elbo_estimate", "elbo_kto_loss", "ELBOKTOObjective", "ELBOKTOTrainer",
+            "load_model", "NonFiniteError", "generate", "block_generate",
+            "precompute_reference"} <= set(elbokto.__all__)
+    assert not {"unpair", "pair_rows", "tokenize_dataset", "load_source"} & set(elbokto.__all__)
+    assert elbokto.__all__ == sorted(elbokto.__all__)

@@ -248,6 +248,10 @@ def test_tiny_model_builds_the_demo_model():
                              num_kv_heads=heads, max_position_embeddings=64,
                              pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, seed=seed)
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    build_tiny_model(len(tokenizer), tokenizer.mask_token_id, hidden_size=hidden)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is not touched
     assert built.config.to_dict() == expected.config.to_dict()
     for (name, a), (_, b) in zip(built.state_dict().items(), expected.state_dict().items()):
         assert a.dtype == torch.float32 and torch.equal(a, b), name
