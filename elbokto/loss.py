@@ -134,7 +134,10 @@ def elbo_kto_loss(
         b0 = torch.zeros((), dtype=dtype, device=r.device)
 
     sign = desirable.to(dtype) * 2 - 1
-    lam = torch.where(desirable, lambda_d, lambda_u).to(dtype)
+    # Filled in the loss dtype (torch.where of two Python floats would round them to float32);
+    # fills, not copies from the host.
+    lam = torch.where(desirable, torch.full((), lambda_d, dtype=dtype, device=r.device),
+                      torch.full((), lambda_u, dtype=dtype, device=r.device))
     z = beta * sign * (r - b0)
     # 1 - sigmoid(z) = sigmoid(-z), without the cancellation for large z.
     loss = (lam * torch.sigmoid(-z)).sum() / max(r.numel(), 1)

@@ -37,7 +37,7 @@ def _expected(policy, ref, desirable, beta, lambda_d, lambda_u, b0):
     """Loss and d loss / d policy in float64, with b0 a constant."""
     r = policy.detach().double() - ref.detach().double()
     s = desirable.double() * 2 - 1
-    lam = torch.where(desirable, lambda_d, lambda_u).double()
+    lam = desirable.double() * lambda_d + (~desirable).double() * lambda_u
     sig = torch.sigmoid(beta * s * (r - b0))
     m = r.numel()
     return (lam * (1 - sig)).sum() / m, -lam * beta * s * sig * (1 - sig) / m
@@ -116,6 +116,18 @@ def test_kto_float64_stays_float64():
     policy, ref, desirable = _batch()
     loss, _ = elbo_kto_loss(policy.double(), ref.double(), desirable)
     assert loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize("lambda_d, lambda_u", [(0.7, 1.3), (1.0, 0.1)])
+def test_kto_float64_class_weights_are_not_rounded_to_float32(lambda_d, lambda_u):
+    # 0.7, 1.3 and 0.1 have no exact float32: a weight built in float32 first moves the loss by
+    # ~1e-8 relative, far above float64's rounding.
+    policy, ref, desirable = _batch()
+    policy, ref = policy.detach().double(), ref.detach().double()
+    loss, _ = elbo_kto_loss(policy, ref, desirable, lambda_d=lambda_d, lambda_u=lambda_u,
+                            baseline="none")
+    value, _ = _expected(policy, ref, desirable, 0.1, lambda_d, lambda_u, 0.0)
+    assert math.isclose(float(loss), float(value), rel_tol=1e-14)
 
 
 def test_kl_baseline():
