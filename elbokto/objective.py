@@ -21,6 +21,7 @@ PEFT adapters disabled, or a precomputed ``ref_elbo``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -33,6 +34,8 @@ from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.guards import check_step_values
 from elbokto.loss import LossConfig, compute_loss, kl_baseline
+
+logger = logging.getLogger(__name__)
 
 BATCH_KEYS = ("input_ids", "prompt_lengths", "response_lengths", "desirable", "uid")
 # 2^64 / golden ratio as a signed int64: mixes two uids into the uid of their mismatched pair.
@@ -100,6 +103,7 @@ class ELBOKTOObjective:
     keep_logits: bool = False
     filter_eps: float | str | None = None
     backend: str = "auto"
+    _warned_self_pairs: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mc_chunk_size is not None and self.mc_chunk_size < 1:
@@ -253,6 +257,13 @@ class ELBOKTOObjective:
     @torch.no_grad()
     def _kl(self, policy, reference, batch, step) -> Tensor:
         """KTO's z0: detached ELBO margin of mismatched pairs (prompt i, response of i + 1)."""
+        if batch["input_ids"].shape[0] == 1 and not self._warned_self_pairs:
+            # A last partial batch may hold one example: go on, but say so once.
+            self._warned_self_pairs = True
+            logger.warning("baseline='kl' on a batch of one example pairs its prompt with its "
+                           "own response: the KL estimate is then the example's own margin "
+                           "(raise --per_device_train_batch_size, or drop the last partial "
+                           "batch with --dataloader_drop_last)")
         mismatched = mismatched_batch(batch, self.pad_token_id)
         draws = self.draws(mismatched, step)
         policy_elbo = self.elbo(policy, mismatched, draws)

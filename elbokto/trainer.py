@@ -85,6 +85,11 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
     def __post_init__(self) -> None:
         MCConfig.__post_init__(self)
         LossConfig.__post_init__(self)
+        if self.baseline == "kl" and self.per_device_train_batch_size == 1:
+            raise ValueError("--baseline kl with --per_device_train_batch_size 1: the KL estimate "
+                             "pairs each prompt with the next example's response in the device's "
+                             "batch, which in a batch of one is the example itself (its own "
+                             "margin); use a batch of at least 2")
         if self.kernel_backend not in BACKENDS:
             raise ValueError(f"--kernel_backend {self.kernel_backend!r}: expected one of "
                              f"{BACKENDS}")

@@ -147,6 +147,16 @@ def test_clear_errors(tmp_path):
         configs(tmp_path, unpaired, loss_type="elbo_dpo", baseline="kl")
 
 
+def test_kl_baseline_refuses_a_batch_of_one(tmp_path):
+    """The KL baseline pairs each prompt with the next example's response: in a batch of one
+    that is the example itself, and the estimate is the example's own margin (TRL refuses it)."""
+    data = write_kto_mix(tmp_path / "kto.jsonl")
+    with pytest.raises(ValueError, match="--per_device_train_batch_size 1"):
+        configs(tmp_path, data, baseline="kl", per_device_train_batch_size=1)
+    configs(tmp_path, data, baseline="batch_mean", per_device_train_batch_size=1)
+    configs(tmp_path, data, baseline="kl", per_device_train_batch_size=2)
+
+
 def test_two_ranks_share_the_baseline(tmp_path):
     data = write_kto_mix(tmp_path / "data.jsonl")
     script = tmp_path / "rank.py"
