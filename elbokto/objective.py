@@ -116,6 +116,8 @@ class ELBOKTOObjective:
         _check_batch(batch)
         draws = self.draws(batch, step)
         ref_source = "reference" if ref_elbo is None else "precomputed reference"
+        check_kl_reference(self.loss.baseline, precomputed=ref_elbo is not None,
+                           can_score=reference is not None or hasattr(policy, "disable_adapter"))
         if ref_elbo is None:
             ref_elbo = self.reference_elbo(policy, batch, self._reference_draws(batch, step, draws),
                                            reference)
@@ -268,6 +270,21 @@ class ELBOKTOObjective:
         draws = self.draws(mismatched, step)
         policy_elbo = self.elbo(policy, mismatched, draws)
         return kl_baseline(policy_elbo, self.reference_elbo(policy, mismatched, draws, reference))
+
+
+def check_kl_reference(baseline: str, *, precomputed: bool, can_score: bool) -> None:
+    """Refuses the KL baseline with a precomputed reference when no model can score the
+    mismatched pairs: those pairs are made from the training batch (prompt i, response i + 1), so
+    no file written before training can hold their reference ELBOs.
+
+    can_score: a reference model is given, or the policy is a PEFT model (adapters disabled)."""
+    if baseline == "kl" and precomputed and not can_score:
+        raise ValueError("--baseline kl with a precomputed reference (--ref_elbo_file): the KL "
+                         "estimate needs the reference ELBO of mismatched (prompt, response) "
+                         "pairs that are formed in each training batch, which no precomputed "
+                         "file holds; use an online reference (no --ref_elbo_file), LoRA "
+                         "(--lora_r: the policy without adapters scores them), or --baseline "
+                         "batch_mean")
 
 
 def mismatched_batch(batch: Mapping[str, Tensor], pad_token_id: int) -> dict[str, Tensor]:

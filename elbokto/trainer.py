@@ -33,7 +33,7 @@ from elbokto.data import dataset_uids  # noqa: E402
 from elbokto.draws import MCConfig  # noqa: E402
 from elbokto.guards import NonFiniteError, all_finite  # noqa: E402
 from elbokto.loss import LossConfig  # noqa: E402
-from elbokto.objective import ELBOKTOObjective  # noqa: E402
+from elbokto.objective import ELBOKTOObjective, check_kl_reference  # noqa: E402
 from elbokto.precompute import ReferenceTable  # noqa: E402
 from elbokto_kernels import BACKENDS  # noqa: E402
 
@@ -155,6 +155,8 @@ class ELBOKTOTrainer(Trainer):
         if ref_model is None and ref_table is None and not hasattr(model, "disable_adapter"):
             raise ValueError("no reference: pass ref_model (a frozen copy of the initial "
                              "policy), ref_table (precomputed), or a PEFT policy")
+        check_kl_reference(args.baseline, precomputed=ref_table is not None,
+                           can_score=ref_model is not None or hasattr(model, "disable_adapter"))
         super().__init__(model=model, args=args, **kwargs)
         # The loss is a per-micro-batch mean: the Trainer must divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False

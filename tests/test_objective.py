@@ -125,6 +125,9 @@ def test_kl_baseline():
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
     # The other orientation's estimate is negative: clamped to 0.
     assert float(obj(reference, batch, reference=policy).metrics["kl"]) == 0
+    # A precomputed reference has no values for the mismatched pairs.
+    with pytest.raises(ValueError, match="mismatched"):
+        obj(policy, batch, ref_elbo=out.ref_elbo)
 
 
 def test_kl_baseline_warns_once_about_a_batch_of_one(caplog):

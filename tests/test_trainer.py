@@ -131,6 +131,24 @@ def test_precomputed_reference_equals_online(tmp_path):
                        ref_elbo_file=str(tmp_path / "ref.pt")))
 
 
+def test_kl_baseline_with_a_precomputed_reference(tmp_path):
+    """The KL estimate scores mismatched pairs that only exist in the training batch, so a file
+    cannot hold their reference: without a model that can score them (LoRA: the policy without
+    its adapters) the run is refused before it starts, naming the two flags."""
+    data = write_kto_mix(tmp_path / "data.jsonl")
+    model_cfg, data_cfg, train_cfg = configs(tmp_path, data, max_steps=1)
+    precompute_ref(model_cfg, data_cfg, train_cfg, str(tmp_path / "ref.pt"))
+    with pytest.raises(ValueError, match="--baseline kl.*--ref_elbo_file"):
+        train(*configs(tmp_path / "full", data, max_steps=1, baseline="kl",
+                       ref_elbo_file=str(tmp_path / "ref.pt")))
+    assert not (tmp_path / "full" / "out").exists()  # refused at start-up, not at a step
+    model_cfg, data_cfg, train_cfg = configs(tmp_path / "lora", data, max_steps=1,
+                                             baseline="kl", ref_elbo_file=str(tmp_path / "ref.pt"))
+    model_cfg.lora_r = 4
+    trainer = train(model_cfg, data_cfg, train_cfg)
+    assert history(trainer, "kl")
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         train(*configs(tmp_path, tmp_path / "missing.jsonl", max_steps=1))
