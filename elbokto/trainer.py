@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from elbokto.data import dataset_uids  # noqa: E402
 from elbokto.draws import MCConfig  # noqa: E402
 from elbokto.guards import NonFiniteError, all_finite  # noqa: E402
-from elbokto.loss import LossConfig  # noqa: E402
+from elbokto.loss import LossConfig, pool_metrics  # noqa: E402
 from elbokto.objective import ELBOKTOObjective, check_kl_reference  # noqa: E402
 from elbokto.precompute import ReferenceTable  # noqa: E402
 from elbokto_kernels import BACKENDS  # noqa: E402
@@ -219,9 +219,9 @@ class ELBOKTOTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            mean = torch.stack(values).float().mean()
-            logs[prefix + name] = self.accelerator.reduce(mean, reduction="mean").item()
+        pooled = pool_metrics(self._metrics[mode],
+                              lambda totals: self.accelerator.reduce(totals, reduction="sum"))
+        logs.update({prefix + name: value for name, value in pooled.items()})
         self._metrics[mode].clear()
         if self.args.skip_nonfinite_batches and mode == "train":
             logs["skipped_nonfinite"] = self.skipped_nonfinite

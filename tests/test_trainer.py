@@ -149,6 +149,26 @@ def test_kl_baseline_with_a_precomputed_reference(tmp_path):
     assert history(trainer, "kl")
 
 
+def test_logs_pool_classes_by_count(tmp_path):
+    """Batches of one hold one class: a log line over one step has no mean for the absent class
+    and no margin (not 0); over two steps each class mean is its example's own value."""
+    data = write_kto_mix(tmp_path / "data.jsonl")
+    kw = {"max_steps": 4, "per_device_train_batch_size": 1, "seed": 3}
+    single = train(*configs(tmp_path / "one", data, **kw)).state.log_history
+    steps = [entry for entry in single if "loss" in entry]
+    assert len(steps) == 4 and all("rewards/margins" not in entry for entry in steps)
+    assert all(("rewards/chosen" in entry) != ("rewards/rejected" in entry) for entry in steps)
+    paired = [entry for entry in train(*configs(tmp_path / "two", data, logging_steps=2, **kw))
+              .state.log_history if "loss" in entry]
+    for window, entry in zip((steps[:2], steps[2:]), paired):
+        for side in ("chosen", "rejected"):
+            own = [e[f"rewards/{side}"] for e in window if f"rewards/{side}" in e]
+            if own:
+                assert entry[f"rewards/{side}"] == pytest.approx(sum(own) / len(own), rel=1e-5)
+            else:
+                assert f"rewards/{side}" not in entry
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         train(*configs(tmp_path, tmp_path / "missing.jsonl", max_steps=1))
