@@ -36,6 +36,7 @@ _EXPORTS = {
     "elbokto.objective": ("ELBOKTOObjective", "ObjectiveOutput"),
     "elbokto.models": ("ModelConfig",),
     "elbokto.precompute": ("ReferenceTable", "precompute_reference"),
+    "elbokto.presets": ("PRESETS", "apply_preset"),
     "elbokto.tiny": ("build_tiny_tokenizer",),
     "elbokto.trainer": ("ELBOKTOConfig", "ELBOKTOTrainer"),
 }

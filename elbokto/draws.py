@@ -60,6 +60,14 @@ class MCConfig:
             "one u per example, instead of n_t independent uniforms."
         },
     )
+    fixed_draws: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw each example's copies once and reuse them at every step (the authors' "
+            "code seeds an example's masks by the example alone); default: the draw index (the "
+            "epoch in training) redraws them, so that revisits see fresh masks."
+        },
+    )
     share_across_batch: bool = field(
         default=False,
         metadata={
@@ -96,7 +104,7 @@ class MCConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; expected an integer >= 1")
-        for name in ("antithetic", "share_across_batch"):
+        for name in ("antithetic", "fixed_draws", "share_across_batch"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r}; expected a bool")

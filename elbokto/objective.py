@@ -150,11 +150,11 @@ class ELBOKTOObjective:
         return ObjectiveOutput(loss, metrics, policy_elbo.detach(), ref_elbo)
 
     def draws(self, batch: Mapping[str, Tensor], step: int = 0) -> Draws:
-        """The B*K copies of the batch at this step: a pure function of seed, step and each row's
-        pair_uid (when the batch has one) or uid."""
+        """The B*K copies of the batch at this step: a pure function of seed, step (0 with
+        ``mc.fixed_draws``) and each row's pair_uid (when the batch has one) or uid."""
         return sample_draws(self.mc, batch["prompt_lengths"], batch["response_lengths"],
                             batch["input_ids"].shape[1], uids=batch.get("pair_uid", batch["uid"]),
-                            seed=self.seed, step=step)
+                            seed=self.seed, step=0 if self.mc.fixed_draws else step)
 
     def elbo(self, model: nn.Module, batch: Mapping[str, Tensor], draws: Draws) -> Tensor:
         """B_hat float32 [B] of ``model``, in chunks of mc_chunk_size copies when set."""
