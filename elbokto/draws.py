@@ -41,7 +41,9 @@ __all__ = ["Draws", "MCConfig", "sample_draws"]
 
 @dataclass
 class MCConfig:
-    """How the Monte-Carlo ELBO estimate draws its copies. Defaults follow the ELBO-KTO paper."""
+    """How the Monte-Carlo ELBO estimate draws its copies. The estimator, n_t and n_yt are the
+    ELBO-KTO paper's; antithetic levels and per-step redraws are elbokto's own defaults (the
+    authors' code has neither: ``elbokto.presets``, "official")."""
 
     estimator: Literal["fixed_count", "bernoulli"] = field(
         default="fixed_count",

@@ -46,7 +46,8 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
     :class:`LossConfig`.
 
     Defaults follow the paper: ELBO-KTO, beta 0.1, lr 1e-6, n_t 8, n_yt 1, fixed_count,
-    antithetic, batch_mean baseline, one epoch.
+    batch_mean baseline, one epoch; antithetic levels and per-epoch redraws are elbokto's own
+    (``elbokto.presets``' "official" sets the authors' run).
     """
 
     draw_seed: int = field(default=0, metadata={"help": "Seed of the Monte-Carlo draws."})
