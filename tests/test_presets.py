@@ -129,7 +129,8 @@ def write_rows(path, n=8, seed=0):
     rows = []
     for i in range(n):
         size = int(torch.randint(40, 81, (), generator=gen))
-        text = "".join(letters[j] for j in torch.randint(0, len(letters), (size,), generator=gen)).strip()
+        picks = torch.randint(0, len(letters), (size,), generator=gen)
+        text = "".join(letters[j] for j in picks).strip()
         rows.append({"prompt": [{"role": "user", "content": f"write {i}"}],
                      "completion": [{"role": "assistant", "content": text}],
                      "label": i % 2 == 0})

@@ -335,12 +335,12 @@ class DiffusionLM(TemplateLM):
             lengths = torch.tensor([len(cont) for _, cont in batch], device=self._device)
             # [B, tail]: the columns of the last ``tail`` that hold each row's continuation.
             open_ = torch.arange(tail, device=self._device) >= tail - lengths[:, None]
-            logits = self._tail_logits(batch, attention, width, tail)
-            predicted = decode(logits, input_ids, open_).tolist()
+            predict = self._tail_predictor(batch, attention, width, tail)
+            predicted = decode(predict, input_ids, open_).tolist()
             result += [predicted[b][tail - len(cont):] == cont for b, (_, cont) in enumerate(batch)]
         return result
 
-    def _tail_logits(self, batch, attention: Tensor | None, width: int, tail: int):
+    def _tail_predictor(self, batch, attention: Tensor | None, width: int, tail: int):
         """A function of input_ids [B, width] giving the logits [B, tail, V] that predict the
         last ``tail`` columns (classifier-free guided when cfg_scale is set)."""
         kwargs = {} if attention is None else {"attention_mask": attention}
@@ -355,22 +355,22 @@ class DiffusionLM(TemplateLM):
             prompt = (columns >= starts[:, None]) & (columns < ends[:, None])
             model = _Guided(self.model, self.cfg_scale, prompt, self.mask_token_id)
 
-        def logits(input_ids: Tensor) -> Tensor:
+        def predict(input_ids: Tensor) -> Tensor:
             out = model(input_ids=input_ids, **kwargs)
             full = out if isinstance(out, Tensor) else out.logits
             # Position p is predicted at p (or at p - 1 with shifted logits).
             end = full.shape[1] - shift
             return full[:, end - tail:end]
 
-        return logits
+        return predict
 
     @staticmethod
-    def _decode_argmax(logits, input_ids: Tensor, open_: Tensor) -> Tensor:
+    def _decode_argmax(predict, input_ids: Tensor, open_: Tensor) -> Tensor:
         """int64 [B, tail]: the argmax at every continuation position, all masked at once."""
-        return logits(input_ids).argmax(-1)
+        return predict(input_ids).argmax(-1)
 
     @staticmethod
-    def _decode_llada(logits, input_ids: Tensor, open_: Tensor) -> Tensor:
+    def _decode_llada(predict, input_ids: Tensor, open_: Tensor) -> Tensor:
         """int64 [B, tail]: LLaDA's suffix decoding. Each step predicts every still-masked
         position and unmasks, per row, the one whose argmax has the highest probability (float32
         softmax), with that argmax; a row is done after as many steps as its continuation has
@@ -379,7 +379,7 @@ class DiffusionLM(TemplateLM):
         tail = open_.shape[1]
         rows = torch.arange(ids.shape[0], device=ids.device)
         for _ in range(tail):
-            confidence, token = logits(ids).float().softmax(-1).max(-1)
+            confidence, token = predict(ids).float().softmax(-1).max(-1)
             pick = confidence.masked_fill(~open_, -1.0).argmax(-1)  # [B]
             active = open_[rows, pick]  # rows whose continuation is not decoded yet
             column = ids.shape[1] - tail + pick
