@@ -38,6 +38,7 @@ _EXPORTS = {
     "elbokto.objective": ("ELBOKTOObjective", "ObjectiveOutput"),
     "elbokto.models": ("ModelConfig", "load_model"),
     "elbokto.precompute": ("ReferenceTable", "precompute_reference"),
+    "elbokto.presets": ("PRESETS", "apply_preset"),
     "elbokto.trainer": ("ELBOKTOConfig", "ELBOKTOTrainer"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -19,6 +19,8 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 
+from elbokto.presets import PresetArgs, preset_values
+
 COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "merge", "demo", "eval",
             "selfcheck")
 
@@ -57,9 +59,15 @@ class DemoArgs:
 
 
 def _parse(prog: str, dataclasses, argv):
+    """One instance per dataclass, from argv. With :class:`PresetArgs` among the dataclasses,
+    ``--preset NAME`` makes the preset's values the defaults, so that explicit flags win."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclasses, prog=f"elbokto {prog}")
+    if PresetArgs in dataclasses:
+        known, _ = HfArgumentParser([PresetArgs], add_help=False).parse_known_args(argv)
+        if known.preset is not None:
+            parser.set_defaults(**preset_values(known.preset))
     return parser.parse_args_into_dataclasses(argv)
 
 
@@ -118,14 +126,14 @@ def _run(command: str, rest: list[str]) -> int:
     from elbokto.trainer import ELBOKTOConfig
 
     if command == "train":
-        model_cfg, data_cfg, train_cfg = _parse(command, [ModelConfig, DataConfig, ELBOKTOConfig],
-                                                rest)
+        model_cfg, data_cfg, train_cfg, _ = _parse(
+            command, [ModelConfig, DataConfig, ELBOKTOConfig, PresetArgs], rest)
         # --resume_from_checkpoint is TrainingArguments'; "last" resumes from the newest one.
         run.train(model_cfg, data_cfg, train_cfg,
                   resume_from_checkpoint=train_cfg.resume_from_checkpoint)
     elif command == "precompute-ref":
-        model_cfg, data_cfg, train_cfg, extras = _parse(
-            command, [ModelConfig, DataConfig, ELBOKTOConfig, PrecomputeExtras], rest)
+        model_cfg, data_cfg, train_cfg, extras, _ = _parse(
+            command, [ModelConfig, DataConfig, ELBOKTOConfig, PrecomputeExtras, PresetArgs], rest)
         table = run.precompute_ref(model_cfg, data_cfg, train_cfg, extras.output_file,
                                    extras.train_world_size)
         print(f"wrote {table.uids.numel()} reference ELBOs x {table.meta['epochs']} epochs to "
@@ -136,8 +144,8 @@ def _run(command: str, rest: list[str]) -> int:
         for prompt, response in run.generate_text(model_cfg, gen_cfg, args):
             print(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False))
     elif command == "diagnose":
-        model_cfg, data_cfg, train_cfg, args = _parse(
-            command, [ModelConfig, DataConfig, ELBOKTOConfig, run.DiagnoseArgs], rest)
+        model_cfg, data_cfg, train_cfg, args, _ = _parse(
+            command, [ModelConfig, DataConfig, ELBOKTOConfig, run.DiagnoseArgs, PresetArgs], rest)
         noise = args.gradient_noise
         print(f"{'n_t':>4} {'n_yt':>5} {'estimator':>12} {'Psi':>11} {'v':>11} {'c':>11}"
               + (f" {'grad noise':>11}" if noise else ""))

@@ -41,7 +41,9 @@ __all__ = ["Draws", "MCConfig", "sample_draws"]
 
 @dataclass
 class MCConfig:
-    """How the Monte-Carlo ELBO estimate draws its copies. Defaults follow the ELBO-KTO paper."""
+    """How the Monte-Carlo ELBO estimate draws its copies. The estimator, n_t and n_yt are the
+    ELBO-KTO paper's; antithetic levels and per-step redraws are elbokto's own defaults (the
+    authors' code has neither: ``elbokto.presets``, "official")."""
 
     estimator: Literal["fixed_count", "bernoulli"] = field(
         default="fixed_count",
@@ -58,6 +60,14 @@ class MCConfig:
         metadata={
             "help": "Stratify the n_t noise levels of an example: level j uses (j + u) / n_t with "
             "one u per example, instead of n_t independent uniforms."
+        },
+    )
+    fixed_draws: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw each example's copies once and reuse them at every step (the authors' "
+            "code seeds an example's masks by the example alone); default: the draw index (the "
+            "epoch in training) redraws them, so that revisits see fresh masks."
         },
     )
     share_across_batch: bool = field(
@@ -96,7 +106,7 @@ class MCConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; expected an integer >= 1")
-        for name in ("antithetic", "share_across_batch"):
+        for name in ("antithetic", "fixed_draws", "share_across_batch"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r}; expected a bool")

@@ -4,14 +4,15 @@ table that picks one by ``loss_type``.
 
 Inputs are per-example ELBO estimates B_hat [m] (e.g. from ``fused_linear_elbo``). Only the policy
 ELBO gets gradients: the reference is detached here, whatever the caller passes. Metrics are
-detached tensors (no host sync) named like TRL's KTO/DPO trainers; they are local to the rank.
+detached tensors (no host sync) named like TRL's KTO/DPO trainers; they are local to the rank and
+the batch, and :func:`pool_metrics` pools those of several batches and ranks as TRL does.
 
 Adding a loss: write ``my_loss(policy_elbo, ref_elbo, ...)``, then one :class:`Loss` record in
 ``LOSSES`` whose ``compute`` maps a batch's ELBOs to it; ``--loss_type my_loss`` selects it.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["LOSSES", "Loss", "LossConfig", "compute_loss", "elbo_dpo_loss", "elbo_kto_loss",
-           "kl_baseline"]
+           "kl_baseline", "pool_metrics"]
 
 Baseline = Literal["batch_mean", "none", "kl"]
 BASELINES = ("batch_mean", "none", "kl")
@@ -100,9 +101,11 @@ def elbo_kto_loss(
     Returns:
         (loss, metrics): loss is a scalar of policy_elbo's dtype promoted to at least float32.
         metrics maps TRL's names to detached scalars: rewards/chosen, rewards/rejected (means of
-        beta * r over desirable / undesirable examples, 0 for an empty group), rewards/margins,
+        beta * r over desirable / undesirable examples), rewards/margins (their difference),
         logps/chosen, logps/rejected (mean policy ELBO per class: the ELBO stands in for the
-        log-probability), count/chosen, count/rejected, elbo/policy, elbo/reference (means),
+        log-probability), each NaN when the batch holds no example of its class (absent, not 0:
+        :func:`pool_metrics` weighs them by the counts), count/chosen, count/rejected,
+        elbo/policy, elbo/reference (means),
         saturated_fraction (share of examples with |beta * (r - b0)| > 6), baseline (the b0
         used), and kl (the clamped KL estimate, = b0) with baseline="kl" only.
     """
@@ -134,7 +137,10 @@ def elbo_kto_loss(
         b0 = torch.zeros((), dtype=dtype, device=r.device)
 
     sign = desirable.to(dtype) * 2 - 1
-    lam = torch.where(desirable, lambda_d, lambda_u).to(dtype)
+    # Filled in the loss dtype (torch.where of two Python floats would round them to float32);
+    # fills, not copies from the host.
+    lam = torch.where(desirable, torch.full((), lambda_d, dtype=dtype, device=r.device),
+                      torch.full((), lambda_u, dtype=dtype, device=r.device))
     z = beta * sign * (r - b0)
     # 1 - sigmoid(z) = sigmoid(-z), without the cancellation for large z.
     loss = (lam * torch.sigmoid(-z)).sum() / max(r.numel(), 1)
@@ -174,6 +180,64 @@ def kl_baseline(policy_elbo_mismatched: Tensor, ref_elbo_mismatched: Tensor) -> 
     _check_elbos(policy_elbo_mismatched=policy_elbo_mismatched, ref_elbo_mismatched=ref_elbo_mismatched)
     dtype = torch.promote_types(policy_elbo_mismatched.dtype, torch.float32)
     return _global_mean(policy_elbo_mismatched.to(dtype) - ref_elbo_mismatched.to(dtype)).clamp(min=0)
+
+
+# How pool_metrics weighs a class mean: by the count of its class (TRL's KTO pooling).
+_CLASS_COUNT = {"rewards/chosen": "count/chosen", "logps/chosen": "count/chosen",
+                "rewards/rejected": "count/rejected", "logps/rejected": "count/rejected"}
+_COUNTS = ("count/chosen", "count/rejected")
+
+
+def pool_metrics(metrics: Mapping[str, Sequence[Tensor]],
+                 reduce_sum: Callable[[Tensor], Tensor] = lambda totals: totals
+                 ) -> dict[str, float]:
+    """The metrics of several batches (and ranks) as one, pooled as TRL's KTO trainer pools them.
+
+    With counts (ELBO-KTO): a class mean (rewards/ and logps/ of chosen or rejected) is the mean
+    over all examples of its class, i.e. the batches' means weighed by count/chosen or
+    count/rejected, and is left out when no batch holds the class; rewards/margins is the pooled
+    chosen minus the pooled rejected mean (left out unless both are present); the counts add up;
+    any other metric is weighed by its batch's number of examples. Without counts (ELBO-DPO),
+    every metric is the mean over the batches.
+
+    Args:
+        metrics: name -> detached scalar tensors, one per batch (the dicts of the loss
+            functions, gathered); every name holds the same batches.
+        reduce_sum: sums a float64 [2 * names] tensor over the ranks (e.g. accelerate's
+            ``reduce(t, "sum")``); called once, by every rank, on every call. Default: one rank.
+
+    Returns:
+        name -> float; one host sync.
+    """
+    counted = all(name in metrics for name in _COUNTS)
+    names = sorted(name for name in metrics if not (counted and name == "rewards/margins"))
+    if not names:
+        return {}
+
+    def stacked(name: str) -> Tensor:
+        return torch.stack([v.detach().reshape(()) for v in metrics[name]]).double()
+
+    examples = stacked(_COUNTS[0]) + stacked(_COUNTS[1]) if counted else None
+    sums, weights = [], []
+    for name in names:
+        values = stacked(name)
+        if name in _COUNTS or not counted:
+            weight = torch.ones_like(values)
+        else:
+            weight = stacked(_CLASS_COUNT[name]) if name in _CLASS_COUNT else examples
+        # A batch without the class holds NaN there, with weight 0: it adds nothing.
+        sums.append(torch.where(weight > 0, values * weight, 0).sum())
+        weights.append(weight.sum())
+    totals = reduce_sum(torch.stack(sums + weights)).tolist()
+    pooled = {}
+    for name, total, weight in zip(names, totals[:len(names)], totals[len(names):]):
+        if name in _COUNTS:
+            pooled[name] = total
+        elif weight > 0:
+            pooled[name] = total / weight
+    if counted and "rewards/chosen" in pooled and "rewards/rejected" in pooled:
+        pooled["rewards/margins"] = pooled["rewards/chosen"] - pooled["rewards/rejected"]
+    return pooled
 
 
 def elbo_dpo_loss(
@@ -240,8 +304,9 @@ def _mean(x: Tensor) -> Tensor:
 
 
 def _group_mean(x: Tensor, group: Tensor) -> Tensor:
-    """Mean of x over the entries where the bool ``group`` is True; 0 for an empty group."""
-    return torch.where(group, x, 0).sum() / group.sum().clamp(min=1)
+    """Mean of x over the entries where the bool ``group`` is True; NaN (0 / 0) for an empty
+    group, which has no mean."""
+    return torch.where(group, x, 0).sum() / group.sum()
 
 
 def _check_elbos(**tensors: Tensor) -> None:

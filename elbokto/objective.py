@@ -21,6 +21,7 @@ PEFT adapters disabled, or a precomputed ``ref_elbo``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -33,6 +34,8 @@ from elbokto.draws import Draws, MCConfig, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.guards import check_step_values
 from elbokto.loss import LossConfig, compute_loss, kl_baseline
+
+logger = logging.getLogger(__name__)
 
 BATCH_KEYS = ("input_ids", "prompt_lengths", "response_lengths", "desirable", "uid")
 # 2^64 / golden ratio as a signed int64: mixes two uids into the uid of their mismatched pair.
@@ -100,6 +103,7 @@ class ELBOKTOObjective:
     keep_logits: bool = False
     filter_eps: float | str | None = None
     backend: str = "auto"
+    _warned_self_pairs: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mc_chunk_size is not None and self.mc_chunk_size < 1:
@@ -112,6 +116,8 @@ class ELBOKTOObjective:
         _check_batch(batch)
         draws = self.draws(batch, step)
         ref_source = "reference" if ref_elbo is None else "precomputed reference"
+        check_kl_reference(self.loss.baseline, precomputed=ref_elbo is not None,
+                           can_score=reference is not None or hasattr(policy, "disable_adapter"))
         if ref_elbo is None:
             ref_elbo = self.reference_elbo(policy, batch, self._reference_draws(batch, step, draws),
                                            reference)
@@ -144,11 +150,11 @@ class ELBOKTOObjective:
         return ObjectiveOutput(loss, metrics, policy_elbo.detach(), ref_elbo)
 
     def draws(self, batch: Mapping[str, Tensor], step: int = 0) -> Draws:
-        """The B*K copies of the batch at this step: a pure function of seed, step and each row's
-        pair_uid (when the batch has one) or uid."""
+        """The B*K copies of the batch at this step: a pure function of seed, step (0 with
+        ``mc.fixed_draws``) and each row's pair_uid (when the batch has one) or uid."""
         return sample_draws(self.mc, batch["prompt_lengths"], batch["response_lengths"],
                             batch["input_ids"].shape[1], uids=batch.get("pair_uid", batch["uid"]),
-                            seed=self.seed, step=step)
+                            seed=self.seed, step=0 if self.mc.fixed_draws else step)
 
     def elbo(self, model: nn.Module, batch: Mapping[str, Tensor], draws: Draws) -> Tensor:
         """B_hat float32 [B] of ``model``, in chunks of mc_chunk_size copies when set."""
@@ -253,10 +259,32 @@ class ELBOKTOObjective:
     @torch.no_grad()
     def _kl(self, policy, reference, batch, step) -> Tensor:
         """KTO's z0: detached ELBO margin of mismatched pairs (prompt i, response of i + 1)."""
+        if batch["input_ids"].shape[0] == 1 and not self._warned_self_pairs:
+            # A last partial batch may hold one example: go on, but say so once.
+            self._warned_self_pairs = True
+            logger.warning("baseline='kl' on a batch of one example pairs its prompt with its "
+                           "own response: the KL estimate is then the example's own margin "
+                           "(raise --per_device_train_batch_size, or drop the last partial "
+                           "batch with --dataloader_drop_last)")
         mismatched = mismatched_batch(batch, self.pad_token_id)
         draws = self.draws(mismatched, step)
         policy_elbo = self.elbo(policy, mismatched, draws)
         return kl_baseline(policy_elbo, self.reference_elbo(policy, mismatched, draws, reference))
+
+
+def check_kl_reference(baseline: str, *, precomputed: bool, can_score: bool) -> None:
+    """Refuses the KL baseline with a precomputed reference when no model can score the
+    mismatched pairs: those pairs are made from the training batch (prompt i, response i + 1), so
+    no file written before training can hold their reference ELBOs.
+
+    can_score: a reference model is given, or the policy is a PEFT model (adapters disabled)."""
+    if baseline == "kl" and precomputed and not can_score:
+        raise ValueError("--baseline kl with a precomputed reference (--ref_elbo_file): the KL "
+                         "estimate needs the reference ELBO of mismatched (prompt, response) "
+                         "pairs that are formed in each training batch, which no precomputed "
+                         "file holds; use an online reference (no --ref_elbo_file), LoRA "
+                         "(--lora_r: the policy without adapters scores them), or --baseline "
+                         "batch_mean")
 
 
 def mismatched_batch(batch: Mapping[str, Tensor], pad_token_id: int) -> dict[str, Tensor]:

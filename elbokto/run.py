@@ -23,6 +23,7 @@ from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_c
 from elbokto.models import (ADAPTER_CONFIG, TINY, ModelConfig, adapter_base, frozen_reference,
                             load_model, load_tokenizer, local_or_hub, prepare_policy,
                             resolve_mask_token_id, uses_shifted_logits)
+from elbokto.objective import check_kl_reference
 from elbokto.precompute import (ReferenceTable, data_fingerprint, model_identity,
                                 precompute_reference, reference_meta)
 from elbokto.requires import pyplot
@@ -73,6 +74,8 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig
     the class balance, a precomputed reference file (its settings, epochs and coverage) and the
     checkpoint to resume from ("last": the newest complete one).
     """
+    check_kl_reference(train_cfg.baseline, precomputed=bool(train_cfg.ref_elbo_file),
+                       can_score=model_cfg.lora_r > 0)
     if resume_from_checkpoint == "last":
         resume_from_checkpoint = last_complete_checkpoint(train_cfg.output_dir)
     tokenizer = tokenizer_for(model_cfg, data_cfg)

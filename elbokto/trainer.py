@@ -32,8 +32,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from elbokto.data import dataset_uids  # noqa: E402
 from elbokto.draws import MCConfig  # noqa: E402
 from elbokto.guards import NonFiniteError, all_finite  # noqa: E402
-from elbokto.loss import LossConfig  # noqa: E402
-from elbokto.objective import ELBOKTOObjective  # noqa: E402
+from elbokto.loss import LossConfig, pool_metrics  # noqa: E402
+from elbokto.objective import ELBOKTOObjective, check_kl_reference  # noqa: E402
 from elbokto.precompute import ReferenceTable  # noqa: E402
 from elbokto_kernels import BACKENDS  # noqa: E402
 
@@ -46,7 +46,8 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
     :class:`LossConfig`.
 
     Defaults follow the paper: ELBO-KTO, beta 0.1, lr 1e-6, n_t 8, n_yt 1, fixed_count,
-    antithetic, batch_mean baseline, one epoch.
+    batch_mean baseline, one epoch; antithetic levels and per-epoch redraws are elbokto's own
+    (``elbokto.presets``' "official" sets the authors' run).
     """
 
     draw_seed: int = field(default=0, metadata={"help": "Seed of the Monte-Carlo draws."})
@@ -85,6 +86,11 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
     def __post_init__(self) -> None:
         MCConfig.__post_init__(self)
         LossConfig.__post_init__(self)
+        if self.baseline == "kl" and self.per_device_train_batch_size == 1:
+            raise ValueError("--baseline kl with --per_device_train_batch_size 1: the KL estimate "
+                             "pairs each prompt with the next example's response in the device's "
+                             "batch, which in a batch of one is the example itself (its own "
+                             "margin); use a batch of at least 2")
         if self.kernel_backend not in BACKENDS:
             raise ValueError(f"--kernel_backend {self.kernel_backend!r}: expected one of "
                              f"{BACKENDS}")
@@ -150,6 +156,8 @@ class ELBOKTOTrainer(Trainer):
         if ref_model is None and ref_table is None and not hasattr(model, "disable_adapter"):
             raise ValueError("no reference: pass ref_model (a frozen copy of the initial "
                              "policy), ref_table (precomputed), or a PEFT policy")
+        check_kl_reference(args.baseline, precomputed=ref_table is not None,
+                           can_score=ref_model is not None or hasattr(model, "disable_adapter"))
         super().__init__(model=model, args=args, **kwargs)
         # The loss is a per-micro-batch mean: the Trainer must divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
@@ -212,9 +220,9 @@ class ELBOKTOTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            mean = torch.stack(values).float().mean()
-            logs[prefix + name] = self.accelerator.reduce(mean, reduction="mean").item()
+        pooled = pool_metrics(self._metrics[mode],
+                              lambda totals: self.accelerator.reduce(totals, reduction="sum"))
+        logs.update({prefix + name: value for name, value in pooled.items()})
         self._metrics[mode].clear()
         if self.args.skip_nonfinite_batches and mode == "train":
             logs["skipped_nonfinite"] = self.skipped_nonfinite

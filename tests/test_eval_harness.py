@@ -2,6 +2,7 @@
 one-token log-probabilities, is_greedy, rolling windows, generation, and lm-eval's own CLI run
 offline on two local tasks."""
 
+import copy
 import json
 import os
 import subprocess
@@ -87,6 +88,53 @@ def test_is_greedy_is_the_argmax_with_the_continuation_masked(lm):
     # A longer context in the same batch: left padding must not move the scored columns.
     assert lm.is_greedy([(context, argmax), (context, other), (context * 2, argmax)])[:2] == \
         [True, False]
+
+
+@torch.no_grad()
+def llada_suffix_decode(model, mask_id, context, length):
+    """A stand-in of LLaDA's ``suffix_greedy_prediction`` (eval_llada.py), one request without
+    padding: ``length`` steps, each unmasking the masked position whose argmax is the most
+    probable (softmax in float32), with that argmax."""
+    seq = torch.tensor([context + [mask_id] * length])
+    for _ in range(length):
+        masked = seq == mask_id
+        logits = model(input_ids=seq).logits[masked]
+        x0 = logits.argmax(-1)
+        confidence = logits.float().softmax(-1).gather(-1, x0[:, None])[:, 0]
+        keep = confidence.argsort(descending=True)[1:]
+        x0[keep] = mask_id
+        seq[masked] = x0
+    return seq[0, len(context):].tolist()
+
+
+def test_is_greedy_llada_decodes_one_token_per_step(lm):
+    # The saved tiny model predicts nearly one token everywhere: noise on its weights makes the
+    # order of unmasking matter.
+    model = copy.deepcopy(lm.model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    llada = DiffusionLM(pretrained=model, tokenizer=lm.tokenizer, device="cpu", batch_size=3,
+                        kernel_backend="torch", is_greedy_mode="llada")
+    mask_id = llada.mask_token_id
+    contexts = [llada.tok_encode(text) for text in ("Which is a fruit?", "Name a colour:",
+                                                     "Two plus two is")]
+    decoded = [llada_suffix_decode(model, mask_id, context, 5) for context in contexts]
+    one_pass = [model(input_ids=torch.tensor([c + [mask_id] * 5])).logits[0, -5:].argmax(-1)
+                .tolist() for c in contexts]
+    assert decoded != one_pass  # the two definitions differ on this model: the test can tell
+    # Continuations of different lengths and contexts in one left-padded batch.
+    longer = contexts[1] * 2
+    pairs = [(contexts[0], decoded[0]), (longer, llada_suffix_decode(model, mask_id, longer, 5)),
+             (contexts[2], decoded[2]),
+             (contexts[0], decoded[0][:-1] + [(decoded[0][-1] + 1) % 300]),
+             (contexts[1], llada_suffix_decode(model, mask_id, contexts[1], 2))]
+    assert llada.is_greedy(pairs) == [True, True, True, False, True]
+    assert llada.is_greedy([(c, o) for c, o in zip(contexts, one_pass)]) == \
+        [d == o for d, o in zip(decoded, one_pass)]
+    with pytest.raises(ValueError, match="is_greedy_mode"):
+        DiffusionLM(pretrained=model, tokenizer=lm.tokenizer, is_greedy_mode="sampled")
 
 
 def test_classifier_free_guidance_on_one_token(folder):

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from elbokto.loss import elbo_dpo_loss, elbo_kto_loss, kl_baseline
+from elbokto.loss import elbo_dpo_loss, elbo_kto_loss, kl_baseline, pool_metrics
 
 KTO_METRICS = {
     "rewards/chosen",
@@ -37,7 +37,7 @@ def _expected(policy, ref, desirable, beta, lambda_d, lambda_u, b0):
     """Loss and d loss / d policy in float64, with b0 a constant."""
     r = policy.detach().double() - ref.detach().double()
     s = desirable.double() * 2 - 1
-    lam = torch.where(desirable, lambda_d, lambda_u).double()
+    lam = desirable.double() * lambda_d + (~desirable).double() * lambda_u
     sig = torch.sigmoid(beta * s * (r - b0))
     m = r.numel()
     return (lam * (1 - sig)).sum() / m, -lam * beta * s * sig * (1 - sig) / m
@@ -89,20 +89,87 @@ def test_kto_metrics():
     assert {k: pytest.approx(float(v)) for k, v in metrics.items()} == expected
 
 
-def test_kto_one_sided_batch_has_no_nan():
+ABSENT_IF_NO_REJECTED = {"rewards/rejected", "logps/rejected", "rewards/margins"}
+ABSENT_IF_NO_CHOSEN = {"rewards/chosen", "logps/chosen", "rewards/margins"}
+
+
+def test_kto_one_sided_batch_reports_the_absent_class_as_nan():
+    """Absent means absent: a batch without rejected examples has no rejected mean (NaN, not 0)
+    and no margin; the loss and the other metrics stay finite."""
     policy, ref, _ = _batch(5)
     loss, metrics = elbo_kto_loss(policy, ref, torch.ones(5, dtype=torch.bool))
     assert torch.isfinite(loss)
-    assert all(torch.isfinite(v) for v in metrics.values())
-    assert float(metrics["rewards/rejected"]) == 0 and float(metrics["count/rejected"]) == 0
+    assert {k for k, v in metrics.items() if torch.isnan(v)} == ABSENT_IF_NO_REJECTED
+    assert float(metrics["count/rejected"]) == 0 and float(metrics["count/chosen"]) == 5
 
 
 def test_kto_empty_batch_gives_zero_loss():
     policy = torch.zeros(0, requires_grad=True)
     loss, metrics = elbo_kto_loss(policy, torch.zeros(0), torch.zeros(0, dtype=torch.bool))
-    assert float(loss.detach()) == 0 and all(float(v) == 0 for v in metrics.values())
+    assert float(loss.detach()) == 0
+    assert {k for k, v in metrics.items() if torch.isnan(v)} == \
+        ABSENT_IF_NO_CHOSEN | ABSENT_IF_NO_REJECTED
+    assert all(float(v) == 0 for v in metrics.values() if not torch.isnan(v))
     loss.backward()
     assert policy.grad.shape == (0,)
+
+
+def _kto_metrics(rewards_and_labels, beta=1.0):
+    """The loss's metrics of a batch whose margins r (ref 0, so logps = r) are given."""
+    r = torch.tensor([x for x, _ in rewards_and_labels], dtype=torch.float64)
+    desirable = torch.tensor([d for _, d in rewards_and_labels])
+    return elbo_kto_loss(r, torch.zeros_like(r), desirable, beta=beta, baseline="none")[1]
+
+
+def _lists(*batches):
+    out = {}
+    for metrics in batches:
+        for k, v in metrics.items():
+            out.setdefault(k, []).append(v)
+    return out
+
+
+def test_pooled_metrics_weigh_each_class_by_its_count():
+    """TRL's pooling: class means weighed by the class's count over the micro-batches, the
+    margin from the pooled means, counts added, per-example metrics weighed by examples."""
+    one_class = _kto_metrics([(1.0, True), (1.0, True)])
+    mixed = _kto_metrics([(4.0, True), (-2.0, False), (-2.0, False), (-2.0, False)])
+    pooled = pool_metrics(_lists(one_class, mixed))
+    assert pooled["rewards/chosen"] == pytest.approx(2.0)  # (1 + 1 + 4) / 3, not (1 + 4) / 2
+    assert pooled["rewards/rejected"] == pytest.approx(-2.0)  # not (0 - 2) / 2
+    assert pooled["logps/rejected"] == pytest.approx(-2.0)
+    assert pooled["rewards/margins"] == pytest.approx(4.0)
+    assert pooled["count/chosen"] == 3 and pooled["count/rejected"] == 3
+    assert pooled["elbo/policy"] == pytest.approx((1 + 1 + 4 - 6) / 6)
+    # A class absent from every batch is absent from the pool.
+    alone = pool_metrics(_lists(one_class, one_class))
+    assert not ABSENT_IF_NO_REJECTED & set(alone) and alone["rewards/chosen"] == 1.0
+
+
+def test_pooled_metrics_across_ranks_equal_one_pool():
+    """The ranks' sums go through one reduction: pooling two ranks equals pooling all of their
+    micro-batches in one place."""
+    a = [_kto_metrics([(1.0, True), (2.0, True)]), _kto_metrics([(-1.0, False), (3.0, True)])]
+    b = [_kto_metrics([(-5.0, False), (-7.0, False)])]
+    sent = {}
+
+    def record(totals):
+        sent["b"] = totals.clone()
+        return totals
+
+    pool_metrics(_lists(*b), record)
+    two_ranks = pool_metrics(_lists(*a), lambda totals: totals + sent["b"])
+    one_pool = pool_metrics(_lists(*a, *b))
+    assert two_ranks == pytest.approx(one_pool)
+    assert two_ranks["rewards/rejected"] == pytest.approx(-13 / 3)
+
+
+def test_dpo_metrics_pool_as_plain_means():
+    gen = torch.Generator().manual_seed(5)
+    batches = [elbo_dpo_loss(*torch.randn(4, 3, generator=gen))[1] for _ in range(3)]
+    pooled = pool_metrics(_lists(*batches))
+    for name in batches[0]:
+        assert pooled[name] == pytest.approx(float(torch.stack([m[name] for m in batches]).mean()))
 
 
 def test_kto_kl_baseline_is_clamped():
@@ -116,6 +183,18 @@ def test_kto_float64_stays_float64():
     policy, ref, desirable = _batch()
     loss, _ = elbo_kto_loss(policy.double(), ref.double(), desirable)
     assert loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize("lambda_d, lambda_u", [(0.7, 1.3), (1.0, 0.1)])
+def test_kto_float64_class_weights_are_not_rounded_to_float32(lambda_d, lambda_u):
+    # 0.7, 1.3 and 0.1 have no exact float32: a weight built in float32 first moves the loss by
+    # ~1e-8 relative, far above float64's rounding.
+    policy, ref, desirable = _batch()
+    policy, ref = policy.detach().double(), ref.detach().double()
+    loss, _ = elbo_kto_loss(policy, ref, desirable, lambda_d=lambda_d, lambda_u=lambda_u,
+                            baseline="none")
+    value, _ = _expected(policy, ref, desirable, 0.1, lambda_d, lambda_u, 0.0)
+    assert math.isclose(float(loss), float(value), rel_tol=1e-14)
 
 
 def test_kl_baseline():

@@ -125,6 +125,23 @@ def test_kl_baseline():
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-7)
     # The other orientation's estimate is negative: clamped to 0.
     assert float(obj(reference, batch, reference=policy).metrics["kl"]) == 0
+    # A precomputed reference has no values for the mismatched pairs.
+    with pytest.raises(ValueError, match="mismatched"):
+        obj(policy, batch, ref_elbo=out.ref_elbo)
+
+
+def test_kl_baseline_warns_once_about_a_batch_of_one(caplog):
+    """A batch of one (e.g. an epoch's last, partial batch) pairs the example with itself: the
+    objective goes on, warning once and naming the flag."""
+    policy, reference = policy_and_reference(seed=3)
+    one = {k: v[:1] for k, v in tiny_batch(seed=3).items()}
+    obj = ELBOKTOObjective(mc=MCConfig(n_t=2), loss=LossConfig(baseline="kl"))
+    obj(policy, tiny_batch(seed=3), reference=reference)
+    assert not caplog.records
+    for _ in range(2):
+        obj(policy, one, reference=reference)
+    warnings = [r for r in caplog.records if "per_device_train_batch_size" in r.getMessage()]
+    assert len(warnings) == 1 and "own response" in warnings[0].getMessage()
 
 
 def test_mismatched_batch_pairs_prompt_with_next_response():

@@ -131,6 +131,44 @@ def test_precomputed_reference_equals_online(tmp_path):
                        ref_elbo_file=str(tmp_path / "ref.pt")))
 
 
+def test_kl_baseline_with_a_precomputed_reference(tmp_path):
+    """The KL estimate scores mismatched pairs that only exist in the training batch, so a file
+    cannot hold their reference: without a model that can score them (LoRA: the policy without
+    its adapters) the run is refused before it starts, naming the two flags."""
+    data = write_kto_mix(tmp_path / "data.jsonl")
+    model_cfg, data_cfg, train_cfg = configs(tmp_path, data, max_steps=1)
+    precompute_ref(model_cfg, data_cfg, train_cfg, str(tmp_path / "ref.pt"))
+    with pytest.raises(ValueError, match="--baseline kl.*--ref_elbo_file"):
+        train(*configs(tmp_path / "full", data, max_steps=1, baseline="kl",
+                       ref_elbo_file=str(tmp_path / "ref.pt")))
+    assert not (tmp_path / "full" / "out").exists()  # refused at start-up, not at a step
+    model_cfg, data_cfg, train_cfg = configs(tmp_path / "lora", data, max_steps=1,
+                                             baseline="kl", ref_elbo_file=str(tmp_path / "ref.pt"))
+    model_cfg.lora_r = 4
+    trainer = train(model_cfg, data_cfg, train_cfg)
+    assert history(trainer, "kl")
+
+
+def test_logs_pool_classes_by_count(tmp_path):
+    """Batches of one hold one class: a log line over one step has no mean for the absent class
+    and no margin (not 0); over two steps each class mean is its example's own value."""
+    data = write_kto_mix(tmp_path / "data.jsonl")
+    kw = {"max_steps": 4, "per_device_train_batch_size": 1, "seed": 3}
+    single = train(*configs(tmp_path / "one", data, **kw)).state.log_history
+    steps = [entry for entry in single if "loss" in entry]
+    assert len(steps) == 4 and all("rewards/margins" not in entry for entry in steps)
+    assert all(("rewards/chosen" in entry) != ("rewards/rejected" in entry) for entry in steps)
+    paired = [entry for entry in train(*configs(tmp_path / "two", data, logging_steps=2, **kw))
+              .state.log_history if "loss" in entry]
+    for window, entry in zip((steps[:2], steps[2:]), paired):
+        for side in ("chosen", "rejected"):
+            own = [e[f"rewards/{side}"] for e in window if f"rewards/{side}" in e]
+            if own:
+                assert entry[f"rewards/{side}"] == pytest.approx(sum(own) / len(own), rel=1e-5)
+            else:
+                assert f"rewards/{side}" not in entry
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         train(*configs(tmp_path, tmp_path / "missing.jsonl", max_steps=1))
@@ -145,6 +183,16 @@ def test_clear_errors(tmp_path):
         configs(tmp_path, unpaired, loss_type="dpo")
     with pytest.raises(ValueError, match="do not apply"):
         configs(tmp_path, unpaired, loss_type="elbo_dpo", baseline="kl")
+
+
+def test_kl_baseline_refuses_a_batch_of_one(tmp_path):
+    """The KL baseline pairs each prompt with the next example's response: in a batch of one
+    that is the example itself, and the estimate is the example's own margin (TRL refuses it)."""
+    data = write_kto_mix(tmp_path / "kto.jsonl")
+    with pytest.raises(ValueError, match="--per_device_train_batch_size 1"):
+        configs(tmp_path, data, baseline="kl", per_device_train_batch_size=1)
+    configs(tmp_path, data, baseline="batch_mean", per_device_train_batch_size=1)
+    configs(tmp_path, data, baseline="kl", per_device_train_batch_size=2)
 
 
 def test_two_ranks_share_the_baseline(tmp_path):

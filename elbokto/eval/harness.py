@@ -13,8 +13,12 @@ Registered with lm-eval (>= 0.4.13) when :mod:`elbokto.eval` is imported, so
   through :func:`elbokto.elbo_estimate` (the fused LM head: only masked rows are scored, no
   [copies, T, V] logits), ``mc_batch_size`` copies per forward, copies of several requests sharing
   a forward. With one continuation token every copy masks it with weight 1: the value is the exact
-  log-probability. ``is_greedy``: every continuation token is the argmax of the model's
-  prediction at its position when ALL continuation tokens are masked (one extra forward).
+  log-probability. ``is_greedy`` (``is_greedy_mode``): "argmax" (default), every continuation
+  token is the argmax of the model's prediction at its position when ALL continuation tokens are
+  masked (one extra forward); "llada", LLaDA's definition (``suffix_greedy_prediction`` of its
+  eval_llada.py): the continuation is decoded from all-masked one token per step, each step
+  unmasking the masked position whose argmax is the most probable, and must come out as the
+  continuation (one forward per continuation token).
 - ``loglikelihood_rolling(text)``: the ELBO of the whole text after the prefix token, in disjoint
   windows of at most ``max_length`` tokens (each window conditioned on the tokens before it).
 - ``generate_until``: :func:`elbokto.generate` (semi-autoregressive blocks, optionally
@@ -60,6 +64,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DiffusionLM"]
 
+GREEDY_MODES = ("argmax", "llada")
+
 
 @register_model("elbokto")
 class DiffusionLM(TemplateLM):
@@ -91,6 +97,8 @@ class DiffusionLM(TemplateLM):
             :class:`elbokto.GenerationConfig` (steps default: gen_length, one token per step;
             a task's temperature with ``do_sample`` overrides ``temperature``).
         kernel_backend: backend of the fused kernels ("auto", "triton", "cpu", "torch").
+        is_greedy_mode: "argmax" (one forward with the whole continuation masked) or "llada"
+            (LLaDA's: one token per step, most confident first); see the module docstring.
     """
 
     def __init__(self, pretrained: str | nn.Module, tokenizer=None, trust_remote_code: bool = False,
@@ -101,8 +109,12 @@ class DiffusionLM(TemplateLM):
                  max_gen_toks: int = 256, gen_length: int | None = None, block_length: int = 32,
                  steps: int | None = None, threshold: float | None = None,
                  remasking: str = "low_confidence", temperature: float = 0.0,
-                 kernel_backend: str = "auto") -> None:
+                 kernel_backend: str = "auto", is_greedy_mode: str = "argmax") -> None:
         super().__init__()
+        if is_greedy_mode not in GREEDY_MODES:
+            raise ValueError(f"is_greedy_mode={is_greedy_mode!r}; expected one of "
+                             f"{GREEDY_MODES}")
+        self.is_greedy_mode = is_greedy_mode
         self.accelerator = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
@@ -308,9 +320,11 @@ class DiffusionLM(TemplateLM):
 
     @torch.no_grad()
     def is_greedy(self, pairs: list[tuple[list[int], list[int]]]) -> list[bool]:
-        """Whether every continuation token is the argmax of the prediction at its position
-        with the whole continuation masked (``batch_size`` pairs per forward, left-padded so
-        that continuations end at the last column)."""
+        """Whether greedy decoding from the context, with the continuation's positions masked,
+        yields the continuation (``is_greedy_mode``: one argmax pass, or LLaDA's one token per
+        step). ``batch_size`` pairs at a time, left-padded so that continuations end at the last
+        column."""
+        decode = self._decode_llada if self.is_greedy_mode == "llada" else self._decode_argmax
         result = []
         for start in range(0, len(pairs), self.batch_size):
             batch = pairs[start:start + self.batch_size]
@@ -318,24 +332,60 @@ class DiffusionLM(TemplateLM):
             width, tail = max(map(len, rows)), max(len(cont) for _, cont in batch)
             input_ids, attention = _pad(rows, width, self.tokenizer.pad_token_id or 0,
                                         self._device, left=True)
-            kwargs = {} if attention is None else {"attention_mask": attention}
-            shift = int(self.shift_logits)
-            if self._keeps_logits and not self.cfg_scale:
-                kwargs["logits_to_keep"] = tail + shift
-            model = self.model
-            if self.cfg_scale:
-                columns = torch.arange(width, device=self._device)
-                ends = torch.tensor([width - len(cont) for _, cont in batch], device=self._device)
-                starts = ends - torch.tensor([len(ctx) for ctx, _ in batch], device=self._device)
-                prompt = (columns >= starts[:, None]) & (columns < ends[:, None])
-                model = _Guided(self.model, self.cfg_scale, prompt, self.mask_token_id)
-            out = model(input_ids=input_ids, **kwargs)
-            logits = out if isinstance(out, Tensor) else out.logits
-            # Position p is predicted at p (or at p - 1 with shifted logits).
-            end = logits.shape[1] - shift
-            predicted = logits[:, end - tail:end].argmax(-1).tolist()
+            lengths = torch.tensor([len(cont) for _, cont in batch], device=self._device)
+            # [B, tail]: the columns of the last ``tail`` that hold each row's continuation.
+            open_ = torch.arange(tail, device=self._device) >= tail - lengths[:, None]
+            predict = self._tail_predictor(batch, attention, width, tail)
+            predicted = decode(predict, input_ids, open_).tolist()
             result += [predicted[b][tail - len(cont):] == cont for b, (_, cont) in enumerate(batch)]
         return result
+
+    def _tail_predictor(self, batch, attention: Tensor | None, width: int, tail: int):
+        """A function of input_ids [B, width] giving the logits [B, tail, V] that predict the
+        last ``tail`` columns (classifier-free guided when cfg_scale is set)."""
+        kwargs = {} if attention is None else {"attention_mask": attention}
+        shift = int(self.shift_logits)
+        if self._keeps_logits and not self.cfg_scale:
+            kwargs["logits_to_keep"] = tail + shift
+        model = self.model
+        if self.cfg_scale:
+            columns = torch.arange(width, device=self._device)
+            ends = torch.tensor([width - len(cont) for _, cont in batch], device=self._device)
+            starts = ends - torch.tensor([len(ctx) for ctx, _ in batch], device=self._device)
+            prompt = (columns >= starts[:, None]) & (columns < ends[:, None])
+            model = _Guided(self.model, self.cfg_scale, prompt, self.mask_token_id)
+
+        def predict(input_ids: Tensor) -> Tensor:
+            out = model(input_ids=input_ids, **kwargs)
+            full = out if isinstance(out, Tensor) else out.logits
+            # Position p is predicted at p (or at p - 1 with shifted logits).
+            end = full.shape[1] - shift
+            return full[:, end - tail:end]
+
+        return predict
+
+    @staticmethod
+    def _decode_argmax(predict, input_ids: Tensor, open_: Tensor) -> Tensor:
+        """int64 [B, tail]: the argmax at every continuation position, all masked at once."""
+        return predict(input_ids).argmax(-1)
+
+    @staticmethod
+    def _decode_llada(predict, input_ids: Tensor, open_: Tensor) -> Tensor:
+        """int64 [B, tail]: LLaDA's suffix decoding. Each step predicts every still-masked
+        position and unmasks, per row, the one whose argmax has the highest probability (float32
+        softmax), with that argmax; a row is done after as many steps as its continuation has
+        tokens."""
+        ids, open_ = input_ids.clone(), open_.clone()
+        tail = open_.shape[1]
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        for _ in range(tail):
+            confidence, token = predict(ids).float().softmax(-1).max(-1)
+            pick = confidence.masked_fill(~open_, -1.0).argmax(-1)  # [B]
+            active = open_[rows, pick]  # rows whose continuation is not decoded yet
+            column = ids.shape[1] - tail + pick
+            ids[rows, column] = torch.where(active, token[rows, pick], ids[rows, column])
+            open_[rows, pick] = False
+        return ids[:, -tail:]
 
     # --- generation ------------------------------------------------------------------------------
 
