@@ -1,6 +1,7 @@
 # Two commands do all set-up: `make demo` and `make test`. Each creates .venv, installs torch 2.13.0
 # (the CPU build on these machines) only when no torch is importable, then the kernels
-# (elbokto-kernels) and the package with its extras, both editable.
+# (elbokto-kernels) and the package with the extras its job needs, both editable: the demo's
+# plots for `make demo`; the judge, lm-eval, the plots and pytest for `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,19 +11,22 @@ PY     := $(VENV)/bin/python
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+EXTRAS ?= demo
+
 install: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ./elbokto_kernels -e ".[test]"
+	$(PY) -m pip install -q -e ./elbokto_kernels -e ".[$(EXTRAS)]"
 
 demo: install
 	$(PY) -m elbokto.cli demo
 
+test: EXTRAS = test,eval,demo
 test: install
 	$(PY) -m pytest -q
 
 # The checkers CI holds the code to (pyproject.toml: [tool.ruff], [tool.mypy]; pinned in the dev extra).
+lint: EXTRAS = dev
 lint: install
-	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m ruff check elbokto_kernels
 	$(PY) -m mypy elbokto_kernels
 
