@@ -12,7 +12,7 @@ Adding a loss: write ``my_loss(policy_elbo, ref_elbo, ...)``, then one :class:`L
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence, get_args
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ __all__ = ["LOSSES", "Loss", "LossConfig", "compute_loss", "elbo_dpo_loss", "elb
            "kl_baseline", "pool_metrics"]
 
 Baseline = Literal["batch_mean", "none", "kl"]
-BASELINES = ("batch_mean", "none", "kl")
+BASELINES: tuple[str, ...] = get_args(Baseline)
 
 # |beta * (r - b0)| beyond this puts the sigmoid within ~2.5e-3 of 0 or 1: almost no gradient.
 _SATURATION = 6.0
@@ -41,7 +41,7 @@ class LossConfig:
         "help": "ELBO-KTO: weight of desirable examples."})
     lambda_u: float = field(default=1.0, metadata={
         "help": "ELBO-KTO: weight of undesirable examples."})
-    baseline: str = field(default="batch_mean", metadata={
+    baseline: Baseline = field(default="batch_mean", metadata={
         "help": "ELBO-KTO's reference point b0: 'batch_mean' (mean margin of the global batch, "
                 "the paper's), 'none' (0) or 'kl' (KTO's KL estimate from mismatched pairs; extra "
                 "forwards). ELBO-DPO's chosen-minus-rejected difference cancels any constant b0."})

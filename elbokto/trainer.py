@@ -36,6 +36,7 @@ from elbokto.loss import LossConfig, pool_metrics  # noqa: E402
 from elbokto.objective import ELBOKTOObjective, check_kl_reference  # noqa: E402
 from elbokto.precompute import ReferenceTable  # noqa: E402
 from elbokto_kernels import BACKENDS  # noqa: E402
+from elbokto_kernels.backends import Backend  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
         "help": "Mask token id; default: the model config's (LLaDA 126336, Dream 151666)."})
     shift_logits: bool = field(default=False, metadata={
         "help": "The model's logits at p predict token p + 1 (Dream)."})
-    kernel_backend: str = field(default="auto", metadata={
+    kernel_backend: Backend = field(default="auto", metadata={
         "help": "ELBO kernel backend: auto, triton, cpu or torch."})
     keep_logits: bool = field(default=False, metadata={
         "help": "Keep the masked rows' float32 logits of the fused LM head for the backward "

@@ -16,11 +16,13 @@ per-copy weights and a sample per copy. Adopters call them in simpler forms too:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-REDUCTIONS = ("none", "sum", "mean", "sample_mean")
+Reduction = Literal["none", "sum", "mean", "sample_mean"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 @dataclass(frozen=True)

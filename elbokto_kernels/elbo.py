@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from . import memory
-from .backends import resolve_backend, row_ops
-from .call_forms import check_reduction, normalise, reduce
+from .backends import Backend, resolve_backend, row_ops
+from .call_forms import Reduction, check_reduction, normalise, reduce
 from .masked_rows import (
     check_compute_dtype,
     check_elbo_inputs,
@@ -27,8 +27,8 @@ from .masked_rows import (
 
 def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor | None = None,
                weights: Tensor | None = None, sample_index: Tensor | None = None,
-               num_samples: int | None = None, *, reduction: str = "none",
-               backend: str = "auto") -> Tensor:
+               num_samples: int | None = None, *, reduction: Reduction = "none",
+               backend: Backend = "auto") -> Tensor:
     """Weighted masked log-likelihood summed per sample: the Monte-Carlo ELBO of each sample.
 
     ``out[b] = sum_{c: sample_index[c] = b} sum_p mask[c, p] * w[c, p]

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from . import memory
-from .backends import resolve_backend, row_ops
-from .call_forms import check_reduction, normalise, reduce
+from .backends import Backend, resolve_backend, row_ops
+from .call_forms import Reduction, check_reduction, normalise, reduce
 from .grad_filter import FilterPlan, plan, resolve_filter_eps
 from .masked_rows import (
     check_compute_dtype,
@@ -49,7 +49,7 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
                       num_samples: int | None = None, *, bias: Tensor | None = None,
                       softcap: float | None = None, chunk_size: int | None = None,
                       keep_logits: bool = False, filter_eps: Union[None, float, str] = None,
-                      reduction: str = "none", backend: str = "auto") -> Tensor:
+                      reduction: Reduction = "none", backend: Backend = "auto") -> Tensor:
     """``fused_elbo`` of ``logits = hidden @ weight.T (+ bias)``, soft-capped when asked.
 
     Args:

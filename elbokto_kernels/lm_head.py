@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .backends import Backend
+from .call_forms import Reduction
 from .linear_elbo import fused_linear_elbo
 
 _MISSING = object()
@@ -39,8 +41,8 @@ def fused_lm_head(model_or_head: nn.Module, targets: Tensor, mask: Tensor | None
                   weights: Tensor | None = None, sample_index: Tensor | None = None,
                   num_samples: int | None = None, *, logit_scale: float | None = None,
                   softcap: float | None = None, keep_logits: bool = False,
-                  filter_eps: Union[None, float, str] = None, reduction: str = "none",
-                  backend: str = "auto") -> Iterator[list[Tensor]]:
+                  filter_eps: Union[None, float, str] = None, reduction: Reduction = "none",
+                  backend: Backend = "auto") -> Iterator[list[Tensor]]:
     """Yields a list that receives the ELBO ([num_samples] float32, or a scalar when reduced) of
     each call of the head within the block; the arguments after the first are
     ``fused_linear_elbo``'s, with the shapes of the hidden states the model passes to its head

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .backends import usable_backends
+from .backends import Backend, usable_backends
 from .elbo import fused_elbo
 from .linear_elbo import fused_linear_elbo
 from .oracle import elbo_oracle, linear_elbo_oracle, relative_error, tolerances
@@ -38,7 +38,7 @@ def _case(dtype: torch.dtype, device: torch.device, seed: int):
     return args, hidden, weight, logits, upstream
 
 
-def _check(op: str, backend: str, dtype: torch.dtype, device: torch.device):
+def _check(op: str, backend: Backend, dtype: torch.dtype, device: torch.device):
     args, hidden, weight, logits, upstream = _case(dtype, device, seed=0)
     inputs = (logits,) if op == "fused_elbo" else (hidden, weight)
     leaves = [t.detach().requires_grad_() for t in inputs]

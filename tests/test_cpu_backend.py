@@ -177,3 +177,10 @@ def test_build_ahead(kernel):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("elbokto: the C++ CPU kernel is ready: ")
     assert Path(result.stdout.split(": ", 2)[2].strip()).is_file()
+
+
+def test_the_backend_names_are_the_registrys():
+    """``Backend`` (the Literal users type) and the registry name the same backends."""
+    from elbokto_kernels import backends
+
+    assert backends.BACKENDS == ("auto", *backends._REGISTRY)

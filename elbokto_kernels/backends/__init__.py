@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, cast, get_args
 
 # Not `import torch`: importing the submodule `.torch` (or `.triton`) binds its name in this
 # package's namespace, which would then no longer be the torch package.
@@ -77,14 +77,16 @@ class _Backend:
     interpreted: tuple[str, ...] = ()  # device types it also takes under TRITON_INTERPRET=1
 
 
+# The names a user passes as ``backend=``: "auto" and the registry's (a test holds them equal).
+Backend = Literal["auto", "triton", "cpu", "torch"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
 # In the order "auto" prefers them.
-_REGISTRY = {
+_REGISTRY: dict[str, _Backend] = {
     "triton": _Backend(".triton", devices=("cuda",), interpreted=("cpu",)),
     "cpu": _Backend(".cpu", devices=("cpu",)),
     "torch": _Backend(".torch", devices=None),
 }
-
-BACKENDS = ("auto", *_REGISTRY)
 
 
 def resolve_backend(backend: str, device: _torch.device) -> str:
@@ -114,7 +116,7 @@ def row_ops(backend: str) -> RowOps:
     return importlib.import_module(_REGISTRY[backend].module, __name__)
 
 
-def usable_backends(device: _torch.device | str) -> list[str]:
+def usable_backends(device: _torch.device | str) -> list[Backend]:
     """The concrete backends that work on ``device`` on this machine, in registry order.
 
     "triton" with CUDA, or on CPU under TRITON_INTERPRET=1; "cpu" on CPU when the C++ kernel
@@ -125,7 +127,8 @@ def usable_backends(device: _torch.device | str) -> list[str]:
         _torch.empty(0, device=device)
     except (RuntimeError, AssertionError):  # AssertionError: torch built without that device
         return []
-    return [name for name, entry in _REGISTRY.items() if _runs_on(entry, device) and _loads(name)]
+    return [cast(Backend, name) for name, entry in _REGISTRY.items()
+            if _runs_on(entry, device) and _loads(name)]
 
 
 def _runs_on(entry: _Backend, device: _torch.device, interpreted: bool = True) -> bool:
