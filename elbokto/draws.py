@@ -165,6 +165,14 @@ _MUL1 = _int64(0xBF58476D1CE4E5B9)
 _MUL2 = _int64(0x94D049BB133111EB)
 _INT64_MAX = (1 << 63) - 1
 
+
+
+def pair_uid(first: Tensor, second: Tensor) -> Tensor:
+    """int64 uid of an ordered pair of examples (e.g. the KL baseline's mismatched pairs):
+    ``first * golden + second``, wrapping modulo 2^64, so their draws are their own."""
+    return first * _GOLDEN + second
+
+
 # Independent streams, so that e.g. the noise level and the mask of a copy are not correlated.
 _STREAM_LEVEL, _STREAM_POSITION, _STREAM_FORCED = 1, 2, 3
 _STREAM_SHARED = 1 << 8  # or-ed in when draws are shared across the batch

@@ -30,7 +30,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 from elbokto.diagnostics import GradientNoise, PsiEstimate, estimate_gradient_noise, estimate_psi
-from elbokto.draws import Draws, MCConfig, sample_draws
+from elbokto.draws import Draws, MCConfig, pair_uid, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.guards import check_step_values
 from elbokto.loss import LossConfig, compute_loss, kl_baseline
@@ -38,8 +38,6 @@ from elbokto.loss import LossConfig, compute_loss, kl_baseline
 logger = logging.getLogger(__name__)
 
 BATCH_KEYS = ("input_ids", "prompt_lengths", "response_lengths", "desirable", "uid")
-# 2^64 / golden ratio as a signed int64: mixes two uids into the uid of their mismatched pair.
-_UID_MIX = 0x9E3779B97F4A7C15 - (1 << 64)
 # Seed offset of the reference's own draws when common random numbers are off.
 _INDEPENDENT_SEED = 7919
 
@@ -307,7 +305,7 @@ def mismatched_batch(batch: Mapping[str, Tensor], pad_token_id: int) -> dict[str
                           torch.where(in_response, from_donor, pad_token_id))
     out = {"input_ids": new_ids, "prompt_lengths": prompt, "response_lengths": new_response,
            "desirable": batch["desirable"],
-           "uid": batch["uid"] * _UID_MIX + batch["uid"][donor]}
+           "uid": pair_uid(batch["uid"], batch["uid"][donor])}
     if "attention_mask" in batch:
         out["attention_mask"] = (in_prompt | in_response).to(batch["attention_mask"].dtype)
     return out
