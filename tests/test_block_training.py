@@ -6,7 +6,7 @@ from transformers import DiffusionGemmaConfig
 from elbokto.cli import main
 from elbokto.models import ModelConfig, load_model
 from elbokto.run import precompute_ref, train
-from test_trainer import configs, history, write_kto_mix
+from training_runs import configs, history, write_kto_mix
 
 
 def test_block_training_moves_the_margins(tmp_path):

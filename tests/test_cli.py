@@ -13,7 +13,7 @@ import torch
 
 from elbokto.cli import main
 from elbokto.models import TINY, ModelConfig, load_model, load_tokenizer
-from test_trainer import write_kto_mix
+from training_runs import write_kto_mix
 
 COMMON = ["--per_device_train_batch_size", "4", "--n_t", "2", "--use_cpu", "--report_to", "none",
           "--save_strategy", "no", "--max_length", "64"]

@@ -11,7 +11,7 @@ from elbokto.guards import NonFiniteError, all_finite, check_step_values
 from elbokto.models import TINY, ModelConfig, load_model
 from elbokto.objective import ELBOKTOObjective
 from elbokto.run import train
-from test_trainer import configs, history, write_kto_mix
+from training_runs import configs, history, write_kto_mix
 from tiny_models import tiny_batch, tiny_gemma
 
 
