@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
+    prog = command  # the name errors are reported under, with eval's subcommand
+    if command == "eval" and rest and not rest[0].startswith("-"):
+        prog = f"eval {rest[0]}"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(command, rest)
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ELBOKTO_DEBUG", "0") not in ("", "0"):
             raise
         message = " ".join(str(err).split())  # one line, whatever the message's layout
-        print(f"elbokto {command}: error: {message or type(err).__name__}", file=sys.stderr)
+        print(f"elbokto {prog}: error: {message or type(err).__name__}", file=sys.stderr)
         return 2
 
 
@@ -100,8 +103,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryEr
 
 def _run(command: str, rest: list[str]) -> int:
     if command == "selfcheck":
-        from elbokto_kernels.selfcheck import run
-        return 0 if run() else 1
+        from elbokto_kernels.selfcheck import run as run_selfcheck
+        return 0 if run_selfcheck() else 1
     if command == "eval":
         from elbokto.eval.cli import main as eval_main
         return eval_main(rest)

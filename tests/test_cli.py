@@ -177,3 +177,19 @@ def test_lora_adapter_folder_loads_everywhere_and_merges(tmp_path, capsys):
                   for name, path in (("adapter", adapter), ("merged", merged), ("base", TINY))}
     torch.testing.assert_close(logits["merged"], logits["adapter"])
     assert (logits["adapter"] - logits["base"]).abs().max() > 1e-3  # the adapter was applied
+
+
+def test_eval_errors_take_the_one_error_path(monkeypatch, capsys):
+    """`elbokto eval ...` reports like every command: one line under its subcommand's name, the
+    traceback with ELBOKTO_DEBUG=1."""
+    import elbokto.eval.cli
+
+    def fails(argv):
+        raise ValueError("the judge\n  said nothing")
+
+    monkeypatch.setattr(elbokto.eval.cli, "winrate", fails)
+    assert main(["eval", "winrate"]) == 2
+    assert capsys.readouterr().err.strip() == "elbokto eval winrate: error: the judge said nothing"
+    monkeypatch.setenv("ELBOKTO_DEBUG", "1")
+    with pytest.raises(ValueError, match="the judge"):
+        main(["eval", "winrate"])

@@ -19,17 +19,12 @@ SUBCOMMANDS = ("winrate", "lm-eval")
 
 
 def main(argv: list[str]) -> int:
+    """Runs one subcommand; its errors go to ``elbokto.cli.main``'s one error path."""
     if not argv or argv[0] not in SUBCOMMANDS:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
-    try:
-        if command == "winrate":
-            return winrate(rest)
-        return lm_eval(rest)
-    except ValueError as e:
-        print(f"elbokto eval {command}: error: {e}", file=sys.stderr)
-        return 2
+    return winrate(rest) if command == "winrate" else lm_eval(rest)
 
 
 def winrate(argv: list[str]) -> int:
