@@ -6,6 +6,7 @@ one order data flows: tokenizer -> dataset -> models -> objective / trainer.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -51,9 +52,11 @@ def _fingerprint(tokenizer, data_cfg: DataConfig) -> str:
                             end_of_turn=data_cfg.end_of_turn(tokenizer))
 
 
-def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> None:
-    """Mask token, logit shift and block size from the model when the flags leave them open;
-    a block-diffusion model is checked end to end (:func:`check_block_attention`)."""
+def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> ELBOKTOConfig:
+    """A copy of ``train_cfg`` with the mask token, logit shift and block size from the model
+    where the flags leave them open; a block-diffusion model is checked end to end
+    (:func:`check_block_attention`). The caller's config is left as it was."""
+    train_cfg = copy.copy(train_cfg)  # a shallow copy: TrainingArguments' __post_init__ once
     train_cfg.mask_token_id = resolve_mask_token_id(model.config, tokenizer,
                                                     train_cfg.mask_token_id)
     vocab = getattr(model.config, "vocab_size", None)
@@ -64,6 +67,7 @@ def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> None:
     train_cfg.block_size = resolve_block_size(model.config, train_cfg.block_size)
     if train_cfg.block_size is not None:
         check_block_attention(model, train_cfg.block_size)
+    return train_cfg
 
 
 def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig,
@@ -85,6 +89,10 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig
         check_class_balance(stats.n_desirable, stats.n_undesirable, train_cfg.lambda_d,
                             train_cfg.lambda_u)
     eval_dataset = _eval_dataset(data_cfg, train_cfg, tokenizer)
+    if eval_dataset is not None and train_cfg.eval_strategy == IntervalStrategy.NO:
+        # Held-out data and no --eval_strategy: the run evaluates ten times.
+        train_cfg = copy.copy(train_cfg)
+        train_cfg.eval_strategy, train_cfg.eval_steps = IntervalStrategy.STEPS, 0.1
     fingerprint = _fingerprint(tokenizer, data_cfg)
     epochs = epochs_to_cover(train_cfg, len(dataset), train_cfg.world_size)
     ref_table = reference = None
@@ -97,7 +105,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig
         if eval_dataset is not None:
             ref_table.check_covers(dataset_uids(eval_dataset), what="evaluation")
     policy = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
-    _settle_model_fields(train_cfg, policy, tokenizer)
+    train_cfg = _settle_model_fields(train_cfg, policy, tokenizer)
     if ref_table is not None:
         ref_table.check(reference_meta(train_cfg.objective(), fingerprint, epochs,
                                        _reference_identity(model_cfg, policy)))
@@ -125,7 +133,7 @@ def _reference(policy, model_cfg: ModelConfig, train_cfg: ELBOKTOConfig, tokeniz
 
 def _eval_dataset(data_cfg: DataConfig, train_cfg: ELBOKTOConfig, tokenizer):
     """Held-out preference data for the objective's metrics (``--eval_dataset`` /
-    ``--eval_split``), or None. Without an ``--eval_strategy`` the run evaluates ten times."""
+    ``--eval_split``), or None."""
     if data_cfg.eval_dataset is None and data_cfg.eval_split is None:
         return None
     config = replace(data_cfg, dataset=data_cfg.eval_dataset or data_cfg.dataset,
@@ -135,8 +143,6 @@ def _eval_dataset(data_cfg: DataConfig, train_cfg: ELBOKTOConfig, tokenizer):
                          f"({config.dataset}, split {config.dataset_split})")
     dataset, stats = build_dataset(config, tokenizer, paired=train_cfg.loss.paired)
     logger.info("evaluation data: %s", stats)
-    if train_cfg.eval_strategy == IntervalStrategy.NO:
-        train_cfg.eval_strategy, train_cfg.eval_steps = IntervalStrategy.STEPS, 0.1
     return dataset
 
 
@@ -176,7 +182,7 @@ def precompute_ref(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBO
     dataset, _ = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     name = model_cfg.ref_model_name_or_path or model_cfg.model_name_or_path
     reference = load_model(name, model_cfg, tokenizer=tokenizer).eval().to(train_cfg.device)
-    _settle_model_fields(train_cfg, reference, tokenizer)
+    train_cfg = _settle_model_fields(train_cfg, reference, tokenizer)
     objective = train_cfg.objective()
     meta = reference_meta(objective, _fingerprint(tokenizer, data_cfg),
                           epochs_to_cover(train_cfg, len(dataset), train_world_size),
@@ -310,7 +316,7 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
     dataset, _ = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     policy = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
     policy = policy.eval().to(train_cfg.device)
-    _settle_model_fields(train_cfg, policy, tokenizer)
+    train_cfg = _settle_model_fields(train_cfg, policy, tokenizer)
     reference = _reference(policy, model_cfg, train_cfg, tokenizer).to(train_cfg.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                         collate_fn=PreferenceCollator.from_config(data_cfg, tokenizer))
@@ -321,11 +327,13 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
         raise ValueError(f"--dataset {data_cfg.dataset}: {len(dataset)} examples make no full "
                          f"batch of --batch_size {args.batch_size} to diagnose")
     rows = []
-    for train_cfg.n_t, train_cfg.n_yt in args.settings:
-        objective = train_cfg.objective()
+    for n_t, n_yt in args.settings:
+        setting = copy.copy(train_cfg)
+        setting.n_t, setting.n_yt = n_t, n_yt
+        objective = setting.objective()
         estimates = [objective.psi(policy, b, reference=reference, redraws=args.redraws)
                      for b in batches]
-        rows.append({"n_t": train_cfg.n_t, "n_yt": train_cfg.n_yt,
+        rows.append({"n_t": n_t, "n_yt": n_yt,
                      "estimator": objective.mc.estimator,
                      **{k: sum(getattr(e, k) for e in estimates) / len(estimates)
                         for k in ("psi", "v", "c")}})

@@ -242,7 +242,12 @@ def test_evaluation_split_during_training(tmp_path):
     held_out = write_kto_mix(tmp_path / "eval.jsonl", n=8, seed=5)
     model_cfg, data_cfg, train_cfg = configs(tmp_path, data, max_steps=4)
     data_cfg.eval_dataset = str(held_out)
+    given = (vars(model_cfg).copy(), vars(data_cfg).copy(), vars(train_cfg).copy())
     trainer = train(model_cfg, data_cfg, train_cfg)
+    # The run settled the mask token and the evaluation schedule in copies: the caller's configs
+    # are as they were.
+    assert (vars(model_cfg), vars(data_cfg), vars(train_cfg)) == given
+    assert train_cfg.mask_token_id is None and trainer.args.mask_token_id is not None
     evals = history(trainer, "eval_rewards/margins")
     assert len(evals) >= 2 and len(history(trainer, "eval_loss")) == len(evals)
     with pytest.raises(ValueError, match="training data itself"):
