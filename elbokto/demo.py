@@ -550,7 +550,7 @@ ABLATIONS: dict[str, Callable[[DemoConfig], DemoConfig]] = {
     "n_t=1,n_yt=8": lambda c: replace(c, mc=MCConfig(n_t=1, n_yt=8)),
     "n_t=2,n_yt=4": lambda c: replace(c, mc=MCConfig(n_t=2, n_yt=4)),
     # One copy per example: the budget at which the margins' MC noise is material at the start
-    # of ELBO-KTO (README), so that CRN and the baseline have noise to act on.
+    # of ELBO-KTO (docs/demo-and-ablations.md), so that CRN and the baseline have noise to act on.
     "n_t=1": lambda c: replace(c, mc=MCConfig(n_t=1)),
     "n_t=1,crn=off": lambda c: replace(c, mc=MCConfig(n_t=1), crn=False),
     "n_t=1,crn=off,baseline=none": lambda c: replace(c, mc=MCConfig(n_t=1), crn=False,

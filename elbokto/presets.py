@@ -3,8 +3,8 @@
 ``elbokto train --preset official`` (or ``precompute-ref`` / ``diagnose``) reproduces the
 authors' ELBO-KTO run (github.com/vaibhavjindal/elbo-kto: ``train.py``, ``precompute_bref.py``,
 ``data_utils.py`` and the command of its README). A preset lists only the fields whose values
-differ from elbokto's defaults; flags given on the command line win over it. README, "The
-official preset", tabulates every difference, including those no flag removes.
+differ from elbokto's defaults; flags given on the command line win over it. docs/training.md,
+"The official preset", tabulates every difference, including those no flag removes.
 
 Library use: :func:`apply_preset` returns new configs and leaves the caller's untouched.
 """
@@ -53,8 +53,8 @@ class PresetArgs:
         "help": f"Start from a named set of flag values: {sorted(PRESETS)}. 'official': the "
                 "authors' run (independent levels, draws fixed across epochs, no end-of-turn "
                 "token, LLaDA padding to 4096 without an attention mask, exact LM-head gradient, "
-                "their optimiser and schedule; README, 'The official preset'). Flags given "
-                "explicitly win."})
+                "their optimiser and schedule; docs/training.md, 'The official preset'). Flags "
+                "given explicitly win."})
 
     def __post_init__(self) -> None:
         if self.preset is not None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from elbokto_kernels.versions import require_version
 
-# Tested on transformers 5 only (README, "Versions"); earlier releases are refused here rather
+# Tested on transformers 5 only (docs/versions.md); earlier releases are refused here rather
 # than run untested.
 require_version("transformers", "5.0", "elbokto's trainer")
 

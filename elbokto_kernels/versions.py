@@ -1,4 +1,4 @@
-"""The oldest versions of the dependencies that are tested (README, "Versions"); an older one is
+"""The oldest versions of the dependencies that are tested (docs/versions.md); an older one is
 refused at import with one line naming what to install, rather than failing later inside it.
 
 Versions are read from the installed distributions' metadata, which imports nothing."""

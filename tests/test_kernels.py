@@ -264,7 +264,7 @@ def test_torch_compile_sees_opaque_ops():
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     leaves = [t.clone().requires_grad_() for t in (logits, hidden, weight)]
     # The kept logits' and the filter's sizes depend on the mask: dynamo before torch 2.11 traces
-    # such ops only when told to (README, "Versions").
+    # such ops only when told to (docs/versions.md).
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=TORCH < (2, 11)):
         got = torch.autograd.grad(compiled(*leaves), leaves)
     expected = torch.autograd.grad(step(*leaves), leaves)
