@@ -188,15 +188,16 @@ def _move_in(staging: Path, dest: Path) -> None:
     """Moves the sealed ``staging`` folder's files into ``dest``; resumable after a kill.
 
     Order: the old marker goes (into staging, so that a resumed move still knows the old files),
-    then the old files that the new version drops or replaces, then the new files, weights last,
-    then the new marker. Until the marker, ``dest`` is unmarked and holds no old weights."""
+    then the old files that the new version drops or replaces, weights first, then the new
+    files, weights last, then the new marker. Until the marker, ``dest`` is unmarked and holds
+    the whole old model, or no weights, or the whole new model: never a mix that loads."""
     files = _manifest(staging)
     if (dest / MARKER).exists():
         os.replace(dest / MARKER, staging / _PREVIOUS)
         fsync_dir(staging)
         fsync_dir(dest)
     previous = _manifest(staging, _PREVIOUS) or {}
-    for name in set(previous) | set(files):
+    for name in sorted(set(previous) | set(files), key=_install_order, reverse=True):
         if (staging / name).exists() or name not in files:
             (dest / name).unlink(missing_ok=True)
     fsync_dir(dest)
