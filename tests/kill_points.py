@@ -3,7 +3,8 @@
 A write point is a call that changes the file system: opening a file for writing, os.replace /
 rename, unlinking, fsync, rmtree, torch.save and the safetensors writer transformers uses (the
 last two write from C++ / Rust, past Python's ``open``). ``armed(n)`` makes the n-th such call
-(counted from 1) stop the process *before* it runs: in-process it raises :class:`Killed` (a
+(counted from 1), or the first for which ``n(function, path)`` is true, stop the process *before*
+it runs: in-process it raises :class:`Killed` (a
 BaseException, so no ``except Exception`` catches it; only ``finally`` blocks run after it), and
 with ``sigkill=True`` (a subprocess's trial, ``python kill_points.py N argv...``) the process
 SIGKILLs itself. ``armed(None)`` only records the points, as (function, path) pairs.
@@ -18,6 +19,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 
 import torch
 import transformers.modeling_utils as modeling_utils
@@ -52,8 +54,9 @@ def _path_of(value) -> str:
 
 
 @contextlib.contextmanager
-def armed(n: int | None, sigkill: bool = False):
-    """Stops at the n-th write point (None: never); yields the list of points seen so far."""
+def armed(n: int | Callable[[str, str], bool] | None, sigkill: bool = False):
+    """Stops at the n-th write point, or the first one ``n`` accepts (None: never); yields the
+    list of points seen so far."""
     seen: list[tuple[str, str]] = []
     originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _, _ in _POINTS]
 
@@ -62,7 +65,7 @@ def armed(n: int | None, sigkill: bool = False):
             if not _writes(name, args, kwargs):
                 return function(*args, **kwargs)
             seen.append((name, _path_of(args[which] if len(args) > which else None)))
-            if len(seen) == n:
+            if len(seen) == n or callable(n) and n(*seen[-1]):
                 for owner, attr, original in originals:
                     setattr(owner, attr, original)  # the cleanup that follows runs unhindered
                 if sigkill:
