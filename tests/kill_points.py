@@ -83,6 +83,30 @@ def armed(n: int | Callable[[str, str], bool] | None, sigkill: bool = False):
             setattr(owner, attr, original)
 
 
+@contextlib.contextmanager
+def torn_torch_save():
+    """torch.save writes the first half of its bytes, then the process stops (Killed): a kill in
+    the middle of a write, where the write points above stop before it."""
+    save = torch.save
+
+    def half(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()[:len(buffer.getvalue()) // 2]
+        if isinstance(f, (str, os.PathLike)):
+            with builtins.open(f, "wb") as out:
+                out.write(data)
+        else:
+            f.write(data)
+        raise Killed("stopped half-way through torch.save")
+
+    torch.save = half
+    try:
+        yield
+    finally:
+        torch.save = save
+
+
 if __name__ == "__main__":
     # python kill_points.py N elbokto-argv...: the CLI, SIGKILLed at its N-th write point.
     from elbokto.cli import main
