@@ -1,6 +1,6 @@
-"""`train` stopped at its writes (kill_points) and broken checkpoints: nothing on disk loads wrongly,
-and the next `--resume_from_checkpoint last` either resumes from the newest complete checkpoint or
-repairs the output folder, ending bit for bit where an uninterrupted run ends."""
+"""`train` stopped at its writes (kill_points) and damaged checkpoints: nothing on disk loads
+wrongly, and the next `--resume_from_checkpoint last` resumes from the newest complete checkpoint
+and repairs the output folder, ending bit for bit where an uninterrupted run ends."""
 
 import os
 import random
