@@ -42,8 +42,8 @@ _OURS = r"\.{name}\.[a-z0-9_]+\.tmp"
 _TEMPORARY = re.compile(rf"{_OURS.format(name='.+')}|\.tmp[A-Za-z0-9_]{{6}}")
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
 
-__all__ = ["MARKER", "append_lines", "atomic_write", "check_complete", "discard", "fsync_dir",
-           "publish", "recover", "seal"]
+__all__ = ["MARKER", "append_lines", "atomic_write", "check_complete", "commit", "discard",
+           "fsync_dir", "publish", "recover", "seal", "staging_folder"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
