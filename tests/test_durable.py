@@ -117,8 +117,8 @@ def test_seal_fsyncs_every_file_before_the_marker(tmp_path):
 def test_publish_killed_at_every_write_never_shows_old_weights_beside_new_files(tmp_path,
                                                                                  weights):
     """The final save of a continued run, stopped at each of its writes: until recovery the
-    folder is the old model (marked), or unmarked with no weights at all, or the whole new
-    model; recovery then leaves the new model if it was fully staged, else the old one."""
+    folder holds the whole old model, the whole new one, or (unmarked) nothing a loader opens
+    first; recovery then leaves the new model if it was fully staged, else the old one."""
     dest = tmp_path / "out"
     durable.publish(dest, lambda staging: _write_model(staging, 1, weights=("old.safetensors",)))
     (dest / "checkpoint-1").mkdir()  # the run's other files stay
