@@ -122,7 +122,7 @@ def test_kills_at_write_points_of_a_continued_run(runs):
 
 @pytest.mark.slow
 def test_kills_at_every_write_point_of_a_continued_run(runs):
-    """The same at every write point (about 140; several minutes)."""
+    """The same at every write point (about 140: 11 minutes on a busy 2-core machine)."""
     for n in range(1, len(_write_points(runs)) + 1):
         folder = _fresh_copy(runs, f"killed-{n}")
         with armed(n), pytest.raises(Killed):
