@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from elbokto.data import PreferenceCollator, example_uid, prompt_token_ids
 from elbokto.draws import MCConfig, sample_draws
+from elbokto.durable import atomic_write
 from elbokto.estimate import elbo_estimate
 from elbokto.loss import LossConfig
 from elbokto.models import build_tiny_model
@@ -265,8 +266,8 @@ def sft_model(model: nn.Module, encoder: Encoder, config: DemoConfig, rng: np.ra
         fields = {name: getattr(config, name) for name in SFT_FIELDS}
         key = hashlib.sha256(json.dumps(_jsonable_value(fields), sort_keys=True).encode())
         path = Path(cache) / f"sft-{key.hexdigest()[:16]}.pt"
-        if path.exists():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = _read_sft_cache(path, model)
+        if saved is not None:
             model.load_state_dict(saved["state"])
             logger.info("SFT model loaded from %s", path)
             model.eval()
@@ -275,9 +276,26 @@ def sft_model(model: nn.Module, encoder: Encoder, config: DemoConfig, rng: np.ra
     losses = train_sft(model, encoder, config, rng)
     seconds = time.perf_counter() - tick
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state": model.state_dict(), "losses": losses, "seconds": seconds}, path)
+        saved = {"state": model.state_dict(), "losses": losses, "seconds": seconds}
+        atomic_write(path, lambda f: torch.save(saved, f))
     return losses, seconds
+
+
+def _read_sft_cache(path: Path, model: nn.Module) -> dict | None:
+    """The cached SFT model at ``path``, or None when there is none or it cannot be read (then it
+    is trained again and the file replaced, with a warning): a broken cache is a missing one."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        expected = {"state", "losses", "seconds"}
+        if not expected <= saved.keys() or saved["state"].keys() != model.state_dict().keys():
+            raise ValueError("not the entries of this model's SFT cache")
+    except Exception as err:  # empty, truncated, foreign: anything torch.load or the keys reject
+        logger.warning("unreadable SFT cache %s (%s: %s); training SFT again", path,
+                       type(err).__name__, err)
+        return None
+    return saved
 
 
 def kto_rows(encoder: Encoder, config: DemoConfig, prompts: list[str]) -> list[dict]:
@@ -452,7 +470,7 @@ def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = 
 
     summary["winrate"] = demo_winrate(model, reference, encoder, eval_prompts, config, out)
     summary["total_seconds"] = time.perf_counter() - start
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     plot_curves(summary, out / "curves.png")
     logger.info("base desirable rate %.3f -> aligned %.3f (train %.0f s, total %.0f s); "
                 "wrote %s", base[DESIRABLE], aligned[DESIRABLE], summary["train_seconds"],
@@ -490,7 +508,7 @@ def run_seeds(output_dir: str, seeds: list[int], ablate: bool = False, quick: bo
                   "filter_eps": config.filter_eps, "quick": quick}
         for key in ("base", "aligned"):
             result[key] = spread([r[key] for r in result["seeds"].values()])
-        (out / "seeds.json").write_text(json.dumps(result, indent=1))
+        atomic_write(out / "seeds.json", json.dumps(result, indent=1))
         logger.info("seeds %s: aligned desirable rate %.3f +- %.3f (min %.3f, max %.3f), base "
                     "%.3f", seeds, *(result["aligned"][k] for k in ("mean", "std", "min", "max")),
                     result["base"]["mean"])
@@ -532,7 +550,7 @@ def write_ablations(out: Path, per_seed: dict[int, dict]) -> None:
                                       - results[CONTROLS.get(name, "default")]["desirable_rate"]
                                       for results in per_seed.values()])}
                           for name in settings}}
-    (out / "ablations.json").write_text(json.dumps(table, indent=1))
+    atomic_write(out / "ablations.json", json.dumps(table, indent=1))
     plot_ablations(table, out / "ablations.png")
 
 
@@ -667,7 +685,7 @@ def plot_curves(summary: dict, path: Path) -> bool:
     axes[3].set_title("desirable (reverse) rate", fontsize=10)
     axes[3].set_xlabel("KTO step")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return True
 
@@ -697,7 +715,7 @@ def plot_ablations(table: dict, path: Path) -> bool:
     axes[0].set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return True
 

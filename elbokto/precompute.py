@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from elbokto.durable import atomic_write
 from elbokto.guards import NonFiniteError
 from elbokto.objective import ELBOKTOObjective
 
@@ -31,7 +32,9 @@ class ReferenceTable:
     meta: dict
 
     def save(self, path: str | Path) -> None:
-        torch.save({"uids": self.uids.cpu(), "elbo": self.elbo.cpu(), "meta": self.meta}, path)
+        """Writes the table to ``path`` atomically: a kill leaves the previous file whole."""
+        table = {"uids": self.uids.cpu(), "elbo": self.elbo.cpu(), "meta": self.meta}
+        atomic_write(path, lambda f: torch.save(table, f))
 
     @classmethod
     def load(cls, path: str | Path) -> "ReferenceTable":

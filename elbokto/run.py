@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import IntervalStrategy
 
+from elbokto import durable
 from elbokto.block import check_block_attention, resolve_block_size
 from elbokto.block_sampling import sampler_for
 from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_class_balance,
@@ -30,7 +31,7 @@ from elbokto.precompute import (ReferenceTable, data_fingerprint, model_identity
 from elbokto.requires import pyplot
 from elbokto.sampling import GenerationConfig, decode_responses
 from elbokto.tiny import build_tiny_tokenizer
-from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer, last_complete_checkpoint
+from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer, resume_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +77,14 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig
 
     Everything that can be checked without the model is checked before it is loaded: the data,
     the class balance, a precomputed reference file (its settings, epochs and coverage) and the
-    checkpoint to resume from ("last": the newest complete one).
+    checkpoint to resume from ("last": the newest complete one). What a killed run left in
+    output_dir is repaired first (:func:`elbokto.durable.recover`).
     """
     check_kl_reference(train_cfg.baseline, precomputed=bool(train_cfg.ref_elbo_file),
                        can_score=model_cfg.lora_r > 0)
-    if resume_from_checkpoint == "last":
-        resume_from_checkpoint = last_complete_checkpoint(train_cfg.output_dir)
+    if train_cfg.should_save:
+        durable.recover(train_cfg.output_dir)
+    resume_from_checkpoint = resume_checkpoint(train_cfg.output_dir, resume_from_checkpoint)
     tokenizer = tokenizer_for(model_cfg, data_cfg)
     dataset, stats = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     logger.info("data: %s", stats)
@@ -263,8 +266,8 @@ def merge(model_cfg: ModelConfig, args: MergeArgs) -> Path:
                          "merged model needs a folder of its own")
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(adapter, model_cfg, tokenizer=tokenizer)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    durable.publish(out, lambda staging: (model.save_pretrained(staging),
+                                          tokenizer.save_pretrained(staging)))
     return out
 
 
@@ -344,7 +347,7 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
                 for b in batches) / len(batches)
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diagnose.json").write_text(json.dumps(rows, indent=1))
+    durable.atomic_write(out / "diagnose.json", json.dumps(rows, indent=1))
     plot_psi(rows, out / "diagnose.png")
     return rows
 
@@ -363,5 +366,5 @@ def plot_psi(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("n_t x n_yt")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    durable.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

@@ -11,7 +11,6 @@ replay the very draws of an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import defaultdict
@@ -28,7 +27,9 @@ require_version("transformers", "5.0", "elbokto's trainer")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints  # noqa: E402
 
+from elbokto import durable  # noqa: E402
 from elbokto.data import dataset_uids  # noqa: E402
 from elbokto.draws import MCConfig  # noqa: E402
 from elbokto.guards import NonFiniteError, all_finite  # noqa: E402
@@ -206,11 +207,49 @@ class ELBOKTOTrainer(Trainer):
         logger.warning("%s: skipped: %s%s", where, err, source)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Saves as the Trainer does, refusing non-finite weights (every rank calls this)."""
+        """Saves as the Trainer does, refusing non-finite weights (every rank calls this).
+
+        The model folder (``output_dir``, default ``args.output_dir``) is replaced durably
+        (:func:`elbokto.durable.publish`): a kill leaves the old model or the new one, never old
+        weights beside a new config. Checkpoints (``_internal_call``) are sealed instead."""
         if not all_finite(_local(p) for p in self.model.parameters()):
             raise NonFiniteError("refusing to save non-finite weights: a NaN or inf reached the "
                                  "model (a step that should have been stopped)")
-        super().save_model(output_dir, _internal_call)
+        if _internal_call:
+            super().save_model(output_dir, _internal_call)
+            return
+        dest = Path(output_dir or self.args.output_dir)
+        staging = durable.staging_folder(dest)
+        if self.args.should_save:
+            durable.recover(dest)
+            durable.discard(staging)
+        self.accelerator.wait_for_everyone()
+        super().save_model(str(staging), _internal_call)
+        self.accelerator.wait_for_everyone()  # every rank's part of the weights is written
+        if self.args.should_save:
+            durable.commit(staging, dest)
+        self.accelerator.wait_for_everyone()
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, sealed (:func:`elbokto.durable.seal`) once every rank has
+        written its files; only then are old checkpoints rotated out, so a kill during a save
+        never leaves fewer complete checkpoints than ``save_total_limit``."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            # What is there was cut short, or skipped by a resume that fell back past it.
+            durable.discard(folder)
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # the Trainer would rotate before the seal
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            durable.seal(folder)
+            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -230,23 +269,30 @@ class ELBOKTOTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def last_complete_checkpoint(output_dir: str) -> str:
-    """The newest ``checkpoint-N`` folder under output_dir that a save finished.
+def resume_checkpoint(output_dir: str, checkpoint: str | bool | None) -> str | bool | None:
+    """The checkpoint that ``--resume_from_checkpoint`` names, checked before anything loads.
 
-    The Trainer writes trainer_state.json last, so a folder without a readable one was cut short
-    (a kill during the save); such folders are skipped, with a warning naming them."""
-    folders = sorted(Path(output_dir).glob("checkpoint-*"),
+    "last" (or True, the Trainer's spelling): the newest ``checkpoint-N`` folder under output_dir
+    that is complete (:func:`elbokto.durable.check_complete`: sealed after its save, every file
+    it listed there with its size); each newer folder it falls back past is named in a warning
+    with the reason. A named folder must be complete too."""
+    if checkpoint in (None, False):
+        return checkpoint
+    if checkpoint not in ("last", True):
+        problem = durable.check_complete(checkpoint)
+        if problem is not None:
+            raise ValueError(f"--resume_from_checkpoint {checkpoint}: {problem}; resume from an "
+                             "earlier checkpoint (or \"last\", which finds the newest complete)")
+        return checkpoint
+    folders = sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"),
                      key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit()
                      else -1, reverse=True)
     for folder in folders:
-        try:
-            json.loads((folder / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            logger.warning("skipping %s: its save did not finish (no readable trainer_state.json)",
-                           folder)
-            continue
-        logger.info("resuming from %s", folder)
-        return str(folder)
+        problem = durable.check_complete(folder)
+        if problem is None:
+            logger.info("resuming from %s", folder)
+            return str(folder)
+        logger.warning("skipping %s: %s", folder, problem)
     raise FileNotFoundError(f"--resume_from_checkpoint last: no complete checkpoint-N folder "
                             f"in {output_dir}")
 

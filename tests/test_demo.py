@@ -2,12 +2,17 @@
 real figures come from `make demo`)."""
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
+import torch
 
 from elbokto.cli import main
-from elbokto.demo import (ABLATION_FIGURES, ABLATIONS, CONTROLS, DESIRABLE, OTHER, UNDESIRABLE,
-                          classify, run_demo)
+from elbokto.demo import (ABLATION_FIGURES, ABLATIONS, CONTROLS, DESIRABLE, OTHER, QUICK,
+                          UNDESIRABLE, DemoConfig, Encoder, build_model, classify, run_demo,
+                          sft_model)
+from kill_points import Killed, armed, torn_torch_save
 from tiny_models import small_demo_config
 
 
@@ -105,6 +110,34 @@ def test_kto_flags_and_the_sft_cache(tmp_path):
     # Another seed trains (and caches) its own SFT model.
     assert main([*argv, "--output_dir", str(tmp_path / "c"), "--seeds", "1"]) == 0
     assert len(list(cache.iterdir())) == 2
+
+
+def test_an_sft_cache_cut_short_or_unreadable_is_trained_again(tmp_path, caplog):
+    """A kill while the cache file is written leaves no file to trip on; an unreadable one (empty,
+    truncated: what such a kill left before) is trained again with a warning and replaced."""
+    config = replace(DemoConfig(), **{**QUICK, "sft_steps": 3})
+    encoder = Encoder(config)
+
+    def sft(cache=None):
+        model = build_model(config, encoder.tokenizer)
+        losses, _ = sft_model(model, encoder, config, np.random.default_rng(0), cache)
+        return model.state_dict(), losses
+
+    state, losses = sft()
+    with torn_torch_save(), pytest.raises(Killed):
+        sft(tmp_path)
+    with armed(lambda name, path: name == "replace"), pytest.raises(Killed):
+        sft(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    sft(tmp_path)
+    (path,) = tmp_path.iterdir()
+    for broken in (b"", path.read_bytes()[:path.stat().st_size // 2]):
+        path.write_bytes(broken)
+        again, again_losses = sft(tmp_path)
+        assert "unreadable SFT cache" in caplog.text
+        assert again_losses == losses and all(torch.equal(again[k], state[k]) for k in state)
+        assert torch.load(path, weights_only=True)["losses"] == losses  # replaced by a whole one
+        caplog.clear()
 
 
 @pytest.mark.slow

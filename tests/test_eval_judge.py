@@ -98,6 +98,9 @@ def test_cache_makes_repeated_and_interrupted_runs_free(tmp_path):
         (tmp_path / "judgments.jsonl").write_text("\n".join(lines[:3]) + "\n{\"key\": \"cut")
         compute_winrate(PROMPTS, CANDIDATE, BASELINE, config(server), tmp_path)
         assert server.requests == 8 + missing
+        # What the rerun appended after the torn line is readable: a third run asks nothing.
+        compute_winrate(PROMPTS, CANDIDATE, BASELINE, config(server), tmp_path)
+        assert server.requests == 8 + missing
         # Another judge model is another key.
         compute_winrate(PROMPTS, CANDIDATE, BASELINE, config(server, "other"), tmp_path)
         assert server.requests == 8 + missing + 8

@@ -61,6 +61,17 @@ def test_cli_model_against_file_then_reuse(folder, tmp_path, capsys):
         assert main(argv) == 0
         assert server.requests == asked + 2
         assert len(responses.read_text().splitlines()) == 4
+        # A kill in the middle of an append left a torn line: it is skipped, the rest reused, and
+        # the next append starts on a line of its own.
+        with responses.open("a") as f:
+            f.write('{"prompt": "Which is a fr')
+        write_jsonl(prompts, [{"prompt": p} for p in PROMPTS + ["Which is a fruit?", "Hi"]])
+        write_jsonl(baseline, [{"prompt": p, "response": "x"} for p in PROMPTS
+                               + ["Which is a fruit?", "Hi"]])
+        assert main(argv) == 0
+        assert server.requests == asked + 4
+        lines = responses.read_text().splitlines()
+        assert lines[4] == '{"prompt": "Which is a fr' and json.loads(lines[5])["prompt"] == "Hi"
 
 
 def test_prompts_from_a_dataset_split(tmp_path, folder):

@@ -8,6 +8,7 @@ import torch
 from elbokto import MCConfig
 from elbokto.objective import ELBOKTOObjective
 from elbokto.precompute import ReferenceTable, precompute_reference, reference_meta
+from kill_points import Killed, armed, torn_torch_save
 from tiny_models import tiny_batch, tiny_gemma
 
 
@@ -65,3 +66,25 @@ def test_check_names_what_differs_and_accepts_more_epochs():
     with pytest.raises(ValueError, match="first uid 3"):
         table.check_covers(torch.tensor([2, 3]))
     table.check_covers(torch.tensor([2, 1, 2]))
+
+
+def test_save_stopped_at_any_point_keeps_the_previous_file(tmp_path):
+    """A kill in the middle of the write or at any write point of the save leaves the previous
+    table loadable (precompute-ref once truncated it first); after the rename, the new one."""
+    old = ReferenceTable(torch.tensor([1, 2]), torch.zeros(2, 3), {"epochs": 3})
+    new = ReferenceTable(torch.tensor([1, 2, 5]), torch.ones(3, 3), {"epochs": 3})
+    path = tmp_path / "ref.pt"
+    old.save(path)
+    with torn_torch_save(), pytest.raises(Killed):
+        new.save(path)
+    assert torch.equal(ReferenceTable.load(path).elbo, old.elbo)
+    with armed(None) as seen:
+        new.save(path)
+    renamed = [name for name, _ in seen].index("replace") + 1
+    for n in range(1, len(seen) + 1):
+        old.save(path)
+        with armed(n), pytest.raises(Killed):
+            new.save(path)
+        expected = old if n <= renamed else new
+        assert torch.equal(ReferenceTable.load(path).elbo, expected.elbo), (n, seen[n - 1])
+    assert [p.name for p in tmp_path.iterdir()] == ["ref.pt"]

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from elbokto.durable import append_lines
 from elbokto.eval.template import render
 from elbokto.requires import require
 
@@ -96,7 +97,7 @@ def judgment_key(question: str, answer_a: str, answer_b: str, judge: str, templa
 
 class JudgmentCache:
     """Append-only JSON lines ``{"key", "judge", "verdict", "error", "answer"}``; the last line of
-    a key wins. Thread-safe appends, flushed line by line."""
+    a key wins. Thread-safe appends, fsynced line by line (:func:`elbokto.durable.append_lines`)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -120,9 +121,7 @@ class JudgmentCache:
         line = json.dumps(record, ensure_ascii=False)
         with self._lock:
             self._records[record["key"]] = record
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(line + "\n")
+            append_lines(self.path, [line])
 
 
 @dataclass

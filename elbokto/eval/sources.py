@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from elbokto.data import load_source, prompt_token_ids, unpair
+from elbokto.durable import append_lines
 from elbokto.block_sampling import sampler_for
 from elbokto.models import ModelConfig, load_model, load_tokenizer, uses_shifted_logits
 from elbokto.sampling import GenerationConfig, decode_responses
@@ -134,7 +135,9 @@ def responses_from(source: str, prompts: list[Prompt], output_dir: str | Path,
     fingerprint = _fingerprint(source, gen_cfg)
     done = {}
     if path.exists():
-        done = {row["prompt"]: row["response"] for _, row in _read_jsonl(path, ("prompt",))
+        # A line cut by a killed append is sampled again.
+        done = {row["prompt"]: row["response"]
+                for _, row in _read_jsonl(path, ("prompt", "response"), skip_bad=True)
                 if row.get("generation") == fingerprint}
     todo = [p for p in prompts if p.text not in done]
     if todo:
@@ -161,16 +164,14 @@ def _sample_into(path: Path, source: str, prompts: list[Prompt], fingerprint: st
     # Similar lengths in one batch: less left padding to run through the model.
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    path.parent.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         tokens = sampler(model, [ids[i] for i in batch], gen_cfg, pad_token_id=pad or 0)
         texts = decode_responses(tokenizer, tokens)
-        with path.open("a") as f:
-            for i, text in zip(batch, texts):
-                done[prompts[i].text] = text
-                f.write(json.dumps({"prompt": prompts[i].text, "response": text,
-                                    "generation": fingerprint}, ensure_ascii=False) + "\n")
+        append_lines(path, [json.dumps({"prompt": prompts[i].text, "response": text,
+                                        "generation": fingerprint}, ensure_ascii=False)
+                            for i, text in zip(batch, texts)])
+        done.update((prompts[i].text, text) for i, text in zip(batch, texts))
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -182,16 +183,22 @@ def _fingerprint(source: str, gen_cfg: GenerationConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _read_jsonl(path: str | Path, required: tuple[str, ...]):
-    """(line number, object) of every non-empty line; ValueError on a bad line."""
+def _read_jsonl(path: str | Path, required: tuple[str, ...], skip_bad: bool = False):
+    """(line number, object) of every non-empty line; ValueError on a bad line, or with
+    ``skip_bad`` a warning and the line left out."""
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or any(k not in row for k in required):
-            raise ValueError(f"{path}:{n}: expected an object with keys {list(required)}, got "
-                             f"{line[:100]!r}")
-        yield n, row
+            problem = f"{path}:{n}: not JSON ({e.msg})"
+        else:
+            if isinstance(row, dict) and all(k in row for k in required):
+                yield n, row
+                continue
+            problem = (f"{path}:{n}: expected an object with keys {list(required)}, got "
+                       f"{line[:100]!r}")
+        if not skip_bad:
+            raise ValueError(problem)
+        logger.warning("%s: line skipped", problem)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
+from elbokto.durable import atomic_write
 from elbokto.eval.judge import (JudgeConfig, JudgmentCache, PairwiseJudge, check_reachable,
                                  require_judge)
 from elbokto.eval.sources import load_prompts, responses_from, source_name
@@ -132,14 +133,13 @@ def compute_winrate(prompts: list[str], candidate: list[str], baseline: list[str
         summary["cohen_kappa"] = next(iter(pairs.values()))
     elif pairs:
         summary["cohen_kappa_pairs"] = pairs
-    with (out / "outcomes.jsonl").open("w") as f:
-        for i, prompt in enumerate(prompts):
-            f.write(json.dumps({"prompt": prompt, **{
-                model: {"candidate_as_a": verdicts[model][i],
-                        "candidate_as_b": verdicts[model][n + i],
-                        "outcome": outcomes[model][i]} for model in outcomes}},
-                ensure_ascii=False) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out / "outcomes.jsonl", "".join(
+        json.dumps({"prompt": prompt, **{
+            model: {"candidate_as_a": verdicts[model][i],
+                    "candidate_as_b": verdicts[model][n + i],
+                    "outcome": outcomes[model][i]} for model in outcomes}},
+            ensure_ascii=False) + "\n" for i, prompt in enumerate(prompts)))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     plot_winrate(summary, out / "winrate.png")
     logger.info("AWR of %s against %s: %s (95%% CI %s - %s, n = %d, %d errors)", names[0],
                 names[1], *(_fmt(summary[k]) for k in ("awr", "ci_low", "ci_high")),
@@ -163,7 +163,7 @@ def plot_winrate(summary: dict, path: Path) -> None:
     ax.set_ylabel("adjusted win rate")
     ax.set_title(f"{summary['candidate']}\nvs {summary['baseline']}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 
