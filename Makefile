@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install demo test test-compat lint gpu-check bench-cpu clean
+.PHONY: install demo test test-fast test-soak test-compat lint gpu-check bench-cpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,16 @@ demo: install
 test: EXTRAS = test,eval,demo
 test: install
 	$(PY) -m pytest -q
+
+# The quick lane while working: everything but the slow tests (and the soak trials).
+test-fast: EXTRAS = test,eval,demo
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not soak"
+
+# The soak trials alone (e.g. a kill at every write point of a training run: ~11 minutes).
+test-soak: EXTRAS = test,eval,demo
+test-soak: install
+	$(PY) -m pytest -q -m soak
 
 # The checkers CI holds the code to (pyproject.toml: [tool.ruff], [tool.mypy]; pinned in the dev extra).
 lint: EXTRAS = dev

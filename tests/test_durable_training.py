@@ -120,7 +120,7 @@ def test_kills_at_write_points_of_a_continued_run(runs):
         shutil.rmtree(folder)
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 def test_kills_at_every_write_point_of_a_continued_run(runs):
     """The same at every write point (about 140: 11 minutes on a busy 2-core machine)."""
     for n in range(1, len(_write_points(runs)) + 1):
