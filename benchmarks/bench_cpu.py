@@ -9,18 +9,18 @@
 Cases (float32, 2048 masked rows, per-copy weights, 4 samples of 2 copies each):
   fused_elbo         logits [8, 512, 32000], 2048 of the 4096 positions masked; gradient to logits.
   fused_linear_elbo  hidden [8, 512, 512], weight [32000, 512], same mask; gradients to hidden and
-                     weight. The baselines get the 2048 masked rows gathered (``hidden[mask]``), so
+                     weight. The comparators get the 2048 masked rows gathered (``hidden[mask]``), so
                      none of them spends GEMMs on unmasked rows; they do 3 GEMMs of 2*M*D*V FLOPs,
                      the fused op 4 (its backward recomputes the logits), 3 with keep_logits=True.
   fused_linear_elbo_filter  the same shapes with ``filter_eps=2**-12``, at the logit
-                     distributions of ``baselines.ZIPF_DISTRIBUTIONS``, against the fastest
-                     baselines (eager, F.linear_cross_entropy) and the exact op. Each distribution comes with its
+                     distributions of ``comparators.ZIPF_DISTRIBUTIONS``, against the fastest
+                     comparators (eager, F.linear_cross_entropy) and the exact op. Each distribution comes with its
                      density (share of entries of softmax - onehot >= 2^-12), the share of
                      128 x 128 tiles (masked rows in order x 128 columns) holding such an entry,
                      with the columns in vocabulary order and sorted by mean logit, and the share
                      of the op's own tiles (one row x one chunk of the sorted walk) it computes.
 
-Logit distributions (``baselines.zipf_hidden_states``): a token's frequency follows a Zipf law
+Logit distributions (``comparators.zipf_hidden_states``): a token's frequency follows a Zipf law
 (rank r has probability ~ r^-1.1) over a shuffled vocabulary, so frequent tokens are scattered over the ids and
 only sorting gathers them. Masked row i mixes k tokens t_1..t_k drawn from that law,
 h_i = s * sum_j W[t_j] / sqrt(k) + sigma * N(0, I_D), and its target is t_1: the more tokens and
@@ -52,7 +52,7 @@ import os
 import statistics
 from pathlib import Path
 
-from baselines import zipf_hidden_states
+from comparators import zipf_hidden_states
 from measure import record_in_readme, run_worker, time_and_peak
 
 SHAPES = {
@@ -84,7 +84,7 @@ VARIANT_LABELS = {
     "cpu+thp": "fused, backend='cpu' + THP for every tensor",
     "eager+thp": "eager PyTorch + THP for every tensor",
 }
-# (baselines the "cpu" variant is compared with, minimum speed-up, maximum memory vs eager)
+# (comparators the "cpu" variant is compared with, minimum speed-up, maximum memory vs eager)
 GOALS = {
     "fused_elbo": (["eager", "torch"], 3.0, 0.4),
     "fused_linear_elbo": (["eager", "lce", "lce_chunked", "lce_chunked_ar1"], 1.3, 0.3),
@@ -157,7 +157,7 @@ def sparsity(shape: dict, distribution: str) -> dict:
 
 
 def backend_of(variant: str) -> str | None:
-    """The backend of a fused variant ("cpu_keep", "cpu_filter" -> "cpu"); None for a baseline.
+    """The backend of a fused variant ("cpu_keep", "cpu_filter" -> "cpu"); None for a comparator.
     Variants reach the worker without their "+thp" suffix and "@distribution"."""
     from elbokto_kernels import BACKENDS
 
@@ -238,9 +238,9 @@ def table(results: dict, shape: dict) -> str:
         if case == "fused_linear_elbo_filter":
             lines += filter_table(rows, shape)
             continue
-        baselines, speedup_goal, memory_goal = GOALS[case]
+        comparators, speedup_goal, memory_goal = GOALS[case]
         cpu, eager = rows["cpu"], rows["eager"]
-        fastest = min(baselines, key=lambda v: rows[v]["time_s"])
+        fastest = min(comparators, key=lambda v: rows[v]["time_s"])
         hidden = f", D={shape['D']}" if "linear" in case else ""
         lines += [f"{case} (V={shape['V']}{hidden}, {shape['masked']} masked of "
                   f"{shape['C'] * shape['L']} rows, float32, forward + backward)", "",
@@ -253,7 +253,7 @@ def table(results: dict, shape: dict) -> str:
                          f"{cpu['peak_extra_mib'] / r['peak_extra_mib']:.2f} |")
         speedup = rows[fastest]["time_s"] / cpu["time_s"]
         memory = cpu["peak_extra_mib"] / eager["peak_extra_mib"]
-        lines += ["", f"Goal: >= {speedup_goal}x faster than the fastest baseline "
+        lines += ["", f"Goal: >= {speedup_goal}x faster than the fastest comparator "
                   f"({VARIANT_LABELS[fastest]}): {speedup:.2f}x, "
                   f"{'met' if speedup >= speedup_goal else 'MISSED'}; peak memory <= "
                   f"{memory_goal}x eager's: {memory:.2f}x, "
@@ -261,7 +261,7 @@ def table(results: dict, shape: dict) -> str:
         if "cpu_keep" in rows:
             keep = rows["cpu_keep"]
             lines.append(f"With keep_logits=True: {rows[fastest]['time_s'] / keep['time_s']:.2f}x "
-                         f"faster than the fastest baseline, at "
+                         f"faster than the fastest comparator, at "
                          f"{keep['peak_extra_mib'] / eager['peak_extra_mib']:.2f}x eager's peak "
                          "memory.")
         if "cpu" + THP in rows:
@@ -273,10 +273,10 @@ def table(results: dict, shape: dict) -> str:
 
 
 def filter_table(rows: dict, shape: dict) -> list[str]:
-    """The gradient-filtering table: baselines, then the filtered op per distribution with its
-    sparsity figures, speed-up against the fastest baseline and memory against eager's."""
-    baselines, speedup_goal, memory_goal = GOALS["fused_linear_elbo_filter"]
-    fastest = min(baselines, key=lambda v: rows[v]["time_s"])
+    """The gradient-filtering table: comparators, then the filtered op per distribution with its
+    sparsity figures, speed-up against the fastest comparator and memory against eager's."""
+    comparators, speedup_goal, memory_goal = GOALS["fused_linear_elbo_filter"]
+    fastest = min(comparators, key=lambda v: rows[v]["time_s"])
     best, eager = rows[fastest]["time_s"], rows["eager@half"]["peak_extra_mib"]
     lines = [f"fused_linear_elbo with filter_eps=2**-12 (V={shape['V']}, D={shape['D']}, "
              f"{shape['masked']} masked of {shape['C'] * shape['L']} rows, float32, forward + "
@@ -284,7 +284,7 @@ def filter_table(rows: dict, shape: dict) -> list[str]:
              f"of {TILE} x {TILE} tiles holding one, columns in vocabulary order / sorted by "
              "mean logit; computed: share of the op's (row x chunk) tiles it computes", "",
              "| variant | logits | density | tiles unsorted | tiles sorted | computed | "
-             "time (s) | peak extra memory (MiB) | speed-up vs fastest baseline | memory vs "
+             "time (s) | peak extra memory (MiB) | speed-up vs fastest comparator | memory vs "
              "eager |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, r in rows.items():
         variant, distribution = key.split("@")
@@ -298,7 +298,7 @@ def filter_table(rows: dict, shape: dict) -> list[str]:
     speedup, memory = best / goal["time_s"], goal["peak_extra_mib"] / eager
     uniform = rows["cpu@uniform"]["time_s"] / rows["cpu_filter@uniform"]["time_s"]
     lines += ["", f"Goal at \"half\" (about half of the sorted {TILE} x {TILE} tiles hold an "
-              f"entry): >= {speedup_goal}x faster than the fastest baseline "
+              f"entry): >= {speedup_goal}x faster than the fastest comparator "
               f"({VARIANT_LABELS[fastest.split('@')[0]]}): {speedup:.2f}x, "
               f"{'met' if speedup >= speedup_goal else 'MISSED'}; peak memory <= {memory_goal}x "
               f"eager's: {memory:.2f}x, {'met' if memory <= memory_goal else 'MISSED'}. At "

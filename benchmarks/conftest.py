@@ -1,4 +1,4 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # `import baselines` from the suite
+sys.path.insert(0, str(Path(__file__).parent))  # `import comparators` from the suite

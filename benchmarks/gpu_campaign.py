@@ -67,7 +67,7 @@ def install_wheels(out: Path, env: dict) -> str:
                         "--upgrade", "--target", str(site), *wheels], stdout=f, stderr=f,
                        check=True)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
-    # The modules benchmarks/baselines.py imports, checked here rather than skipped in silence.
+    # The modules benchmarks/comparators.py imports, checked here rather than skipped in silence.
     probe = subprocess.run([sys.executable, "-c", "import liger_kernel.transformers.functional, "
                             "cut_cross_entropy"], capture_output=True, text=True, env=env)
     state = "importable" if probe.returncode == 0 else \

@@ -14,7 +14,7 @@ forward + backward (median of triton.testing.do_bench) of:
       index_add), torch.compile(eager), F.linear_cross_entropy (reference and chunked), Liger's
       fused linear cross-entropy and Apple's Cut Cross-Entropy (when importable); and "auto"
       exact, filtered, and Cut Cross-Entropy again on hidden states of a trained-looking head
-      ("zipf": baselines.zipf_hidden_states, the "half" distribution of bench_cpu.py, where about
+      ("zipf": comparators.zipf_hidden_states, the "half" distribution of bench_cpu.py, where about
       half of the sorted 128 x 128 tiles hold an entry above 2^-12), the kind of logits
       filtering is for;
   fused_elbo: each backend, eager (full float32 log_softmax + gather + index_add),
@@ -51,7 +51,7 @@ if ARGS.dry_run:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from baselines import (cce_linear, eager_elbo, eager_linear, liger_linear,  # noqa: E402
+from comparators import (cce_linear, eager_elbo, eager_linear, liger_linear,  # noqa: E402
                        make_inputs, torch_lce_linear, zipf_hidden_states)
 from elbokto_kernels import fused_elbo, fused_linear_elbo, usable_backends  # noqa: E402
 from elbokto_kernels.backends import resolve_backend  # noqa: E402

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite of the "cpu" backend and its baselines, at bench_cpu.py's quick shapes.
+"""pytest-benchmark suite of the "cpu" backend and its comparators, at bench_cpu.py's quick shapes.
 
     pytest benchmarks/test_bench_cpu.py --benchmark-enable
 

@@ -3,7 +3,7 @@
     pytest benchmarks/test_bench_kernels.py --benchmark-enable
 
 Forward + backward at LLaDA shapes (D = 4096, V = 126464, bf16), the fused ops on every backend
-that works on the GPU against the eager baselines of gpu_check.py. For the full table with
+that works on the GPU against the eager comparators of gpu_check.py. For the full table with
 hardware limits, run gpu_check.py.
 """
 
@@ -21,7 +21,7 @@ VARIANTS = usable_backends("cuda") + ["eager"]  # only "eager" without a GPU: al
 @pytest.fixture(scope="module", params=[2048, 8192], ids=lambda m: f"M{m}")
 def case(request):
     """(hidden, weight, logits, args, upstream) for M masked rows of 2M positions, bf16."""
-    from baselines import make_inputs
+    from comparators import make_inputs
     device = torch.device("cuda")
     a, up = make_inputs(request.param, V, device)
     h = torch.randn(*a["mask"].shape, D, device=device, dtype=torch.bfloat16).requires_grad_()
@@ -40,7 +40,7 @@ def _bench(benchmark, fn, leaves, upstream):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_linear_elbo(benchmark, case, variant):
     from elbokto_kernels import fused_linear_elbo
-    from baselines import eager_linear
+    from comparators import eager_linear
     h, w, x, a, up = case
     if variant == "eager":
         fn = lambda: eager_linear(h, w, a)  # noqa: E731
@@ -52,7 +52,7 @@ def test_linear_elbo(benchmark, case, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_elbo(benchmark, case, variant):
     from elbokto_kernels import fused_elbo
-    from baselines import eager_elbo
+    from comparators import eager_elbo
     h, w, x, a, up = case
     if variant == "eager":
         fn = lambda: eager_elbo(x, a)  # noqa: E731

@@ -1,4 +1,4 @@
-"""Benchmark inputs and the baselines the fused ops are measured against.
+"""Benchmark inputs and the comparators the fused ops are measured against.
 
 Every variant takes the same inputs and returns the per-sample ELBO, float32 [num_samples], so
 gpu_check.py and the pytest-benchmark suite time exactly the same work.
