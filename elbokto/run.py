@@ -48,7 +48,17 @@ def _fingerprint(tokenizer, data_cfg: DataConfig) -> str:
     return data_fingerprint(tokenizer, max_length=data_cfg.max_length,
                             max_prompt_length=data_cfg.max_prompt_length,
                             append_eos=data_cfg.append_eos,
-                            end_of_turn=data_cfg.end_of_turn(tokenizer))
+                            end_of_turn=data_cfg.end_of_turn(tokenizer),
+                            joined_tokenization=data_cfg.joined_tokenization)
+
+
+def check_draw_keys(data_cfg: DataConfig, train_cfg: ELBOKTOConfig) -> None:
+    """The authors' draws are seeded by an example's row number, so they need row uids (with
+    content uids they would be some other masks, silently)."""
+    if train_cfg.draw_source == "authors" and data_cfg.uid_source != "row":
+        raise ValueError("--draw_source authors seeds each example by its row number in the "
+                         "source split, as the authors' precompute_bref.py does: add "
+                         f"--uid_source row (got {data_cfg.uid_source!r})")
 
 
 def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> None:
@@ -78,6 +88,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig
                        can_score=model_cfg.lora_r > 0)
     if resume_from_checkpoint == "last":
         resume_from_checkpoint = last_complete_checkpoint(train_cfg.output_dir)
+    check_draw_keys(data_cfg, train_cfg)
     tokenizer = tokenizer_for(model_cfg, data_cfg)
     dataset, stats = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     logger.info("data: %s", stats)
@@ -172,6 +183,7 @@ def precompute_ref(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBO
 
     ``train_world_size``: data-parallel processes of the training run (with max_steps, the
     number of epochs it touches depends on it)."""
+    check_draw_keys(data_cfg, train_cfg)
     tokenizer = tokenizer_for(model_cfg, data_cfg)
     dataset, _ = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     name = model_cfg.ref_model_name_or_path or model_cfg.model_name_or_path
@@ -306,6 +318,7 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
     The policy is the model as loaded and the reference a frozen copy, so the margins are 0
     unless ``--ref_model_name_or_path`` names another model (e.g. the SFT base of a trained one).
     """
+    check_draw_keys(data_cfg, train_cfg)
     tokenizer = tokenizer_for(model_cfg, data_cfg)
     dataset, _ = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     policy = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
