@@ -28,6 +28,13 @@ block index added to the hash counter so that blocks are independent. The exact 
 DESIGN.md §2 then holds block by block: B = sum_k sum_{S subset of R_k, S != {}}
 (|S|-1)! (n_k-|S|)! / n_k! * sum_{i in S} log p(y_i | block k with S masked, clean blocks < k),
 R_k the response positions of block k. :mod:`elbokto.block` runs the matching forward.
+
+The authors' recipe (``MCConfig.draw_source = "authors"``, the official preset): the same
+fixed-count law with independent levels, drawn by the random calls of the ELBO-KTO authors'
+``precompute_bref.py`` / ``train.py`` instead of the hash: a seed per example from its uid (their
+row index), the levels by an integer hash of it, each copy's positions by ``torch.rand`` of a
+``torch.Generator`` on the draws' device. Their masks exactly, on the device type they drew on
+(a CUDA generator gives other numbers than the CPU's); see ``_authors_draws``.
 """
 
 from dataclasses import dataclass, field
@@ -222,6 +229,21 @@ def _host_key(*values: int) -> int:
     return int(h)
 
 
+def _sample_index(batch: int, num_copies: int, device: torch.device) -> Tensor:
+    """int64 [B*K]: the example c // K that copy c belongs to."""
+    return torch.arange(batch, device=device).repeat_interleave(num_copies)
+
+
+def _fixed_count_weight(count: Tensor, n: Tensor, num_copies: int) -> tuple[Tensor, Tensor]:
+    """float64 weight n / (l K) and t = l / n of copies that mask l = ``count`` of their n
+    response tokens (int64, broadcast); both 0 where n = 0."""
+    has_response = n > 0
+    denominator = count.clamp(min=1).to(torch.float64) * num_copies
+    weight = torch.where(has_response, n / denominator, 0.0)
+    t = torch.where(has_response, count.to(torch.float64) / n.clamp(min=1), 0.0)
+    return weight, t
+
+
 def _unit(h: Tensor) -> Tensor:
     """float64 uniform in [0, 1) from the top 53 bits of h (exact: k * 2^-53)."""
     return _shr(h, 11).to(torch.float64) * 2.0**-53
@@ -278,6 +300,10 @@ def sample_draws(
     L replaced by n_k: its own noise levels (the block index joins the hash counter, so blocks are
     independent), its own masks, weight n_k / (l_k K) or 1 / (t_k K). Blocks without response
     positions get no mask. ``weight`` and ``t`` are then per position, [C, seq_len].
+
+    ``draw_source="authors"`` replaces all of the above by the authors' random calls
+    (``_authors_draws``): the step is not used, seed 0 is their global seed, and the masks come
+    from a ``torch.Generator`` on the inputs' device (one host sync).
     """
     _check_inputs(prompt_lengths, response_lengths, seq_len, uids, validate)
     if config.draw_source == "authors":
@@ -329,9 +355,7 @@ def sample_draws(
         order = torch.argsort(keys, dim=-1, stable=True)
         take = torch.arange(width, device=device) < count[..., None]
         mask = torch.zeros_like(take).scatter_(-1, order, take)
-        denominator = count.clamp(min=1).to(torch.float64) * num_copies
-        weight = torch.where(has_response, n / denominator, 0.0)
-        t = torch.where(has_response, count.to(torch.float64) / n.clamp(min=1), 0.0)
+        weight, t = _fixed_count_weight(count, n, num_copies)
     else:
         t = (stratum + 1.0 - u) / strata  # [B, G, K] in (0, 1]
         mask = in_window & (_unit(h_position) < t[..., None])
@@ -357,7 +381,7 @@ def sample_draws(
     return Draws(
         mask=per_copy(mask),
         weight=weight.to(torch.float32),
-        sample_index=torch.arange(batch, device=device).repeat_interleave(num_copies),
+        sample_index=_sample_index(batch, num_copies, device),
         t=t.to(torch.float32),
         block_size=config.block_size,
     )
@@ -419,14 +443,11 @@ def _authors_draws(num_copies: int, prompt_lengths: Tensor, response_lengths: Te
             generator.manual_seed(selects[b][j] & _UINT64)
             r = torch.rand((length,), generator=generator, device=device)
             mask[b * num_copies + j, start + torch.argsort(r)[:int(count[b, j])]] = True
-    count = count.reshape(-1).to(device=device, dtype=torch.float64)
-    n = n.expand(batch, num_copies).reshape(-1).to(device=device, dtype=torch.float64)
-    has_response = n > 0
-    weight = torch.where(has_response, n / (count.clamp(min=1) * num_copies), 0.0)
-    t = torch.where(has_response, count / n.clamp(min=1), 0.0)
-    return Draws(mask=mask, weight=weight.to(torch.float32),
-                 sample_index=torch.arange(batch, device=device).repeat_interleave(num_copies),
-                 t=t.to(torch.float32))
+    weight, t = _fixed_count_weight(count.reshape(-1), n.expand(batch, num_copies).reshape(-1),
+                                    num_copies)
+    return Draws(mask=mask, weight=weight.to(device, torch.float32),
+                 sample_index=_sample_index(batch, num_copies, device),
+                 t=t.to(device, torch.float32))
 
 
 def _check_inputs(

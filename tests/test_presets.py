@@ -98,7 +98,7 @@ def write_rows(path, n=9, seed=0, empty=3):
 
 # A generation prompt that ends in a space, as LLaMA-3-style templates end in "\n\n": tokenised
 # with the completion, the space merges into the completion's first word.
-OPEN_TEMPLATE = CHAT_TEMPLATE.replace("<|assistant|>{% endif %}", "<|assistant|>Answer: {% endif %}")
+OPEN_TEMPLATE = CHAT_TEMPLATE.replace("<|assistant|>{%", "<|assistant|>Answer: {%")
 
 
 def test_official_preset_reproduces_the_authors_computation(tmp_path):
