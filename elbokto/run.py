@@ -53,12 +53,19 @@ def _fingerprint(tokenizer, data_cfg: DataConfig) -> str:
 
 
 def check_draw_keys(data_cfg: DataConfig, train_cfg: ELBOKTOConfig) -> None:
-    """The authors' draws are seeded by an example's row number, so they need row uids (with
-    content uids they would be some other masks, silently)."""
+    """The uids key the draws and a precomputed reference: the authors' draws need row uids
+    (with content uids they would be other masks, silently), and row uids number each split from
+    0, so a table of the training split cannot serve an evaluation split."""
     if train_cfg.draw_source == "authors" and data_cfg.uid_source != "row":
         raise ValueError("--draw_source authors seeds each example by its row number in the "
                          "source split, as the authors' precompute_bref.py does: add "
                          f"--uid_source row (got {data_cfg.uid_source!r})")
+    evaluates = data_cfg.eval_dataset is not None or data_cfg.eval_split is not None
+    if data_cfg.uid_source == "row" and train_cfg.ref_elbo_file and evaluates:
+        raise ValueError("--uid_source row numbers the evaluation split from 0 like the training "
+                         "split, so --ref_elbo_file (keyed by uid) would give evaluation examples "
+                         "the values of training ones: evaluate with a live reference (no "
+                         "--ref_elbo_file) or leave out --eval_dataset / --eval_split")
 
 
 def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> None:

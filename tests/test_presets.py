@@ -169,12 +169,18 @@ def test_official_preset_reproduces_the_authors_computation(tmp_path):
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_authors_draws_need_row_uids(tmp_path):
-    model_cfg, data_cfg, train_cfg = official(tmp_path)
+def test_row_uids_are_checked_where_they_key_draws_and_tables(tmp_path):
+    _, data_cfg, train_cfg = official(tmp_path)
     check_draw_keys(data_cfg, train_cfg)
+    content = replace(data_cfg, uid_source="content")
     with pytest.raises(ValueError, match="--draw_source authors .* add --uid_source row"):
-        check_draw_keys(replace(data_cfg, uid_source="content"), train_cfg)
-    check_draw_keys(replace(data_cfg, uid_source="content"), replace(train_cfg, draw_source="hash"))
+        check_draw_keys(content, train_cfg)
+    check_draw_keys(content, replace(train_cfg, draw_source="hash"))
+    # Row uids of an evaluation split repeat the training split's: one table cannot hold both.
+    evaluated = replace(data_cfg, eval_split="test")
+    check_draw_keys(evaluated, train_cfg)
+    with pytest.raises(ValueError, match="would give evaluation examples the values of training"):
+        check_draw_keys(evaluated, replace(train_cfg, ref_elbo_file="ref.pt"))
 
 
 def test_official_levels_are_drawn_independently(tmp_path):
