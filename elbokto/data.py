@@ -117,9 +117,22 @@ class DataConfig:
         "help": "Round each batch's padded length up to a multiple of this."})
     llada_padding: bool = field(default=False, metadata={
         "help": "LLaDA's convention: pad with EOS and pass no attention mask."})
+    uid_source: Literal["content", "row"] = field(default="content", metadata={
+        "help": "What an example's uid (the key of its Monte-Carlo draws and of a precomputed "
+                "reference) is: 'content', a digest of prompt, completion and label (identical "
+                "examples share their draws); 'row', its row number in the source split, from "
+                "0, before any drop, subsampling or shuffle: the index the ELBO-KTO authors' "
+                "precompute_bref.py seeds it by (--draw_source authors). Unpaired sources only."})
+    joined_tokenization: bool = field(default=False, metadata={
+        "help": "Tokenise the templated prompt and the completion as one text, the response "
+                "starting at the length of the prompt tokenised alone (the authors' "
+                "data_utils.py). Default: apart, so that the prompt tokens are exactly the "
+                "templated prompt's and a response token never straddles the boundary."})
 
     def __post_init__(self) -> None:
         _check_lengths(self.max_length, self.max_prompt_length)
+        if self.uid_source not in ("content", "row"):
+            raise ValueError(f"uid_source={self.uid_source!r}; expected 'content' or 'row'")
         _check_fractions(self.desirable_fraction, self.undesirable_fraction)
         _check_multiple(self.pad_to_multiple_of)
 
@@ -186,12 +199,12 @@ def build_dataset(config: DataConfig, tokenizer, source: Dataset | None = None, 
     if paired and (config.desirable_fraction, config.undesirable_fraction) != (1.0, 1.0):
         raise ValueError("desirable_fraction / undesirable_fraction subsample one class of "
                          "unpaired data; with pairs both responses are kept or neither")
-    rows = unpair(raw, seed=config.shuffle_seed)
+    rows = unpair(raw, seed=config.shuffle_seed, row_uids=config.uid_source == "row")
     kept = subsample_classes(rows, config.desirable_fraction, config.undesirable_fraction,
                              seed=config.shuffle_seed)
     data, stats = tokenize_dataset(kept, tokenizer, max_length=config.max_length,
                                    max_prompt_length=config.max_prompt_length,
-                                   end_of_turn_token_id=eot)
+                                   end_of_turn_token_id=eot, joined=config.joined_tokenization)
     stats.layout, stats.source_rows, stats.unpaired_rows = layout, len(raw), len(rows)
     if paired:
         data = pair_rows(data)
@@ -257,7 +270,7 @@ def detect_layout(columns: Sequence[str]) -> str:
                      f"{_LAYOUT_HELP}")
 
 
-def unpair(dataset: Dataset, seed: int = 0) -> Dataset:
+def unpair(dataset: Dataset, seed: int = 0, row_uids: bool = False) -> Dataset:
     """Canonical unpaired rows of ``features()["canonical"]``: prompt, completion, label, uid.
 
     A plain-string prompt becomes one user turn. A response (completion, chosen, rejected) that is
@@ -267,13 +280,23 @@ def unpair(dataset: Dataset, seed: int = 0) -> Dataset:
     a desirable and an undesirable row, shuffled with ``seed`` so that siblings are not adjacent;
     both carry the same ``pair_uid`` (a digest of their two uids). An unpaired row's ``pair_uid``
     is its ``uid``.
+
+    The uid is the digest :func:`example_uid` of the example's content, or with ``row_uids`` its
+    row number in ``dataset`` (unpaired layouts only), as the ELBO-KTO authors number the rows
+    that seed their draws (:mod:`elbokto.draws`, ``draw_source="authors"``).
     """
     layout = detect_layout(dataset.column_names)
     paired = layout == "paired"
-    rows = dataset.map(_unpair_batch, batched=True, with_indices=True, fn_kwargs={"paired": paired},
+    if paired and row_uids:
+        raise ValueError("uid_source='row' numbers the rows of an unpaired source, as the "
+                         "authors' precompute_bref.py does; a paired source has two examples a "
+                         "row: use uid_source='content'")
+    rows = dataset.map(_unpair_batch, batched=True, with_indices=True,
+                       fn_kwargs={"paired": paired, "row_uids": row_uids},
                        remove_columns=dataset.column_names, features=features()["canonical"],
                        desc=f"unpairing ({layout})")
-    _warn_duplicates(rows["uid"], per_source_row=2 if paired else 1)
+    if not row_uids:
+        _warn_duplicates(rows["uid"], per_source_row=2 if paired else 1)
     return rows.shuffle(seed=seed) if paired else rows
 
 
@@ -293,7 +316,8 @@ def _warn_duplicates(uids: Sequence[int], per_source_row: int) -> None:
                        ", ".join(repeats[:5]), " ..." if len(repeats) > 5 else "")
 
 
-def _unpair_batch(batch: dict[str, list], indices: list[int], paired: bool) -> dict[str, list]:
+def _unpair_batch(batch: dict[str, list], indices: list[int], paired: bool,
+                  row_uids: bool) -> dict[str, list]:
     out: dict[str, list] = {"prompt": [], "completion": [], "label": []}
     prompts = batch.get("prompt", [None] * len(indices))
     responses = [("chosen", True), ("rejected", False)] if paired else [("completion", None)]
@@ -303,8 +327,8 @@ def _unpair_batch(batch: dict[str, list], indices: list[int], paired: bool) -> d
             out["prompt"].append(prompt)
             out["completion"].append(completion)
             out["label"].append(_label(batch["label"][i], row) if label is None else label)
-    out["uid"] = [example_uid(*example) for example in
-                  zip(out["prompt"], out["completion"], out["label"])]
+    out["uid"] = list(indices) if row_uids else [
+        example_uid(*example) for example in zip(out["prompt"], out["completion"], out["label"])]
     out["pair_uid"] = out["uid"]
     if paired:  # both rows of a source pair (chosen at 2i, rejected at 2i + 1) share a key
         keys = [_content_uid(out["uid"][i:i + 2]) for i in range(0, len(out["uid"]), 2)]
@@ -415,13 +439,18 @@ def check_class_balance(n_desirable: int, n_undesirable: int, lambda_d: float = 
 def tokenize_dataset(dataset: Dataset, tokenizer, *, max_length: int | None = 1024,
                      max_prompt_length: int | None = None,
                      end_of_turn_token_id: int | None | Literal["eos"] = "eos",
-                     ) -> tuple[Dataset, DataStats]:
+                     joined: bool = False) -> tuple[Dataset, DataStats]:
     """Token rows from canonical rows (see :func:`unpair`).
 
     Prompt tokens: the chat template with ``add_generation_prompt=True``, tokenised without added
     special tokens (the template writes its own). Response tokens: the completion tokenised on its
     own, without special tokens, then ``end_of_turn_token_id`` ("eos": the tokenizer's; None:
     nothing). So ``input_ids[:prompt_length]`` is exactly the templated prompt.
+
+    ``joined`` (the ELBO-KTO authors' data_utils.py): the templated prompt and the completion are
+    tokenised as one text, and prompt_length is the token count of the templated prompt alone.
+    The tokens differ from the default only where the completion's first characters merge with
+    the template's last token; the response window then starts at that count all the same.
 
     Length policy: a prompt longer than ``max_prompt_length``, or one that leaves no room for one
     response token within ``max_length``, drops the example (a cut prompt would lose the context
@@ -446,7 +475,8 @@ def tokenize_dataset(dataset: Dataset, tokenizer, *, max_length: int | None = 10
         token = features()["token"]
         empty = _datasets().Dataset.from_dict({k: [] for k in token}, features=token)
         return empty, DataStats()
-    limits = {"max_length": max_length, "max_prompt_length": max_prompt_length, "eot": eot}
+    limits = {"max_length": max_length, "max_prompt_length": max_prompt_length, "eot": eot,
+              "joined": joined}
     tokens = dataset.map(_tokenize_batch, batched=True,
                          fn_kwargs={"tokenizer": tokenizer, **limits},
                          remove_columns=dataset.column_names,
@@ -506,9 +536,17 @@ def prompt_token_ids(tokenizer, prompts: list[list[dict[str, str]]]) -> list[lis
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer, max_length: int | None,
-                    max_prompt_length: int | None, eot: int | None) -> dict[str, list]:
+                    max_prompt_length: int | None, eot: int | None,
+                    joined: bool) -> dict[str, list]:
     prompts = prompt_token_ids(tokenizer, batch["prompt"])
-    responses = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
+    if joined:
+        texts = tokenizer.apply_chat_template(batch["prompt"], tokenize=False,
+                                              add_generation_prompt=True)
+        whole = tokenizer([t + c for t, c in zip(texts, batch["completion"])],
+                          add_special_tokens=False)["input_ids"]
+        prompts, responses = zip(*[(w[:len(p)], w[len(p):]) for w, p in zip(whole, prompts)])
+    else:
+        responses = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
     out: dict[str, list] = {k: [] for k in (*features()["token"], "status")}
     for prompt, response, label, uid, pair_uid in zip(prompts, responses, batch["label"],
                                                       batch["uid"], batch["pair_uid"]):

@@ -28,6 +28,13 @@ block index added to the hash counter so that blocks are independent. The exact 
 DESIGN.md §2 then holds block by block: B = sum_k sum_{S subset of R_k, S != {}}
 (|S|-1)! (n_k-|S|)! / n_k! * sum_{i in S} log p(y_i | block k with S masked, clean blocks < k),
 R_k the response positions of block k. :mod:`elbokto.block` runs the matching forward.
+
+The authors' recipe (``MCConfig.draw_source = "authors"``, the official preset): the same
+fixed-count law with independent levels, drawn by the random calls of the ELBO-KTO authors'
+``precompute_bref.py`` / ``train.py`` instead of the hash: a seed per example from its uid (their
+row index), the levels by an integer hash of it, each copy's positions by ``torch.rand`` of a
+``torch.Generator`` on the draws' device. Their masks exactly, on the device type they drew on
+(a CUDA generator gives other numbers than the CPU's); see ``_authors_draws``.
 """
 
 from dataclasses import dataclass, field
@@ -88,6 +95,18 @@ class MCConfig:
             "log(1/t_min))."
         },
     )
+    draw_source: Literal["hash", "authors"] = field(
+        default="hash",
+        metadata={
+            "help": "Where the random numbers come from. 'hash': elbokto's counter-based hash of "
+            "(seed, step, uid, copy, position), the same on every device. 'authors': the ELBO-KTO "
+            "authors' recipe (precompute_bref.py, train.py), each example's K levels and masks "
+            "seeded by its uid, which must then be its row number (--uid_source row); masks "
+            "from a torch.Generator on the draws' device, so CUDA and CPU draw different masks. "
+            "Needs fixed_count, n_yt 1, no antithetic levels, fixed_draws, no shared or block "
+            "draws. Seed 0 is the authors' run."
+        },
+    )
     block_size: int | None = field(
         default=None,
         metadata={
@@ -116,6 +135,21 @@ class MCConfig:
                                             or not isinstance(self.block_size, int)
                                             or self.block_size < 1):
             raise ValueError(f"block_size={self.block_size!r}; expected None or an integer >= 1")
+        if self.draw_source not in ("hash", "authors"):
+            raise ValueError(f"draw_source={self.draw_source!r}; expected 'hash' or 'authors'")
+        if self.draw_source == "authors":
+            self._check_authors()
+
+    def _check_authors(self) -> None:
+        """The authors' recipe has K = n_mc_samples draws, each an independent l ~ U{1..L} and
+        an l-subset, seeded by the example alone: refuse every setting it has no counterpart of."""
+        wanted = {"estimator": "fixed_count", "n_yt": 1, "antithetic": False, "fixed_draws": True,
+                  "share_across_batch": False, "block_size": None}
+        wrong = {k: getattr(self, k) for k, v in wanted.items() if getattr(self, k) != v}
+        if wrong:
+            raise ValueError(f"draw_source='authors' follows the authors' recipe, which has "
+                             f"{', '.join(f'{k}={v!r}' for k, v in wanted.items() if k in wrong)}"
+                             f"; got {', '.join(f'{k}={v!r}' for k, v in wrong.items())}")
 
     @property
     def num_copies(self) -> int:
@@ -203,6 +237,21 @@ def _host_key(*values: int) -> int:
     return int(h)
 
 
+def _sample_index(batch: int, num_copies: int, device: torch.device) -> Tensor:
+    """int64 [B*K]: the example c // K that copy c belongs to."""
+    return torch.arange(batch, device=device).repeat_interleave(num_copies)
+
+
+def _fixed_count_weight(count: Tensor, n: Tensor, num_copies: int) -> tuple[Tensor, Tensor]:
+    """float64 weight n / (l K) and t = l / n of copies that mask l = ``count`` of their n
+    response tokens (int64, broadcast); both 0 where n = 0."""
+    has_response = n > 0
+    denominator = count.clamp(min=1).to(torch.float64) * num_copies
+    weight = torch.where(has_response, n / denominator, 0.0)
+    t = torch.where(has_response, count.to(torch.float64) / n.clamp(min=1), 0.0)
+    return weight, t
+
+
 def _unit(h: Tensor) -> Tensor:
     """float64 uniform in [0, 1) from the top 53 bits of h (exact: k * 2^-53)."""
     return _shr(h, 11).to(torch.float64) * 2.0**-53
@@ -259,8 +308,14 @@ def sample_draws(
     L replaced by n_k: its own noise levels (the block index joins the hash counter, so blocks are
     independent), its own masks, weight n_k / (l_k K) or 1 / (t_k K). Blocks without response
     positions get no mask. ``weight`` and ``t`` are then per position, [C, seq_len].
+
+    ``draw_source="authors"`` replaces all of the above by the authors' random calls
+    (``_authors_draws``): the step is not used, seed 0 is their global seed, and the masks come
+    from a ``torch.Generator`` on the inputs' device (one host sync).
     """
     _check_inputs(prompt_lengths, response_lengths, seq_len, uids, validate)
+    if config.draw_source == "authors":
+        return _authors_draws(config.n_t, prompt_lengths, response_lengths, seq_len, uids, seed)
     device = prompt_lengths.device
     n_t, n_yt, num_copies = config.n_t, config.n_yt, config.num_copies
     batch = prompt_lengths.shape[0]
@@ -308,9 +363,7 @@ def sample_draws(
         order = torch.argsort(keys, dim=-1, stable=True)
         take = torch.arange(width, device=device) < count[..., None]
         mask = torch.zeros_like(take).scatter_(-1, order, take)
-        denominator = count.clamp(min=1).to(torch.float64) * num_copies
-        weight = torch.where(has_response, n / denominator, 0.0)
-        t = torch.where(has_response, count.to(torch.float64) / n.clamp(min=1), 0.0)
+        weight, t = _fixed_count_weight(count, n, num_copies)
     else:
         t = (stratum + 1.0 - u) / strata  # [B, G, K] in (0, 1]
         mask = in_window & (_unit(h_position) < t[..., None])
@@ -336,10 +389,73 @@ def sample_draws(
     return Draws(
         mask=per_copy(mask),
         weight=weight.to(torch.float32),
-        sample_index=torch.arange(batch, device=device).repeat_interleave(num_copies),
+        sample_index=_sample_index(batch, num_copies, device),
         t=t.to(torch.float32),
         block_size=config.block_size,
     )
+
+
+# --- the authors' recipe -----------------------------------------------------------------------
+# precompute_bref.py and train.py of github.com/vaibhavjindal/elbo-kto, in wrapping int64 (the same
+# low 64 bits as their Python-int arithmetic masked to 64 bits).
+AUTHORS_GLOBAL_SEED = 0x1A2B3C4D5E6F7788
+_AUTHORS_TAG = _int64(0xD1342543DE82EF95)
+_UINT64 = (1 << 64) - 1
+
+
+def _authors_mix64(x: Tensor) -> Tensor:
+    """Their ``mix64``: splitmix64's golden-ratio step, then its finaliser (``_mix``)."""
+    return _mix(x + _GOLDEN)
+
+
+def _authors_global_seed(seed: int) -> int:
+    """Their GLOBAL_SEED for seed 0; another seed gives another, unrelated global seed (redraws)."""
+    if seed == 0:
+        return AUTHORS_GLOBAL_SEED
+    return int(_authors_mix64(torch.tensor(_int64(AUTHORS_GLOBAL_SEED ^ seed))))
+
+
+def _unsigned_mod(x: Tensor, n: Tensor) -> Tensor:
+    """(x read as uint64) mod n, for int64 x and 1 <= n < 2^62: x = 2 (x >> 1) + (x & 1)."""
+    return (2 * (_shr(x, 1) % n) + (x & 1)) % n
+
+
+def _authors_draws(num_copies: int, prompt_lengths: Tensor, response_lengths: Tensor,
+                   seq_len: int, uids: Tensor, seed: int) -> Draws:
+    """The K = ``num_copies`` copies of every example as the authors draw them.
+
+    For the example of uid i (their row index ``idx``) with L response tokens starting at p, and
+    k = 1..K: base = mix64(GLOBAL_SEED ^ i); l_k = 1 + mix64(derive_seed(base, k, 0)) mod L (an
+    integer hash, no RNG); a ``torch.Generator`` on the draws' device seeded with
+    derive_seed(base, k, 1) draws ``torch.rand((L,))``, and the positions p + argsort(r)[:l_k]
+    are masked; derive_seed(base, k, tag) = mix64(base ^ k * golden ^ tag * 0xD1342543DE82EF95).
+    The same calls in the same order as theirs, so the masks are bit-identical to their run on
+    the same device type (CPU: mt19937; CUDA: Philox, whose numbers differ from the CPU's).
+    Weight L / (l_k K), t = l_k / L, as in :func:`sample_draws`; an empty response gets no mask.
+
+    One host sync: the lengths set the shapes of the random calls, and the seeds are Python ints.
+    """
+    device = prompt_lengths.device
+    batch = prompt_lengths.shape[0]
+    starts, lengths, uids = torch.stack([prompt_lengths, response_lengths, uids]).cpu()
+    n = lengths[:, None]  # [B, 1]
+    base = _authors_mix64(_int64(_authors_global_seed(seed)) ^ uids)[:, None]  # [B, 1]
+    draw = base ^ (torch.arange(1, num_copies + 1) * _GOLDEN)  # [B, K], draws k = 1..K
+    level_seed = _authors_mix64(draw)  # derive_seed(base, k, 0); l_from_seed mixes it again
+    count = torch.where(n > 0, 1 + _unsigned_mod(_authors_mix64(level_seed), n.clamp(min=1)), 0)
+    selects = _authors_mix64(draw ^ _AUTHORS_TAG).tolist()
+    mask = torch.zeros(batch * num_copies, seq_len, dtype=torch.bool, device=device)
+    for b, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        for j in range(num_copies if length > 0 else 0):
+            generator = torch.Generator(device=device)
+            generator.manual_seed(selects[b][j] & _UINT64)
+            r = torch.rand((length,), generator=generator, device=device)
+            mask[b * num_copies + j, start + torch.argsort(r)[:int(count[b, j])]] = True
+    weight, t = _fixed_count_weight(count.reshape(-1), n.expand(batch, num_copies).reshape(-1),
+                                    num_copies)
+    return Draws(mask=mask, weight=weight.to(device, torch.float32),
+                 sample_index=_sample_index(batch, num_copies, device),
+                 t=t.to(device, torch.float32))
 
 
 def _check_inputs(

@@ -20,14 +20,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "official": {
         # ModelConfig: the authors load the weights in bfloat16.
         "torch_dtype": "bfloat16",
-        # DataConfig (data_utils.py): the response follows the template with no end-of-turn
-        # token, every row is padded with EOS to MAX_LENGTH = 4096, no attention mask.
+        # DataConfig (data_utils.py): the templated prompt and the completion tokenised as one
+        # text; the response follows the template with no end-of-turn token, every row is padded
+        # with EOS to MAX_LENGTH = 4096, no attention mask. The uid is the row number, the index
+        # precompute_bref.py seeds the draws by.
+        "joined_tokenization": True,
+        "uid_source": "row",
         "append_eos": False,
         "llada_padding": True,
         "max_length": 4096,
         "pad_to_multiple_of": 4096,
-        # MCConfig (precompute_bref.py): each level l_j drawn on its own, the masks seeded by the
-        # example alone, hence the same in every epoch.
+        # MCConfig (precompute_bref.py, train.py): their random calls (each level l_j drawn on its
+        # own, the masks from a torch.Generator seeded by the row), the same in every epoch.
+        "draw_source": "authors",
         "antithetic": False,
         "fixed_draws": True,
         # The LM head's gradient in full (the authors take cross-entropy of the full logits);
@@ -51,10 +56,10 @@ class PresetArgs:
 
     preset: str | None = field(default=None, metadata={
         "help": f"Start from a named set of flag values: {sorted(PRESETS)}. 'official': the "
-                "authors' run (independent levels, draws fixed across epochs, no end-of-turn "
-                "token, LLaDA padding to 4096 without an attention mask, exact LM-head gradient, "
-                "their optimiser and schedule; docs/training.md, 'The official preset'). Flags "
-                "given explicitly win."})
+                "authors' run (their draws seeded by the row number, fixed across epochs; the "
+                "prompt and completion tokenised as one text, no end-of-turn token, LLaDA padding "
+                "to 4096 without an attention mask, exact LM-head gradient, their optimiser and "
+                "schedule; docs/training.md, 'The official preset'). Flags given explicitly win."})
 
     def __post_init__(self) -> None:
         if self.preset is not None:

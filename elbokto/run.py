@@ -50,7 +50,24 @@ def _fingerprint(tokenizer, data_cfg: DataConfig) -> str:
     return data_fingerprint(tokenizer, max_length=data_cfg.max_length,
                             max_prompt_length=data_cfg.max_prompt_length,
                             append_eos=data_cfg.append_eos,
-                            end_of_turn=data_cfg.end_of_turn(tokenizer))
+                            end_of_turn=data_cfg.end_of_turn(tokenizer),
+                            joined_tokenization=data_cfg.joined_tokenization)
+
+
+def check_draw_keys(data_cfg: DataConfig, train_cfg: ELBOKTOConfig) -> None:
+    """The uids key the draws and a precomputed reference: the authors' draws need row uids
+    (with content uids they would be other masks, silently), and row uids number each split from
+    0, so a table of the training split cannot serve an evaluation split."""
+    if train_cfg.draw_source == "authors" and data_cfg.uid_source != "row":
+        raise ValueError("--draw_source authors seeds each example by its row number in the "
+                         "source split, as the authors' precompute_bref.py does: add "
+                         f"--uid_source row (got {data_cfg.uid_source!r})")
+    evaluates = data_cfg.eval_dataset is not None or data_cfg.eval_split is not None
+    if data_cfg.uid_source == "row" and train_cfg.ref_elbo_file and evaluates:
+        raise ValueError("--uid_source row numbers the evaluation split from 0 like the training "
+                         "split, so --ref_elbo_file (keyed by uid) would give evaluation examples "
+                         "the values of training ones: evaluate with a live reference (no "
+                         "--ref_elbo_file) or leave out --eval_dataset / --eval_split")
 
 
 def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> ELBOKTOConfig:
@@ -82,6 +99,7 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig
     """
     check_kl_reference(train_cfg.baseline, precomputed=bool(train_cfg.ref_elbo_file),
                        can_score=model_cfg.lora_r > 0)
+    check_draw_keys(data_cfg, train_cfg)
     if train_cfg.should_save:
         durable.recover(train_cfg.output_dir)
     resume_from_checkpoint = resume_checkpoint(train_cfg.output_dir, resume_from_checkpoint)
@@ -181,6 +199,7 @@ def precompute_ref(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBO
 
     ``train_world_size``: data-parallel processes of the training run (with max_steps, the
     number of epochs it touches depends on it)."""
+    check_draw_keys(data_cfg, train_cfg)
     tokenizer = tokenizer_for(model_cfg, data_cfg)
     dataset, _ = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     name = model_cfg.ref_model_name_or_path or model_cfg.model_name_or_path
@@ -315,6 +334,7 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
     The policy is the model as loaded and the reference a frozen copy, so the margins are 0
     unless ``--ref_model_name_or_path`` names another model (e.g. the SFT base of a trained one).
     """
+    check_draw_keys(data_cfg, train_cfg)
     tokenizer = tokenizer_for(model_cfg, data_cfg)
     dataset, _ = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     policy = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)

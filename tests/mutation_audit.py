@@ -82,8 +82,8 @@ MUTANTS: list[Mutant] = [
       "level = copy // n_yt  # [K]", "level = copy % n_t  # [K]",
       ("tests/test_draws.py",), "draws: the n_yt masks of a level do not share the level"),
     M("draws_sample_index_tiled", "elbokto/draws.py",
-      "sample_index=torch.arange(batch, device=device).repeat_interleave(num_copies)",
-      "sample_index=torch.arange(batch, device=device).repeat(num_copies)",
+      "return torch.arange(batch, device=device).repeat_interleave(num_copies)",
+      "return torch.arange(batch, device=device).repeat(num_copies)",
       ("tests/test_draws.py",), "draws: sample_index tiled (copy c -> c % B) instead of c // K"),
     # --- estimate ---------------------------------------------------------------------------
     M("estimate_noisy_not_masked", "elbokto/estimate.py",

@@ -374,3 +374,52 @@ def test_tiny_tokenizer(tokenizer):
     assert build_tiny_tokenizer(TEXTS).get_vocab() == tokenizer.get_vocab()
     with pytest.raises(ValueError, match="vocab_size=100"):
         build_tiny_tokenizer(TEXTS, vocab_size=100)
+
+
+def test_row_uids_number_the_source_rows(tmp_path, tokenizer):
+    """uid_source="row": the row number in the source, counted before the drops, the class
+    subsampling and any shuffle (the authors' precompute_bref.py numbers its rows so)."""
+    rows = UNPAIRED + [{"prompt": "Hi", "completion": "", "label": True}] + UNPAIRED
+    path = write(rows, tmp_path / "kto.jsonl", "jsonl")
+    config = DataConfig(dataset=str(path), uid_source="row", append_eos=False,
+                        undesirable_fraction=0.5)
+    data, stats = build_dataset(config, tokenizer)
+    assert stats.dropped_empty_response == 1 and stats.n_undesirable == 1
+    kept = [i for i, r in enumerate(rows) if r["completion"] and r["label"]]
+    undesirable = sorted(set(data["uid"]) - set(kept))
+    assert undesirable in ([1], [5]) and sorted(data["uid"]) == sorted(kept + undesirable)
+    for row in data:  # each uid names the source row the example came from
+        source = rows[row["uid"]]
+        want = tokenizer(source["completion"], add_special_tokens=False)["input_ids"]
+        assert row["input_ids"][row["prompt_length"]:] == want
+    content, _ = build_dataset(DataConfig(dataset=str(path), append_eos=False), tokenizer)
+    assert content["uid"][:3] == [example_uid([USER(r["prompt"])], r["completion"], r["label"])
+                                  for r in rows[:3]]
+    pairs = write(PAIRED, tmp_path / "pairs.jsonl", "jsonl")
+    with pytest.raises(ValueError, match="uid_source='row' numbers the rows of an unpaired"):
+        build_dataset(DataConfig(dataset=str(pairs), uid_source="row"), tokenizer)
+    with pytest.raises(ValueError, match="uid_source='index'; expected 'content' or 'row'"):
+        DataConfig(dataset="x", uid_source="index")
+
+
+def test_joined_tokenization(tokenizer):
+    """joined: prompt and completion tokenised as one text (the authors' data_utils.py), the
+    response starting at the token count of the prompt alone; it differs from tokenising them
+    apart only where the completion merges with the end of the template."""
+    rows = unpair(Dataset.from_list(UNPAIRED))
+    apart, _ = tokenize_dataset(rows, tokenizer, end_of_turn_token_id=None)
+    joined, _ = tokenize_dataset(rows, tokenizer, end_of_turn_token_id=None, joined=True)
+    assert joined.to_list() == apart.to_list()  # the template ends with a special token
+    open_tokenizer = build_tiny_tokenizer(TEXTS)
+    open_tokenizer.chat_template = CHAT_TEMPLATE.replace("<|assistant|>{%", "<|assistant|>A: {%")
+    apart, _ = tokenize_dataset(rows, open_tokenizer, end_of_turn_token_id=None)
+    joined, _ = tokenize_dataset(rows, open_tokenizer, end_of_turn_token_id="eos", joined=True)
+    texts = open_tokenizer.apply_chat_template(list(rows["prompt"]), tokenize=False,
+                                               add_generation_prompt=True)
+    for text, row, tok, alone in zip(texts, rows, joined, apart):
+        whole = open_tokenizer(text + row["completion"], add_special_tokens=False)["input_ids"]
+        assert tok["input_ids"] == whole + [open_tokenizer.eos_token_id]
+        assert tok["prompt_length"] == alone["prompt_length"]
+        assert tok["response_length"] == len(whole) + 1 - alone["prompt_length"]
+    assert joined["input_ids"] != [ids + [open_tokenizer.eos_token_id]
+                                   for ids in apart["input_ids"]]

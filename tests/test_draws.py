@@ -4,6 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from authors_code import authors_masks
 from elbokto.draws import Draws, MCConfig, _int64, _mix, sample_draws
 
 # --- a toy "model" and the exact ELBO by enumeration ---------------------------------------------
@@ -438,6 +439,46 @@ def test_uniforms_look_uniform():
     assert chi2 < 45  # 19 degrees of freedom: P(chi2 > 45) ~ 7e-4
 
 
+# --- the authors' recipe (draw_source="authors") ------------------------------------------------
+
+AUTHORS = {"draw_source": "authors", "antithetic": False, "fixed_draws": True}
+
+
+def _rows_of_the_authors():
+    """A ragged batch (an empty response, one of 200 tokens) whose uids are row numbers, and a
+    negative one (the KL baseline's mixed uids are any int64)."""
+    prompt_lengths = torch.tensor([0, 3, 5, 2, 1, 4])
+    response_lengths = torch.tensor([7, 4, 0, 1, 9, 200])
+    return prompt_lengths, response_lengths, torch.tensor([0, 1, 2, 13999, 2**40, -7]), 204
+
+
+def test_authors_draws_are_their_random_calls():
+    prompt_lengths, response_lengths, uids, seq_len = _rows_of_the_authors()
+    config = MCConfig(**AUTHORS)
+    k = config.num_copies
+    draws = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=0)
+    want = authors_masks(uids.tolist(), prompt_lengths, response_lengths, seq_len, k)
+    assert torch.equal(draws.mask.view(-1, k, seq_len).transpose(0, 1), want)
+    length = response_lengths.repeat_interleave(k).double()
+    count = draws.mask.sum(-1).double()
+    assert torch.equal(draws.weight, torch.where(length > 0, length / (count.clamp(min=1) * k),
+                                                 0.0).float())
+    assert torch.equal(draws.t, torch.where(length > 0, count / length.clamp(min=1), 0.0).float())
+    # Any batch composition: a shuffled batch, prompts shifted, a companion, a step.
+    perm = torch.tensor([5, 3, 0, 4, 1, 2])
+    other = sample_draws(config, torch.cat([prompt_lengths[perm] + 1, torch.tensor([0])]),
+                         torch.cat([response_lengths[perm], torch.tensor([5])]), seq_len + 1,
+                         uids=torch.cat([uids[perm], torch.tensor([99])]), seed=0, step=4)
+    for new, old in enumerate(perm.tolist()):
+        mine = draws.mask[old * k:(old + 1) * k]
+        theirs = other.mask[new * k:(new + 1) * k, 1:]
+        assert torch.equal(mine, theirs)
+    # Seed 0 is theirs; another seed draws other levels and masks (independent redraws).
+    redraw = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=1)
+    longer = (response_lengths >= 7).repeat_interleave(k)
+    assert (redraw.mask != draws.mask).any(-1)[longer].float().mean() > 0.9
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 
@@ -452,6 +493,13 @@ def test_uniforms_look_uniform():
         ({"eps": -0.1}, "eps=-0.1"),
         ({"block_size": 0}, "block_size=0"),
         ({"block_size": 2.0}, "block_size=2.0"),
+        ({"draw_source": "lcg"}, "draw_source='lcg'"),
+        ({"draw_source": "authors"}, "has antithetic=False, fixed_draws=True; got "
+                                     "antithetic=True, fixed_draws=False"),
+        (dict(AUTHORS, n_yt=2), "has n_yt=1; got n_yt=2"),
+        (dict(AUTHORS, estimator="bernoulli"), "got estimator='bernoulli'"),
+        (dict(AUTHORS, share_across_batch=True), "got share_across_batch=True"),
+        (dict(AUTHORS, block_size=32), "got block_size=32"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -492,3 +540,20 @@ def test_cuda_draws_match_cpu(estimator, share):
     )
     for name in ("mask", "weight", "sample_index", "t"):
         assert torch.equal(getattr(cuda, name).cpu(), getattr(cpu, name)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_authors_cuda_draws_are_their_cuda_random_calls():
+    """The authors draw on the model's device: a CUDA generator (Philox) gives other masks than
+    the CPU's (mt19937), so each device type matches their run on that device type."""
+    prompt_lengths, response_lengths, uids, seq_len = _rows_of_the_authors()
+    config = MCConfig(**AUTHORS)
+    cuda = sample_draws(config, prompt_lengths.cuda(), response_lengths.cuda(), seq_len,
+                        uids=uids.cuda(), seed=0)
+    want = authors_masks(uids.tolist(), prompt_lengths, response_lengths, seq_len,
+                         config.num_copies, device="cuda")
+    assert torch.equal(cuda.mask.view(-1, config.num_copies, seq_len).transpose(0, 1), want)
+    cpu = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=0)
+    assert torch.equal(cuda.mask.sum(-1).cpu(), cpu.mask.sum(-1))  # the levels: integer hashes
+    assert not torch.equal(cuda.mask.cpu(), cpu.mask)

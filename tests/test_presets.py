@@ -1,19 +1,22 @@
-"""The official preset: the authors' settings, and a tiny run whose masks, ELBOs, loss and
-gradients are those of a stand-in of the authors' computation (vaibhavjindal/elbo-kto:
-data_utils.py, precompute_bref.py, train.py), written out here."""
+"""The official preset: the authors' settings, and a tiny run whose token rows, masks, ELBOs,
+loss and gradients are those of a stand-in of the authors' computation (vaibhavjindal/elbo-kto:
+data_utils.py, precompute_bref.py, train.py), written out in tests/authors_code.py."""
 
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from authors_code import authors_elbo, authors_loss, authors_masks, authors_rows
 from elbokto.cli import _parse
 from elbokto.data import DataConfig, PreferenceCollator, build_dataset
 from elbokto.models import ModelConfig, load_model
+from elbokto.precompute import precompute_reference, reference_meta
 from elbokto.presets import PresetArgs, apply_preset, preset_values
-from elbokto.run import _settle_model_fields, tokenizer_for
+from elbokto.run import _settle_model_fields, check_draw_keys, tokenizer_for
+from elbokto.tiny import CHAT_TEMPLATE
 from elbokto.trainer import ELBOKTOConfig
 
 # The preset pads every row to 4096 tokens; the stand-in comparison shortens that for the CPU.
@@ -28,7 +31,9 @@ def official(tmp_path, dataset="data.jsonl", **train_kw):
 
 def settings(model_cfg, data_cfg, train_cfg) -> dict:
     """Everything the authors' run fixes, as the configs hold it."""
-    return {"torch_dtype": model_cfg.torch_dtype, "append_eos": data_cfg.append_eos,
+    return {"torch_dtype": model_cfg.torch_dtype, "uid_source": data_cfg.uid_source,
+            "joined_tokenization": data_cfg.joined_tokenization,
+            "draw_source": train_cfg.draw_source, "append_eos": data_cfg.append_eos,
             "llada_padding": data_cfg.llada_padding, "max_length": data_cfg.max_length,
             "pad_to_multiple_of": data_cfg.pad_to_multiple_of, "estimator": train_cfg.estimator,
             "n_t": train_cfg.n_t, "n_yt": train_cfg.n_yt, "antithetic": train_cfg.antithetic,
@@ -44,7 +49,8 @@ def settings(model_cfg, data_cfg, train_cfg) -> dict:
             "num_train_epochs": train_cfg.num_train_epochs, "seed": train_cfg.seed}
 
 
-AUTHORS = {"torch_dtype": "bfloat16", "append_eos": False, "llada_padding": True,
+AUTHORS = {"torch_dtype": "bfloat16", "uid_source": "row", "joined_tokenization": True,
+           "draw_source": "authors", "append_eos": False, "llada_padding": True,
            "max_length": 4096, "pad_to_multiple_of": 4096, "estimator": "fixed_count", "n_t": 8,
            "n_yt": 1, "antithetic": False, "fixed_draws": True, "baseline": "batch_mean",
            "beta": 0.1, "lambda_d": 1.0, "lambda_u": 1.0, "head_filter": 0.0, "bf16": True,
@@ -72,70 +78,27 @@ def test_official_preset_is_the_authors_setup(tmp_path):
         preset_values("paper")
 
 
-# --- a stand-in of the authors' computation ------------------------------------------------------
-
-def authors_rows(tokenizer, rows: list[dict], max_length: int):
-    """data_utils.py's build_example: the templated prompt and the completion tokenised as one
-    text, cut to max_length, padded with EOS to max_length; no end-of-turn token, no attention
-    mask. Returns input_ids [N, max_length], prompt and completion lengths [N], labels [N]."""
-    ids, prompt_len, comp_len = [], [], []
-    for row in rows:
-        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True,
-                                               tokenize=False)
-        tokens = tokenizer(prompt + row["completion"][0]["content"],
-                           add_special_tokens=False).input_ids
-        p = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-        comp_len.append(max(min(max_length, len(tokens)) - p, 0))
-        prompt_len.append(p)
-        ids.append(tokens[:max_length] + [tokenizer.eos_token_id] * (max_length - len(tokens)))
-    labels = torch.tensor([int(row["label"]) for row in rows])
-    return torch.tensor(ids), torch.tensor(prompt_len), torch.tensor(comp_len), labels
-
-
-def authors_elbo(model, ids, masks, comp_len, mask_id):
-    """train.py's B_theta (precompute_bref.py's B_ref): one forward per draw k, the mean
-    log-probability of the masked tokens (cross-entropy of the full float logits) times the
-    completion length, averaged over the draws. masks: bool [K, B, T]."""
-    terms = []
-    for mask in masks:
-        noisy = ids.clone()
-        noisy[mask] = mask_id
-        logits = model(input_ids=noisy).logits
-        values = []
-        for b in range(ids.shape[0]):
-            idx = mask[b].nonzero()[:, 0]
-            values.append(-F.cross_entropy(logits[b, idx].float(), ids[b, idx],
-                                           reduction="none").mean())
-        terms.append(comp_len.float() * torch.stack(values))
-    return torch.stack(terms).mean(0)
-
-
-def authors_loss(b_theta, b_ref, labels, beta=0.1, lambda_d=1.0, lambda_u=1.0):
-    """train.py's KTO loss with z0_mode="global_mean" (one rank)."""
-    r = b_theta - b_ref
-    s = beta * (r - r.detach().mean())
-    good = labels == 1
-    v = torch.empty_like(s)
-    v[good] = lambda_d * torch.sigmoid(s[good])
-    v[~good] = lambda_u * torch.sigmoid(-s[~good])
-    return (lambda_d * good.float() + lambda_u * (~good).float() - v).mean()
-
-
-def write_rows(path, n=8, seed=0):
+def write_rows(path, n=9, seed=0, empty=3):
     """TRL's unpaired layout with completions of 40 to 80 random letters and spaces: several
-    tokens each, so that masks of different sizes and positions exist."""
+    tokens each, so that masks of different sizes and positions exist; row ``empty`` has an
+    empty completion (dropped by both pipelines, yet counted in the authors' row numbers)."""
     gen = torch.Generator().manual_seed(seed)
     letters = "abcdefghijklmnopqrstuvwxyz "
     rows = []
     for i in range(n):
         size = int(torch.randint(40, 81, (), generator=gen))
         picks = torch.randint(0, len(letters), (size,), generator=gen)
-        text = "".join(letters[j] for j in picks).strip()
+        text = "".join(letters[j] for j in picks).strip() if i != empty else ""
         rows.append({"prompt": [{"role": "user", "content": f"write {i}"}],
                      "completion": [{"role": "assistant", "content": text}],
                      "label": i % 2 == 0})
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+# A generation prompt that ends in a space, as LLaMA-3-style templates end in "\n\n": tokenised
+# with the completion, the space merges into the completion's first word.
+OPEN_TEMPLATE = CHAT_TEMPLATE.replace("<|assistant|>{%", "<|assistant|>Answer: {%")
 
 
 def test_official_preset_reproduces_the_authors_computation(tmp_path):
@@ -145,17 +108,27 @@ def test_official_preset_reproduces_the_authors_computation(tmp_path):
     model_cfg.torch_dtype = "float32"
     data_cfg.max_length = data_cfg.pad_to_multiple_of = SHORT
     tokenizer = tokenizer_for(model_cfg, data_cfg)
+    tokenizer.chat_template = OPEN_TEMPLATE
     dataset, _ = build_dataset(data_cfg, tokenizer)
-    batch = PreferenceCollator.from_config(data_cfg, tokenizer)([row for row in dataset])
+    collate = PreferenceCollator.from_config(data_cfg, tokenizer)
+    order = [5, 0, 7, 2, 3, 6, 1, 4]  # a training batch in another order than the file's
+    batch = collate([dataset[i] for i in order])
     raw = [json.loads(line) for line in data.read_text().splitlines()]
     ids, prompt_len, comp_len, labels = authors_rows(tokenizer, raw, SHORT)
-    # The token rows: EOS padding to the full length, no attention mask, no end-of-turn token.
+    # train.py keeps the rows with a masked token; an example keeps its row number in the file.
+    rows = (comp_len > 0).nonzero()[:, 0][order]
+    ids, prompt_len, comp_len, labels = ids[rows], prompt_len[rows], comp_len[rows], labels[rows]
+    # The token rows: the uid is the row number; EOS padding to the full length, no attention
+    # mask, no end-of-turn token, prompt and completion tokenised as one text.
+    assert torch.equal(batch["uid"], rows)
     assert "attention_mask" not in batch
     torch.testing.assert_close(batch["input_ids"], ids, rtol=0, atol=0)
     assert torch.equal(batch["prompt_lengths"], prompt_len)
     assert torch.equal(batch["response_lengths"], comp_len)
     assert torch.equal(batch["desirable"], labels == 1)
     assert int(comp_len.min()) >= 4
+    apart, _ = build_dataset(replace(data_cfg, joined_tokenization=False), tokenizer)
+    assert apart["input_ids"] != dataset["input_ids"]  # the template's space merges
 
     reference = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer).eval()
     _settle_model_fields(train_cfg, reference, tokenizer)
@@ -167,16 +140,11 @@ def test_official_preset_reproduces_the_authors_computation(tmp_path):
     objective = train_cfg.objective(pad_token_id=tokenizer.eos_token_id)
     mask_id, k = train_cfg.mask_token_id, train_cfg.n_t * train_cfg.n_yt
 
-    # The masks: the authors' recipe (exactly l_j in {1..L} response tokens, seeded by the
-    # example alone, so the same in every epoch).
+    # The masks: the authors' own random calls, seeded by the row numbers; the same every epoch.
+    masks = authors_masks(rows, prompt_len, comp_len, SHORT, k)  # [K, B, T]
     draws = objective.draws(batch, step=0)
+    assert torch.equal(draws.mask.view(len(rows), k, SHORT).transpose(0, 1), masks)
     assert torch.equal(objective.draws(batch, step=3).mask, draws.mask)
-    masks = draws.mask.view(len(raw), k, SHORT).transpose(0, 1)  # [K, B, T]
-    counts = masks.sum(-1)
-    assert bool(((counts >= 1) & (counts <= comp_len)).all())
-    columns = torch.arange(SHORT)
-    window = (columns >= prompt_len[:, None]) & (columns < (prompt_len + comp_len)[:, None])
-    assert not bool((masks & ~window).any())
 
     out = objective(policy, batch, reference=reference, step=2)
     want_policy = authors_elbo(policy, ids, masks, comp_len, mask_id)
@@ -185,6 +153,13 @@ def test_official_preset_reproduces_the_authors_computation(tmp_path):
     torch.testing.assert_close(out.ref_elbo, want_ref, rtol=1e-5, atol=1e-5)
     want_loss = authors_loss(want_policy, want_ref, labels)
     torch.testing.assert_close(out.loss, want_loss.detach(), rtol=1e-5, atol=1e-7)
+    # precompute-ref: batches of three in the file's order give every example the same masks,
+    # hence the values the training batch computes online.
+    loader = [collate([dataset[i] for i in range(j, min(j + 3, len(dataset)))])
+              for j in range(0, len(dataset), 3)]
+    table = precompute_reference(reference, loader, objective,
+                                 reference_meta(objective, "fingerprint", epochs=1))
+    torch.testing.assert_close(table.lookup(batch["uid"], 0), want_ref, rtol=1e-5, atol=1e-5)
     # The gradient, the LM head's included: exact under the preset although it trains in bf16.
     out.loss.backward()
     ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
@@ -192,6 +167,20 @@ def test_official_preset_reproduces_the_authors_computation(tmp_path):
     want_loss.backward()
     for name, p in policy.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_row_uids_are_checked_where_they_key_draws_and_tables(tmp_path):
+    _, data_cfg, train_cfg = official(tmp_path)
+    check_draw_keys(data_cfg, train_cfg)
+    content = replace(data_cfg, uid_source="content")
+    with pytest.raises(ValueError, match="--draw_source authors .* add --uid_source row"):
+        check_draw_keys(content, train_cfg)
+    check_draw_keys(content, replace(train_cfg, draw_source="hash"))
+    # Row uids of an evaluation split repeat the training split's: one table cannot hold both.
+    evaluated = replace(data_cfg, eval_split="test")
+    check_draw_keys(evaluated, train_cfg)
+    with pytest.raises(ValueError, match="would give evaluation examples the values of training"):
+        check_draw_keys(evaluated, replace(train_cfg, ref_elbo_file="ref.pt"))
 
 
 def test_official_levels_are_drawn_independently(tmp_path):
