@@ -131,7 +131,7 @@ def test_official_preset_reproduces_the_authors_computation(tmp_path):
     assert apart["input_ids"] != dataset["input_ids"]  # the template's space merges
 
     reference = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer).eval()
-    _settle_model_fields(train_cfg, reference, tokenizer)
+    train_cfg = _settle_model_fields(train_cfg, reference, tokenizer)
     policy = copy.deepcopy(reference)
     with torch.no_grad():  # a policy away from the reference, so that the margins differ
         for p in policy.parameters():
