@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-import elbokto.eval  # noqa: F401  (registers the model "elbokto")
+import elbokto.eval.harness  # noqa: F401  (registers the model "elbokto")
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 

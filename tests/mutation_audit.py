@@ -326,7 +326,7 @@ MUTANTS: list[Mutant] = [
       "        atomic_write(path, lambda f: torch.save(table, f))",
       "        torch.save(table, path)",
       ("tests/test_precompute.py",), "precompute: the reference file truncated, then written"),
-    M("demo_cache_unreadable_raises", "elbokto/demo.py",
+    M("demo_cache_unreadable_raises", "elbokto/demo/training.py",
       "    except Exception as err:  # empty, truncated",
       "    except KeyError as err:  # empty, truncated",
       ("tests/test_demo.py", "-k", "cache_cut"), "demo: an unreadable SFT cache raises"),

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from elbokto.demo import QUICK, DemoConfig, Encoder, answer
-from elbokto.eval.demo import demo_rule, demo_winrate
+from elbokto.demo.winrate import demo_rule, demo_winrate
 
 
 class Oracle(nn.Module):

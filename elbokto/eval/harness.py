@@ -1,8 +1,8 @@
 """lm-evaluation-harness model ``elbokto``: masked diffusion LMs scored by their ELBO.
 
-Registered with lm-eval (>= 0.4.13) when :mod:`elbokto.eval` is imported, so
+Registered with lm-eval (>= 0.4.13) when this module is imported, so
 ``elbokto eval lm-eval --model elbokto --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct,...``
-(or ``lm_eval`` in a script that imports :mod:`elbokto.eval`) runs any lm-eval task.
+(or ``lm_eval`` in a script that imports :mod:`elbokto.eval.harness`) runs any lm-eval task.
 
 - ``loglikelihood(context, continuation)``: the Monte-Carlo ELBO of the continuation given the
   context, a lower bound on log p(continuation | context). ``mc_num`` noisy copies per request,

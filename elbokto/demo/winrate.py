@@ -1,6 +1,6 @@
 """The demo's last act: the aligned model against the SFT model, judged over HTTP by a rule.
 
-The demo's task has a checkable answer (:func:`elbokto.demo.classify`): a reversal beats a copy,
+The demo's task has a checkable answer (:func:`elbokto.demo.task.classify`): a reversal beats a copy,
 which beats a malformed answer; equal classes tie. That rule, served by a
 :class:`~elbokto.eval.rule_judge.RuleJudgeServer` on 127.0.0.1, is the judge of the same
 `elbokto eval winrate` pipeline that a real LLM judge would serve.
@@ -12,7 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
-from elbokto.demo import DESIRABLE, OTHER, UNDESIRABLE, DemoConfig, Encoder, classify
+from elbokto.demo.config import DemoConfig
+from elbokto.demo.task import DESIRABLE, OTHER, UNDESIRABLE, Encoder, classify
 from elbokto.eval.judge import JudgeConfig
 from elbokto.eval.rule_judge import Rule, RuleJudgeServer
 from elbokto.eval.winrate import compute_winrate
