@@ -37,7 +37,7 @@ test-soak: install
 # The checkers CI holds the code to (pyproject.toml: [tool.ruff], [tool.mypy]; pinned in the dev extra).
 lint: EXTRAS = dev
 lint: install
-	$(PY) -m ruff check elbokto_kernels
+	$(PY) -m ruff check elbokto_kernels elbokto
 	$(PY) -m mypy elbokto_kernels
 
 # The compat lane on the other stacks of the supported matrix (tests/compat.py: venvs of their own,

@@ -41,10 +41,17 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from elbokto.block import (check_block_attention, check_block_model, format_mask,
-                           resolve_block_size)
-from elbokto.sampling import (GenerationConfig, build_canvas, device_of, fill_block, generate,
-                              prompt_rows, sampler_mask_id, schedules)
+from elbokto.block import check_block_attention, check_block_model, format_mask, resolve_block_size
+from elbokto.sampling import (
+    GenerationConfig,
+    build_canvas,
+    device_of,
+    fill_block,
+    generate,
+    prompt_rows,
+    sampler_mask_id,
+    schedules,
+)
 
 __all__ = ["block_generate", "check_block_cache", "sampler_for"]
 

@@ -1,4 +1,4 @@
-"""Psi(S): the Monte-Carlo noise that the ELBO-KTO bias and variance bounds scale with (DESIGN.md §2).
+"""Psi(S): the Monte-Carlo noise that ELBO-KTO's bias and variance bounds scale with (DESIGN §2).
 
     Psi(S) = (m-1)/m * (v - c) = mean_i Var_MC(r_i - mean_j r_j)
 
@@ -55,11 +55,13 @@ def estimate_psi(margins: Tensor, baseline: Tensor | float | None = None) -> Psi
         PsiEstimate with Python floats, computed in float64 (a diagnostic: it syncs with the host).
     """
     if not isinstance(margins, Tensor) or not margins.is_floating_point() or margins.dim() != 2:
-        got = f"{margins.dtype} {list(margins.shape)}" if isinstance(margins, Tensor) else type(margins)
+        got = (f"{margins.dtype} {list(margins.shape)}" if isinstance(margins, Tensor)
+               else type(margins))
         raise ValueError(f"margins must be a floating tensor [R, m]; got {got}")
     num_redraws, batch_size = margins.shape
     if num_redraws < 2 or batch_size < 2:
-        raise ValueError(f"margins is [{num_redraws}, {batch_size}]; need R >= 2 redraws and m >= 2 items")
+        raise ValueError(f"margins is [{num_redraws}, {batch_size}]; need R >= 2 redraws and "
+                         "m >= 2 items")
     r = margins.detach().to(torch.float64)
 
     def var(x: Tensor) -> Tensor:
@@ -78,7 +80,8 @@ def estimate_psi(margins: Tensor, baseline: Tensor | float | None = None) -> Psi
         if b.dim() == 0:
             b = b.expand(num_redraws)
         if b.shape != (num_redraws,):
-            raise ValueError(f"baseline must be a scalar or [R] = [{num_redraws}]; got {list(b.shape)}")
+            raise ValueError(f"baseline must be a scalar or [R] = [{num_redraws}]; got "
+                             f"{list(b.shape)}")
         psi_baseline = float(var(r - b[:, None]).mean())
     return PsiEstimate(
         psi=float(psi),

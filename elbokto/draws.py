@@ -55,9 +55,9 @@ class MCConfig:
     estimator: Literal["fixed_count", "bernoulli"] = field(
         default="fixed_count",
         metadata={
-            "help": "ELBO estimator: 'fixed_count' (mask exactly l ~ U{1..L} response tokens, weight "
-            "L/l; lower variance) or 'bernoulli' (mask each token with probability t ~ U(0,1], "
-            "weight 1/t)."
+            "help": "ELBO estimator: 'fixed_count' (mask exactly l ~ U{1..L} response tokens, "
+            "weight L/l; lower variance) or 'bernoulli' (mask each token with probability "
+            "t ~ U(0,1], weight 1/t)."
         },
     )
     n_t: int = field(default=8, metadata={"help": "Noise levels (t or l) drawn per example."})
@@ -88,10 +88,10 @@ class MCConfig:
     eps: float = field(
         default=1e-3,
         metadata={
-            "help": "Bernoulli only: a copy whose t falls below eps (probability eps) is drawn from "
-            "the size-biased law (one uniformly chosen response token plus each other token with "
-            "probability t, weight L/|S|) instead of weight 1/t. Exactly unbiased; bounds every "
-            "weight by max(1/eps, L). 0 disables it (plain 1/t, whose variance grows like "
+            "help": "Bernoulli only: a copy whose t falls below eps (probability eps) is drawn "
+            "from the size-biased law (one uniformly chosen response token plus each other token "
+            "with probability t, weight L/|S|) instead of weight 1/t. Exactly unbiased; bounds "
+            "every weight by max(1/eps, L). 0 disables it (plain 1/t, whose variance grows like "
             "log(1/t_min))."
         },
     )
@@ -129,7 +129,8 @@ class MCConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r}; expected a bool")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 <= self.eps < 1:
+        if (isinstance(self.eps, bool) or not isinstance(self.eps, (int, float))
+                or not 0 <= self.eps < 1):
             raise ValueError(f"eps={self.eps!r}; expected a float in [0, 1)")
         if self.block_size is not None and (isinstance(self.block_size, bool)
                                             or not isinstance(self.block_size, int)
@@ -287,7 +288,8 @@ def sample_draws(
 
     Noise levels (level j of n_t, shared by the n_yt masks of that level): with ``antithetic``,
     one u ~ U[0, 1) per (uid, step) and level j uses the stratum j: fixed_count takes
-    a_j = (j + u) / n_t and l = floor(a_j * L) + 1; bernoulli takes t_j = (j + 1 - u) / n_t in (0, 1].
+    a_j = (j + u) / n_t and l = floor(a_j * L) + 1; bernoulli takes t_j = (j + 1 - u) / n_t in
+    (0, 1].
     Otherwise each level has its own u_j (a_j = u_j, t_j = 1 - u_j). Every copy's t (or l) thus
     keeps its exact marginal law U(0, 1] (or U{1..L}): nothing is floored, and the estimate is
     unbiased (up to the 2^-53 resolution of the uniforms).
@@ -371,7 +373,8 @@ def sample_draws(
         if config.eps > 0:
             small = t < config.eps
             forced = _shr(_combine(stream(_STREAM_FORCED)[:, :, None], copy), 1) % n.clamp(min=1)
-            mask = mask | (small[..., None] & in_window & (relative[:, :, None, :] == forced[..., None]))
+            mask = mask | (small[..., None] & in_window
+                           & (relative[:, :, None, :] == forced[..., None]))
             size = mask.sum(-1).clamp(min=1).to(torch.float64)
             weight = torch.where(small, n / (size * num_copies), weight)
         weight = torch.where(has_response, weight, 0.0)

@@ -29,10 +29,11 @@ from transformers import GenerationConfig
 ATTN_MASK_UTILS = "transformers.modeling_attn_mask_utils"
 
 
-# --- config fix-ups ---------------------------------------------------------------------------------
+# --- config fix-ups -------------------------------------------------------------------------------
 
 def default_use_cache(model_config) -> None:
-    """LLaDA reads ``config.use_cache`` in its forward; transformers 5 configs no longer carry it."""
+    """LLaDA reads ``config.use_cache`` in its forward; transformers 5's configs no longer carry
+    it."""
     if not hasattr(model_config, "use_cache"):
         model_config.use_cache = False
 
@@ -95,7 +96,7 @@ class AttentionMaskConverter:
         return blocked.masked_fill(keep, 0.0)
 
 
-# --- class fix-ups ----------------------------------------------------------------------------------
+# --- class fix-ups --------------------------------------------------------------------------------
 
 def default_rope(model_class: type) -> None:
     """Dream and LLaDA-MoE build their rotary embedding with ``ROPE_INIT_FUNCTIONS["default"]``,

@@ -111,8 +111,10 @@ def elbo_kto_loss(
     """
     _check_elbos(policy_elbo=policy_elbo, ref_elbo=ref_elbo)
     shape = policy_elbo.shape
-    if not isinstance(desirable, Tensor) or desirable.dtype != torch.bool or desirable.shape != shape:
-        got = f"{desirable.dtype} {list(desirable.shape)}" if isinstance(desirable, Tensor) else type(desirable)
+    if (not isinstance(desirable, Tensor) or desirable.dtype != torch.bool
+            or desirable.shape != shape):
+        got = (f"{desirable.dtype} {list(desirable.shape)}" if isinstance(desirable, Tensor)
+               else type(desirable))
         raise ValueError(f"desirable must be a bool tensor of shape {list(shape)}; got {got}")
     _check_positive(beta=beta)
     _check_weights(lambda_d=lambda_d, lambda_u=lambda_u)
@@ -177,9 +179,11 @@ def kl_baseline(policy_elbo_mismatched: Tensor, ref_elbo_mismatched: Tensor) -> 
     Returns:
         float scalar tensor (at least float32), no gradient; 0 for an empty global batch.
     """
-    _check_elbos(policy_elbo_mismatched=policy_elbo_mismatched, ref_elbo_mismatched=ref_elbo_mismatched)
+    _check_elbos(policy_elbo_mismatched=policy_elbo_mismatched,
+                 ref_elbo_mismatched=ref_elbo_mismatched)
     dtype = torch.promote_types(policy_elbo_mismatched.dtype, torch.float32)
-    return _global_mean(policy_elbo_mismatched.to(dtype) - ref_elbo_mismatched.to(dtype)).clamp(min=0)
+    margins = policy_elbo_mismatched.to(dtype) - ref_elbo_mismatched.to(dtype)
+    return _global_mean(margins).clamp(min=0)
 
 
 # How pool_metrics weighs a class mean: by the count of its class (TRL's KTO pooling).
@@ -332,7 +336,8 @@ def _check_weights(**values: float) -> None:
 
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not 0 < value < float("inf")):
             raise ValueError(f"{name}={value!r}; expected a finite number > 0")
 
 

@@ -20,14 +20,36 @@ from transformers import IntervalStrategy
 from elbokto import durable
 from elbokto.block import check_block_attention, resolve_block_size
 from elbokto.block_sampling import sampler_for
-from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_class_balance,
-                          dataset_uids, load_source, prompt_token_ids)
-from elbokto.models import (ADAPTER_CONFIG, TINY, ModelConfig, adapter_base, frozen_reference,
-                            load_model, load_tokenizer, local_or_hub, prepare_policy,
-                            resolve_mask_token_id, uses_shifted_logits)
+from elbokto.data import (
+    DataConfig,
+    PreferenceCollator,
+    build_dataset,
+    check_class_balance,
+    dataset_uids,
+    load_source,
+    prompt_token_ids,
+)
+from elbokto.models import (
+    ADAPTER_CONFIG,
+    TINY,
+    ModelConfig,
+    adapter_base,
+    frozen_reference,
+    load_model,
+    load_tokenizer,
+    local_or_hub,
+    prepare_policy,
+    resolve_mask_token_id,
+    uses_shifted_logits,
+)
 from elbokto.objective import check_kl_reference
-from elbokto.precompute import (ReferenceTable, data_fingerprint, model_identity,
-                                precompute_reference, reference_meta)
+from elbokto.precompute import (
+    ReferenceTable,
+    data_fingerprint,
+    model_identity,
+    precompute_reference,
+    reference_meta,
+)
 from elbokto.requires import pyplot
 from elbokto.sampling import GenerationConfig, decode_responses
 from elbokto.tiny import build_tiny_tokenizer

@@ -114,7 +114,8 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
 
     def objective(self, pad_token_id: int = 0) -> ELBOKTOObjective:
         return ELBOKTOObjective(mc=self.mc, loss=self.loss, seed=self.draw_seed,
-                                mc_chunk_size=self.mc_chunk_size, mask_token_id=self.mask_token_id, shift_logits=self.shift_logits,
+                                mc_chunk_size=self.mc_chunk_size, mask_token_id=self.mask_token_id,
+                                shift_logits=self.shift_logits,
                                 pad_token_id=pad_token_id, keep_logits=self.keep_logits,
                                 filter_eps=self.lm_head_filter_eps, backend=self.kernel_backend)
 

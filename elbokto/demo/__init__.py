@@ -33,8 +33,16 @@ seeds), ``winrate`` (aligned against SFT, judged by the rule over HTTP), ``ablat
 from elbokto.demo.ablations import ABLATION_FIGURES, ABLATIONS, CONTROLS, write_ablations
 from elbokto.demo.config import QUICK, DemoConfig
 from elbokto.demo.runs import run_demo, run_seeds
-from elbokto.demo.task import (DESIRABLE, OTHER, UNDESIRABLE, Encoder, answer, classify, kto_rows,
-                               sample_prompts)
+from elbokto.demo.task import (
+                               DESIRABLE,
+                               OTHER,
+                               UNDESIRABLE,
+                               Encoder,
+                               answer,
+                               classify,
+                               kto_rows,
+                               sample_prompts,
+)
 from elbokto.demo.training import build_model, sft_model, train_kto, train_sft
 
 __all__ = ["ABLATIONS", "ABLATION_FIGURES", "CONTROLS", "DESIRABLE", "OTHER", "QUICK",

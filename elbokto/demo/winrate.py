@@ -1,7 +1,7 @@
 """The demo's last act: the aligned model against the SFT model, judged over HTTP by a rule.
 
-The demo's task has a checkable answer (:func:`elbokto.demo.task.classify`): a reversal beats a copy,
-which beats a malformed answer; equal classes tie. That rule, served by a
+The demo's task has a checkable answer (:func:`elbokto.demo.task.classify`): a reversal beats a
+copy, which beats a malformed answer; equal classes tie. That rule, served by a
 :class:`~elbokto.eval.rule_judge.RuleJudgeServer` on 127.0.0.1, is the judge of the same
 `elbokto eval winrate` pipeline that a real LLM judge would serve.
 """

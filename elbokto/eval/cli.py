@@ -46,9 +46,10 @@ def winrate(argv: list[str]) -> int:
 def lm_eval(argv: list[str]) -> int:
     """lm-eval's CLI (``lm-eval run ...``; the subcommand may be left out) on ``argv``."""
     require("lm_eval", "elbokto eval lm-eval")
-    import elbokto.eval.harness  # noqa: F401  (registers the model "elbokto")
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
+
+    import elbokto.eval.harness  # noqa: F401  (registers the model "elbokto")
 
     setup_logging()
     saved, sys.argv = sys.argv, ["lm-eval", *argv]

@@ -46,18 +46,26 @@ from dataclasses import replace
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, \
-    postprocess_generated_text
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from elbokto.draws import Draws, MCConfig, sample_draws
-from elbokto.estimate import elbo_estimate
 from elbokto.block import resolve_block_size
 from elbokto.block_sampling import sampler_for
-from elbokto.models import ModelConfig, load_model, load_tokenizer, resolve_mask_token_id, \
-    uses_shifted_logits
+from elbokto.draws import Draws, MCConfig, sample_draws
+from elbokto.estimate import elbo_estimate
+from elbokto.models import (
+    ModelConfig,
+    load_model,
+    load_tokenizer,
+    resolve_mask_token_id,
+    uses_shifted_logits,
+)
 from elbokto.sampling import GenerationConfig, decode_responses
 
 logger = logging.getLogger(__name__)
@@ -237,7 +245,8 @@ class DiffusionLM(TemplateLM):
         for i, request in enumerate(requests):
             (text,) = request.args
             for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
-                    self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
+                    self.tok_encode(text, add_special_tokens=False),
+                    prefix_token=self.prefix_token_id,
                     max_seq_len=self.max_length - 1, context_len=1)):
                 owners.append(i)
                 pairs.append((context, continuation))

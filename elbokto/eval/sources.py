@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
+from elbokto.block_sampling import sampler_for
 from elbokto.data import load_source, prompt_token_ids, unpair
 from elbokto.durable import append_lines
-from elbokto.block_sampling import sampler_for
 from elbokto.models import ModelConfig, load_model, load_tokenizer, uses_shifted_logits
 from elbokto.sampling import GenerationConfig, decode_responses
 
@@ -151,7 +151,8 @@ def responses_from(source: str, prompts: list[Prompt], output_dir: str | Path,
 def _sample_into(path: Path, source: str, prompts: list[Prompt], fingerprint: str,
                  gen_cfg: GenerationConfig, model_cfg: ModelConfig, batch_size: int,
                  device: str | None, done: dict[str, str]) -> None:
-    """Samples ``prompts`` with the model ``source``; appends each batch to ``path`` and ``done``."""
+    """Samples ``prompts`` with the model ``source``; appends each batch to ``path`` and
+    ``done``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(source, model_cfg, tokenizer=tokenizer).eval().to(device)

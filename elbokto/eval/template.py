@@ -1,7 +1,7 @@
 """The pairwise judge template: one user message with three slots.
 
-``{question}`` receives the prompt, ``{answer_a}`` and ``{answer_b}`` the two responses; nothing else
-in the text is interpreted (literal braces are fine). The packaged default
+``{question}`` receives the prompt, ``{answer_a}`` and ``{answer_b}`` the two responses; nothing
+else in the text is interpreted (literal braces are fine). The packaged default
 (``elbokto/eval/templates/pairwise.txt``) is MT-Bench's pairwise prompt, which asks for a final
 verdict ``[[A]]``, ``[[B]]`` or ``[[C]]`` (tie).
 """

@@ -20,8 +20,13 @@ from itertools import combinations
 from pathlib import Path
 
 from elbokto.durable import atomic_write
-from elbokto.eval.judge import (JudgeConfig, JudgmentCache, PairwiseJudge, check_reachable,
-                                 require_judge)
+from elbokto.eval.judge import (
+    JudgeConfig,
+    JudgmentCache,
+    PairwiseJudge,
+    check_reachable,
+    require_judge,
+)
 from elbokto.eval.sources import load_prompts, responses_from, source_name
 from elbokto.eval.stats import cohen_kappa, prompt_outcome, win_rate
 from elbokto.eval.template import load_template
