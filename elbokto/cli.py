@@ -1,7 +1,8 @@
 """The ``elbokto`` command line. Flags come from the config dataclasses (HfArgumentParser).
 
     elbokto train           ELBO-KTO on a preference dataset (torchrun / accelerate launch for
-                            several GPUs)
+                            several GPUs); --online: on the policy's own samples of a prompt
+                            dataset, labelled by a judge or a verifier (--labeller)
     elbokto precompute-ref  reference ELBOs of a dataset, for training without a reference model
     elbokto generate        sample responses with the reverse diffusion process (JSON lines)
     elbokto diagnose        Psi(S), v(S), c(S) of several Monte-Carlo settings
@@ -117,7 +118,14 @@ def _run(command: str, rest: list[str]) -> int:
     from elbokto.sampling import GenerationConfig
     from elbokto.trainer import ELBOKTOConfig
 
-    if command == "train":
+    if command == "train" and "--online" in rest:
+        from elbokto.online import OnlineConfig, train_online
+
+        model_cfg, data_cfg, online_cfg = _parse(command, [ModelConfig, DataConfig, OnlineConfig],
+                                                 rest)
+        train_online(model_cfg, data_cfg, online_cfg,
+                     resume_from_checkpoint=online_cfg.resume_from_checkpoint)
+    elif command == "train":
         model_cfg, data_cfg, train_cfg = _parse(command, [ModelConfig, DataConfig, ELBOKTOConfig],
                                                 rest)
         # --resume_from_checkpoint is TrainingArguments'; "last" resumes from the newest one.

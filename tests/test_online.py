@@ -168,3 +168,24 @@ os._exit(0)  # skip teardown: gloo's threads sometimes abort at interpreter exit
     rank0, rank1 = ({s["prompt"] for s in samples(tmp_path, rank)} for rank in (0, 1))
     assert len(rank0) == len(rank1) == 8  # 2 steps x 4 prompts each, none seen twice
     assert not rank0 & rank1 and rank0 | rank1 == set(texts)
+
+
+def test_cli_train_online(tmp_path, capsys):
+    from elbokto.cli import main
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", n=8)
+    out = tmp_path / "cli"
+    common = ["train", "--online", "--dataset", str(prompts), "--output_dir", str(out),
+              "--max_steps", "2", "--per_device_train_batch_size", "4", "--n_t", "2",
+              "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--gen_length", "4",
+              "--temperature", "1", "--remasking", "random", "--kernel_backend", "torch"]
+    assert main([*common, "--labeller", "test_online:ascii_start"]) == 0
+    assert (out / "config.json").exists()
+    assert len((out / "online" / "samples-rank0.jsonl").read_text().splitlines()) == 2 * 4 * 2
+    capsys.readouterr()
+    for extra, message in ((["--labeller", "judge"], "--judge_model"),
+                           ([], "no labeller"),
+                           (["--labeller", "x:y", "--temperature", "0", "--remasking",
+                             "low_confidence"], "same response every time")):
+        assert main([*common, *extra]) == 2
+        assert message in capsys.readouterr().err
