@@ -55,6 +55,11 @@ class DemoArgs:
     sft_cache: str | None = field(default=None, metadata={
         "help": "A folder that keeps the SFT models, so that runs that change only the ELBO-KTO "
                 "stage (--beta, --kto_lr, --kto_epochs, --ablate) skip SFT."})
+    online: bool = field(default=False, metadata={
+        "help": "Also align online from the same SFT model: its own samples labelled by the "
+                "demo's rule, as many labels and steps as the offline run; online.json and "
+                "online.png compare the two (SFT models kept in --sft_cache, default "
+                "<output_dir>/sft-cache)."})
 
 
 def _parse(prog: str, dataclasses, argv):
@@ -108,6 +113,15 @@ def _run(command: str, rest: list[str]) -> int:
             config = replace(config, loss=replace(config.loss, beta=args.beta))
         config = replace(config, **{name: getattr(args, name) for name in ("kto_lr", "kto_epochs")
                                     if getattr(args, name) is not None})
+        if args.online:
+            from elbokto.online_demo import run_online_demo
+
+            if args.ablate:
+                raise ValueError("--online compares the default offline run with the online one; "
+                                 "run --ablate on its own")
+            run_online_demo(args.output_dir, args.seeds, quick=args.quick, config=config,
+                            sft_cache=args.sft_cache)
+            return 0
         run_seeds(args.output_dir, args.seeds, ablate=args.ablate, quick=args.quick,
                   config=config, sft_cache=args.sft_cache)
         return 0
