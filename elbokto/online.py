@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from elbokto.block_sampling import sampler_for
 from elbokto.data import DataConfig, PreferenceCollator, load_source, prompt_token_ids
@@ -203,6 +204,11 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
                              "labeller)")
         kwargs.setdefault("data_collator", collate_prompts)
         super().__init__(model, args, ref_model=ref_model, **kwargs)
+        if self.is_fsdp_enabled and args.threshold is not None:
+            raise ValueError("--threshold with FSDP: every sampler forward gathers the sharded "
+                             "weights, so all processes must run the same number of them, and "
+                             "threshold decoding stops each early at its own step; sample with "
+                             "the fixed schedule (no --threshold) or use DDP")
         tokenizer = self.processing_class
         self.collator = collator or PreferenceCollator(tokenizer.pad_token_id or 0)
         self.generation, self.sampler = sampler_for(model, args.generation, args.block_size)
@@ -252,8 +258,9 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         mode. The sampler's seed is a function of (seed, global step, process), so a resumed run
         samples what the interrupted one did."""
         # A DDP wrapper would broadcast buffers at every forward, a collective that processes
-        # sampling different numbers of steps (threshold decoding) would not all join.
-        policy = self.accelerator.unwrap_model(model)
+        # sampling different numbers of steps (threshold decoding) would not all join. FSDP's
+        # forwards gather the weights: there the wrapped model samples (see __init__).
+        policy = model.module if isinstance(model, DistributedDataParallel) else model
         was_training = policy.training
         policy.eval()
         n = self.args.num_samples_per_prompt

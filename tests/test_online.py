@@ -189,3 +189,15 @@ def test_cli_train_online(tmp_path, capsys):
                              "low_confidence"], "same response every time")):
         assert main([*common, *extra]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_online_demo_matches_the_offline_budget(tmp_path):
+    from elbokto.online_demo import run_online_demo
+
+    table = run_online_demo(str(tmp_path), [0], quick=True)
+    row = table["seeds"][0]
+    assert row["online_labels"] == row["offline_labels"] == 64
+    assert row["online_steps"] == row["offline_steps"] == 4
+    assert set(row["online_seconds"]) == {"sampling", "labelling", "training"}
+    assert json.loads((tmp_path / "online.json").read_text())["seeds"]["0"]["online_steps"] == 4
+    assert (tmp_path / "seed0" / "online" / "summary.json").exists()
