@@ -218,10 +218,13 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         self.samples_file = folder / f"samples-rank{rank}.jsonl"
         self.base_objective = self.objective
         self._warned_balance = False
+        self._micro = (-1, 0)  # (optimizer step, micro-batch within it) of the last micro-step
 
     def training_step(self, model: nn.Module, inputs: dict[str, list],
                       num_items_in_batch=None) -> torch.Tensor:
         start = time.perf_counter()
+        step = self.state.global_step
+        self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
         samples = self.sample(model, inputs["prompt"], inputs["prompt_ids"])
         sampled = time.perf_counter()
         labels = self.labels([(s.prompt, s.response) for s in samples])
@@ -255,7 +258,7 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
     def sample(self, model: nn.Module, prompts: list[str],
                prompt_ids: list[list[int]]) -> list[Sample]:
         """``num_samples_per_prompt`` responses to each prompt from the current policy, in eval
-        mode. The sampler's seed is a function of (seed, global step, process), so a resumed run
+        mode. The sampler's seed is a function of (seed, micro-step, process), so a resumed run
         samples what the interrupted one did."""
         # A DDP wrapper would broadcast buffers at every forward, a collective that processes
         # sampling different numbers of steps (threshold decoding) would not all join. FSDP's
@@ -265,7 +268,7 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         policy.eval()
         n = self.args.num_samples_per_prompt
         ids = [p for p in prompt_ids for _ in range(n)]
-        step_seed = ((self.args.seed * 1_000_003 + self.state.global_step) * 4099
+        step_seed = ((self.args.seed * 1_000_003 + self._micro_step()) * 4099
                      + self.args.process_index) % 2**63
         tokens = self.sampler(policy, ids, replace(self.generation, seed=step_seed),
                               pad_token_id=self.processing_class.pad_token_id or 0)
@@ -278,6 +281,12 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
                 row = row[:row.index(eos) + 1]
             samples.append(Sample(prompts[i // n], ids[i], row, text))
         return samples
+
+    def _micro_step(self) -> int:
+        """The micro-step's index over the run: optimizer step x accumulation + micro-batch. A
+        resume starts at an optimizer step, so it counts as the interrupted run did."""
+        step, micro = self._micro
+        return step * self.args.gradient_accumulation_steps + micro
 
     def _lambda_d(self, n_desirable: int, n_undesirable: int) -> float:
         """lambda_D of this step under --online_balance (the counts are the global batch's)."""
@@ -295,14 +304,14 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
 
     def _batch(self, kept: list[tuple[Sample, Label]]) -> dict[str, torch.Tensor]:
         """The collated token rows of the labelled samples; uid (the key of their draws) is
-        unique per (step, process, sample), so every sample gets fresh draws. Without any: an
+        unique per (micro-step, process, sample), so every sample gets fresh draws. Without any: an
         empty batch (:meth:`compute_loss` handles it)."""
         if not kept:
             empty = torch.zeros(0, dtype=torch.long)
             return {"input_ids": torch.zeros(0, 1, dtype=torch.long), "prompt_lengths": empty,
                     "response_lengths": empty, "uid": empty,
                     "desirable": torch.zeros(0, dtype=torch.bool)}
-        first = ((self.state.global_step * self.args.world_size + self.args.process_index)
+        first = ((self._micro_step() * self.args.world_size + self.args.process_index)
                  * self.args.per_device_train_batch_size * self.args.num_samples_per_prompt)
         return self.collator([
             {"input_ids": s.prompt_ids + s.response_ids, "prompt_length": len(s.prompt_ids),

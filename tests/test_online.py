@@ -120,7 +120,8 @@ def test_faulty_judge_loses_no_step_and_mislabels_nothing(tmp_path):
     assert sum(history(run, "online/judge_errors")) == len(undecided)
 
 
-def test_resume_replays_no_labeller_call(tmp_path):
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_replays_no_labeller_call(tmp_path, accumulation):
     calls = []
 
     def counting(prompt, response):
@@ -128,12 +129,16 @@ def test_resume_replays_no_labeller_call(tmp_path):
         return ascii_start(prompt, response)
 
     labeller = CallableLabeller(counting, name="ascii")
-    first = trainer(tmp_path, labeller, max_steps=4, save_strategy="steps", save_steps=2)
+    first = trainer(tmp_path, labeller, max_steps=4, save_strategy="steps", save_steps=2,
+                    gradient_accumulation_steps=accumulation,
+                    per_device_train_batch_size=8 // accumulation)
     first.train()
     asked = len(calls)
     assert asked == first.labels.asked > 0
     before = [s for s in samples(tmp_path) if s["step"] >= 2]
-    second = trainer(tmp_path, labeller, max_steps=4, save_strategy="no")
+    second = trainer(tmp_path, labeller, max_steps=4, save_strategy="no",
+                     gradient_accumulation_steps=accumulation,
+                     per_device_train_batch_size=8 // accumulation)
     second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert second.state.global_step == 4
     assert second.labels.asked == 0 and len(calls) == asked
