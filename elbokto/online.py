@@ -239,7 +239,7 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
             self.base_objective.loss, lambda_d=self._lambda_d(int(n_d), int(n_u))))
         if n_d + n_u == 0:
             logger.warning("step %d: no sample got a label (%d dropped): nothing to learn from",
-                           self.state.global_step, int(dropped))
+                           step, int(dropped))
         batch = self._batch(kept)
         loss = super().training_step(model, batch, num_items_in_batch)
         trained = time.perf_counter()
@@ -248,7 +248,8 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
                             ("online/judge_errors", dropped),
                             ("online/stored", stored / max(total, 1)),
                             ("online/lambda_d", self.objective.loss.lambda_d),
-                            ("time/sampling", sampled - start), ("time/labelling", labelled - sampled),
+                            ("time/sampling", sampled - start),
+                            ("time/labelling", labelled - sampled),
                             ("time/training", trained - labelled)):
             self._metrics["train"][name].append(torch.tensor(value, device=self.args.device))
         self._log_samples(samples, labels)

@@ -27,8 +27,20 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
-from elbokto.demo import (DESIRABLE, QUICK, DemoConfig, Encoder, _pyplot, build_model, classify,
-                          evaluate, run_demo, sample_prompts, sft_model, spread)
+from elbokto.demo import (
+    DESIRABLE,
+    QUICK,
+    DemoConfig,
+    Encoder,
+    _pyplot,
+    build_model,
+    classify,
+    evaluate,
+    run_demo,
+    sample_prompts,
+    sft_model,
+    spread,
+)
 from elbokto.labellers import CallableLabeller
 from elbokto.online import OnlineConfig, OnlineELBOKTOTrainer
 
@@ -55,7 +67,8 @@ def online_config(config: DemoConfig, output_dir: Path, tokenizer) -> OnlineConf
         per_device_train_batch_size=config.kto_batch_size, num_samples_per_prompt=1,
         learning_rate=config.kto_lr, lr_scheduler_type="cosine", warmup_steps=0.1,
         weight_decay=0.0, max_grad_norm=0.0, **asdict(config.loss), **asdict(config.mc),
-        draw_seed=config.seed, seed=config.seed, kernel_backend=config.backend, filter_eps=config.filter_eps,
+        draw_seed=config.seed, seed=config.seed, kernel_backend=config.backend,
+        filter_eps=config.filter_eps,
         # The demo's answers are EOS-padded to gen_length, in SFT as in the offline rows.
         online_keep_padding=True, gen_length=config.gen_length, steps=config.gen_length,
         temperature=config.temperature, remasking=config.remasking,
@@ -145,8 +158,10 @@ def run_online_demo(output_dir: str, seeds: list[int], quick: bool = False,
         online = run_online(seed_config, folder / "online", sft_cache, offline)
         table["seeds"][seed] = {
             "sft": offline["base_desirable_rate"],
-            "offline": offline["aligned_desirable_rate"], "online": online["aligned_desirable_rate"],
-            "offline_winrate": offline["winrate"]["awr"], "online_winrate": online["winrate"]["awr"],
+            "offline": offline["aligned_desirable_rate"],
+            "online": online["aligned_desirable_rate"],
+            "offline_winrate": offline["winrate"]["awr"],
+            "online_winrate": online["winrate"]["awr"],
             "offline_labels": sum(offline["kto_examples"].values()),
             "online_labels": online["labelled_samples"],
             "offline_steps": len(offline["curves"]["loss"]),

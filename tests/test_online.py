@@ -15,8 +15,7 @@ from elbokto.eval import RuleJudgeServer
 from elbokto.eval.template import POINTWISE_SLOTS, load_template
 from elbokto.labellers import CallableLabeller
 from elbokto.models import build_tiny_model
-from elbokto.online import (OnlineConfig, OnlineELBOKTOTrainer, balanced_lambda_d,
-                            load_prompts)
+from elbokto.online import OnlineConfig, OnlineELBOKTOTrainer, balanced_lambda_d, load_prompts
 from elbokto.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
 
 

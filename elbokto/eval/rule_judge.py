@@ -4,8 +4,9 @@ For tasks with a checkable answer (the demo) and for tests: :class:`RuleJudgeSer
 127.0.0.1, reads the question and both answers back out of the judge template, asks a Python
 ``rule(question, answer_a, answer_b)`` for "A", "B" or "C" and answers MT-Bench style
 (``... [[A]]``). With the pointwise template and ``slots=POINTWISE_SLOTS`` it reads one answer
-and asks ``rule(question, answer)`` for "GOOD" or "BAD" instead (``... [[GOOD]]``). A rule that returns None makes it answer without a verdict. ``faults`` makes it
-misbehave on its first requests, in arrival order, to exercise a client's retries:
+and asks ``rule(question, answer)`` for "GOOD" or "BAD" instead (``... [[GOOD]]``). A rule that
+returns None makes it answer without a verdict. ``faults`` makes it misbehave on its first
+requests, in arrival order, to exercise a client's retries:
 
 - ``"garbage"``: a 200 answer with no verdict;
 - ``"timeout"``: the answer comes after ``delay`` seconds (longer than the client's timeout);
