@@ -1,7 +1,8 @@
 """The ``elbokto`` command line. Flags come from the config dataclasses (HfArgumentParser).
 
     elbokto train           ELBO-KTO on a preference dataset (torchrun / accelerate launch for
-                            several GPUs)
+                            several GPUs); --online: on the policy's own samples of a prompt
+                            dataset, labelled by a judge or a verifier (--labeller)
     elbokto precompute-ref  reference ELBOs of a dataset, for training without a reference model
     elbokto generate        sample responses with the reverse diffusion process (JSON lines)
     elbokto diagnose        Psi(S), v(S), c(S) of several Monte-Carlo settings
@@ -56,6 +57,11 @@ class DemoArgs:
     sft_cache: str | None = field(default=None, metadata={
         "help": "A folder that keeps the SFT models, so that runs that change only the ELBO-KTO "
                 "stage (--beta, --kto_lr, --kto_epochs, --ablate) skip SFT."})
+    online: bool = field(default=False, metadata={
+        "help": "Also align online from the same SFT model: its own samples labelled by the "
+                "demo's rule, as many labels and steps as the offline run; online.json and "
+                "online.png compare the two (SFT models kept in --sft_cache, default "
+                "<output_dir>/sft-cache)."})
 
 
 def _parse(prog: str, dataclasses, argv):
@@ -118,6 +124,15 @@ def _run(command: str, rest: list[str]) -> int:
             config = replace(config, loss=replace(config.loss, beta=args.beta))
         config = replace(config, **{name: getattr(args, name) for name in ("kto_lr", "kto_epochs")
                                     if getattr(args, name) is not None})
+        if args.online:
+            from elbokto.demo.online import run_online_demo
+
+            if args.ablate:
+                raise ValueError("--online compares the default offline run with the online one; "
+                                 "run --ablate on its own")
+            run_online_demo(args.output_dir, args.seeds, quick=args.quick, config=config,
+                            sft_cache=args.sft_cache)
+            return 0
         run_seeds(args.output_dir, args.seeds, ablate=args.ablate, quick=args.quick,
                   config=config, sft_cache=args.sft_cache)
         return 0
@@ -128,7 +143,14 @@ def _run(command: str, rest: list[str]) -> int:
     from elbokto.sampling import GenerationConfig
     from elbokto.trainer import ELBOKTOConfig
 
-    if command == "train":
+    if command == "train" and "--online" in rest:
+        from elbokto.online import OnlineConfig, train_online
+
+        model_cfg, data_cfg, online_cfg = _parse(command, [ModelConfig, DataConfig, OnlineConfig],
+                                                 rest)
+        train_online(model_cfg, data_cfg, online_cfg,
+                     resume_from_checkpoint=online_cfg.resume_from_checkpoint)
+    elif command == "train":
         model_cfg, data_cfg, train_cfg, _ = _parse(
             command, [ModelConfig, DataConfig, ELBOKTOConfig, PresetArgs], rest)
         # --resume_from_checkpoint is TrainingArguments'; "last" resumes from the newest one.

@@ -97,13 +97,14 @@ def judgment_key(question: str, answer_a: str, answer_b: str, judge: str, templa
 
 class JudgmentCache:
     """Append-only JSON lines ``{"key", "judge", "verdict", "error", "answer"}``; the last line of
-    a key wins. Thread-safe appends, fsynced line by line (:func:`elbokto.durable.append_lines`)."""
+    a key wins. Thread-safe appends, fsynced line by line (:func:`elbokto.durable.append_lines`).
+    ``path=None`` keeps the records in memory only (a caller that stores its results elsewhere)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = None if path is None else Path(path)
         self._lock = threading.Lock()
         self._records: dict[str, dict] = {}
-        if self.path.exists():
+        if self.path is not None and self.path.exists():
             for number, line in enumerate(self.path.read_text().splitlines(), 1):
                 if not line.strip():
                     continue
@@ -121,18 +122,22 @@ class JudgmentCache:
         line = json.dumps(record, ensure_ascii=False)
         with self._lock:
             self._records[record["key"]] = record
-            append_lines(self.path, [line])
+            if self.path is not None:
+                append_lines(self.path, [line])
 
 
 @dataclass
 class Judgment:
     """One pairwise judgment: ``verdict`` "A" / "B" / "C", or None with ``error`` saying why;
-    ``answer`` is the judge's last text; ``cached``: read from the cache, no call made."""
+    ``answer`` is the judge's last text; ``cached``: read from the cache, no call made;
+    ``transient``: the error was a timeout, rate limit or server error that outlasted the retries
+    (not cached: a later run asks again)."""
 
     verdict: str | None
     error: str | None = None
     answer: str | None = None
     cached: bool = False
+    transient: bool = False
 
 
 class _Transient(Exception):
@@ -187,24 +192,30 @@ class PairwiseJudge:
                 raise
         return results
 
+    # What an answer without a verdict is recorded as; a judge of another kind (pointwise) changes
+    # it with its verdict parser, :meth:`_parse`.
+    _no_verdict = "no single [[A]]/[[B]]/[[C]] verdict in the answer"
+
     def _key(self, item: tuple[str, str, str]) -> str:
         return judgment_key(*item, self.model, self.template)
 
-    def _judge_one(self, item: tuple[str, str, str]) -> Judgment:
+    def _parse(self, answer: str | None) -> str | None:
+        return parse_verdict(answer)
+
+    def _judge_one(self, item: tuple[str, ...]) -> Judgment:
         message = render(self.template, *item)
         answer = None
         try:
             for _ in range(self.config.judge_parse_retries + 1):
                 answer = self._ask(message)
-                verdict = parse_verdict(answer)
+                verdict = self._parse(answer)
                 if verdict is not None:
                     judgment = Judgment(verdict, answer=answer)
                     break
             else:
-                judgment = Judgment(None, error="no single [[A]]/[[B]]/[[C]] verdict in the "
-                                                "answer", answer=answer)
+                judgment = Judgment(None, error=self._no_verdict, answer=answer)
         except _Transient as e:
-            return Judgment(None, error=str(e), answer=answer)
+            return Judgment(None, error=str(e), answer=answer, transient=True)
         self.cache.put({"key": self._key(item), "judge": self.model, "verdict": judgment.verdict,
                         "error": judgment.error, "answer": judgment.answer})
         return judgment

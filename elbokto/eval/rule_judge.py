@@ -3,8 +3,10 @@
 For tasks with a checkable answer (the demo) and for tests: :class:`RuleJudgeServer` listens on
 127.0.0.1, reads the question and both answers back out of the judge template, asks a Python
 ``rule(question, answer_a, answer_b)`` for "A", "B" or "C" and answers MT-Bench style
-(``... [[A]]``). A rule that returns None makes it answer without a verdict. ``faults`` makes it
-misbehave on its first requests, in arrival order, to exercise a client's retries:
+(``... [[A]]``). With the pointwise template and ``slots=POINTWISE_SLOTS`` it reads one answer
+and asks ``rule(question, answer)`` for "GOOD" or "BAD" instead (``... [[GOOD]]``). A rule that
+returns None makes it answer without a verdict. ``faults`` makes it misbehave on its first
+requests, in arrival order, to exercise a client's retries:
 
 - ``"garbage"``: a 200 answer with no verdict;
 - ``"timeout"``: the answer comes after ``delay`` seconds (longer than the client's timeout);
@@ -22,23 +24,26 @@ import time
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from elbokto.eval.template import load_template, unrender
+from elbokto.eval.template import SLOTS, load_template, unrender
 
 __all__ = ["FAULTS", "RuleJudgeServer"]
 
 FAULTS = ("garbage", "timeout", "429", "500")
-Rule = Callable[[str, str, str], "str | None"]
+Rule = Callable[..., "str | None"]
 
 
 class RuleJudgeServer:
     """A chat-completions server on 127.0.0.1 (a free port) in a daemon thread.
 
     Args:
-        rule: (question, answer_a, answer_b) -> "A", "B", "C" or None (no verdict).
+        rule: (question, answer_a, answer_b) -> "A", "B", "C" or None (no verdict); with pointwise
+            slots (question, answer) -> "GOOD", "BAD" or None.
         template: the judge template the client renders (default: the packaged one); a message
             that does not fit it gets a 400.
         faults: misbehaviours of the first requests, one per request (see the module doc).
         delay: seconds a ``"timeout"`` fault waits before answering.
+        slots: the template's slots, in the order the rule takes them (``SLOTS``: pairwise;
+            ``POINTWISE_SLOTS``: one answer).
 
     Attributes:
         base_url: ``http://127.0.0.1:<port>/v1``, for the client's ``base_url``.
@@ -46,12 +51,13 @@ class RuleJudgeServer:
     """
 
     def __init__(self, rule: Rule, template: str | None = None, faults: Iterable[str] = (),
-                 delay: float = 2.0) -> None:
+                 delay: float = 2.0, slots: tuple[str, ...] = SLOTS) -> None:
         faults = list(faults)
         unknown = [f for f in faults if f not in FAULTS]
         if unknown:
             raise ValueError(f"unknown faults {unknown}; expected some of {FAULTS}")
         self.rule, self.template, self.delay = rule, template or load_template(), delay
+        self.slots = slots
         self.requests = 0
         self._faults = faults
         self._lock = threading.Lock()
@@ -94,13 +100,12 @@ class RuleJudgeServer:
         if fault == "timeout":
             time.sleep(self.delay)
         messages = body.get("messages") or [{}]
-        fields = unrender(self.template, str(messages[-1].get("content", "")))
+        fields = unrender(self.template, str(messages[-1].get("content", "")), self.slots)
         if fields is None:
             return 400, {"error": {"message": "the message does not fit the judge template",
                                    "type": "invalid_request_error"}}
-        verdict = None if fault == "garbage" else self.rule(fields["question"],
-                                                             fields["answer_a"],
-                                                             fields["answer_b"])
+        verdict = None if fault == "garbage" else self.rule(*(fields[slot[1:-1]]
+                                                              for slot in self.slots))
         text = ("I cannot decide." if verdict is None
                 else f"Judged by rule. Final verdict: [[{verdict}]]")
         return 200, {
