@@ -34,14 +34,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from elbokto import durable
 from elbokto.block_sampling import sampler_for
 from elbokto.data import DataConfig, PreferenceCollator, load_source, prompt_token_ids
+from elbokto.durable import append_lines
 from elbokto.eval.judge import JudgeConfig, check_reachable
 from elbokto.eval.sources import Prompt
 from elbokto.labellers import CallableLabeller, JudgeLabeller, Label, Labeller, LabelStore
 from elbokto.loss import compute_loss, kl_baseline
 from elbokto.sampling import GenerationConfig, decode_responses
-from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer, last_complete_checkpoint
+from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer, resume_checkpoint
 
 __all__ = ["OnlineConfig", "OnlineELBOKTOTrainer", "balanced_lambda_d", "labeller_from",
            "load_prompts", "train_online"]
@@ -333,14 +335,12 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         return (loss, None) if return_outputs else loss
 
     def _log_samples(self, samples: list[Sample], labels: list[tuple[Label, bool]]) -> None:
-        self.samples_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.samples_file.open("a") as f:
-            for s, (label, stored) in zip(samples, labels):
-                f.write(json.dumps({"step": self.state.global_step, "rank": self.args.process_index,
-                                    "prompt": s.prompt, "response": s.response,
-                                    "desirable": label.desirable, "verdict": label.verdict,
-                                    "error": label.error, "stored": stored},
-                                   ensure_ascii=False) + "\n")
+        append_lines(self.samples_file, [
+            json.dumps({"step": self.state.global_step, "rank": self.args.process_index,
+                        "prompt": s.prompt, "response": s.response, "desirable": label.desirable,
+                        "verdict": label.verdict, "error": label.error, "stored": stored},
+                       ensure_ascii=False)
+            for s, (label, stored) in zip(samples, labels)])
 
 
 def train_online(model_cfg, data_cfg: DataConfig, config: OnlineConfig,
@@ -351,13 +351,14 @@ def train_online(model_cfg, data_cfg: DataConfig, config: OnlineConfig,
     from elbokto.models import load_model, prepare_policy
     from elbokto.run import _reference, _settle_model_fields, tokenizer_for
 
-    if resume_from_checkpoint == "last":
-        resume_from_checkpoint = last_complete_checkpoint(config.output_dir)
+    if config.should_save:
+        durable.recover(config.output_dir)
+    resume_from_checkpoint = resume_checkpoint(config.output_dir, resume_from_checkpoint)
     labeller = labeller or labeller_from(config)
     tokenizer = tokenizer_for(model_cfg, data_cfg)
     prompts = load_prompts(data_cfg, tokenizer)
     policy = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
-    _settle_model_fields(config, policy, tokenizer)
+    config = _settle_model_fields(config, policy, tokenizer)
     reference = _reference(policy, model_cfg, config, tokenizer)
     policy = prepare_policy(policy, model_cfg)
     trainer = OnlineELBOKTOTrainer(policy, config, labeller, ref_model=reference,

@@ -127,7 +127,8 @@ def stubbed_jobs(monkeypatch, tmp_path):
     """The CLI with its jobs replaced: a command parses its flags, builds its configs, and stops."""
     from transformers import training_args
 
-    from elbokto import demo, run
+    from elbokto import demo, online, run
+    from elbokto.demo import online as online_demo
     from elbokto.eval import winrate
 
     monkeypatch.chdir(tmp_path)  # a name like runs/x is a hub id unless runs/ exists here
@@ -138,7 +139,8 @@ def stubbed_jobs(monkeypatch, tmp_path):
             (run, "train", None), (run, "generate_text", []), (run, "diagnose", []),
             (run, "merge", "merged"),
             (run, "precompute_ref", SimpleNamespace(uids=torch.zeros(0), meta={"epochs": 1})),
-            (demo, "run_seeds", None),
+            (demo, "run_seeds", None), (online, "train_online", None),
+            (online_demo, "run_online_demo", None),
             (winrate, "run_winrate", {k: 0 for k in ("awr", "ci_low", "ci_high", "n", "wins",
                                                      "ties", "losses", "inconsistent",
                                                      "errors")})]:

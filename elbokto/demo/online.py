@@ -34,6 +34,7 @@ from elbokto.demo.runs import run_demo
 from elbokto.demo.task import DESIRABLE, Encoder, classify, sample_prompts
 from elbokto.demo.training import build_model, sft_model
 from elbokto.demo.winrate import demo_winrate
+from elbokto.durable import atomic_write
 from elbokto.labellers import CallableLabeller
 from elbokto.online import OnlineConfig, OnlineELBOKTOTrainer
 
@@ -125,7 +126,7 @@ def run_online(config: DemoConfig, output_dir: Path, sft_cache: str, offline: di
                                                *checkpoints.points,
                                                [trainer.state.global_step, aligned[DESIRABLE]]]},
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(output_dir / "summary.json", json.dumps(summary, indent=1))
     logger.info("seed %d online: reverse rate %.3f -> %.3f, win rate %.3f (offline %.3f, %.3f)",
                 config.seed, summary["base_desirable_rate"], aligned[DESIRABLE],
                 summary["winrate"]["awr"], offline["aligned_desirable_rate"],
@@ -165,7 +166,7 @@ def run_online_demo(output_dir: str, seeds: list[int], quick: bool = False,
     for key in ("sft", "offline", "online", "offline_winrate", "online_winrate"):
         table[key] = spread([row[key] for row in table["seeds"].values()])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "online.json").write_text(json.dumps(table, indent=1))
+    atomic_write(out / "online.json", json.dumps(table, indent=1))
     plot_online(table, out / "online.png")
     return table
 
@@ -191,6 +192,6 @@ def plot_online(table: dict, path: Path) -> bool:
         ax.set_xlabel("KTO step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return True
