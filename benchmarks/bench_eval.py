@@ -71,7 +71,7 @@ def likelihood_model(shape: dict):
                          tie_word_embeddings=False)
     model = GemmaForCausalLM(config).float().eval()
     return DiffusionLM(pretrained=model, tokenizer=build_tiny_tokenizer([]), device="cpu",
-                       mc_num=shape["mc_num"], mc_batch_size=MC_BATCH, batch_size=8)
+                       mc_num=shape["mc_num"], mc_chunk_size=MC_BATCH, batch_size=8)
 
 
 @torch.no_grad()
@@ -131,7 +131,7 @@ def bench_sampler(shape: dict, repeats: int) -> tuple[str, float]:
 
     from elbokto.demo import OTHER, DESIRABLE, DemoConfig, Encoder, build_model, classify, \
         sample_prompts, train_sft
-    from elbokto.sampling import GenerationConfig, decode_responses, generate
+    from elbokto.sampling import SamplingConfig, decode_responses, generate
 
     config = DemoConfig()
     if shape["sft_steps"]:
@@ -148,7 +148,7 @@ def bench_sampler(shape: dict, repeats: int) -> tuple[str, float]:
     rows, rates, accuracy = [], {}, {}
     for name, threshold in (("one token per step", None),
                             (f"threshold {THRESHOLD}", THRESHOLD)):
-        gen = GenerationConfig(gen_length=n, steps=n, block_length=n, threshold=threshold,
+        gen = SamplingConfig(gen_length=n, steps=n, block_length=n, threshold=threshold,
                                mask_token_id=encoder.tokenizer.mask_token_id)
         calls = []
         forward = model.forward

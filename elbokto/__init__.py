@@ -33,7 +33,7 @@ _EXPORTS = {
     "elbokto.draws": ("Draws", "MCConfig", "sample_draws"),
     "elbokto.estimate": ("elbo_estimate",),
     "elbokto.guards": ("NonFiniteError",),
-    "elbokto.sampling": ("GenerationConfig", "decode_responses", "generate"),
+    "elbokto.sampling": ("SamplingConfig", "decode_responses", "generate"),
     "elbokto.loss": ("LOSSES", "LossConfig", "elbo_dpo_loss", "elbo_kto_loss", "kl_baseline"),
     "elbokto.labellers": ("CallableLabeller", "JudgeLabeller", "Label", "LabelStore"),
     "elbokto.objective": ("ELBOKTOObjective", "ObjectiveOutput"),
@@ -49,6 +49,8 @@ __all__ = sorted(_MODULE_OF)
 
 
 def __getattr__(name: str):
+    if name == "GenerationConfig":  # renamed SamplingConfig; the module says so, for one release
+        return importlib.import_module("elbokto.sampling").GenerationConfig
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

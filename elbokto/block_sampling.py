@@ -43,7 +43,7 @@ from transformers import DynamicCache
 
 from elbokto.block import check_block_attention, check_block_model, format_mask, resolve_block_size
 from elbokto.sampling import (
-    GenerationConfig,
+    SamplingConfig,
     build_canvas,
     device_of,
     fill_block,
@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def block_generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+def block_generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: SamplingConfig,
                    *, pad_token_id: int, use_cache: bool = True) -> Tensor:
     """Generate ``config.gen_length`` tokens after each prompt with a block-diffusion model:
     int64 [B, gen_length], all unmasked.
@@ -204,7 +204,7 @@ class _Prefix:
                              "own); sample it with use_cache=False")
 
 
-def sampler_for(model: nn.Module, config: GenerationConfig, block_size: int | None = None):
+def sampler_for(model: nn.Module, config: SamplingConfig, block_size: int | None = None):
     """(config, sampler) for ``model``: :func:`elbokto.sampling.generate` as it is, or for a
     block-diffusion model (``block_size``, else its config's; :func:`resolve_block_size`)
     :func:`block_generate` over the model's own blocks, its mask handling checked as for

@@ -140,7 +140,7 @@ def _run(command: str, rest: list[str]) -> int:
     from elbokto import run
     from elbokto.data import DataConfig
     from elbokto.models import ModelConfig
-    from elbokto.sampling import GenerationConfig
+    from elbokto.sampling import SamplingConfig
     from elbokto.trainer import ELBOKTOConfig
 
     if command == "train" and "--online" in rest:
@@ -164,7 +164,7 @@ def _run(command: str, rest: list[str]) -> int:
         print(f"wrote {table.uids.numel()} reference ELBOs x {table.meta['epochs']} epochs to "
               f"{extras.output_file}")
     elif command == "generate":
-        model_cfg, gen_cfg, args = _parse(command, [ModelConfig, GenerationConfig,
+        model_cfg, gen_cfg, args = _parse(command, [ModelConfig, SamplingConfig,
                                                     run.GenerateArgs], rest)
         for prompt, response in run.generate_text(model_cfg, gen_cfg, args):
             print(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False))

@@ -42,7 +42,7 @@ class LossConfig:
     lambda_u: float = field(default=1.0, metadata={
         "help": "ELBO-KTO: weight of undesirable examples."})
     baseline: Baseline = field(default="batch_mean", metadata={
-        "help": "ELBO-KTO's reference point b0: 'batch_mean' (mean margin of the global batch, "
+        "help": "ELBO-KTO's baseline b0: 'batch_mean' (mean margin of the global batch, "
                 "the paper's), 'none' (0) or 'kl' (KTO's KL estimate from mismatched pairs; extra "
                 "forwards). ELBO-DPO's chosen-minus-rejected difference cancels any constant b0."})
 

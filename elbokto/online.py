@@ -42,7 +42,7 @@ from elbokto.eval.judge import JudgeConfig, check_reachable
 from elbokto.eval.sources import Prompt
 from elbokto.labellers import CallableLabeller, JudgeLabeller, Label, Labeller, LabelStore
 from elbokto.loss import compute_loss, kl_baseline
-from elbokto.sampling import GenerationConfig, decode_responses
+from elbokto.sampling import SamplingConfig, decode_responses
 from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer, resume_checkpoint
 
 __all__ = ["OnlineConfig", "OnlineELBOKTOTrainer", "balanced_lambda_d", "labeller_from",
@@ -55,9 +55,9 @@ BALANCE_RANGE = (1.0, 4 / 3)
 
 
 @dataclass
-class OnlineConfig(ELBOKTOConfig, GenerationConfig, JudgeConfig):
+class OnlineConfig(ELBOKTOConfig, SamplingConfig, JudgeConfig):
     """`elbokto train --online`: the training flags of :class:`ELBOKTOConfig`, the generation flags
-    of :class:`GenerationConfig` and the judge flags of :class:`JudgeConfig`, plus the loop's own.
+    of :class:`SamplingConfig` and the judge flags of :class:`JudgeConfig`, plus the loop's own.
 
     Shared names mean one thing: ``seed`` is the Trainer's (the sampler's seed of a step is drawn
     from it, the step and the process), ``mask_token_id`` and ``shift_logits`` serve the sampler
@@ -88,7 +88,7 @@ class OnlineConfig(ELBOKTOConfig, GenerationConfig, JudgeConfig):
 
     def __post_init__(self) -> None:
         ELBOKTOConfig.__post_init__(self)
-        GenerationConfig.__post_init__(self)
+        SamplingConfig.__post_init__(self)
         JudgeConfig.__post_init__(self)
         if self.num_samples_per_prompt < 1:
             raise ValueError(f"--num_samples_per_prompt {self.num_samples_per_prompt}: expected "
@@ -109,9 +109,9 @@ class OnlineConfig(ELBOKTOConfig, GenerationConfig, JudgeConfig):
                              "responses; use elbo_kto")
 
     @property
-    def generation(self) -> GenerationConfig:
-        return GenerationConfig(**{f.name: getattr(self, f.name)
-                                   for f in fields(GenerationConfig)})
+    def generation(self) -> SamplingConfig:
+        return SamplingConfig(**{f.name: getattr(self, f.name)
+                                   for f in fields(SamplingConfig)})
 
     @property
     def judge(self) -> JudgeConfig:

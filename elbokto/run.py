@@ -51,7 +51,7 @@ from elbokto.precompute import (
     reference_meta,
 )
 from elbokto.requires import pyplot
-from elbokto.sampling import GenerationConfig, decode_responses
+from elbokto.sampling import SamplingConfig, decode_responses
 from elbokto.tiny import build_tiny_tokenizer
 from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer, resume_checkpoint
 
@@ -255,7 +255,7 @@ class GenerateArgs:
                 "blocks with a KV cache of the finished ones; --block_length is set to it."})
 
 
-def generate_text(model_cfg: ModelConfig, gen_cfg: GenerationConfig, args: GenerateArgs,
+def generate_text(model_cfg: ModelConfig, gen_cfg: SamplingConfig, args: GenerateArgs,
                   device: str | None = None) -> list[tuple[str, str]]:
     """`elbokto generate`: chat-templated prompts through the reverse process.
 

@@ -21,6 +21,7 @@ Block-diffusion models (LLaDA2.0, SDAR) are sampled by :mod:`elbokto.block_sampl
 the same steps over the model's own blocks with a KV cache.
 """
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,11 +31,11 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-__all__ = ["GenerationConfig", "decode_responses", "generate"]
+__all__ = ["SamplingConfig", "decode_responses", "generate"]
 
 
 @dataclass
-class GenerationConfig:
+class SamplingConfig:
     """How :func:`generate` runs the reverse process. Defaults: the response as one block, one
     token per step, greedy, LLaDA's low-confidence remasking."""
 
@@ -129,7 +130,7 @@ class GenerationConfig:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: GenerationConfig, *,
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
              pad_token_id: int) -> Tensor:
     """Generate ``config.gen_length`` tokens after each prompt: int64 [B, gen_length], all unmasked.
 
@@ -202,13 +203,13 @@ def decode_responses(tokenizer, tokens: Tensor, eos_token_id: int | None = None)
     return texts
 
 
-def sampler_mask_id(model: nn.Module, config: GenerationConfig) -> int:
+def sampler_mask_id(model: nn.Module, config: SamplingConfig) -> int:
     """The config's mask token id, else the model config's; ValueError when neither has one."""
     mask_id = config.mask_token_id
     if mask_id is None:
         mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
     if mask_id is None:
-        raise ValueError(f"no mask token id: set GenerationConfig.mask_token_id, or "
+        raise ValueError(f"no mask token id: set SamplingConfig.mask_token_id, or "
                          f"{type(model).__name__}.config.mask_token_id")
     return mask_id
 
@@ -255,7 +256,7 @@ def schedules(num_masks: Sequence[int], steps: int) -> Tensor:
 
 
 def fill_block(block_tokens: Tensor, block_logits: Callable[[], Tensor], schedule: Tensor,
-                mask_id: int, config: GenerationConfig, generator: torch.Generator) -> None:
+                mask_id: int, config: SamplingConfig, generator: torch.Generator) -> None:
     """Runs one block's steps: commits proposals into its mask positions, in place.
 
     Args:
@@ -287,7 +288,7 @@ def fill_block(block_tokens: Tensor, block_logits: Callable[[], Tensor], schedul
         block_tokens.copy_(torch.where(commit, proposal, block_tokens))
 
 
-def _propose(logits: Tensor, config: GenerationConfig,
+def _propose(logits: Tensor, config: SamplingConfig,
              generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """From logits [B, N, V]: proposed tokens int64 [B, N] and their float64 confidences [B, N]."""
     logits = logits.double()
@@ -309,3 +310,12 @@ def _propose(logits: Tensor, config: GenerationConfig,
 def device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return torch.device("cpu") if param is None else param.device
+
+
+def __getattr__(name: str):
+    # The old name, for one release: it shadowed transformers' GenerationConfig (DESIGN §8).
+    if name == "GenerationConfig":
+        warnings.warn("elbokto.sampling.GenerationConfig is now SamplingConfig; the old name goes "
+                      "in the next release", FutureWarning, stacklevel=2)
+        return SamplingConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,7 @@
 without materialising the logits; ``fused_lm_head`` does that inside a model's own forward, at its
 head (``lm_head_unsupported`` says when it cannot). All take the masked copies of every sample at
 once and return one float32 ELBO estimate per sample. Backends (``elbokto_kernels.backends``):
-"triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" (C++), "torch" (reference path); "auto"
+"triton" (CUDA, or CPU under TRITON_INTERPRET=1), "cpu" (C++), "torch" (plain PyTorch); "auto"
 picks; ``usable_backends(device)`` lists those that work on a device here.
 """
 

@@ -16,7 +16,7 @@ tasks = Path(__file__).resolve().parent / "lm_eval_tasks"
 os.chdir(tasks)  # the task names its data relative to here
 results = simple_evaluate(
     model="elbokto", device="cpu", tasks=["elbokto_mc"], log_samples=True,
-    model_args=f"pretrained={folder},mc_num=4,mc_batch_size=4,kernel_backend=torch",
+    model_args=f"pretrained={folder},mc_num=4,mc_chunk_size=4,kernel_backend=torch",
     task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
 if results is not None:  # rank 0 only
     samples = sorted(results["samples"]["elbokto_mc"], key=lambda s: s["doc_id"])

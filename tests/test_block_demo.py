@@ -13,7 +13,7 @@ from elbokto.block_sampling import block_generate
 from elbokto.demo import (DESIRABLE, Encoder, build_model, classify, kto_rows,
                           sample_prompts, train_kto, train_sft)
 from elbokto.draws import MCConfig
-from elbokto.sampling import GenerationConfig, decode_responses
+from elbokto.sampling import SamplingConfig, decode_responses
 from tiny_models import small_demo_config
 
 # Three letters: prompts of 6 tokens and answers of 4, in blocks of 2.
@@ -23,7 +23,7 @@ CONFIG = small_demo_config(sft_mc=MCConfig(n_t=1, block_size=BLOCK),
 
 
 def rates(model, encoder, prompts) -> Counter:
-    gen = GenerationConfig(gen_length=CONFIG.gen_length, steps=CONFIG.gen_length,
+    gen = SamplingConfig(gen_length=CONFIG.gen_length, steps=CONFIG.gen_length,
                            block_length=BLOCK, temperature=1.0, remasking="random",
                            seed=CONFIG.seed, mask_token_id=encoder.tokenizer.mask_token_id)
     tokens = block_generate(model, encoder.prompt_ids(prompts), gen,

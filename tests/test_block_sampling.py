@@ -11,7 +11,7 @@ from torch import nn
 from elbokto.block_sampling import block_generate, check_block_cache
 from elbokto.cli import main
 from elbokto.data import prompt_token_ids
-from elbokto.sampling import GenerationConfig, decode_responses, generate
+from elbokto.sampling import SamplingConfig, decode_responses, generate
 from elbokto.models import ModelConfig, build_tiny_model, load_model, load_tokenizer
 from elbokto.tiny import build_tiny_tokenizer
 from tiny_models import MASK_ID, Wrapper, tiny_block_model
@@ -76,7 +76,7 @@ SAMPLERS = {"greedy": dict(),
 def test_cache_gives_the_cache_free_tokens(attn, sampler):
     """Prompts of 5, 9, 2 and 8 tokens: ends inside a block, shorter than a block, aligned."""
     model = tiny_block_model(seed=3, attn_implementation=attn).double()
-    config = GenerationConfig(gen_length=8, steps=4, block_length=BLOCK, **SAMPLERS[sampler])
+    config = SamplingConfig(gen_length=8, steps=4, block_length=BLOCK, **SAMPLERS[sampler])
     prompts = prompts_of([5, 9, 2, 8])
     calls = Recorder(model).calls
     cached = block_generate(model, prompts, config, pad_token_id=PAD)
@@ -97,7 +97,7 @@ def test_cache_gives_the_cache_free_tokens(attn, sampler):
 def test_aligned_prompts_give_the_plain_sampler_made_block_causal(model, sampler):
     """Prompts of whole blocks: the plain sampler's left-padded canvas and blocks are the block
     sampler's, so through :class:`BlockCausal` it must give the same tokens."""
-    config = GenerationConfig(gen_length=8, steps=8, block_length=BLOCK, **SAMPLERS[sampler])
+    config = SamplingConfig(gen_length=8, steps=8, block_length=BLOCK, **SAMPLERS[sampler])
     prompts = prompts_of([4, 12, 8], seed=1)
     want = generate(BlockCausal(model, BLOCK), prompts, config, pad_token_id=PAD)
     got = block_generate(model, prompts, config, pad_token_id=PAD)
@@ -105,7 +105,7 @@ def test_aligned_prompts_give_the_plain_sampler_made_block_causal(model, sampler
 
 
 def test_batch_equals_each_prompt_alone(model):
-    config = GenerationConfig(gen_length=8, steps=8, block_length=BLOCK)
+    config = SamplingConfig(gen_length=8, steps=8, block_length=BLOCK)
     prompts = prompts_of([6, 1, 11, 4], seed=2)
     batch = block_generate(model, prompts, config, pad_token_id=PAD)
     alone = torch.cat([block_generate(model, [p], config, pad_token_id=PAD) for p in prompts])
@@ -118,7 +118,7 @@ def test_layout_of_prompts_that_end_inside_a_block(model):
     """Prompts of 5 and 2 tokens, b = 4: row 0 keeps position 0..3 in block 0 and shares block 1
     with its response; row 1 is padded by one block and shares block 1 too."""
     prompts = prompts_of([5, 2], seed=4)
-    config = GenerationConfig(gen_length=4, steps=4, block_length=BLOCK)
+    config = SamplingConfig(gen_length=4, steps=4, block_length=BLOCK)
     calls = Recorder(model).calls
     out = block_generate(model, prompts, config, pad_token_id=PAD)
     prefill, first = calls[0], calls[1]
@@ -160,12 +160,12 @@ def test_models_whose_cache_is_not_exact_are_refused():
         check_block_cache(OwnCache(tiny_block_model()), BLOCK)
     with pytest.raises(ValueError, match="scores a block differently"):
         check_block_cache(OwnMaskWithCache(tiny_block_model()), BLOCK)
-    config = GenerationConfig(gen_length=4, steps=4, block_length=BLOCK)
+    config = SamplingConfig(gen_length=4, steps=4, block_length=BLOCK)
     with pytest.raises(ValueError, match="holds 0 positions"):
         block_generate(OwnCache(tiny_block_model()), prompts_of([5]), config, pad_token_id=PAD)
     block_generate(OwnCache(tiny_block_model()), prompts_of([5]), config, pad_token_id=PAD,
                    use_cache=False)
-    shifted = GenerationConfig(gen_length=4, block_length=BLOCK, shift_logits=True)
+    shifted = SamplingConfig(gen_length=4, block_length=BLOCK, shift_logits=True)
     with pytest.raises(ValueError, match="shift_logits"):
         block_generate(tiny_block_model(), prompts_of([5]), shifted, pad_token_id=PAD)
 
@@ -190,7 +190,7 @@ def test_elbokto_generate_samples_block_models_block_by_block(tmp_path, capsys):
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(str(tmp_path), model_cfg, tokenizer=tokenizer).eval()
     ids = prompt_token_ids(tokenizer, [[{"role": "user", "content": p}] for p in prompts])
-    config = GenerationConfig(gen_length=8, steps=4, block_length=BLOCK, temperature=1.0,
+    config = SamplingConfig(gen_length=8, steps=4, block_length=BLOCK, temperature=1.0,
                               mask_token_id=tokenizer.mask_token_id)
     block = block_generate(model, ids, config, pad_token_id=tokenizer.pad_token_id)
     assert [line["response"] for line in lines] == decode_responses(tokenizer, block)

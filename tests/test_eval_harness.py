@@ -30,7 +30,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(folder):
-    return DiffusionLM(pretrained=str(folder), device="cpu", mc_num=6, mc_batch_size=4,
+    return DiffusionLM(pretrained=str(folder), device="cpu", mc_num=6, mc_chunk_size=4,
                        batch_size=2, kernel_backend="torch")
 
 
@@ -204,7 +204,7 @@ def test_lm_eval_cli_runs_offline_on_local_tasks(folder, lm, tmp_path, monkeypat
                         partialmethod(TaskManager.__init__, include_defaults=False))
     out = tmp_path / "results"
     args = ["--model", "elbokto", "--device", "cpu", "--model_args",
-            f"pretrained={folder},mc_num=6,mc_batch_size=4,kernel_backend=torch",
+            f"pretrained={folder},mc_num=6,mc_chunk_size=4,kernel_backend=torch",
             "--tasks", "elbokto_mc,elbokto_gen", "--include_path", str(TASKS),
             "--batch_size", "2", "--output_path", str(out), "--log_samples",
             "--apply_chat_template"]
@@ -243,8 +243,15 @@ def test_two_processes_split_the_requests_and_gather_them(folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     gathered = json.loads(out.read_text())
     assert gathered["world_size"] == 2 and len(gathered["requests"]) == 3  # every doc, once
-    single = DiffusionLM(pretrained=str(folder), device="cpu", mc_num=4, mc_batch_size=4,
+    single = DiffusionLM(pretrained=str(folder), device="cpu", mc_num=4, mc_chunk_size=4,
                          kernel_backend="torch")
     for requests, values in zip(gathered["requests"], gathered["values"]):
         direct = single.loglikelihood([loglikelihood_request(*r) for r in requests])
         assert values == pytest.approx([v for v, _ in direct], abs=1e-5)
+
+
+def test_the_old_name_of_mc_chunk_size_is_accepted_with_a_warning(lm):
+    with pytest.warns(FutureWarning, match="mc_chunk_size"):
+        old = DiffusionLM(pretrained=lm.model, tokenizer=lm.tokenizer, device="cpu",
+                          mc_batch_size=5)
+    assert old.mc_chunk_size == 5

@@ -7,7 +7,7 @@ import pytest
 
 from elbokto.cli import main
 from elbokto.eval import JudgeConfig, RuleJudgeServer, WinrateArgs, run_winrate
-from elbokto.sampling import GenerationConfig
+from elbokto.sampling import SamplingConfig
 from tiny_eval import save_tiny_model
 
 PROMPTS = ["Reverse abc", "Reverse hello", "What color is the sky?"]
@@ -85,7 +85,7 @@ def test_prompts_from_a_dataset_split(tmp_path, folder):
                         baseline=str(write_jsonl(tmp_path / "b.jsonl", answers)),
                         dataset=str(data), dataset_split="train", max_samples=2,
                         output_dir=str(tmp_path / "out")),
-            GenerationConfig(), JudgeConfig(judge_model=["rule"],
+            SamplingConfig(), JudgeConfig(judge_model=["rule"],
                                             judge_base_url=server.base_url))
     assert summary["n"] == 2 and summary["ties"] == 2 and summary["awr"] == 0.5
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import HfArgumentParser
 
-from elbokto import GenerationConfig, decode_responses, generate
+from elbokto import SamplingConfig, decode_responses, generate
 from tiny_models import MASK_ID, NextTokenLogits, tiny_gemma
 
 PAD = 0
@@ -57,7 +57,7 @@ def prompts_of(lengths, seed=0):
 
 def test_blocks_schedule_and_prompt(gemma):
     # 2 blocks of 5 with 2 steps each: LLaDA's schedule commits 3 then 2 tokens per block.
-    config = GenerationConfig(gen_length=10, block_length=5, steps=4)
+    config = SamplingConfig(gen_length=10, block_length=5, steps=4)
     prompts = prompts_of([4, 2, 6])
     model = Recorder(gemma)
     out = generate(model, prompts, config, pad_token_id=PAD)
@@ -88,7 +88,7 @@ def test_blocks_schedule_and_prompt(gemma):
 
 @pytest.mark.parametrize("remasking", ["low_confidence", "random"])
 def test_batch_equals_each_prompt_alone(gemma, remasking):
-    config = GenerationConfig(gen_length=8, block_length=4, steps=4, remasking=remasking)
+    config = SamplingConfig(gen_length=8, block_length=4, steps=4, remasking=remasking)
     prompts = prompts_of([3, 7, 1, 5], seed=1)
     batch = generate(gemma, prompts, config, pad_token_id=PAD)
     if remasking == "low_confidence":
@@ -101,7 +101,7 @@ def test_batch_equals_each_prompt_alone(gemma, remasking):
 
 def test_equal_lengths_pass_no_attention_mask(gemma):
     model = Recorder(gemma)
-    generate(model, prompts_of([3, 3]), GenerationConfig(gen_length=4, steps=2, block_length=4),
+    generate(model, prompts_of([3, 3]), SamplingConfig(gen_length=4, steps=2, block_length=4),
              pad_token_id=PAD)
     assert model.masks == [None, None]
 
@@ -111,7 +111,7 @@ def test_seeded_determinism(gemma, remasking):
     prompts = prompts_of([2, 5], seed=2)
 
     def run(seed):
-        config = GenerationConfig(gen_length=16, block_length=8, steps=8, temperature=1.0,
+        config = SamplingConfig(gen_length=16, block_length=8, steps=8, temperature=1.0,
                                   remasking=remasking, seed=seed)
         return generate(gemma, prompts, config, pad_token_id=PAD)
 
@@ -127,7 +127,7 @@ def test_low_confidence_commits_most_probable_first():
     logits = torch.zeros(1 + gen, vocab + 1)
     logits[1:, 2] = weights
     model = FixedLogits(logits)
-    out = generate(model, [[1]], GenerationConfig(gen_length=gen, steps=gen, block_length=gen,
+    out = generate(model, [[1]], SamplingConfig(gen_length=gen, steps=gen, block_length=gen,
                                                   mask_token_id=vocab), pad_token_id=PAD)
     assert out.tolist() == [[2] * gen]
     masked_before = [set((c[0, 1:] == vocab).nonzero().flatten().tolist()) for c in model.calls]
@@ -141,7 +141,7 @@ def test_temperature_samples_softmax_over_temperature():
     logits = torch.zeros(2, vocab + 1)
     logits[1, :vocab] = torch.tensor([0.0, 1.0, 2.0, 3.0])
     logits[:, vocab] = -math.inf  # the mask token is never proposed
-    config = GenerationConfig(gen_length=1, steps=1, block_length=1, temperature=temperature,
+    config = SamplingConfig(gen_length=1, steps=1, block_length=1, temperature=temperature,
                               mask_token_id=vocab, seed=5)
     out = generate(FixedLogits(logits), [[0]] * rows, config, pad_token_id=PAD)
     freq = torch.bincount(out[:, 0], minlength=vocab).double() / rows
@@ -151,10 +151,10 @@ def test_temperature_samples_softmax_over_temperature():
 
 
 def test_shift_logits_undoes_a_next_token_head(gemma):
-    config = GenerationConfig(gen_length=6, steps=3, block_length=6, mask_token_id=MASK_ID)
+    config = SamplingConfig(gen_length=6, steps=3, block_length=6, mask_token_id=MASK_ID)
     prompts = prompts_of([2, 4], seed=3)
     want = generate(gemma, prompts, config, pad_token_id=PAD)
-    shifted = GenerationConfig(gen_length=6, steps=3, block_length=6, mask_token_id=MASK_ID,
+    shifted = SamplingConfig(gen_length=6, steps=3, block_length=6, mask_token_id=MASK_ID,
                                shift_logits=True)
     got = generate(NextTokenLogits(gemma), prompts, shifted, pad_token_id=PAD)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -171,15 +171,15 @@ def test_shift_logits_undoes_a_next_token_head(gemma):
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        GenerationConfig(**kwargs)
+        SamplingConfig(**kwargs)
 
 
 def test_bad_inputs():
     model = FixedLogits(torch.zeros(3, 4))
-    config = GenerationConfig(gen_length=2, steps=2, block_length=2)
+    config = SamplingConfig(gen_length=2, steps=2, block_length=2)
     with pytest.raises(ValueError, match="no mask token id"):
         generate(model, [[1]], config, pad_token_id=PAD)
-    config = GenerationConfig(gen_length=2, steps=2, block_length=2, mask_token_id=3)
+    config = SamplingConfig(gen_length=2, steps=2, block_length=2, mask_token_id=3)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, [[1], []], config, pad_token_id=PAD)
     with pytest.raises(ValueError, match="prompts is empty"):
@@ -187,13 +187,13 @@ def test_bad_inputs():
 
 
 def test_config_fields_are_cli_flags():
-    (config,) = HfArgumentParser(GenerationConfig).parse_args_into_dataclasses(
+    (config,) = HfArgumentParser(SamplingConfig).parse_args_into_dataclasses(
         ["--gen_length", "32", "--block_length", "8", "--steps", "16", "--remasking", "random",
          "--temperature", "0.5", "--mask_token_id", "126336", "--shift_logits"])
-    assert config == GenerationConfig(gen_length=32, block_length=8, steps=16, remasking="random",
+    assert config == SamplingConfig(gen_length=32, block_length=8, steps=16, remasking="random",
                                       temperature=0.5, mask_token_id=126336, shift_logits=True)
-    (default,) = HfArgumentParser(GenerationConfig).parse_args_into_dataclasses([])
-    assert default == GenerationConfig() and default.mask_token_id is None
+    (default,) = HfArgumentParser(SamplingConfig).parse_args_into_dataclasses([])
+    assert default == SamplingConfig() and default.mask_token_id is None
 
 
 class CharTokenizer:
@@ -238,7 +238,7 @@ def committed_per_call(model, mask_id):
 def test_commits_everything_above_the_threshold_and_at_least_one():
     probs = [0.9, 0.3, 0.95, 0.6, 0.25]
     model = PeakedLogits(probs)
-    config = GenerationConfig(gen_length=5, steps=5, block_length=5, mask_token_id=6,
+    config = SamplingConfig(gen_length=5, steps=5, block_length=5, mask_token_id=6,
                               threshold=0.5)
     out = generate(model, [[2]], config, pad_token_id=PAD)
     assert out.tolist() == [[1] * 5]
@@ -249,7 +249,7 @@ def test_commits_everything_above_the_threshold_and_at_least_one():
 def test_schedule_count_is_the_floor():
     # 4 tokens in 2 steps: the schedule asks for 2 per step even when none passes.
     model = PeakedLogits([0.3, 0.2, 0.4, 0.1])
-    config = GenerationConfig(gen_length=4, steps=2, block_length=4, mask_token_id=6,
+    config = SamplingConfig(gen_length=4, steps=2, block_length=4, mask_token_id=6,
                               threshold=0.9)
     generate(model, [[2]], config, pad_token_id=PAD)
     assert committed_per_call(model, 6) == [[0, 2], [1, 3]]
@@ -257,8 +257,8 @@ def test_schedule_count_is_the_floor():
 
 def test_threshold_one_is_the_schedule(gemma):
     prompts = [[5, 9, 11], [7, 3, 8, 2, 4], [6]]
-    base = GenerationConfig(gen_length=8, steps=8, block_length=4)
-    strict = GenerationConfig(gen_length=8, steps=8, block_length=4, threshold=1.0)
+    base = SamplingConfig(gen_length=8, steps=8, block_length=4)
+    strict = SamplingConfig(gen_length=8, steps=8, block_length=4, threshold=1.0)
     torch.testing.assert_close(generate(gemma, prompts, strict, pad_token_id=PAD),
                                generate(gemma, prompts, base, pad_token_id=PAD), rtol=0, atol=0)
 
@@ -266,7 +266,7 @@ def test_threshold_one_is_the_schedule(gemma):
 def test_batch_with_padding_equals_each_prompt_alone(gemma):
     # Rows finish their blocks at different steps; a finished row must stay untouched.
     prompts = [[5, 9, 11], [7, 3, 8, 2, 4, 1, 1], [6]]
-    config = GenerationConfig(gen_length=8, steps=8, block_length=4, threshold=0.02)
+    config = SamplingConfig(gen_length=8, steps=8, block_length=4, threshold=0.02)
     batch = generate(gemma, prompts, config, pad_token_id=PAD)
     alone = torch.cat([generate(gemma, [p], config, pad_token_id=PAD) for p in prompts])
     torch.testing.assert_close(batch, alone, rtol=0, atol=0)
@@ -275,7 +275,7 @@ def test_batch_with_padding_equals_each_prompt_alone(gemma):
 
 def test_fewer_model_calls_when_confident():
     model = PeakedLogits([0.99] * 8)
-    config = GenerationConfig(gen_length=8, steps=8, block_length=4, mask_token_id=6,
+    config = SamplingConfig(gen_length=8, steps=8, block_length=4, mask_token_id=6,
                               threshold=0.9)
     generate(model, [[2], [3]], config, pad_token_id=PAD)
     assert len(model.calls) == 2  # one per block
@@ -288,7 +288,7 @@ def test_fewer_model_calls_when_confident():
 ])
 def test_bad_threshold(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        GenerationConfig(**kwargs)
+        SamplingConfig(**kwargs)
 
 
 class CountingLogits(nn.Module):
@@ -314,7 +314,7 @@ def test_rows_that_finish_early_keep_their_tokens():
     # Row 0 fills its block at the first call; row 1 needs all four. Row 0 must keep the tokens
     # of call 0 through the calls that row 1 still needs.
     model = CountingLogits([0.99, 0.3])
-    config = GenerationConfig(gen_length=4, steps=4, block_length=4, mask_token_id=8,
+    config = SamplingConfig(gen_length=4, steps=4, block_length=4, mask_token_id=8,
                               threshold=0.9)
     out = generate(model, [[2], [3]], config, pad_token_id=PAD)
     assert model.calls == 4
@@ -323,7 +323,14 @@ def test_rows_that_finish_early_keep_their_tokens():
 
 @pytest.mark.parametrize("gen_length", [1, 7, 64, 100])
 def test_defaults_work_with_any_gen_length(gen_length):
-    config = GenerationConfig(gen_length=gen_length)
+    config = SamplingConfig(gen_length=gen_length)
     assert (config.block_length, config.steps) == (gen_length, gen_length)
     with pytest.raises(ValueError, match="multiple"):
-        GenerationConfig(gen_length=gen_length + 1, block_length=gen_length + 2)
+        SamplingConfig(gen_length=gen_length + 1, block_length=gen_length + 2)
+
+
+def test_the_old_name_of_sampling_config_warns():
+    import elbokto
+
+    with pytest.warns(FutureWarning, match="now SamplingConfig"):
+        assert elbokto.GenerationConfig is SamplingConfig

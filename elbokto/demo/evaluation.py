@@ -17,14 +17,14 @@ from elbokto.demo.task import (
     classify,
 )
 from elbokto.demo.training import kto_objective
-from elbokto.sampling import GenerationConfig, decode_responses, generate
+from elbokto.sampling import SamplingConfig, decode_responses, generate
 
 logger = logging.getLogger(__name__)
 
 
 def evaluate(model: nn.Module, encoder: Encoder, prompts: list[str], config: DemoConfig) -> dict:
     """Rates of the three classes over ``prompts``, one sample each (seeded)."""
-    gen = GenerationConfig(gen_length=config.gen_length, steps=config.gen_length,
+    gen = SamplingConfig(gen_length=config.gen_length, steps=config.gen_length,
                            block_length=config.gen_length, temperature=config.temperature,
                            remasking=config.remasking, seed=config.seed)
     tokens = generate(model, encoder.prompt_ids(prompts), gen,

@@ -17,7 +17,7 @@ from elbokto.demo.task import DESIRABLE, OTHER, UNDESIRABLE, Encoder, classify
 from elbokto.eval.judge import JudgeConfig
 from elbokto.eval.rule_judge import Rule, RuleJudgeServer
 from elbokto.eval.winrate import compute_winrate
-from elbokto.sampling import GenerationConfig, decode_responses, generate
+from elbokto.sampling import SamplingConfig, decode_responses, generate
 
 _RANK = {DESIRABLE: 2, UNDESIRABLE: 1, OTHER: 0}
 
@@ -37,7 +37,7 @@ def demo_winrate(policy: nn.Module, sft_model: nn.Module, encoder: Encoder, prom
     """Samples both models on ``prompts`` as the demo's evaluation does (one seeded sample each)
     and returns :func:`elbokto.eval.compute_winrate`'s summary of the policy against the SFT
     model; its files go to ``<output_dir>/winrate``."""
-    gen = GenerationConfig(gen_length=config.gen_length, steps=config.gen_length,
+    gen = SamplingConfig(gen_length=config.gen_length, steps=config.gen_length,
                            block_length=config.gen_length, temperature=config.temperature,
                            remasking=config.remasking, seed=config.seed,
                            mask_token_id=encoder.tokenizer.mask_token_id)

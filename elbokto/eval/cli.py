@@ -32,9 +32,9 @@ def winrate(argv: list[str]) -> int:
 
     from elbokto.eval.judge import JudgeConfig
     from elbokto.eval.winrate import WinrateArgs, run_winrate
-    from elbokto.sampling import GenerationConfig
+    from elbokto.sampling import SamplingConfig
 
-    parser = HfArgumentParser([WinrateArgs, GenerationConfig, JudgeConfig],
+    parser = HfArgumentParser([WinrateArgs, SamplingConfig, JudgeConfig],
                               prog="elbokto eval winrate")
     args, gen_cfg, judge_cfg = parser.parse_args_into_dataclasses(argv)
     summary = run_winrate(args, gen_cfg, judge_cfg)

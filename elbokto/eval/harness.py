@@ -11,7 +11,7 @@ Registered with lm-eval (>= 0.4.13) when this module is imported, so
   mc_num) + 1 of the L continuation tokens, counts stratified across the copies as in LLaDA's
   evaluation (the Bernoulli estimator for models with shifted logits, as Dream's). The copies go
   through :func:`elbokto.elbo_estimate` (the fused LM head: only masked rows are scored, no
-  [copies, T, V] logits), ``mc_batch_size`` copies per forward, copies of several requests sharing
+  [copies, T, V] logits), ``mc_chunk_size`` copies per forward, copies of several requests sharing
   a forward. With one continuation token every copy masks it with weight 1: the value is the exact
   log-probability. ``is_greedy`` (``is_greedy_mode``): "argmax" (default), every continuation
   token is the argmax of the model's prediction at its position when ALL continuation tokens are
@@ -40,6 +40,7 @@ import inspect
 import json
 import logging
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import replace
 
@@ -66,7 +67,7 @@ from elbokto.models import (
     resolve_mask_token_id,
     uses_shifted_logits,
 )
-from elbokto.sampling import GenerationConfig, decode_responses
+from elbokto.sampling import SamplingConfig, decode_responses
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class DiffusionLM(TemplateLM):
         batch_size: prompts per sampler batch in ``generate_until`` and requests per is_greedy
             forward (lm-eval's ``--batch_size``).
         mc_num: noisy copies per likelihood request (LLaDA's evaluation uses 128).
-        mc_batch_size: copies per forward: the memory knob.
+        mc_chunk_size: copies per forward: the memory knob (``mc_batch_size``: its old name).
         estimator: "fixed_count" or "bernoulli"; default: bernoulli for shifted-logit models
             (Dream), else fixed_count.
         cfg_scale: classifier-free guidance for likelihoods; 0 = none.
@@ -102,7 +103,7 @@ class DiffusionLM(TemplateLM):
         gen_length: sampler canvas; default: the task's max_gen_toks rounded up to a multiple
             of block_length.
         block_length, steps, threshold, remasking, temperature: the sampler's
-            :class:`elbokto.GenerationConfig` (steps default: gen_length, one token per step;
+            :class:`elbokto.SamplingConfig` (steps default: gen_length, one token per step;
             a task's temperature with ``do_sample`` overrides ``temperature``).
         kernel_backend: backend of the fused kernels ("auto", "triton", "cpu", "torch").
         is_greedy_mode: "argmax" (one forward with the whole continuation masked) or "llada"
@@ -111,14 +112,19 @@ class DiffusionLM(TemplateLM):
 
     def __init__(self, pretrained: str | nn.Module, tokenizer=None, trust_remote_code: bool = False,
                  dtype: str = "auto", device: str | None = None, batch_size: int | str = 8,
-                 mc_num: int = 128, mc_batch_size: int = 32, estimator: str | None = None,
+                 mc_num: int = 128, mc_chunk_size: int = 32, estimator: str | None = None,
                  cfg_scale: float = 0.0, seed: int = 0, max_length: int | None = None,
                  mask_token_id: int | None = None, add_bos_token: bool | None = None,
                  max_gen_toks: int = 256, gen_length: int | None = None, block_length: int = 32,
                  steps: int | None = None, threshold: float | None = None,
                  remasking: str = "low_confidence", temperature: float = 0.0,
-                 kernel_backend: str = "auto", is_greedy_mode: str = "argmax") -> None:
+                 kernel_backend: str = "auto", is_greedy_mode: str = "argmax",
+                 mc_batch_size: int | None = None) -> None:
         super().__init__()
+        if mc_batch_size is not None:  # the old name, for one release (DESIGN §8, "copy chunk")
+            warnings.warn("the lm-eval model arg mc_batch_size is now mc_chunk_size; the old "
+                          "name goes in the next release", FutureWarning, stacklevel=2)
+            mc_chunk_size = mc_batch_size
         if is_greedy_mode not in GREEDY_MODES:
             raise ValueError(f"is_greedy_mode={is_greedy_mode!r}; expected one of "
                              f"{GREEDY_MODES}")
@@ -138,13 +144,13 @@ class DiffusionLM(TemplateLM):
                 device = "cpu"
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available()
                                                    else "cpu"))
-        for name, value in (("mc_num", mc_num), ("mc_batch_size", mc_batch_size),
+        for name, value in (("mc_num", mc_num), ("mc_chunk_size", mc_chunk_size),
                             ("max_gen_toks", max_gen_toks), ("block_length", block_length)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}; expected an integer >= 1")
         if isinstance(batch_size, str) and not batch_size.isdigit():
             raise ValueError(f"batch_size={batch_size!r}; expected an integer ('auto' is not "
-                             f"supported: mc_batch_size sets the memory use)")
+                             f"supported: mc_chunk_size sets the memory use)")
         self.batch_size = int(batch_size)
         if isinstance(pretrained, str):
             model_cfg = ModelConfig(model_name_or_path=pretrained,
@@ -164,12 +170,12 @@ class DiffusionLM(TemplateLM):
         self.mc = MCConfig(estimator=estimator or ("bernoulli" if self.shift_logits
                                                    else "fixed_count"),
                            n_t=mc_num, n_yt=1, antithetic=True)
-        self.mc_batch_size, self.cfg_scale, self.seed = mc_batch_size, float(cfg_scale), seed
+        self.mc_chunk_size, self.cfg_scale, self.seed = mc_chunk_size, float(cfg_scale), seed
         self._max_length = max_length or _config_max_length(self.model.config)
         self.add_bos_token = add_bos_token
         self.max_gen_toks, self.gen_length, self.block_length = max_gen_toks, gen_length, \
             block_length
-        self.sampler = GenerationConfig(gen_length=block_length, steps=block_length,
+        self.sampler = SamplingConfig(gen_length=block_length, steps=block_length,
                                         block_length=block_length, temperature=temperature,
                                         remasking=remasking, threshold=threshold, seed=seed,
                                         mask_token_id=self.mask_token_id,
@@ -271,7 +277,7 @@ class DiffusionLM(TemplateLM):
              ) -> list[float]:
         """MC ELBO of each continuation given its context, float: ``mc_num`` copies per pair.
 
-        Pairs are taken longest first and their copies cut into forwards of ``mc_batch_size``
+        Pairs are taken longest first and their copies cut into forwards of ``mc_chunk_size``
         copies (a forward may hold the copies of several pairs, right-padded)."""
         if resolve_block_size(self.model.config, None) is not None:
             # Its ELBO needs the per-block draws and [x_t ; x_0] forward of training; scoring it
@@ -284,8 +290,8 @@ class DiffusionLM(TemplateLM):
         draws = {}
         copies = [(i, k) for i in order for k in range(self.mc.num_copies)]
         totals = [0.0] * len(pairs)
-        chunks = [copies[s:s + self.mc_batch_size]
-                  for s in range(0, len(copies), self.mc_batch_size)]
+        chunks = [copies[s:s + self.mc_chunk_size]
+                  for s in range(0, len(copies), self.mc_chunk_size)]
         for chunk in tqdm(chunks, desc="ELBO", disable=disable_tqdm or self.rank != 0):
             owners = list(dict.fromkeys(i for i, _ in chunk))
             for i in owners:
@@ -433,7 +439,7 @@ class DiffusionLM(TemplateLM):
     def _eos_text(self) -> str | None:
         return None if self.eot_token_id is None else self.tokenizer.decode([self.eot_token_id])
 
-    def _sampler_config(self, max_gen_toks: int, temperature: float) -> GenerationConfig:
+    def _sampler_config(self, max_gen_toks: int, temperature: float) -> SamplingConfig:
         """The sampler for a task's budget: a canvas of whole blocks covering max_gen_toks."""
         block = min(self.block_length, max_gen_toks)
         length = self.gen_length or -(-max_gen_toks // block) * block

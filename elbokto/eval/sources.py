@@ -30,7 +30,7 @@ from elbokto.block_sampling import sampler_for
 from elbokto.data import load_source, prompt_token_ids, unpair
 from elbokto.durable import append_lines
 from elbokto.models import ModelConfig, load_model, load_tokenizer, uses_shifted_logits
-from elbokto.sampling import GenerationConfig, decode_responses
+from elbokto.sampling import SamplingConfig, decode_responses
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def is_response_file(source: str) -> bool:
 
 
 def responses_from(source: str, prompts: list[Prompt], output_dir: str | Path,
-                   gen_cfg: GenerationConfig, model_cfg: ModelConfig, batch_size: int = 8,
+                   gen_cfg: SamplingConfig, model_cfg: ModelConfig, batch_size: int = 8,
                    device: str | None = None) -> list[str]:
     """The responses of a source (a JSONL file or a model, see the module doc) to ``prompts``."""
     if is_response_file(source):
@@ -149,7 +149,7 @@ def responses_from(source: str, prompts: list[Prompt], output_dir: str | Path,
 
 
 def _sample_into(path: Path, source: str, prompts: list[Prompt], fingerprint: str,
-                 gen_cfg: GenerationConfig, model_cfg: ModelConfig, batch_size: int,
+                 gen_cfg: SamplingConfig, model_cfg: ModelConfig, batch_size: int,
                  device: str | None, done: dict[str, str]) -> None:
     """Samples ``prompts`` with the model ``source``; appends each batch to ``path`` and
     ``done``."""
@@ -179,7 +179,7 @@ def _sample_into(path: Path, source: str, prompts: list[Prompt], fingerprint: st
         torch.cuda.empty_cache()
 
 
-def _fingerprint(source: str, gen_cfg: GenerationConfig) -> str:
+def _fingerprint(source: str, gen_cfg: SamplingConfig) -> str:
     blob = json.dumps([source, asdict(gen_cfg)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

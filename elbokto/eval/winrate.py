@@ -32,7 +32,7 @@ from elbokto.eval.stats import cohen_kappa, prompt_outcome, win_rate
 from elbokto.eval.template import load_template
 from elbokto.models import ModelConfig
 from elbokto.requires import pyplot
-from elbokto.sampling import GenerationConfig
+from elbokto.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class WinrateArgs:
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
 
 
-def run_winrate(args: WinrateArgs, gen_cfg: GenerationConfig, judge_cfg: JudgeConfig) -> dict:
+def run_winrate(args: WinrateArgs, gen_cfg: SamplingConfig, judge_cfg: JudgeConfig) -> dict:
     """Prompts -> responses of both sources -> judgments -> summary (see :func:`compute_winrate`).
 
     The judge is checked (named, template valid, endpoint reachable) before any sampling."""

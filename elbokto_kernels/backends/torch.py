@@ -1,5 +1,5 @@
-"""The "torch" backend: the row primitives of ``RowOps`` in plain PyTorch, the numerical
-reference path (any device torch runs on).
+"""The "torch" backend: the row primitives of ``RowOps`` in plain PyTorch, on any device torch
+runs on (the float64 oracle, ``oracle.py``, is what every backend is checked against).
 
 Chunked over rows so that at most one chunk of float32 log-softmax is alive at a time.
 """
