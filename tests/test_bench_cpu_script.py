@@ -13,6 +13,7 @@ from elbokto_kernels import usable_backends
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cpu.py"
 
 
+@pytest.mark.slow
 def test_bench_cpu_quick(tmp_path):
     if "cpu" not in usable_backends("cpu"):
         pytest.skip("the C++ kernel did not build here")
@@ -53,6 +54,7 @@ def test_filter_distributions_and_table():
     assert "no slower than the exact op: 1.00x its speed, met." in text
 
 
+@pytest.mark.slow
 def test_bench_integration_quick(tmp_path):
     """benchmarks/bench_integration.py --quick: the three MDLM steps agree on the loss (the script
     refuses otherwise) and the table is recorded."""

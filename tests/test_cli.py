@@ -138,6 +138,7 @@ def test_merge_refuses_what_is_no_adapter_folder(tmp_path, capsys):
     assert "is the adapter folder itself" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_selfcheck_without_triton_interpret():
     """`elbokto selfcheck` imports transformers, and with it triton, before the self-check runs;
     on CPU the Triton rows must still appear (under the interpreter)."""

@@ -16,6 +16,7 @@ from kill_points import Killed, armed, torn_torch_save
 from tiny_models import small_demo_config
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_summary_and_plot(tmp_path):
     assert main(["demo", "--quick", "--output_dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -27,6 +28,7 @@ def test_quick_demo_writes_summary_and_plot(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_seeds_and_filter_eps(tmp_path):
     """--seeds runs one demo per seed in its own folder and gathers the rates; --filter_eps
     reaches the training runs."""
@@ -46,6 +48,7 @@ def test_seeds_and_filter_eps(tmp_path):
     assert main(["demo", "--quick", "--seeds", "1", "1", "--output_dir", str(tmp_path)]) == 2
 
 
+@pytest.mark.slow
 def test_ablations_over_seeds(tmp_path):
     """--ablate --seeds: every setting for every seed, gathered in ablations.json with the spread
     over the seeds, and plotted."""
@@ -91,6 +94,7 @@ def test_demo_flags_refuse_bad_values(tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_kto_flags_and_the_sft_cache(tmp_path):
     """--beta, --kto_lr and --kto_epochs reach the ELBO-KTO stage; with --sft_cache a second run
     loads the SFT model the first one trained (the same SFT losses, no SFT time spent)."""

@@ -106,6 +106,7 @@ def _targeted(points: list[tuple[str, str]]) -> list[int]:
     return sorted(chosen)
 
 
+@pytest.mark.slow
 def test_kills_at_write_points_of_a_continued_run(runs):
     """The main kill trial, in process: stopped before each chosen write, then resumed."""
     points = _write_points(runs)

@@ -72,6 +72,7 @@ def test_shift_logits_and_logits_path():
                       attention_mask=batch["attention_mask"], shift_logits=True)
 
 
+@pytest.mark.slow
 def test_fused_head_under_fsdp2(tmp_path):
     """Two gloo ranks, FSDP2 (fully_shard): the head weight exists only inside its forward."""
     import os

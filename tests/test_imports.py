@@ -36,6 +36,7 @@ def test_import_elbokto_loads_nothing_heavy():
     assert out.split("\n")[0] == "['torch']"  # elbokto_kernels' one dependency
 
 
+@pytest.mark.slow
 def test_the_library_works_without_the_optional_packages():
     out = run_without("""
         import elbokto, elbokto.models
@@ -85,6 +86,7 @@ def test_an_error_inside_an_installed_package_is_not_renamed():
         require("json.nope", "a test")
 
 
+@pytest.mark.slow
 def test_public_names_are_what_they_say_after_any_import():
     """A public name that were also a submodule's would turn into that module once anything
     imported the submodule (``from elbokto import generate`` would give a module)."""

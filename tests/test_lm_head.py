@@ -158,6 +158,7 @@ def test_a_lora_variant_head_is_refused_with_the_reason():
             pass
 
 
+@pytest.mark.slow
 def test_tied_and_lora_heads_under_fsdp2():
     """Two gloo ranks, FSDP2 (fully_shard): the weights exist whole only inside the forward."""
     import os

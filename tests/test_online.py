@@ -152,6 +152,7 @@ def test_resume_replays_no_labeller_call(tmp_path, accumulation):
         [(s["prompt"], s["response"], True) for s in before]
 
 
+@pytest.mark.slow
 def test_two_ranks_split_the_prompts(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(f"""

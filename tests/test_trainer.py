@@ -152,6 +152,7 @@ def test_kl_baseline_refuses_a_batch_of_one(tmp_path):
     configs(tmp_path, data, baseline="kl", per_device_train_batch_size=2)
 
 
+@pytest.mark.slow
 def test_two_ranks_share_the_baseline(tmp_path):
     data = write_kto_mix(tmp_path / "data.jsonl")
     script = tmp_path / "rank.py"
