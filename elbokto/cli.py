@@ -18,50 +18,20 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
+from elbokto.cli_args import (
+    DemoArgs,
+    DiagnoseArgs,
+    GenerateArgs,
+    MergeArgs,
+    PrecomputeArgs,
+    filter_eps_flag,
+)
 from elbokto.presets import PresetArgs, preset_values
 
 COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "merge", "demo", "eval",
             "selfcheck")
-
-
-@dataclass
-class PrecomputeExtras:
-    output_file: str = field(default="ref_elbo.pt", metadata={
-        "help": "Where to write the reference ELBOs (pass it to `train --ref_elbo_file`)."})
-    train_world_size: int = field(default=1, metadata={
-        "help": "Data-parallel processes the training run will use (with --max_steps, the "
-                "epochs it reaches depend on it)."})
-
-
-@dataclass
-class DemoArgs:
-    output_dir: str = field(default="runs/demo", metadata={"help": "Where to write results."})
-    ablate: bool = field(default=False, metadata={
-        "help": "Also run the miniature of the paper's ablations (slower)."})
-    quick: bool = field(default=False, metadata={"help": "A seconds-long smoke run."})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={
-        "help": "Seeds to run (data, initial weights, draws, sampling); with more than one, each "
-                "writes under <output_dir>/seed<k> and seeds.json gathers the rates with their "
-                "mean and spread."})
-    filter_eps: str | None = field(default=None, metadata={
-        "help": "Gradient filtering of the LM head's backward in SFT and ELBO-KTO (e.g. 2**-12; "
-                "default exact)."})
-    beta: float | None = field(default=None, metadata={
-        "help": "ELBO-KTO's beta (default: the demo's 1.0; the paper's is 0.1)."})
-    kto_lr: float | None = field(default=None, metadata={
-        "help": "ELBO-KTO's peak learning rate (default: the demo's 2e-4)."})
-    kto_epochs: int | None = field(default=None, metadata={
-        "help": "Passes of ELBO-KTO over its examples (default 1)."})
-    sft_cache: str | None = field(default=None, metadata={
-        "help": "A folder that keeps the SFT models, so that runs that change only the ELBO-KTO "
-                "stage (--beta, --kto_lr, --kto_epochs, --ablate) skip SFT."})
-    online: bool = field(default=False, metadata={
-        "help": "Also align online from the same SFT model: its own samples labelled by the "
-                "demo's rule, as many labels and steps as the offline run; online.json and "
-                "online.png compare the two (SFT models kept in --sft_cache, default "
-                "<output_dir>/sft-cache)."})
 
 
 def _parse(prog: str, dataclasses, argv):
@@ -116,7 +86,6 @@ def _run(command: str, rest: list[str]) -> int:
         return eval_main(rest)
     if command == "demo":
         from elbokto.demo import DemoConfig, run_seeds
-        from elbokto.trainer import filter_eps_flag
 
         (args,) = _parse(command, [DemoArgs], rest)
         config = DemoConfig(filter_eps=filter_eps_flag(args.filter_eps, half=False))
@@ -158,19 +127,19 @@ def _run(command: str, rest: list[str]) -> int:
                   resume_from_checkpoint=train_cfg.resume_from_checkpoint)
     elif command == "precompute-ref":
         model_cfg, data_cfg, train_cfg, extras, _ = _parse(
-            command, [ModelConfig, DataConfig, ELBOKTOConfig, PrecomputeExtras, PresetArgs], rest)
+            command, [ModelConfig, DataConfig, ELBOKTOConfig, PrecomputeArgs, PresetArgs], rest)
         table = run.precompute_ref(model_cfg, data_cfg, train_cfg, extras.output_file,
                                    extras.train_world_size)
         print(f"wrote {table.uids.numel()} reference ELBOs x {table.meta['epochs']} epochs to "
               f"{extras.output_file}")
     elif command == "generate":
         model_cfg, gen_cfg, args = _parse(command, [ModelConfig, SamplingConfig,
-                                                    run.GenerateArgs], rest)
+                                                    GenerateArgs], rest)
         for prompt, response in run.generate_text(model_cfg, gen_cfg, args):
             print(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False))
     elif command == "diagnose":
         model_cfg, data_cfg, train_cfg, args, _ = _parse(
-            command, [ModelConfig, DataConfig, ELBOKTOConfig, run.DiagnoseArgs, PresetArgs], rest)
+            command, [ModelConfig, DataConfig, ELBOKTOConfig, DiagnoseArgs, PresetArgs], rest)
         noise = args.gradient_noise
         print(f"{'n_t':>4} {'n_yt':>5} {'estimator':>12} {'Psi':>11} {'v':>11} {'c':>11}"
               + (f" {'grad noise':>11}" if noise else ""))
@@ -179,7 +148,7 @@ def _run(command: str, rest: list[str]) -> int:
                   f"{row['v']:>11.4g} {row['c']:>11.4g}"
                   + (f" {row['gradient_noise']:>11.4g}" if noise else ""))
     elif command == "merge":
-        model_cfg, args = _parse(command, [ModelConfig, run.MergeArgs], rest)
+        model_cfg, args = _parse(command, [ModelConfig, MergeArgs], rest)
         print(f"wrote the merged model to {run.merge(model_cfg, args)}")
     return 0
 

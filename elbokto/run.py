@@ -10,7 +10,7 @@ import copy
 import json
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from transformers import IntervalStrategy
 from elbokto import durable
 from elbokto.block import check_block_attention, resolve_block_size
 from elbokto.block_sampling import sampler_for
+from elbokto.cli_args import DiagnoseArgs, GenerateArgs, MergeArgs
 from elbokto.data import (
     DataConfig,
     PreferenceCollator,
@@ -240,21 +241,6 @@ def precompute_ref(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBO
     return table
 
 
-@dataclass
-class GenerateArgs:
-    """Prompts for `elbokto generate`."""
-
-    prompt: list[str] = field(default_factory=list, metadata={
-        "help": "One or more user messages: --prompt \"first\" \"second\"."})
-    prompts_file: str | None = field(default=None, metadata={
-        "help": "A text file with one user message per line."})
-    batch_size: int = field(default=8, metadata={"help": "Prompts per sampler batch."})
-    block_size: int | None = field(default=None, metadata={
-        "help": "Block-diffusion models: the model's block size (default: the model config's, "
-                "SDAR; LLaDA2.0: 32). Such a model is sampled block by block over its own "
-                "blocks with a KV cache of the finished ones; --block_length is set to it."})
-
-
 def generate_text(model_cfg: ModelConfig, gen_cfg: SamplingConfig, args: GenerateArgs,
                   device: str | None = None) -> list[tuple[str, str]]:
     """`elbokto generate`: chat-templated prompts through the reverse process.
@@ -272,6 +258,7 @@ def generate_text(model_cfg: ModelConfig, gen_cfg: SamplingConfig, args: Generat
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
     model = model.eval().to(device)
+    gen_cfg = copy.copy(gen_cfg)  # settled from the model below; the caller's stays as it was
     if gen_cfg.mask_token_id is None:
         gen_cfg.mask_token_id = model.config.mask_token_id
     gen_cfg.shift_logits = gen_cfg.shift_logits or uses_shifted_logits(model.config)
@@ -283,14 +270,6 @@ def generate_text(model_cfg: ModelConfig, gen_cfg: SamplingConfig, args: Generat
         tokens = sampler(model, ids, gen_cfg, pad_token_id=tokenizer.pad_token_id or 0)
         texts += decode_responses(tokenizer, tokens)
     return list(zip(prompts, texts))
-
-
-@dataclass
-class MergeArgs:
-    """Where `elbokto merge` writes the merged model."""
-
-    output_dir: str = field(metadata={
-        "help": "Folder for the merged full model and its tokenizer (not the adapter folder)."})
 
 
 def merge(model_cfg: ModelConfig, args: MergeArgs) -> Path:
@@ -310,42 +289,6 @@ def merge(model_cfg: ModelConfig, args: MergeArgs) -> Path:
     durable.publish(out, lambda staging: (model.save_pretrained(staging),
                                           tokenizer.save_pretrained(staging)))
     return out
-
-
-@dataclass
-class DiagnoseArgs:
-    """What `elbokto diagnose` measures."""
-
-    num_batches: int = field(default=2, metadata={"help": "Batches to average Psi over."})
-    batch_size: int = field(default=8, metadata={"help": "Examples per batch (m)."})
-    redraws: int = field(default=8, metadata={"help": "Independent redraws R per setting."})
-    budgets: list[str] = field(default_factory=lambda: ["8x1", "1x8", "4x2", "2x1", "4x1"],
-                               metadata={"help": "n_t x n_yt settings to compare."})
-    gradient_noise: bool = field(default=False, metadata={
-        "help": "Also measure the relative variance of the loss gradient over the redraws (one "
-                "backward per redraw; holds the parameters' gradients plus one float32 copy of "
-                "them). Unlike Psi it is informative when the policy is its own reference: it "
-                "carries the noise of the policy ELBO's gradient (the budget)."})
-
-    def __post_init__(self) -> None:
-        for name, low in (("num_batches", 1), ("batch_size", 2), ("redraws", 2)):
-            if getattr(self, name) < low:
-                raise ValueError(f"--{name} {getattr(self, name)}: expected an integer >= {low} "
-                                 "(Psi compares the examples of a batch over redraws)")
-        self.settings  # noqa: B018 (parses --budgets now, before any model is loaded)
-
-    @property
-    def settings(self) -> list[tuple[int, int]]:
-        """(n_t, n_yt) of every budget."""
-        return [_budget(b) for b in self.budgets]
-
-
-def _budget(text: str) -> tuple[int, int]:
-    try:
-        n_t, n_yt = (int(x) for x in text.split("x"))
-    except ValueError:
-        raise ValueError(f"--budgets {text!r} is not of the form n_t x n_yt, e.g. 8x1") from None
-    return n_t, n_yt
 
 
 def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig,

@@ -12,7 +12,6 @@ replay the very draws of an uninterrupted one.
 from __future__ import annotations
 
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,6 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints  # noqa: E402
 
 from elbokto import durable  # noqa: E402
+from elbokto.cli_args import filter_eps_flag  # noqa: E402
 from elbokto.data import dataset_uids  # noqa: E402
 from elbokto.draws import MCConfig  # noqa: E402
 from elbokto.guards import NonFiniteError, all_finite  # noqa: E402
@@ -118,25 +118,6 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
                                 shift_logits=self.shift_logits,
                                 pad_token_id=pad_token_id, keep_logits=self.keep_logits,
                                 filter_eps=self.lm_head_filter_eps, backend=self.kernel_backend)
-
-
-def filter_eps_flag(value: str | float | None, half: bool) -> float | str | None:
-    """--filter_eps as the objective takes it: unset -> "auto" in half precision, else None;
-    "auto" as it is; a number (a float, its text, or a power written ``2**-12`` / ``2^-12``) as a
-    float."""
-    if value is None:
-        return "auto" if half else None
-    if value == "auto":
-        return value
-    power = re.fullmatch(r"\s*([0-9.]+)\s*(?:\*\*|\^)\s*([-+]?[0-9]+)\s*", str(value))
-    try:
-        eps = float(power[1]) ** int(power[2]) if power else float(value)
-    except ValueError:
-        eps = -1.0
-    if not 0 <= eps < 1:
-        raise ValueError(f"--filter_eps {value!r}: expected 'auto', 0 (exact) or a number in "
-                         "(0, 1) such as 2**-12 or 0.000244140625")
-    return eps
 
 
 class ELBOKTOTrainer(Trainer):
