@@ -9,6 +9,7 @@ from torch import nn
 
 from elbokto import MCConfig, sample_draws
 from devices import DEVICE, MODEL_BACKEND, on_device
+from distributed import TESTS, assert_every_rank_matched, torchrun
 from elbokto.estimate import elbo_estimate, noisy_copies
 from tiny_models import MASK_ID, NextTokenLogits, tiny_batch, tiny_gemma
 
@@ -73,21 +74,9 @@ def test_shift_logits_and_logits_path():
 
 
 @pytest.mark.slow
-def test_fused_head_under_fsdp2(tmp_path):
+def test_fused_head_under_fsdp2():
     """Two gloo ranks, FSDP2 (fully_shard): the head weight exists only inside its forward."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = Path(__file__).resolve().parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node", "2", str(tests / "fsdp_worker.py")],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("match") == 2 and "MISMATCH" not in result.stdout, result.stdout
+    assert_every_rank_matched(torchrun(TESTS / "fsdp_worker.py"))
 
 
 def test_fused_head_under_autocast_runs_in_the_autocast_dtype(monkeypatch):

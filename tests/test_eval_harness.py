@@ -4,9 +4,6 @@ offline on two local tasks."""
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from functools import partialmethod
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
+from distributed import torchrun
 from elbokto.cli import main
 from elbokto.eval import DiffusionLM
 from elbokto.sampling import decode_responses, generate
@@ -236,11 +234,7 @@ def test_lm_eval_cli_runs_offline_on_local_tasks(folder, lm, tmp_path, monkeypat
 def test_two_processes_split_the_requests_and_gather_them(folder, tmp_path):
     worker = Path(__file__).parent / "lm_eval_worker.py"
     out = tmp_path / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(worker), str(folder), str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(worker, str(folder), str(out))
     gathered = json.loads(out.read_text())
     assert gathered["world_size"] == 2 and len(gathered["requests"]) == 3  # every doc, once
     single = DiffusionLM(pretrained=str(folder), device="cpu", mc_num=4, mc_chunk_size=4,

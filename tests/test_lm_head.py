@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from devices import DEVICE, MODEL_BACKEND, on_device
+from distributed import TESTS, assert_every_rank_matched, torchrun
 from head_models import TinyLM, case, lora_tiny_lm
 from elbokto_kernels import fused_elbo, fused_lm_head, lm_head_unsupported
 
@@ -161,18 +162,5 @@ def test_a_lora_variant_head_is_refused_with_the_reason():
 @pytest.mark.slow
 def test_tied_and_lora_heads_under_fsdp2():
     """Two gloo ranks, FSDP2 (fully_shard): the weights exist whole only inside the forward."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("peft")
-    tests = Path(__file__).resolve().parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node", "2", str(tests / "fsdp_lm_head_worker.py")],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("match") == 2 and "MISMATCH" not in result.stdout, (
-        result.stdout + result.stderr[-3000:])
+    assert_every_rank_matched(torchrun(TESTS / "fsdp_lm_head_worker.py"))

@@ -3,9 +3,6 @@ a faulty judge loses no step and mislabels nothing; a resume asks nothing twice;
 the prompts."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ from elbokto.eval.template import POINTWISE_SLOTS, load_template
 from elbokto.labellers import CallableLabeller
 from elbokto.models import build_tiny_model
 from elbokto.online import OnlineConfig, OnlineELBOKTOTrainer, balanced_lambda_d, load_prompts
+from distributed import torchrun
 from elbokto.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
 
 
@@ -168,11 +166,7 @@ run.train()
 dist.barrier()
 os._exit(0)  # skip teardown: gloo's threads sometimes abort at interpreter exit
 """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(script)
     prompts = [json.loads(line)["prompt"] for line in (tmp_path / "prompts.jsonl").read_text()
                .splitlines()]
     texts = [p if isinstance(p, str) else p[0]["content"] for p in prompts]

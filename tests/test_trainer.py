@@ -1,10 +1,7 @@
 """The trainer end to end on CPU: learning, resume, precomputed reference, errors, two ranks."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import torch
 from elbokto.models import ModelConfig
 from elbokto.run import precompute_ref, train
 from elbokto.trainer import ELBOKTOConfig
+from distributed import torchrun
 from training_runs import configs, history, write_kto_mix, write_ultrafeedback
 
 
@@ -179,11 +177,7 @@ Path({str(tmp_path)!r}, f"rank{{dist.get_rank()}}.json").write_text(json.dumps(s
 dist.barrier()
 os._exit(0)  # skip teardown: gloo's threads sometimes abort at interpreter exit
 """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(script)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert len(rank0) == len(rank1) == 3
