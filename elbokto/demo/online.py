@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from elbokto.demo.config import QUICK, DemoConfig
 from elbokto.demo.evaluation import evaluate, spread
-from elbokto.demo.plots import _pyplot
+from elbokto.demo.plots import pyplot_or_none
 from elbokto.demo.runs import run_demo
 from elbokto.demo.task import DESIRABLE, Encoder, classify, sample_prompts
 from elbokto.demo.training import build_model, sft_model
@@ -174,7 +174,7 @@ def run_online_demo(output_dir: str, seeds: list[int], quick: bool = False,
 def plot_online(table: dict, path: Path) -> bool:
     """Reverse rate against the KTO step, offline and online, one line per seed; and the
     desirable share of the online run's own training samples. False without matplotlib."""
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))

@@ -13,7 +13,7 @@ from elbokto.requires import pyplot
 logger = logging.getLogger(__name__)
 
 
-def _pyplot():
+def pyplot_or_none():
     """matplotlib.pyplot on the file-only Agg backend, or None (with a warning) without it."""
     try:
         return pyplot("the demo's plots")
@@ -26,7 +26,7 @@ def plot_curves(summary: dict, path: Path) -> bool:
     """SFT loss, KTO loss, reward margins and the desirable rate at checkpoints, as one PNG.
 
     Returns False (and writes nothing) when matplotlib is not importable."""
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None:
         return False
     curves = summary["curves"]
@@ -55,7 +55,7 @@ def plot_ablations(table: dict, path: Path) -> bool:
     (:func:`write_ablations`): one dot per seed, the mean with one standard deviation.
 
     Returns False (and writes nothing) when matplotlib is not importable."""
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None:
         return False
     names = list(table["settings"])
