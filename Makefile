@@ -5,6 +5,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+PY_SOURCES := elbokto_kernels elbokto tests benchmarks examples
 
 .PHONY: install demo test test-fast test-soak test-compat lint gpu-check bench-cpu clean
 
@@ -34,10 +35,12 @@ test-soak: EXTRAS = test,eval,demo
 test-soak: install
 	$(PY) -m pytest -q -m soak
 
-# The checkers CI holds the code to (pyproject.toml: [tool.ruff], [tool.mypy]; pinned in the dev extra).
+# The checkers CI holds the code to (pyproject.toml: [tool.ruff], [tool.mypy]; pinned in the dev
+# extra): ruff formats and lints every Python file, mypy checks the packages.
 lint: EXTRAS = dev
 lint: install
-	$(PY) -m ruff check elbokto_kernels elbokto
+	$(PY) -m ruff format --check $(PY_SOURCES)
+	$(PY) -m ruff check $(PY_SOURCES)
 	$(PY) -m mypy elbokto_kernels
 
 # The compat lane on the other stacks of the supported matrix (tests/compat.py: venvs of their own,

@@ -9,22 +9,24 @@
 Cases (float32, 2048 masked rows, per-copy weights, 4 samples of 2 copies each):
   fused_elbo         logits [8, 512, 32000], 2048 of the 4096 positions masked; gradient to logits.
   fused_linear_elbo  hidden [8, 512, 512], weight [32000, 512], same mask; gradients to hidden and
-                     weight. The comparators get the 2048 masked rows gathered (``hidden[mask]``), so
-                     none of them spends GEMMs on unmasked rows; they do 3 GEMMs of 2*M*D*V FLOPs,
-                     the fused op 4 (its backward recomputes the logits), 3 with keep_logits=True.
+                     weight. The comparators get the 2048 masked rows gathered
+                     (``hidden[mask]``), so none of them spends GEMMs on unmasked rows; they do 3
+                     GEMMs of 2*M*D*V FLOPs, the fused op 4 (its backward recomputes the logits), 3
+                     with keep_logits=True.
   fused_linear_elbo_filter  the same shapes with ``filter_eps=2**-12``, at the logit
                      distributions of ``comparators.ZIPF_DISTRIBUTIONS``, against the fastest
-                     comparators (eager, F.linear_cross_entropy) and the exact op. Each distribution comes with its
-                     density (share of entries of softmax - onehot >= 2^-12), the share of
-                     128 x 128 tiles (masked rows in order x 128 columns) holding such an entry,
-                     with the columns in vocabulary order and sorted by mean logit, and the share
-                     of the op's own tiles (one row x one chunk of the sorted walk) it computes.
+                     comparators (eager, F.linear_cross_entropy) and the exact op. Each
+                     distribution comes with its density (share of entries of softmax - onehot
+                     >= 2^-12), the share of 128 x 128 tiles (masked rows in order x 128 columns)
+                     holding such an entry, with the columns in vocabulary order and sorted by
+                     mean logit, and the share of the op's own tiles (one row x one chunk of the
+                     sorted walk) it computes.
 
 Logit distributions (``comparators.zipf_hidden_states``): a token's frequency follows a Zipf law
-(rank r has probability ~ r^-1.1) over a shuffled vocabulary, so frequent tokens are scattered over the ids and
-only sorting gathers them. Masked row i mixes k tokens t_1..t_k drawn from that law,
-h_i = s * sum_j W[t_j] / sqrt(k) + sigma * N(0, I_D), and its target is t_1: the more tokens and
-the more isotropic noise, the more entries the softmax spreads over. "uniform" has no tokens,
+(rank r has probability ~ r^-1.1) over a shuffled vocabulary, so frequent tokens are scattered
+over the ids and only sorting gathers them. Masked row i mixes k tokens t_1..t_k drawn from that
+law, h_i = s * sum_j W[t_j] / sqrt(k) + sigma * N(0, I_D), and its target is t_1: the more tokens
+and the more isotropic noise, the more entries the softmax spreads over. "uniform" has no tokens,
 sigma = 2: i.i.d. N(0, 4) logits, ~2% of the entries above 2^-12 spread evenly, so no tile can be
 skipped.
 
@@ -61,15 +63,32 @@ SHAPES = {
 }
 VARIANTS = {
     "fused_elbo": ["cpu", "torch", "eager", "cpu+thp", "eager+thp"],
-    "fused_linear_elbo": ["cpu", "eager", "lce", "lce_chunked", "lce_chunked_ar1", "cpu_keep",
-                          "cpu+thp", "eager+thp"],
+    "fused_linear_elbo": [
+        "cpu",
+        "eager",
+        "lce",
+        "lce_chunked",
+        "lce_chunked_ar1",
+        "cpu_keep",
+        "cpu+thp",
+        "eager+thp",
+    ],
     # "variant@distribution"; the default chunked linear_cross_entropy, slowest on CPU by far,
     # is left to the case above.
-    "fused_linear_elbo_filter": ["eager@half", "lce@half", "lce_chunked_ar1@half", "cpu@half",
-                                 "cpu@uniform", "cpu_filter@very sparse", "cpu_filter@half",
-                                 "cpu_filter@sparse", "cpu_filter@dense", "cpu_filter@uniform"],
+    "fused_linear_elbo_filter": [
+        "eager@half",
+        "lce@half",
+        "lce_chunked_ar1@half",
+        "cpu@half",
+        "cpu@uniform",
+        "cpu_filter@very sparse",
+        "cpu_filter@half",
+        "cpu_filter@sparse",
+        "cpu_filter@dense",
+        "cpu_filter@uniform",
+    ],
 }
-FILTER_EPS = 2.0 ** -12
+FILTER_EPS = 2.0**-12
 TILE = 128  # rows and columns of the tiles the sparsity figures count
 THP = "+thp"  # variant suffix: the process runs with THP_MEM_ALLOC_ENABLE=1
 VARIANT_LABELS = {
@@ -94,6 +113,7 @@ MIB = 1 << 20
 
 
 # ---------------------------------------------------------------- worker (one variant, one process)
+
 
 def _inputs(shape: dict, case: str, distribution: str | None = None):
     import torch
@@ -137,7 +157,7 @@ def sparsity(shape: dict, distribution: str) -> dict:
     h, target = hidden.detach()[mask], targets[mask]
     rows, vocab = h.shape[0], weight.shape[0]
     prob = torch.softmax(h @ weight.detach().t(), dim=1)
-    above = (prob >= FILTER_EPS)
+    above = prob >= FILTER_EPS
     on_target = torch.zeros_like(above)
     on_target[torch.arange(rows), target] = True
     entries = torch.where(on_target, (1 - prob) >= FILTER_EPS, above)
@@ -150,10 +170,12 @@ def sparsity(shape: dict, distribution: str) -> dict:
         return tiles.float().mean().item()
 
     chunk = chunk_columns(vocab, rows, 0, torch.device("cpu"), filtered=True)
-    return {"density": entries.float().mean().item(),
-            "tiles_unsorted": tile_share(entries, TILE, TILE),
-            "tiles_sorted": tile_share(entries[:, order], TILE, TILE),
-            "live": tile_share((above | on_target)[:, order], 1, chunk)}
+    return {
+        "density": entries.float().mean().item(),
+        "tiles_unsorted": tile_share(entries, TILE, TILE),
+        "tiles_sorted": tile_share(entries[:, order], TILE, TILE),
+        "live": tile_share((above | on_target)[:, order], 1, chunk),
+    }
 
 
 def backend_of(variant: str) -> str | None:
@@ -176,8 +198,9 @@ def _step(case: str, variant: str, inputs):
     if case == "fused_elbo":
         logits, targets, mask, weights, sample_index, num_samples, grad_out = inputs
         if backend:
-            out = fused_elbo(logits, targets, mask, weights, sample_index, num_samples,
-                             backend=backend)
+            out = fused_elbo(
+                logits, targets, mask, weights, sample_index, num_samples, backend=backend
+            )
         else:
             logp = torch.log_softmax(logits.float(), dim=-1)
             token = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -187,10 +210,18 @@ def _step(case: str, variant: str, inputs):
 
     hidden, weight, targets, mask, weights, sample_index, num_samples, grad_out = inputs
     if backend:
-        out = fused_linear_elbo(hidden, weight, targets, mask, weights, sample_index,
-                                num_samples, keep_logits=variant.endswith("_keep"),
-                                filter_eps=FILTER_EPS if variant.endswith("_filter") else None,
-                                backend=backend)
+        out = fused_linear_elbo(
+            hidden,
+            weight,
+            targets,
+            mask,
+            weights,
+            sample_index,
+            num_samples,
+            keep_logits=variant.endswith("_keep"),
+            filter_eps=FILTER_EPS if variant.endswith("_filter") else None,
+            backend=backend,
+        )
         return torch.autograd.grad(out, (hidden, weight), grad_out)
     L = mask.shape[1]
     flat = mask.reshape(-1).nonzero().squeeze(1)
@@ -200,10 +231,11 @@ def _step(case: str, variant: str, inputs):
         logp = torch.log_softmax(h @ weight.t(), dim=-1)
         token = logp.gather(1, tgt[:, None]).squeeze(1)
     else:
-        options = {"lce": None,
-                   "lce_chunked": torch.nn.LinearCrossEntropyOptions(),
-                   "lce_chunked_ar1": torch.nn.LinearCrossEntropyOptions(
-                       chunking_method="aspect_ratio")}[variant]
+        options = {
+            "lce": None,
+            "lce_chunked": torch.nn.LinearCrossEntropyOptions(),
+            "lce_chunked_ar1": torch.nn.LinearCrossEntropyOptions(chunking_method="aspect_ratio"),
+        }[variant]
         token = -F.linear_cross_entropy(h, weight, tgt, reduction="none", options=options)
     out = torch.zeros(num_samples).index_add_(0, sample_index[copy], token * weights[copy])
     return torch.autograd.grad(out, (hidden, weight), grad_out)
@@ -226,6 +258,7 @@ def worker(case: str, variant: str, shape: dict, repeats: int) -> dict:
 
 # ------------------------------------------------------------------------- driver
 
+
 def run_variant(case: str, variant: str, args) -> dict:
     argv = ["--worker", case, variant.removesuffix(THP), "--repeats", str(args.repeats)]
     env = {"THP_MEM_ALLOC_ENABLE": "1"} if variant.endswith(THP) else None
@@ -242,32 +275,43 @@ def table(results: dict, shape: dict) -> str:
         cpu, eager = rows["cpu"], rows["eager"]
         fastest = min(comparators, key=lambda v: rows[v]["time_s"])
         hidden = f", D={shape['D']}" if "linear" in case else ""
-        lines += [f"{case} (V={shape['V']}{hidden}, {shape['masked']} masked of "
-                  f"{shape['C'] * shape['L']} rows, float32, forward + backward)", "",
-                  "| variant | time (s) | peak extra memory (MiB) | cpu speed-up "
-                  "| cpu memory ratio |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"{case} (V={shape['V']}{hidden}, {shape['masked']} masked of "
+            f"{shape['C'] * shape['L']} rows, float32, forward + backward)",
+            "",
+            "| variant | time (s) | peak extra memory (MiB) | cpu speed-up | cpu memory ratio |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for variant, r in rows.items():
-            lines.append(f"| {VARIANT_LABELS[variant]} | {r['time_s']:.3f} | "
-                         f"{r['peak_extra_mib']:.0f} | {r['time_s'] / cpu['time_s']:.2f}x | "
-                         f"{cpu['peak_extra_mib'] / r['peak_extra_mib']:.2f} |")
+            lines.append(
+                f"| {VARIANT_LABELS[variant]} | {r['time_s']:.3f} | "
+                f"{r['peak_extra_mib']:.0f} | {r['time_s'] / cpu['time_s']:.2f}x | "
+                f"{cpu['peak_extra_mib'] / r['peak_extra_mib']:.2f} |"
+            )
         speedup = rows[fastest]["time_s"] / cpu["time_s"]
         memory = cpu["peak_extra_mib"] / eager["peak_extra_mib"]
-        lines += ["", f"Goal: >= {speedup_goal}x faster than the fastest comparator "
-                  f"({VARIANT_LABELS[fastest]}): {speedup:.2f}x, "
-                  f"{'met' if speedup >= speedup_goal else 'MISSED'}; peak memory <= "
-                  f"{memory_goal}x eager's: {memory:.2f}x, "
-                  f"{'met' if memory <= memory_goal else 'MISSED'}."]
+        lines += [
+            "",
+            f"Goal: >= {speedup_goal}x faster than the fastest comparator "
+            f"({VARIANT_LABELS[fastest]}): {speedup:.2f}x, "
+            f"{'met' if speedup >= speedup_goal else 'MISSED'}; peak memory <= "
+            f"{memory_goal}x eager's: {memory:.2f}x, "
+            f"{'met' if memory <= memory_goal else 'MISSED'}.",
+        ]
         if "cpu_keep" in rows:
             keep = rows["cpu_keep"]
-            lines.append(f"With keep_logits=True: {rows[fastest]['time_s'] / keep['time_s']:.2f}x "
-                         f"faster than the fastest comparator, at "
-                         f"{keep['peak_extra_mib'] / eager['peak_extra_mib']:.2f}x eager's peak "
-                         "memory.")
+            lines.append(
+                f"With keep_logits=True: {rows[fastest]['time_s'] / keep['time_s']:.2f}x "
+                f"faster than the fastest comparator, at "
+                f"{keep['peak_extra_mib'] / eager['peak_extra_mib']:.2f}x eager's peak "
+                "memory."
+            )
         if "cpu" + THP in rows:
             thp = rows["eager" + THP]["time_s"] / rows["cpu" + THP]["time_s"]
-            lines.append(f"With huge pages for every tensor (`THP_MEM_ALLOC_ENABLE=1`): "
-                         f"{thp:.2f}x faster than eager.")
+            lines.append(
+                f"With huge pages for every tensor (`THP_MEM_ALLOC_ENABLE=1`): "
+                f"{thp:.2f}x faster than eager."
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -278,32 +322,46 @@ def filter_table(rows: dict, shape: dict) -> list[str]:
     comparators, speedup_goal, memory_goal = GOALS["fused_linear_elbo_filter"]
     fastest = min(comparators, key=lambda v: rows[v]["time_s"])
     best, eager = rows[fastest]["time_s"], rows["eager@half"]["peak_extra_mib"]
-    lines = [f"fused_linear_elbo with filter_eps=2**-12 (V={shape['V']}, D={shape['D']}, "
-             f"{shape['masked']} masked of {shape['C'] * shape['L']} rows, float32, forward + "
-             "backward); density: share of entries of |softmax - onehot| >= 2^-12; tiles: share "
-             f"of {TILE} x {TILE} tiles holding one, columns in vocabulary order / sorted by "
-             "mean logit; computed: share of the op's (row x chunk) tiles it computes", "",
-             "| variant | logits | density | tiles unsorted | tiles sorted | computed | "
-             "time (s) | peak extra memory (MiB) | speed-up vs fastest comparator | memory vs "
-             "eager |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"fused_linear_elbo with filter_eps=2**-12 (V={shape['V']}, D={shape['D']}, "
+        f"{shape['masked']} masked of {shape['C'] * shape['L']} rows, float32, forward + "
+        "backward); density: share of entries of |softmax - onehot| >= 2^-12; tiles: share "
+        f"of {TILE} x {TILE} tiles holding one, columns in vocabulary order / sorted by "
+        "mean logit; computed: share of the op's (row x chunk) tiles it computes",
+        "",
+        "| variant | logits | density | tiles unsorted | tiles sorted | computed | "
+        "time (s) | peak extra memory (MiB) | speed-up vs fastest comparator | memory vs "
+        "eager |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for key, r in rows.items():
         variant, distribution = key.split("@")
         f = r.get("sparsity")
-        figures = (f"{f['density']:.3%} | {f['tiles_unsorted']:.0%} | {f['tiles_sorted']:.0%} | "
-                   f"{f['live']:.1%}" if f and variant.endswith("_filter") else " | | | ")
-        lines.append(f"| {VARIANT_LABELS[variant]} | {distribution} | {figures} | "
-                     f"{r['time_s']:.3f} | {r['peak_extra_mib']:.0f} | "
-                     f"{best / r['time_s']:.2f}x | {r['peak_extra_mib'] / eager:.2f} |")
+        figures = (
+            f"{f['density']:.3%} | {f['tiles_unsorted']:.0%} | {f['tiles_sorted']:.0%} | "
+            f"{f['live']:.1%}"
+            if f and variant.endswith("_filter")
+            else " | | | "
+        )
+        lines.append(
+            f"| {VARIANT_LABELS[variant]} | {distribution} | {figures} | "
+            f"{r['time_s']:.3f} | {r['peak_extra_mib']:.0f} | "
+            f"{best / r['time_s']:.2f}x | {r['peak_extra_mib'] / eager:.2f} |"
+        )
     goal = rows["cpu_filter@half"]
     speedup, memory = best / goal["time_s"], goal["peak_extra_mib"] / eager
     uniform = rows["cpu@uniform"]["time_s"] / rows["cpu_filter@uniform"]["time_s"]
-    lines += ["", f"Goal at \"half\" (about half of the sorted {TILE} x {TILE} tiles hold an "
-              f"entry): >= {speedup_goal}x faster than the fastest comparator "
-              f"({VARIANT_LABELS[fastest.split('@')[0]]}): {speedup:.2f}x, "
-              f"{'met' if speedup >= speedup_goal else 'MISSED'}; peak memory <= {memory_goal}x "
-              f"eager's: {memory:.2f}x, {'met' if memory <= memory_goal else 'MISSED'}. At "
-              f"uniform logits, no slower than the exact op: {uniform:.2f}x its speed, "
-              f"{'met' if uniform >= 1.0 else 'MISSED'}.", ""]
+    lines += [
+        "",
+        f'Goal at "half" (about half of the sorted {TILE} x {TILE} tiles hold an '
+        f"entry): >= {speedup_goal}x faster than the fastest comparator "
+        f"({VARIANT_LABELS[fastest.split('@')[0]]}): {speedup:.2f}x, "
+        f"{'met' if speedup >= speedup_goal else 'MISSED'}; peak memory <= {memory_goal}x "
+        f"eager's: {memory:.2f}x, {'met' if memory <= memory_goal else 'MISSED'}. At "
+        f"uniform logits, no slower than the exact op: {uniform:.2f}x its speed, "
+        f"{'met' if uniform >= 1.0 else 'MISSED'}.",
+        "",
+    ]
     return lines
 
 
@@ -319,12 +377,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, to check the script")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per process")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="fresh processes per variant, interleaved with the other variants")
-    parser.add_argument("--case", choices=list(VARIANTS), action="append",
-                        help="run only this case (repeatable)")
-    parser.add_argument("--readme", type=Path, help="write the table into this file's "
-                        "'## CPU (N-core)' section")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="fresh processes per variant, interleaved with the other variants",
+    )
+    parser.add_argument(
+        "--case", choices=list(VARIANTS), action="append", help="run only this case (repeatable)"
+    )
+    parser.add_argument(
+        "--readme", type=Path, help="write the table into this file's '## CPU (N-core)' section"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = SHAPES["quick" if args.quick else "full"]
@@ -341,24 +405,34 @@ def main() -> None:
         for case, variants in runs.items():
             for variant, done in variants.items():
                 done.append(r := run_variant(case, variant, args))
-                print(f"round {round_}  {case:18s} {variant:28s} {r['time_s']:8.3f} s "
-                      f"{r['peak_extra_mib']:8.0f} MiB", flush=True)
-    results = {case: {variant: {"time_s": statistics.median(r["time_s"] for r in done),
-                                "peak_extra_mib": max(r["peak_extra_mib"] for r in done)}
-                      for variant, done in variants.items()}
-               for case, variants in runs.items()}
+                print(
+                    f"round {round_}  {case:18s} {variant:28s} {r['time_s']:8.3f} s "
+                    f"{r['peak_extra_mib']:8.0f} MiB",
+                    flush=True,
+                )
+    results = {
+        case: {
+            variant: {
+                "time_s": statistics.median(r["time_s"] for r in done),
+                "peak_extra_mib": max(r["peak_extra_mib"] for r in done),
+            }
+            for variant, done in variants.items()
+        }
+        for case, variants in runs.items()
+    }
     filtered = results.get("fused_linear_elbo_filter", {})
     figures = {d: sparsity(shape, d) for d in {v.split("@")[1] for v in filtered}}
     for variant, r in filtered.items():
         r["sparsity"] = figures[variant.split("@")[1]]
     threads = next(iter(next(iter(runs.values())).values()))[0]["threads"]
     load = f"load average {load_before:.1f} before the runs, {os.getloadavg()[0]:.1f} after"
-    body = (f"{_cpu_model()}, {os.cpu_count()} cores, shared with other work ({load}); torch "
-            f"{torch.__version__}, {threads} threads, {torch.backends.cpu.get_cpu_capability()}; "
-            f"`python benchmarks/bench_cpu.py{' --quick' if args.quick else ''}` "
-            f"(median of {args.rounds} rounds x {args.repeats} passes; peak: the largest of the "
-            f"rounds; method in the script's docstring).\n\n"
-            + table(results, shape))
+    body = (
+        f"{_cpu_model()}, {os.cpu_count()} cores, shared with other work ({load}); torch "
+        f"{torch.__version__}, {threads} threads, {torch.backends.cpu.get_cpu_capability()}; "
+        f"`python benchmarks/bench_cpu.py{' --quick' if args.quick else ''}` "
+        f"(median of {args.rounds} rounds x {args.repeats} passes; peak: the largest of the "
+        f"rounds; method in the script's docstring).\n\n" + table(results, shape)
+    )
     print("\n" + body)
     if args.readme:
         title = f"CPU ({os.cpu_count()}-core)"

@@ -44,11 +44,18 @@ def build(shape: dict, device: str):
     from transformers import GemmaConfig, GemmaForCausalLM
 
     torch.manual_seed(SEED)
-    config = GemmaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
-                         intermediate_size=4 * shape["hidden"], num_hidden_layers=shape["layers"],
-                         num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=shape["hidden"] // 4, use_bidirectional_attention=True,
-                         is_causal=False, tie_word_embeddings=False)
+    config = GemmaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=4 * shape["hidden"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=shape["hidden"] // 4,
+        use_bidirectional_attention=True,
+        is_causal=False,
+        tie_word_embeddings=False,
+    )
     model = GemmaForCausalLM(config).to(device).train()
     batch, length = shape["batch"], shape["length"]
     ids = torch.randint(0, shape["vocab"] - 1, (batch, length), device=device)
@@ -62,7 +69,6 @@ def build(shape: dict, device: str):
 def worker(variant: str, shape_name: str, device: str, repeats: int) -> dict:
     import torch
     import torch.nn.functional as F
-
     from mdlm_loss import mdlm_loss
 
     model, noised, ids, masked, weights, maskable = build(SHAPES[shape_name], device)
@@ -86,7 +92,7 @@ def worker(variant: str, shape_name: str, device: str, repeats: int) -> dict:
         loss().backward()
 
     seconds, peak = time_and_peak(step, repeats, device)
-    return {"seconds": seconds, "peak_mib": peak / 2 ** 20, "loss": loss().item()}
+    return {"seconds": seconds, "peak_mib": peak / 2**20, "loss": loss().item()}
 
 
 def main() -> None:
@@ -100,29 +106,37 @@ def main() -> None:
     shape_name = "quick" if args.quick else "full"
     if args.worker:
         import json
+
         print(json.dumps(worker(args.worker, shape_name, args.device, args.repeats)))
         return
     base = ["--device", args.device, "--repeats", str(args.repeats)] + (
-        ["--quick"] if args.quick else [])
+        ["--quick"] if args.quick else []
+    )
     results = {v: run_worker(__file__, ["--worker", v, *base]) for v in VARIANTS}
     losses = [r["loss"] for r in results.values()]
     if max(losses) - min(losses) > 1e-4 * max(abs(x) for x in losses):
         raise SystemExit(f"the variants disagree on the loss: {losses}")
     shape = SHAPES[shape_name]
     ref = results["adopter"]
-    lines = [f"MDLM loss step (forward + backward), B = {shape['batch']}, L = {shape['length']}, "
-             f"Gemma-style model V = {shape['vocab']}, D = {shape['hidden']}, {shape['layers']} "
-             f"layers, float32, device {args.device}; against the adopter's full-logits loss", "",
-             "| variant | step s | speed-up | peak extra MiB | memory vs adopter |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"MDLM loss step (forward + backward), B = {shape['batch']}, L = {shape['length']}, "
+        f"Gemma-style model V = {shape['vocab']}, D = {shape['hidden']}, {shape['layers']} "
+        f"layers, float32, device {args.device}; against the adopter's full-logits loss",
+        "",
+        "| variant | step s | speed-up | peak extra MiB | memory vs adopter |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['seconds']:.3f} | {ref['seconds'] / r['seconds']:.2f}x | "
-                     f"{r['peak_mib']:.0f} | {r['peak_mib'] / ref['peak_mib']:.2f}x |")
+        lines.append(
+            f"| {name} | {r['seconds']:.3f} | {ref['seconds'] / r['seconds']:.2f}x | "
+            f"{r['peak_mib']:.0f} | {r['peak_mib'] / ref['peak_mib']:.2f}x |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.readme:
-        record_in_readme(args.readme, f"The kernels in an adopter's MDLM step ({args.device})",
-                         table)
+        record_in_readme(
+            args.readme, f"The kernels in an adopter's MDLM step ({args.device})", table
+        )
 
 
 if __name__ == "__main__":

@@ -53,28 +53,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import record_in_readme, run_worker, time_and_peak  # noqa: E402
 
 SHAPES = {
-    "full": dict(vocab=32000, hidden=256, layers=4, prompt=(24, 48), response=(48, 128),
-                 fixed_len=512),
-    "quick": dict(vocab=2000, hidden=64, layers=2, prompt=(8, 16), response=(8, 24),
-                  fixed_len=64),
+    "full": dict(
+        vocab=32000, hidden=256, layers=4, prompt=(24, 48), response=(48, 128), fixed_len=512
+    ),
+    "quick": dict(vocab=2000, hidden=64, layers=2, prompt=(8, 16), response=(8, 24), fixed_len=64),
 }
 BATCH, SEED, BLOCK_SIZE = 4, 0, 8
 # suite -> {variant: (K, mc_chunk_size)}; the first variant of a suite is its baseline.
 SUITES = {
-    "whole": {"straightforward": (8, None), "objective": (8, None), "objective chunk": (8, 8),
-              "objective chunk K=16": (16, 8), "objective chunk K=32": (32, 8)},
-    "block": {"block straightforward": (8, None), "block objective": (8, None),
-              "block objective chunk": (8, 8)},
+    "whole": {
+        "straightforward": (8, None),
+        "objective": (8, None),
+        "objective chunk": (8, 8),
+        "objective chunk K=16": (16, 8),
+        "objective chunk K=32": (32, 8),
+    },
+    "block": {
+        "block straightforward": (8, None),
+        "block objective": (8, None),
+        "block objective chunk": (8, 8),
+    },
 }
 # suite llada8b -> {variant: (K, mc_chunk_size)}; model shapes of its own.
-SUITES["llada8b"] = {"straightforward LoRA": (8, None), "objective LoRA": (8, 8),
-                     "objective full": (8, 8)}
+SUITES["llada8b"] = {
+    "straightforward LoRA": (8, None),
+    "objective LoRA": (8, 8),
+    "objective full": (8, 8),
+}
 LLADA_SHAPES = {
     "full": dict(vocab=126464, hidden=4096, mlp=12288, layers=32, heads=32, head_dim=128),
     "quick": dict(vocab=512, hidden=64, mlp=192, layers=2, heads=4, head_dim=16),
 }
-TITLES = {"whole": "ELBO-KTO step", "block": "Block-diffusion ELBO-KTO step",
-          "llada8b": "LLaDA-8B-sized ELBO-KTO step"}
+TITLES = {
+    "whole": "ELBO-KTO step",
+    "block": "Block-diffusion ELBO-KTO step",
+    "llada8b": "LLaDA-8B-sized ELBO-KTO step",
+}
 
 
 def build(shape: dict, device: str):
@@ -82,11 +96,18 @@ def build(shape: dict, device: str):
     from transformers import GemmaConfig, GemmaForCausalLM
 
     torch.manual_seed(SEED)
-    config = GemmaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
-                         intermediate_size=4 * shape["hidden"], num_hidden_layers=shape["layers"],
-                         num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=shape["hidden"] // 4, use_bidirectional_attention=True,
-                         mask_token_id=shape["vocab"] - 1, tie_word_embeddings=False)
+    config = GemmaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=4 * shape["hidden"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=shape["hidden"] // 4,
+        use_bidirectional_attention=True,
+        mask_token_id=shape["vocab"] - 1,
+        tie_word_embeddings=False,
+    )
     policy = GemmaForCausalLM(config).to(device).train()
     reference = GemmaForCausalLM(config).to(device).eval().requires_grad_(False)
     reference.load_state_dict(policy.state_dict())
@@ -96,13 +117,21 @@ def build(shape: dict, device: str):
     longest = int((prompt + response).max())
     ids = torch.randint(0, shape["vocab"] - 1, (BATCH, shape["fixed_len"]), generator=g)
     real = torch.arange(shape["fixed_len"]) < (prompt + response)[:, None]
-    batch = {"input_ids": ids.masked_fill(~real, 0), "attention_mask": real.long(),
-             "prompt_lengths": prompt, "response_lengths": response,
-             "desirable": torch.arange(BATCH) % 2 == 0, "uid": torch.arange(BATCH)}
+    batch = {
+        "input_ids": ids.masked_fill(~real, 0),
+        "attention_mask": real.long(),
+        "prompt_lengths": prompt,
+        "response_lengths": response,
+        "desirable": torch.arange(BATCH) % 2 == 0,
+        "uid": torch.arange(BATCH),
+    }
     batch = {k: v.to(device) for k, v in batch.items()}
     # Dynamic padding: the objective sees the batch cut to its longest sequence.
-    dynamic = {**batch, "input_ids": batch["input_ids"][:, :longest],
-               "attention_mask": batch["attention_mask"][:, :longest]}
+    dynamic = {
+        **batch,
+        "input_ids": batch["input_ids"][:, :longest],
+        "attention_mask": batch["attention_mask"][:, :longest],
+    }
     return policy, reference, batch, dynamic
 
 
@@ -169,16 +198,25 @@ def per_block_elbo(model, batch, draws, mask_token_id: int, dtype=None):
             scored = draws.mask[c, lo:hi] * draws.weight[c, lo:hi].to(dtype)
             blocks = torch.arange(hi, device=ids.device) // b
             allowed = (blocks[None, :] <= blocks[:, None])[None, None]
-            mask = (torch.zeros(allowed.shape, device=ids.device).masked_fill(~allowed, -1e30)
-                    if eager else allowed)
-            logits = model(input_ids=torch.cat([ids[s, :lo], noisy[c, lo:hi]])[None],
-                           attention_mask=mask,
-                           position_ids=torch.arange(hi, device=ids.device)[None]).logits
-            logp = torch.log_softmax(logits[0, lo:hi].to(dtype), -1).gather(
-                -1, ids[s, lo:hi, None]).squeeze(-1)
+            mask = (
+                torch.zeros(allowed.shape, device=ids.device).masked_fill(~allowed, -1e30)
+                if eager
+                else allowed
+            )
+            logits = model(
+                input_ids=torch.cat([ids[s, :lo], noisy[c, lo:hi]])[None],
+                attention_mask=mask,
+                position_ids=torch.arange(hi, device=ids.device)[None],
+            ).logits
+            logp = (
+                torch.log_softmax(logits[0, lo:hi].to(dtype), -1)
+                .gather(-1, ids[s, lo:hi, None])
+                .squeeze(-1)
+            )
             terms[s].append((logp * scored).sum())
-    return torch.stack([sum(t) if t else torch.zeros((), dtype=dtype, device=ids.device)
-                        for t in terms])
+    return torch.stack(
+        [sum(t) if t else torch.zeros((), dtype=dtype, device=ids.device) for t in terms]
+    )
 
 
 def block_straightforward_step(policy, reference, batch, objective):
@@ -195,8 +233,10 @@ def block_straightforward_step(policy, reference, batch, objective):
     loss.backward()
 
 
-BASELINE_STEPS = {"straightforward": straightforward_step,
-                  "block straightforward": block_straightforward_step}
+BASELINE_STEPS = {
+    "straightforward": straightforward_step,
+    "block straightforward": block_straightforward_step,
+}
 
 
 def build_llada8b(shape: dict, device: str, length: int, lora: bool):
@@ -206,12 +246,20 @@ def build_llada8b(shape: dict, device: str, length: int, lora: bool):
     from transformers import GemmaConfig, GemmaForCausalLM
 
     torch.manual_seed(SEED)
-    config = GemmaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"],
-                         intermediate_size=shape["mlp"], num_hidden_layers=shape["layers"],
-                         num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
-                         head_dim=shape["head_dim"], max_position_embeddings=max(length, 4096),
-                         use_bidirectional_attention=True, is_causal=False,
-                         mask_token_id=shape["vocab"] - 1, tie_word_embeddings=False)
+    config = GemmaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["mlp"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        head_dim=shape["head_dim"],
+        max_position_embeddings=max(length, 4096),
+        use_bidirectional_attention=True,
+        is_causal=False,
+        mask_token_id=shape["vocab"] - 1,
+        tie_word_embeddings=False,
+    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16: no float32 copy of 8B weights
     try:
@@ -224,20 +272,23 @@ def build_llada8b(shape: dict, device: str, length: int, lora: bool):
     if lora:
         import peft
 
-        policy = peft.get_peft_model(policy, peft.LoraConfig(r=16, lora_alpha=32,
-                                                             target_modules="all-linear"))
+        policy = peft.get_peft_model(
+            policy, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+        )
     prompt = length // 4
     g = torch.Generator().manual_seed(SEED)
-    batch = {"input_ids": torch.randint(0, shape["vocab"] - 1, (1, length), generator=g),
-             "attention_mask": torch.ones(1, length, dtype=torch.long),
-             "prompt_lengths": torch.tensor([prompt]),
-             "response_lengths": torch.tensor([length - prompt]),
-             "desirable": torch.tensor([True]), "uid": torch.tensor([0])}
+    batch = {
+        "input_ids": torch.randint(0, shape["vocab"] - 1, (1, length), generator=g),
+        "attention_mask": torch.ones(1, length, dtype=torch.long),
+        "prompt_lengths": torch.tensor([prompt]),
+        "response_lengths": torch.tensor([length - prompt]),
+        "desirable": torch.tensor([True]),
+        "uid": torch.tensor([0]),
+    }
     return policy, {k: v.to(device) for k, v in batch.items()}
 
 
-def llada8b_worker(variant: str, shape_name: str, device: str, repeats: int,
-                   length: int) -> dict:
+def llada8b_worker(variant: str, shape_name: str, device: str, repeats: int, length: int) -> dict:
     import torch
 
     from elbokto import ELBOKTOObjective, MCConfig
@@ -246,10 +297,10 @@ def llada8b_worker(variant: str, shape_name: str, device: str, repeats: int,
     n_t, chunk = SUITES["llada8b"][variant]
     try:
         policy, batch = build_llada8b(shape, device, length, lora="LoRA" in variant)
-        objective = ELBOKTOObjective(mc=MCConfig(n_t=n_t), mc_chunk_size=chunk,
-                                     mask_token_id=shape["vocab"] - 1)
-        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
-                                      lr=1e-6)
+        objective = ELBOKTOObjective(
+            mc=MCConfig(n_t=n_t), mc_chunk_size=chunk, mask_token_id=shape["vocab"] - 1
+        )
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
         # Full fine-tuning scores against precomputed reference ELBOs (any values will do).
         ref_elbo = None if "LoRA" in variant else torch.full((1,), -2.0 * length, device=device)
 
@@ -264,23 +315,28 @@ def llada8b_worker(variant: str, shape_name: str, device: str, repeats: int,
         seconds, peak = time_and_peak(step, repeats, device)
     except torch.OutOfMemoryError:
         return {"oom": True}
-    return {"seconds": seconds, "peak_mib": peak / 2 ** 20, "tokens_per_s": length / seconds}
+    return {"seconds": seconds, "peak_mib": peak / 2**20, "tokens_per_s": length / seconds}
 
 
 def llada8b_table(results: dict, shape: dict, length: int, device: str) -> str:
     base = results["straightforward LoRA"]
-    lines = [f"{TITLES['llada8b']}: {shape['layers']} layers, hidden {shape['hidden']}, MLP "
-             f"{shape['mlp']}, V = {shape['vocab']}, bf16, gradient checkpointing, B = 1, K = 8, "
-             f"L = {length}, device {device}; speed-up against the straightforward LoRA step",
-             "", "| variant | step s | tokens/s | speed-up | peak extra GiB |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"{TITLES['llada8b']}: {shape['layers']} layers, hidden {shape['hidden']}, MLP "
+        f"{shape['mlp']}, V = {shape['vocab']}, bf16, gradient checkpointing, B = 1, K = 8, "
+        f"L = {length}, device {device}; speed-up against the straightforward LoRA step",
+        "",
+        "| variant | step s | tokens/s | speed-up | peak extra GiB |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         if r.get("oom"):
             lines.append(f"| {name} | OOM | | | |")
             continue
         speed = "" if base.get("oom") else f"{base['seconds'] / r['seconds']:.2f}x"
-        lines.append(f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {speed} | "
-                     f"{r['peak_mib'] / 1024:.2f} |")
+        lines.append(
+            f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {speed} | "
+            f"{r['peak_mib'] / 1024:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -304,7 +360,7 @@ def worker(suite: str, variant: str, shape_name: str, device: str, repeats: int)
             objective(policy, dynamic, reference=reference).loss.backward()
 
     seconds, peak = time_and_peak(step, repeats, device)
-    return {"seconds": seconds, "peak_mib": peak / 2 ** 20, "examples_per_s": BATCH / seconds}
+    return {"seconds": seconds, "peak_mib": peak / 2**20, "examples_per_s": BATCH / seconds}
 
 
 def main() -> None:
@@ -313,8 +369,12 @@ def main() -> None:
     p.add_argument("--suite", choices=sorted(SUITES), default="whole")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--length", type=int, default=None,
-                   help="suite llada8b: tokens per example (default 1024; --quick 64)")
+    p.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        help="suite llada8b: tokens per example (default 1024; --quick 64)",
+    )
     p.add_argument("--readme", type=Path, default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -322,36 +382,51 @@ def main() -> None:
     length = args.length or (64 if args.quick else 1024)
     if args.worker:
         import json
+
         if args.suite == "llada8b":
             result = llada8b_worker(args.worker, shape_name, args.device, args.repeats, length)
         else:
             result = worker(args.suite, args.worker, shape_name, args.device, args.repeats)
         print(json.dumps(result))
         return
-    base = ["--suite", args.suite, "--device", args.device, "--repeats", str(args.repeats),
-            "--length", str(length)] + (["--quick"] if args.quick else [])
+    base = [
+        "--suite",
+        args.suite,
+        "--device",
+        args.device,
+        "--repeats",
+        str(args.repeats),
+        "--length",
+        str(length),
+    ] + (["--quick"] if args.quick else [])
     variants = SUITES[args.suite]
     results = {v: run_worker(__file__, ["--worker", v, *base]) for v in variants}
     if args.suite == "llada8b":
         table = llada8b_table(results, LLADA_SHAPES[shape_name], length, args.device)
         print(table)
         if args.readme:
-            record_in_readme(args.readme, f"{TITLES['llada8b']}, L = {length} ({args.device})",
-                             table)
+            record_in_readme(
+                args.readme, f"{TITLES['llada8b']}, L = {length} ({args.device})", table
+            )
         return
     baseline = next(iter(variants))
     ref = results[baseline]
     shape = SHAPES[shape_name]
     block = f", block size {BLOCK_SIZE}" if args.suite == "block" else ""
-    lines = [f"{TITLES[args.suite]}, B = {BATCH}, tiny Gemma V = {shape['vocab']}, "
-             f"D = {shape['hidden']}, {shape['layers']} layers{block}, device {args.device}; "
-             f"speed-up and memory are against the {baseline} step at K = 8", "",
-             f"| variant | K | step s | examples/s | speed-up | peak extra MiB | memory vs "
-             f"{baseline} |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{TITLES[args.suite]}, B = {BATCH}, tiny Gemma V = {shape['vocab']}, "
+        f"D = {shape['hidden']}, {shape['layers']} layers{block}, device {args.device}; "
+        f"speed-up and memory are against the {baseline} step at K = 8",
+        "",
+        f"| variant | K | step s | examples/s | speed-up | peak extra MiB | memory vs {baseline} |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | {variants[name][0]} | {r['seconds']:.3f} | "
-                     f"{r['examples_per_s']:.2f} | {ref['seconds'] / r['seconds']:.2f}x | "
-                     f"{r['peak_mib']:.0f} | {r['peak_mib'] / ref['peak_mib']:.2f}x |")
+        lines.append(
+            f"| {name} | {variants[name][0]} | {r['seconds']:.3f} | "
+            f"{r['examples_per_s']:.2f} | {ref['seconds'] / r['seconds']:.2f}x | "
+            f"{r['peak_mib']:.0f} | {r['peak_mib'] / ref['peak_mib']:.2f}x |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.readme:

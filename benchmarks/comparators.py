@@ -34,8 +34,13 @@ def make_inputs(m: int, v: int, device: torch.device, seq_len: int = 512, seed: 
     num_samples = max(1, math.ceil(C / K))
     sample_index = torch.arange(C, device=device) // K
     upstream = torch.randn(num_samples, generator=g, device=device)
-    return dict(targets=targets, mask=mask, weights=weights, sample_index=sample_index,
-                num_samples=num_samples), upstream
+    return dict(
+        targets=targets,
+        mask=mask,
+        weights=weights,
+        sample_index=sample_index,
+        num_samples=num_samples,
+    ), upstream
 
 
 # Logit distributions of known sparsity (bench_cpu.py's docstring states the method): name ->
@@ -65,7 +70,7 @@ def zipf_hidden_states(weight, rows: int, distribution: str, generator=None):
     draws = torch.multinomial(zipf, rows * k, replacement=True, generator=generator)
     tokens = token_of_rank[draws].view(rows, k)
     for j in range(k):  # not weight[tokens]: [rows, k, D] would not fit at LLaDA's shapes
-        hidden += (s / k ** 0.5) * weight[tokens[:, j]].float()
+        hidden += (s / k**0.5) * weight[tokens[:, j]].float()
     return hidden.to(weight.dtype), tokens[:, 0]
 
 
@@ -92,8 +97,9 @@ def torch_lce_linear(hidden, weight, a, chunked: bool):
     """torch.nn.functional.linear_cross_entropy on the masked rows, then the weighted sum."""
     idx, t, w, s = _masked_rows(a)
     options = torch.nn.LinearCrossEntropyOptions() if chunked else None
-    nll = F.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[idx], weight, t,
-                                 reduction="none", options=options)
+    nll = F.linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1])[idx], weight, t, reduction="none", options=options
+    )
     return _reduce(a, -w * nll.float(), s)
 
 
@@ -101,24 +107,31 @@ def cce_linear(hidden, weight, a):
     """Apple's Cut Cross-Entropy (its default filter_eps="auto": gradient filtering, vocabulary
     sorting) on the masked rows, then the weighted sum."""
     from cut_cross_entropy import linear_cross_entropy
+
     idx, t, w, s = _masked_rows(a)
-    nll = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[idx], weight, t,
-                               reduction="none")
+    nll = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1])[idx], weight, t, reduction="none"
+    )
     return _reduce(a, -w * nll.float(), s)
 
 
 def liger_linear(hidden, weight, a):
     """Liger's fused linear cross-entropy on the masked rows, then the weighted sum."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
     idx, t, w, s = _masked_rows(a)
-    nll = liger_fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[idx], weight, t,
-                                           reduction="none")
+    nll = liger_fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1])[idx], weight, t, reduction="none"
+    )
     return _reduce(a, -w * nll.float(), s)
 
 
 def eager_elbo(logits, a):
     """Full float32 log_softmax over every position, gather, mask, weighted index_add."""
-    logp = torch.log_softmax(logits.float(), -1).gather(
-        -1, a["targets"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = (
+        torch.log_softmax(logits.float(), -1)
+        .gather(-1, a["targets"].clamp(min=0).unsqueeze(-1))
+        .squeeze(-1)
+    )
     per_copy = (logp * a["mask"] * a["weights"][:, None]).sum(1)
     return _reduce(a, per_copy, a["sample_index"])

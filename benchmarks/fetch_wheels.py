@@ -21,9 +21,24 @@ PYTHON, PLATFORM = "3.12", "manylinux2014_x86_64"
 def main() -> int:
     target = ROOT / ".whl"
     target.mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                    "--python-version", PYTHON, "--platform", PLATFORM, "-d", str(target),
-                    *PACKAGES], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            PYTHON,
+            "--platform",
+            PLATFORM,
+            "-d",
+            str(target),
+            *PACKAGES,
+        ],
+        check=True,
+    )
     print("\n".join(sorted(p.name for p in target.glob("*.whl"))))
     return 0
 

@@ -33,10 +33,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ("tests/test_row_ops.py", "tests/test_kernels.py", "tests/test_call_forms.py",
-         "tests/test_linear_elbo_filter.py", "tests/test_memory.py", "tests/test_lm_head.py",
-         "tests/test_estimate.py",
-         "tests/test_objective.py", "tests/test_loss.py", "tests/test_draws.py")
+TESTS = (
+    "tests/test_row_ops.py",
+    "tests/test_kernels.py",
+    "tests/test_call_forms.py",
+    "tests/test_linear_elbo_filter.py",
+    "tests/test_memory.py",
+    "tests/test_lm_head.py",
+    "tests/test_estimate.py",
+    "tests/test_objective.py",
+    "tests/test_loss.py",
+    "tests/test_draws.py",
+)
 # The dry run rehearses the test step on a slice of the kernel tests (the compat lane runs them
 # all on CPU anyway).
 DRY_TESTS = ("tests/test_kernels.py", "-k", "random or one_row")
@@ -45,13 +53,25 @@ DRY_TESTS = ("tests/test_kernels.py", "-k", "random or one_row")
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, the interpreter")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default: $OUT, else benchmarks/results)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default: $OUT, else benchmarks/results)",
+    )
     p.add_argument("--budget", type=float, default=540.0, help="seconds for all steps together")
-    p.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048],
-                   help="tokens per example of the LLaDA-8B-sized step")
-    p.add_argument("--gpu-check-args", default="",
-                   help="extra arguments for gpu_check.py, e.g. '--rows 2048 8192'")
+    p.add_argument(
+        "--lengths",
+        type=int,
+        nargs="*",
+        default=[1024, 2048],
+        help="tokens per example of the LLaDA-8B-sized step",
+    )
+    p.add_argument(
+        "--gpu-check-args",
+        default="",
+        help="extra arguments for gpu_check.py, e.g. '--rows 2048 8192'",
+    )
     return p.parse_args()
 
 
@@ -63,15 +83,36 @@ def install_wheels(out: Path, env: dict) -> str:
     site = ROOT / ".whl" / "site"
     log = out / "wheels.log"
     with log.open("w") as f:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
-                        "--upgrade", "--target", str(site), *wheels], stdout=f, stderr=f,
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--no-index",
+                "--no-deps",
+                "--upgrade",
+                "--target",
+                str(site),
+                *wheels,
+            ],
+            stdout=f,
+            stderr=f,
+            check=True,
+        )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     # The modules benchmarks/comparators.py imports, checked here rather than skipped in silence.
-    probe = subprocess.run([sys.executable, "-c", "import liger_kernel.transformers.functional, "
-                            "cut_cross_entropy"], capture_output=True, text=True, env=env)
-    state = "importable" if probe.returncode == 0 else \
-        f"NOT importable: {(probe.stderr.strip().splitlines() or ['?'])[-1]}"
+    probe = subprocess.run(
+        [sys.executable, "-c", "import liger_kernel.transformers.functional, cut_cross_entropy"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    state = (
+        "importable"
+        if probe.returncode == 0
+        else f"NOT importable: {(probe.stderr.strip().splitlines() or ['?'])[-1]}"
+    )
     return f"installed {', '.join(Path(w).name for w in wheels)}; {state}"
 
 
@@ -79,29 +120,78 @@ def steps(args) -> list[tuple[str, list[str], float]]:
     """(name, command, the most seconds it may take) of each step, in order."""
     python = sys.executable
     if args.dry_run:
-        return [("tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device",
-                           "cpu", *DRY_TESTS], 300),
-                ("step", [python, "benchmarks/bench_step.py", "--suite", "llada8b", "--quick",
-                          "--repeats", "1"], 120),
-                ("kernels", [python, "benchmarks/gpu_check.py", "--dry-run"], 120)]
-    step = [("step" if len(args.lengths) == 1 else f"step L={length}",
-             [python, "benchmarks/bench_step.py", "--suite", "llada8b", "--device", "cuda",
-              "--repeats", "2", "--length", str(length)], 90) for length in args.lengths]
-    return [("tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", "cuda",
-                       *TESTS], 150),
-            *step,
-            ("kernels", [python, "benchmarks/gpu_check.py", *args.gpu_check_args.split()],
-             args.budget)]
+        return [
+            (
+                "tests",
+                [
+                    python,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "--device",
+                    "cpu",
+                    *DRY_TESTS,
+                ],
+                300,
+            ),
+            (
+                "step",
+                [
+                    python,
+                    "benchmarks/bench_step.py",
+                    "--suite",
+                    "llada8b",
+                    "--quick",
+                    "--repeats",
+                    "1",
+                ],
+                120,
+            ),
+            ("kernels", [python, "benchmarks/gpu_check.py", "--dry-run"], 120),
+        ]
+    step = [
+        (
+            "step" if len(args.lengths) == 1 else f"step L={length}",
+            [
+                python,
+                "benchmarks/bench_step.py",
+                "--suite",
+                "llada8b",
+                "--device",
+                "cuda",
+                "--repeats",
+                "2",
+                "--length",
+                str(length),
+            ],
+            90,
+        )
+        for length in args.lengths
+    ]
+    return [
+        (
+            "tests",
+            [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--device", "cuda", *TESTS],
+            150,
+        ),
+        *step,
+        ("kernels", [python, "benchmarks/gpu_check.py", *args.gpu_check_args.split()], args.budget),
+    ]
 
 
 def versions(env: dict) -> str:
-    code = ("import sys, torch, triton, transformers, numpy\n"
-            "card = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'\n"
-            "print(f'{card}; Python {sys.version.split()[0]}, torch {torch.__version__}, triton "
-            "{triton.__version__}, transformers {transformers.__version__}, numpy "
-            "{numpy.__version__}')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                            cwd=ROOT)
+    code = (
+        "import sys, torch, triton, transformers, numpy\n"
+        "card = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'\n"
+        "print(f'{card}; Python {sys.version.split()[0]}, torch {torch.__version__}, triton "
+        "{triton.__version__}, transformers {transformers.__version__}, numpy "
+        "{numpy.__version__}')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     return result.stdout.strip() or result.stderr.strip().splitlines()[-1]
 
 
@@ -112,8 +202,12 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     start = time.perf_counter()
-    lines = [f"# GPU campaign{' (dry run)' if args.dry_run else ''}", "",
-             f"- wheels: {install_wheels(out, env)}", f"- machine: {versions(env)}"]
+    lines = [
+        f"# GPU campaign{' (dry run)' if args.dry_run else ''}",
+        "",
+        f"- wheels: {install_wheels(out, env)}",
+        f"- machine: {versions(env)}",
+    ]
     failed = False
     for name, command, limit in steps(args):
         left = args.budget - (time.perf_counter() - start)
@@ -127,14 +221,17 @@ def main() -> int:
         print(f"gpu-campaign: {name} (at most {limit:.0f} s) -> {log}", flush=True)
         with log.open("w") as f:
             try:
-                code = subprocess.run(command, cwd=ROOT, env=env, stdout=f,
-                                      stderr=subprocess.STDOUT, timeout=limit).returncode
+                code = subprocess.run(
+                    command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit
+                ).returncode
                 status = "passed" if code == 0 else f"failed (exit {code})"
             except subprocess.TimeoutExpired:
                 code, status = -1, f"timed out after {limit:.0f} s"
         failed |= code != 0
-        lines.append(f"- {name}: {status} in {time.perf_counter() - began:.0f} s "
-                     f"({' '.join(Path(c).name if '/' in c else c for c in command[1:])})")
+        lines.append(
+            f"- {name}: {status} in {time.perf_counter() - began:.0f} s "
+            f"({' '.join(Path(c).name if '/' in c else c for c in command[1:])})"
+        )
     summary = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(summary)
     print(summary, end="")

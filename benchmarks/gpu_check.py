@@ -1,7 +1,8 @@
-"""The prepared GPU check: correctness at real shapes, then forward+backward timings of every variant.
+"""The prepared GPU check: correctness at real shapes, then forward+backward timings of every
+variant.
 
     python benchmarks/gpu_check.py            # on a CUDA GPU (run time: benchmarks/README.md)
-    python benchmarks/gpu_check.py --dry-run  # tiny shapes on CPU (Triton interpreter); in make test
+    python benchmarks/gpu_check.py --dry-run  # tiny shapes on CPU (Triton interpreter)
 
 The backends are every one that works on the device (``usable_backends``): on a GPU triton and
 the torch path. Step 1 checks each against a float64 oracle (a slice of rows) and against the
@@ -48,23 +49,39 @@ ARGS = parse_args()
 if ARGS.dry_run:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
+from comparators import (
+    cce_linear,
+    eager_elbo,
+    eager_linear,
+    liger_linear,
+    make_inputs,
+    torch_lce_linear,
+    zipf_hidden_states,
+)
 
-from comparators import (cce_linear, eager_elbo, eager_linear, liger_linear,  # noqa: E402
-                       make_inputs, torch_lce_linear, zipf_hidden_states)
-from elbokto_kernels import fused_elbo, fused_linear_elbo, usable_backends  # noqa: E402
-from elbokto_kernels.backends import resolve_backend  # noqa: E402
-from elbokto_kernels.oracle import (elbo_oracle, filter_bounds, linear_elbo_oracle,  # noqa: E402
-                                    relative_error)
+from elbokto_kernels import fused_elbo, fused_linear_elbo, usable_backends
+from elbokto_kernels.backends import resolve_backend
+from elbokto_kernels.oracle import (
+    elbo_oracle,
+    filter_bounds,
+    linear_elbo_oracle,
+    relative_error,
+)
 
 if ARGS.dry_run:
     DEVICE, HIDDEN, VOCABS, ROWS, SEQ = torch.device("cpu"), 64, (1000, 1503), (32, 64), 16
 else:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --dry-run for the CPU smoke test")
-    DEVICE, HIDDEN, VOCABS, ROWS, SEQ = torch.device("cuda"), 4096, (126464, 151936), \
-        (2048, 8192, 16384), 512
+    DEVICE, HIDDEN, VOCABS, ROWS, SEQ = (
+        torch.device("cuda"),
+        4096,
+        (126464, 151936),
+        (2048, 8192, 16384),
+        512,
+    )
 VOCABS = ARGS.vocab or VOCABS
 ROWS = ARGS.rows or ROWS
 DTYPE = torch.bfloat16
@@ -77,10 +94,12 @@ GRAD_TOL = 2e-2 if ARGS.dry_run else 1e-2
 
 # ---- measurement -------------------------------------------------------------------------------
 
+
 def median_ms(fn) -> float:
     fn()  # compile / warm caches outside the measurement
     if DEVICE.type == "cuda":
         import triton.testing
+
         return triton.testing.do_bench(fn, return_mode="median")
     times = []
     for _ in range(3):
@@ -125,7 +144,8 @@ def linear_variants():
         v[label(backend)] = lambda h, w, a, b=backend: fused_linear_elbo(h, w, **a, backend=b)
         if backend == AUTO:
             v[f"{backend} keep_logits"] = lambda h, w, a, b=backend: fused_linear_elbo(
-                h, w, **a, keep_logits=True, backend=b)
+                h, w, **a, keep_logits=True, backend=b
+            )
             v.update(filter_variants())
     v["eager"] = eager_linear
     if not ARGS.dry_run and not ARGS.skip_compile:
@@ -136,6 +156,7 @@ def linear_variants():
     if not ARGS.dry_run:
         try:
             import liger_kernel  # noqa: F401
+
             v["liger flce"] = liger_linear
         except ImportError:
             pass
@@ -145,11 +166,15 @@ def linear_variants():
 
 def filter_variants():
     """The filtered op and Cut Cross-Entropy (on a GPU, when importable)."""
-    v = {f"{AUTO} filter_eps=auto": lambda h, w, a: fused_linear_elbo(
-        h, w, **a, filter_eps="auto", backend=AUTO)}
+    v = {
+        f"{AUTO} filter_eps=auto": lambda h, w, a: fused_linear_elbo(
+            h, w, **a, filter_eps="auto", backend=AUTO
+        )
+    }
     if not ARGS.dry_run:
         try:
             import cut_cross_entropy  # noqa: F401
+
             v["cut cross-entropy"] = cce_linear
         except ImportError:
             pass
@@ -165,8 +190,10 @@ def zipf_inputs(a: dict, w):
 
 
 def elbo_variants():
-    v = {label(backend): lambda x, a, b=backend: fused_elbo(x, **a, backend=b)
-         for backend in BACKENDS}
+    v = {
+        label(backend): lambda x, a, b=backend: fused_elbo(x, **a, backend=b)
+        for backend in BACKENDS
+    }
     v["eager"] = eager_elbo
     if not ARGS.dry_run and not ARGS.skip_compile:
         v["compile(eager)"] = torch.compile(eager_elbo, dynamic=True)
@@ -175,11 +202,12 @@ def elbo_variants():
 
 # ---- step 1: correctness -----------------------------------------------------------------------
 
+
 def check_correctness() -> None:
     v, m, D = VOCABS[0], min(ROWS), HIDDEN
     a, up = make_inputs(m, v, DEVICE, SEQ, seed=1)
     h = (torch.randn(*a["mask"].shape, D, device=DEVICE) * 2).to(DTYPE).requires_grad_()
-    w = (torch.randn(v, D, device=DEVICE) / D ** 0.5).to(DTYPE).requires_grad_()
+    w = (torch.randn(v, D, device=DEVICE) / D**0.5).to(DTYPE).requires_grad_()
     results = {}
     for backend in BACKENDS:
         out = fused_linear_elbo(h, w, **a, softcap=30.0, backend=backend)
@@ -191,10 +219,13 @@ def check_correctness() -> None:
     for backend in BACKENDS:
         if backend != "torch":
             errs = [relative_error(x, y) for x, y in zip(results[backend], results["torch"])]
-            print(f"linear {backend} vs torch path (M={m}, V={v}, softcap 30): value "
-                  f"{errs[0]:.1e}, dH {errs[1]:.1e}, dW {errs[2]:.1e}")
-            assert errs[0] < 1e-4 and max(errs[1:]) < GRAD_TOL, \
+            print(
+                f"linear {backend} vs torch path (M={m}, V={v}, softcap 30): value "
+                f"{errs[0]:.1e}, dH {errs[1]:.1e}, dW {errs[2]:.1e}"
+            )
+            assert errs[0] < 1e-4 and max(errs[1:]) < GRAD_TOL, (
                 f"linear {backend} disagrees with torch path"
+            )
         out = fused_linear_elbo(h1, w1, **first, softcap=30.0, backend=backend)
         err = relative_error(out, ref)
         print(f"linear {backend} vs float64 oracle: value {err:.1e}")
@@ -222,16 +253,22 @@ def check_filtered(backend: str, h, w, a: dict, up) -> None:
     ref = linear_elbo_oracle(*leaves64, None, 30.0, **a)
     exact = torch.autograd.grad(ref, leaves64, up.double())
     eps = torch.finfo(DTYPE).eps / 32
-    bounds = filter_bounds(*leaves64, None, 30.0, a["targets"], a["mask"], a["weights"],
-                           a["sample_index"], up, eps)
-    excess = [((g.double() - e).abs() - b).max().item() / e.abs().max().item()
-              for g, e, b in zip(grads, exact, bounds)]
-    print(f"linear {backend} filter_eps=auto vs float64 oracle: dH, dW beyond the filtered bound "
-          f"{max(excess[0], 0):.1e}, {max(excess[1], 0):.1e}")
+    bounds = filter_bounds(
+        *leaves64, None, 30.0, a["targets"], a["mask"], a["weights"], a["sample_index"], up, eps
+    )
+    excess = [
+        ((g.double() - e).abs() - b).max().item() / e.abs().max().item()
+        for g, e, b in zip(grads, exact, bounds)
+    ]
+    print(
+        f"linear {backend} filter_eps=auto vs float64 oracle: dH, dW beyond the filtered bound "
+        f"{max(excess[0], 0):.1e}, {max(excess[1], 0):.1e}"
+    )
     assert max(excess) < GRAD_TOL, f"filtered linear {backend} exceeds the filtered bound"
 
 
 # ---- step 3: timings ---------------------------------------------------------------------------
+
 
 def measure(name, fn, inputs, upstream):
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -255,8 +292,10 @@ def main() -> None:
     check_correctness()
     bandwidth = copy_gbps()
     print(f"device-to-device copy: {bandwidth:.0f} GB/s")
-    header = f"{'op':<7}{'V':>7}{'M':>6}  {'variant':<31}{'ms':>9}{'TFLOP/s':>9}{'vs limit':>10}" \
-             f"{'peak GB':>9}"
+    header = (
+        f"{'op':<7}{'V':>7}{'M':>6}  {'variant':<31}{'ms':>9}{'TFLOP/s':>9}{'vs limit':>10}"
+        f"{'peak GB':>9}"
+    )
     rows = []
     for v in VOCABS:
         for m in ROWS:
@@ -266,26 +305,47 @@ def main() -> None:
             rate = gemm_tflops(m, D, v)
             floor_ms = flops / rate / 1e9
             h = (torch.randn(*a["mask"].shape, D, device=DEVICE)).to(DTYPE).requires_grad_()
-            w = (torch.randn(v, D, device=DEVICE) / D ** 0.5).to(DTYPE).requires_grad_()
+            w = (torch.randn(v, D, device=DEVICE) / D**0.5).to(DTYPE).requires_grad_()
             for name, fn in linear_variants().items():
                 ms, gb = measure(name, fn, (h, w, a), up)
                 rows.append(("linear", v, m, name, ms, flops / ms / 1e9, ms / floor_ms, gb))
-            rows.append(("linear", v, m, f"GEMM floor ({rate:.0f} TFLOP/s)", floor_ms,
-                         rate, 1.0, float("nan")))
+            rows.append(
+                (
+                    "linear",
+                    v,
+                    m,
+                    f"GEMM floor ({rate:.0f} TFLOP/s)",
+                    floor_ms,
+                    rate,
+                    1.0,
+                    float("nan"),
+                )
+            )
             h_zipf, a_zipf = zipf_inputs(a, w)
             zipf = {f"{AUTO} (zipf)": lambda h, w, a: fused_linear_elbo(h, w, **a, backend=AUTO)}
             for name, fn in {**zipf, **filter_variants()}.items():
                 ms, gb = measure(name, fn, (h_zipf, w, a_zipf), up)
-                rows.append(("linear", v, m, name.removesuffix(" (zipf)") + " (zipf)", ms,
-                             flops / ms / 1e9, ms / floor_ms, gb))
+                rows.append(
+                    (
+                        "linear",
+                        v,
+                        m,
+                        name.removesuffix(" (zipf)") + " (zipf)",
+                        ms,
+                        flops / ms / 1e9,
+                        ms / floor_ms,
+                        gb,
+                    )
+                )
             del h, w, h_zipf
             x = torch.randn(*a["mask"].shape, v, device=DEVICE).to(DTYPE).requires_grad_()
             # Bytes the op must move: masked rows read once, their gradient written once.
             must_move = m * v * x.element_size() * 2
             for name, fn in elbo_variants().items():
                 ms, gb = measure(name, fn, (x, a), up)
-                rows.append(("elbo", v, m, name, ms, float("nan"),
-                             must_move / ms / 1e6 / bandwidth, gb))
+                rows.append(
+                    ("elbo", v, m, name, ms, float("nan"), must_move / ms / 1e6 / bandwidth, gb)
+                )
             del x
             if DEVICE.type == "cuda":
                 torch.cuda.empty_cache()
@@ -293,9 +353,11 @@ def main() -> None:
     for op, v, m, name, ms, tflops, ratio, gb in rows:
         limit = f"{ratio:.2f}x" if op == "linear" else f"{ratio:.0%} BW"
         print(f"{op:<7}{v:>7}{m:>6}  {name:<31}{ms:>9.2f}{tflops:>9.1f}{limit:>10}{gb:>9.2f}")
-    print("vs limit: linear = time / GEMM floor (lower is better); elbo = must-move bytes "
-          "(masked rows read once + gradient written once) / time / copy bandwidth; (zipf): "
-          "hidden states of a trained-looking head, where filtering skips most tiles")
+    print(
+        "vs limit: linear = time / GEMM floor (lower is better); elbo = must-move bytes "
+        "(masked rows read once + gradient written once) / time / copy bandwidth; (zipf): "
+        "hidden states of a trained-looking head, where filtering skips most tiles"
+    )
 
 
 if __name__ == "__main__":

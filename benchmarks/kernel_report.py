@@ -10,9 +10,9 @@ own ``row_lse`` / ``row_grad`` on CPU tensors (contiguous, LLaDA's vocabulary) w
 replaced by a recorder, so arguments, block size and warps are those of a GPU launch. The recorded
 launch is specialised as Triton's JIT does it (the NVIDIA backend's binder: 16-byte alignment,
 integers equal to 1 become constants), compiled with ``triton.compile`` for each target, and
-``ptxas -v`` (the one Triton uses, shipped in the triton wheel) reports registers and spill bytes of the PTX; shared
-memory is Triton's launch metadata. Triton caches compiled kernels (~/.triton/cache): a second run
-takes seconds.
+``ptxas -v`` (the one Triton uses, shipped in the triton wheel) reports registers and spill bytes
+of the PTX; shared memory is Triton's launch metadata. Triton caches compiled kernels
+(~/.triton/cache): a second run takes seconds.
 
 TRITON_INTERPRET must be unset for triton's kernels to be compilable: the script unsets it before
 importing triton.
@@ -32,19 +32,24 @@ from dataclasses import dataclass
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported, by anything
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import (create_function_from_signature, find_paths_if,  # noqa: E402
-                                get_iterable_path)
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import (
+    create_function_from_signature,
+    find_paths_if,
+    get_iterable_path,
+)
 
-from elbokto_kernels.backends import triton as kernels  # noqa: E402
+from elbokto_kernels.backends import triton as kernels
 
 # (name, target, shared memory a block may use in bytes)
-TARGETS = (("A100 sm_80", GPUTarget("cuda", 80, 32), 164 << 10),
-           ("H100 sm_90", GPUTarget("cuda", 90, 32), 228 << 10))
+TARGETS = (
+    ("A100 sm_80", GPUTarget("cuda", 80, 32), 164 << 10),
+    ("H100 sm_90", GPUTarget("cuda", 90, 32), 228 << 10),
+)
 ROWS, VOCAB = 8, 126464
 
 
@@ -79,8 +84,15 @@ def recorded_launch(launch: kernels.Launch):
             kernels.row_lse(x, rows, targets, softcap)
         else:
             vector = torch.zeros(ROWS)
-            kernels.row_grad(x, rows, targets, vector, vector, softcap,
-                             torch.zeros(ROWS, VOCAB, dtype=launch.out_dtype))
+            kernels.row_grad(
+                x,
+                rows,
+                targets,
+                vector,
+                vector,
+                softcap,
+                torch.zeros(ROWS, VOCAB, dtype=launch.out_dtype),
+            )
     finally:
         setattr(kernels, name, kernel)
     (call,) = recorded
@@ -93,19 +105,25 @@ def compile_for(kernel, args, kwargs, target: GPUTarget):
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     if hasattr(kernel, "_pack_args"):
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
-                                                                  specialization, options)
+        options, signature, constexprs, attrs = kernel._pack_args(
+            backend, kwargs, bound, specialization, options
+        )
     else:  # triton < 3.5 does the same inside JITFunction.run
         options = backend.parse_options(kwargs)
         values = [x[0] for x in specialization]
         signature = {p.name: v for p, v in zip(kernel.params, values)}
-        constexprs = {path: get_iterable_path(list(bound.values()), path)
-                      for path in find_paths_if(values, lambda _, v: v == "constexpr")}
+        constexprs = {
+            path: get_iterable_path(list(bound.values()), path)
+            for path in find_paths_if(values, lambda _, v: v == "constexpr")
+        }
         attrs = [x[1] for x in specialization]
-        attrs = {path: backend.parse_attr(get_iterable_path(attrs, path))
-                 for path in find_paths_if(attrs, lambda _, x: isinstance(x, str))}
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                          options=options.__dict__)
+        attrs = {
+            path: backend.parse_attr(get_iterable_path(attrs, path))
+            for path in find_paths_if(attrs, lambda _, x: isinstance(x, str))
+        }
+    return triton.compile(
+        ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+    )
 
 
 def usage(compiled, target: GPUTarget) -> Usage:
@@ -117,9 +135,12 @@ def usage(compiled, target: GPUTarget) -> Usage:
         ptx.flush()
         ptxas = get_ptxas(target.arch)
         ptxas = ptxas[0] if isinstance(ptxas, tuple) else ptxas.path  # (path, version) < 3.5
-        report = subprocess.run([ptxas, f"--gpu-name={arch}", "-v",
-                                 ptx.name, "-o",
-                                 os.devnull], capture_output=True, text=True, check=True).stderr
+        report = subprocess.run(
+            [ptxas, f"--gpu-name={arch}", "-v", ptx.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     return parse_ptxas(report, compiled.metadata.shared)
 
 
@@ -149,11 +170,15 @@ def _dtype(dtype) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 on a spill or on shared memory over the limit")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 on a spill or on shared memory over the limit"
+    )
     args = parser.parse_args()
-    jobs = [(launch, recorded_launch(launch), target)
-            for launch in kernels.GPU_LAUNCHES for target in TARGETS]
+    jobs = [
+        (launch, recorded_launch(launch), target)
+        for launch in kernels.GPU_LAUNCHES
+        for target in TARGETS
+    ]
 
     def run(job):
         launch, (kernel, call_args, call_kwargs), (_, target, _) = job
@@ -164,16 +189,23 @@ def main() -> int:
     sysconfig.get_config_vars()
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = list(pool.map(run, jobs))
-    print(f"{'kernel':<10}{'logits':<10}{'gradient':<10}{'rows':<6}{'softcap':<9}"
-          f"{'target':<12}{'registers':>10}{'spill B':>9}{'shared B':>10}")
+    print(
+        f"{'kernel':<10}{'logits':<10}{'gradient':<10}{'rows':<6}{'softcap':<9}"
+        f"{'target':<12}{'registers':>10}{'spill B':>9}{'shared B':>10}"
+    )
     found = []
-    for (launch, (_, _, call_kwargs), (name, _, limit)), use in zip(jobs, results):
-        print(f"{launch.kernel:<10}{_dtype(launch.x_dtype):<10}{_dtype(launch.out_dtype):<10}"
-              f"{'yes' if launch.rows else 'no':<6}{'yes' if launch.softcap else 'no':<9}"
-              f"{name:<12}{use.registers:>10}{use.spill_bytes:>9}{use.shared_bytes:>10}")
+    for (launch, _, (name, _, limit)), use in zip(jobs, results):
+        print(
+            f"{launch.kernel:<10}{_dtype(launch.x_dtype):<10}{_dtype(launch.out_dtype):<10}"
+            f"{'yes' if launch.rows else 'no':<6}{'yes' if launch.softcap else 'no':<9}"
+            f"{name:<12}{use.registers:>10}{use.spill_bytes:>9}{use.shared_bytes:>10}"
+        )
         found += problems(launch, name, use, limit)
-    print(f"BLOCK_V {kernels.GPU_BLOCK_V}, {call_kwargs['num_warps']} warps; triton "
-          f"{triton.__version__}")
+    warps = sorted({call_kwargs["num_warps"] for _, (_, _, call_kwargs), _ in jobs})
+    print(
+        f"BLOCK_V {kernels.GPU_BLOCK_V}, {'/'.join(map(str, warps))} warps; triton "
+        f"{triton.__version__}"
+    )
     for problem in found:
         print("PROBLEM:", problem)
     return 1 if args.check and found else 0

@@ -7,13 +7,16 @@ fresh-process figures, run ``python benchmarks/bench_cpu.py``.
 """
 
 import pytest
-
 from bench_cpu import SHAPES, THP, VARIANTS, _inputs, _step, backend_of
 
 # Left to bench_cpu.py: the default chunked linear_cross_entropy, by far the slowest variant on
 # CPU, and the "+thp" variants, which need a process started with THP_MEM_ALLOC_ENABLE=1.
-CASES = [(case, variant) for case, variants in VARIANTS.items() for variant in variants
-         if variant != "lce_chunked" and not variant.endswith(THP)]
+CASES = [
+    (case, variant)
+    for case, variants in VARIANTS.items()
+    for variant in variants
+    if variant != "lce_chunked" and not variant.endswith(THP)
+]
 
 
 @pytest.mark.parametrize("case,variant", CASES)

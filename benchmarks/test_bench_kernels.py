@@ -22,10 +22,11 @@ VARIANTS = usable_backends("cuda") + ["eager"]  # only "eager" without a GPU: al
 def case(request):
     """(hidden, weight, logits, args, upstream) for M masked rows of 2M positions, bf16."""
     from comparators import make_inputs
+
     device = torch.device("cuda")
     a, up = make_inputs(request.param, V, device)
     h = torch.randn(*a["mask"].shape, D, device=device, dtype=torch.bfloat16).requires_grad_()
-    w = (torch.randn(V, D, device=device) / D ** 0.5).bfloat16().requires_grad_()
+    w = (torch.randn(V, D, device=device) / D**0.5).bfloat16().requires_grad_()
     x = torch.randn(*a["mask"].shape, V, device=device, dtype=torch.bfloat16).requires_grad_()
     return h, w, x, a, up
 
@@ -34,13 +35,16 @@ def _bench(benchmark, fn, leaves, upstream):
     def step():
         torch.autograd.grad(fn(), leaves, upstream)
         torch.cuda.synchronize()
+
     benchmark.pedantic(step, warmup_rounds=2, rounds=10)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_linear_elbo(benchmark, case, variant):
-    from elbokto_kernels import fused_linear_elbo
     from comparators import eager_linear
+
+    from elbokto_kernels import fused_linear_elbo
+
     h, w, x, a, up = case
     if variant == "eager":
         fn = lambda: eager_linear(h, w, a)  # noqa: E731
@@ -51,8 +55,10 @@ def test_linear_elbo(benchmark, case, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_elbo(benchmark, case, variant):
-    from elbokto_kernels import fused_elbo
     from comparators import eager_elbo
+
+    from elbokto_kernels import fused_elbo
+
     h, w, x, a, up = case
     if variant == "eager":
         fn = lambda: eager_elbo(x, a)  # noqa: E731

@@ -28,8 +28,12 @@ del _name, _version
 _EXPORTS = {
     "elbokto.block_sampling": ("block_generate",),
     "elbokto.data": ("DataConfig", "PreferenceCollator", "build_dataset"),
-    "elbokto.diagnostics": ("GradientNoise", "PsiEstimate", "estimate_gradient_noise",
-                            "estimate_psi"),
+    "elbokto.diagnostics": (
+        "GradientNoise",
+        "PsiEstimate",
+        "estimate_gradient_noise",
+        "estimate_psi",
+    ),
     "elbokto.draws": ("Draws", "MCConfig", "sample_draws"),
     "elbokto.estimate": ("elbo_estimate",),
     "elbokto.guards": ("NonFiniteError",),

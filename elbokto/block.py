@@ -42,8 +42,14 @@ import logging
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BLOCK_MODEL_TYPES", "block_diffusion_mask", "block_model_inputs",
-           "check_block_attention", "check_block_model", "resolve_block_size"]
+__all__ = [
+    "BLOCK_MODEL_TYPES",
+    "block_diffusion_mask",
+    "block_model_inputs",
+    "check_block_attention",
+    "check_block_model",
+    "resolve_block_size",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +70,20 @@ def resolve_block_size(model_config, block_size: int | None) -> int | None:
     from_config = getattr(model_config, field, None) if field else None
     if block_size is not None:
         if from_config is not None and from_config != block_size:
-            logger.warning("block_size %d differs from the model config's %s = %d", block_size,
-                           field, from_config)
+            logger.warning(
+                "block_size %d differs from the model config's %s = %d",
+                block_size,
+                field,
+                from_config,
+            )
         return block_size
     if from_config is not None:
         return int(from_config)
     if model_type in BLOCK_MODEL_TYPES:
-        raise ValueError(f"{model_type} is a block-diffusion model and its config has no block "
-                         "size: pass --block_size (LLaDA2.0: 32)")
+        raise ValueError(
+            f"{model_type} is a block-diffusion model and its config has no block "
+            "size: pass --block_size (LLaDA2.0: 32)"
+        )
     return None
 
 
@@ -83,26 +95,35 @@ def check_block_model(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     implementation = getattr(config, "_attn_implementation", None)
     if implementation == "flex_attention":
-        raise ValueError(f"{name} runs flex_attention: block-diffusion scoring passes a 4D tensor "
-                         "mask, not a BlockMask; load the model with attn_implementation='sdpa' "
-                         "(--attn_implementation sdpa)")
+        raise ValueError(
+            f"{name} runs flex_attention: block-diffusion scoring passes a 4D tensor "
+            "mask, not a BlockMask; load the model with attn_implementation='sdpa' "
+            "(--attn_implementation sdpa)"
+        )
     if implementation not in MASK_ATTENTION:
-        raise ValueError(f"{name} runs attention with {implementation!r}: block-diffusion scoring "
-                         f"needs a custom 4D attention mask, which only {MASK_ATTENTION} take in "
-                         "transformers; load the model with attn_implementation='sdpa'")
+        raise ValueError(
+            f"{name} runs attention with {implementation!r}: block-diffusion scoring "
+            f"needs a custom 4D attention mask, which only {MASK_ATTENTION} take in "
+            "transformers; load the model with attn_implementation='sdpa'"
+        )
     if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-        raise ValueError(f"{name} has sliding-window layers: a custom 4D mask would replace their "
-                         "window, so block-diffusion scoring cannot be exact for it")
+        raise ValueError(
+            f"{name} has sliding-window layers: a custom 4D mask would replace their "
+            "window, so block-diffusion scoring cannot be exact for it"
+        )
     parameters = inspect.signature(model.forward).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     if "position_ids" not in parameters and not takes_any:
-        raise ValueError(f"{name}.forward takes no position_ids: block-diffusion scoring gives the "
-                         "noisy and the clean half the same positions [0..T-1]")
+        raise ValueError(
+            f"{name}.forward takes no position_ids: block-diffusion scoring gives the "
+            "noisy and the clean half the same positions [0..T-1]"
+        )
     return implementation
 
 
-def block_diffusion_mask(seq_len: int, block_size: int, device: torch.device | str = "cpu"
-                         ) -> Tensor:
+def block_diffusion_mask(
+    seq_len: int, block_size: int, device: torch.device | str = "cpu"
+) -> Tensor:
     """bool [2T, 2T]: True where a query of ``[x_t ; x_0]`` may attend a key (module docstring).
 
     The clean-clean quadrant ``[T:, T:]`` is the block-causal mask of block-by-block generation.
@@ -118,9 +139,14 @@ def block_diffusion_mask(seq_len: int, block_size: int, device: torch.device | s
     return own_block | clean_prefix | block_causal
 
 
-def block_model_inputs(noisy: Tensor, clean: Tensor, block_size: int,
-                       attention_mask: Tensor | None, attn_implementation: str,
-                       dtype: torch.dtype) -> dict[str, Tensor]:
+def block_model_inputs(
+    noisy: Tensor,
+    clean: Tensor,
+    block_size: int,
+    attention_mask: Tensor | None,
+    attn_implementation: str,
+    dtype: torch.dtype,
+) -> dict[str, Tensor]:
     """Keyword arguments of the one-pass block-diffusion forward.
 
     Args:
@@ -144,9 +170,11 @@ def block_model_inputs(noisy: Tensor, clean: Tensor, block_size: int,
         eye = torch.eye(2 * seq_len, dtype=torch.bool, device=noisy.device)
         allowed = (allowed & real[:, None, :]) | eye
     position_ids = torch.arange(seq_len, device=noisy.device).repeat(2)
-    return {"input_ids": torch.cat([noisy, clean], dim=1),
-            "position_ids": position_ids.expand(num_copies, -1),
-            "attention_mask": format_mask(allowed, attn_implementation, dtype)}
+    return {
+        "input_ids": torch.cat([noisy, clean], dim=1),
+        "position_ids": position_ids.expand(num_copies, -1),
+        "attention_mask": format_mask(allowed, attn_implementation, dtype),
+    }
 
 
 def format_mask(allowed: Tensor, attn_implementation: str, dtype: torch.dtype) -> Tensor:
@@ -155,9 +183,11 @@ def format_mask(allowed: Tensor, attn_implementation: str, dtype: torch.dtype) -
         return allowed[:, None]
     if attn_implementation == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)[:, None]
-    raise ValueError(f"attn_implementation={attn_implementation!r}; expected one of "
-                     f"{MASK_ATTENTION}")
+            ~allowed, torch.finfo(dtype).min
+        )[:, None]
+    raise ValueError(
+        f"attn_implementation={attn_implementation!r}; expected one of {MASK_ATTENTION}"
+    )
 
 
 @torch.no_grad()
@@ -177,19 +207,33 @@ def check_block_attention(model: nn.Module, block_size: int) -> None:
     generator = torch.Generator().manual_seed(0)
     clean = torch.randint(0, vocab, (1, 2 * block_size), generator=generator).to(device)
     noisy = torch.randint(0, vocab, (1, 2 * block_size), generator=generator).to(device)
-    one_pass = model(**block_model_inputs(noisy, clean, block_size, None, implementation, dtype),
-                     use_cache=False).logits[0, block_size:2 * block_size].float()
+    one_pass = (
+        model(
+            **block_model_inputs(noisy, clean, block_size, None, implementation, dtype),
+            use_cache=False,
+        )
+        .logits[0, block_size : 2 * block_size]
+        .float()
+    )
     seq_len = 2 * block_size
     causal = block_diffusion_mask(seq_len, block_size, device)[seq_len:, seq_len:][None]
-    per_block = model(input_ids=torch.cat([clean[:, :block_size], noisy[:, block_size:]], 1),
-                      attention_mask=format_mask(causal, implementation, dtype),
-                      position_ids=torch.arange(seq_len, device=device)[None],
-                      use_cache=False).logits[0, block_size:].float()
+    per_block = (
+        model(
+            input_ids=torch.cat([clean[:, :block_size], noisy[:, block_size:]], 1),
+            attention_mask=format_mask(causal, implementation, dtype),
+            position_ids=torch.arange(seq_len, device=device)[None],
+            use_cache=False,
+        )
+        .logits[0, block_size:]
+        .float()
+    )
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     error = float((one_pass - per_block).abs().max())
     if not error <= tolerance * max(1.0, float(per_block.abs().max())):
-        raise ValueError(f"{type(model).__name__} does not apply a custom 4D attention mask the "
-                         f"way transformers' {implementation} attention does: the one-pass "
-                         "block-diffusion forward and a forward on [clean prefix ; noisy block] "
-                         f"differ by {error:.3g} in the logits. Load it with "
-                         "attn_implementation='sdpa', or score it without --block_size")
+        raise ValueError(
+            f"{type(model).__name__} does not apply a custom 4D attention mask the "
+            f"way transformers' {implementation} attention does: the one-pass "
+            "block-diffusion forward and a forward on [clean prefix ; noisy block] "
+            f"differ by {error:.3g} in the logits. Load it with "
+            "attn_implementation='sdpa', or score it without --block_size"
+        )

@@ -59,8 +59,14 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def block_generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: SamplingConfig,
-                   *, pad_token_id: int, use_cache: bool = True) -> Tensor:
+def block_generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig,
+    *,
+    pad_token_id: int,
+    use_cache: bool = True,
+) -> Tensor:
     """Generate ``config.gen_length`` tokens after each prompt with a block-diffusion model:
     int64 [B, gen_length], all unmasked.
 
@@ -85,16 +91,24 @@ def block_generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: S
     in the same order with or without the cache.
     """
     if config.shift_logits:
-        raise ValueError("shift_logits=True: block-diffusion models score each position at its "
-                         "own output; a shifted head is not supported by the block sampler")
+        raise ValueError(
+            "shift_logits=True: block-diffusion models score each position at its "
+            "own output; a shifted head is not supported by the block sampler"
+        )
     mask_id = sampler_mask_id(model, config)
     size = config.block_length
     rows = prompt_rows(prompts)
     first = max(row.numel() // size for row in rows)  # F, the first response block
     tails = [row.numel() % size for row in rows]
     num_blocks = -(-(first * size + max(tails) + config.gen_length) // size)
-    canvas, real = build_canvas(rows, [(first - row.numel() // size) * size for row in rows],
-                                 num_blocks * size, mask_id, pad_token_id, device_of(model))
+    canvas, real = build_canvas(
+        rows,
+        [(first - row.numel() // size) * size for row in rows],
+        num_blocks * size,
+        mask_id,
+        pad_token_id,
+        device_of(model),
+    )
     generator = torch.Generator(device=canvas.device).manual_seed(config.seed)
     prefix = _Prefix(model, canvas, real, size, use_cache)
     prefix.extend(first * size)
@@ -102,12 +116,19 @@ def block_generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: S
     for block in range(first, num_blocks):
         start, end = block * size, (block + 1) * size
         masks = [size - tail for tail in tails] if block == first else [size] * len(rows)
-        fill_block(canvas[:, start:end], partial(prefix.logits, start, end),
-                    schedules(masks, steps), mask_id, config, generator)
+        fill_block(
+            canvas[:, start:end],
+            partial(prefix.logits, start, end),
+            schedules(masks, steps),
+            mask_id,
+            config,
+            generator,
+        )
         if block + 1 < num_blocks:
             prefix.extend(end)
     columns = torch.tensor([first * size + tail for tail in tails])[:, None] + torch.arange(
-        config.gen_length)
+        config.gen_length
+    )
     return canvas.gather(1, columns.to(canvas.device))
 
 
@@ -120,8 +141,9 @@ def check_block_cache(model: nn.Module, block_size: int) -> None:
     embeddings = model.get_input_embeddings()
     device, dtype = embeddings.weight.device, embeddings.weight.dtype
     generator = torch.Generator().manual_seed(0)
-    canvas = torch.randint(0, embeddings.num_embeddings, (2, 3 * block_size),
-                           generator=generator).to(device)
+    canvas = torch.randint(
+        0, embeddings.num_embeddings, (2, 3 * block_size), generator=generator
+    ).to(device)
     real = torch.ones_like(canvas, dtype=torch.bool)
     real[1, :block_size] = False
     cached = _Prefix(model, canvas, real, block_size, use_cache=True)
@@ -136,9 +158,11 @@ def check_block_cache(model: nn.Module, block_size: int) -> None:
         cached.extend(start + block_size)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     if not error <= tolerance * max(1.0, scale):
-        raise ValueError(f"{type(model).__name__} scores a block differently with a KV cache of "
-                         f"the blocks before it than without (logits differ by {error:.3g}): "
-                         "its code does not apply the 4D mask with a transformers DynamicCache")
+        raise ValueError(
+            f"{type(model).__name__} scores a block differently with a KV cache of "
+            f"the blocks before it than without (logits differ by {error:.3g}): "
+            "its code does not apply the 4D mask with a transformers DynamicCache"
+        )
 
 
 class _Prefix:
@@ -149,8 +173,9 @@ class _Prefix:
     up to the block's end. Both use the block-causal mask over real (non-padding) keys and
     absolute positions (0 at each row's first prompt token)."""
 
-    def __init__(self, model: nn.Module, canvas: Tensor, real: Tensor, block_size: int,
-                 use_cache: bool) -> None:
+    def __init__(
+        self, model: nn.Module, canvas: Tensor, real: Tensor, block_size: int, use_cache: bool
+    ) -> None:
         self.model, self.canvas, self.real, self.block_size = model, canvas, real, block_size
         self.positions = (real.long().cumsum(1) - 1).clamp(min=0)  # padding is on the left
         self.implementation = check_block_model(model)
@@ -190,18 +215,23 @@ class _Prefix:
         extra = {"logits_to_keep": keep} if self.takes_logits_to_keep else {}
         if self.cache is not None:
             extra[self.cache_argument] = self.cache
-        out = self.model(input_ids=self.canvas[:, start:end],
-                         position_ids=self.positions[:, start:end],
-                         attention_mask=format_mask(allowed, self.implementation, self.dtype),
-                         use_cache=self.cache is not None, **extra)
+        out = self.model(
+            input_ids=self.canvas[:, start:end],
+            position_ids=self.positions[:, start:end],
+            attention_mask=format_mask(allowed, self.implementation, self.dtype),
+            use_cache=self.cache is not None,
+            **extra,
+        )
         return out.logits[:, -keep:]
 
     def _check_cached(self, end: int) -> None:
         if self.cache.get_seq_length() != end:
-            raise ValueError(f"{type(self.model).__name__} holds {self.cache.get_seq_length()} "
-                             f"positions in the DynamicCache it was passed, expected {end}: its "
-                             "code does not append to a transformers cache (it may keep its "
-                             "own); sample it with use_cache=False")
+            raise ValueError(
+                f"{type(self.model).__name__} holds {self.cache.get_seq_length()} "
+                f"positions in the DynamicCache it was passed, expected {end}: its "
+                "code does not append to a transformers cache (it may keep its "
+                "own); sample it with use_cache=False"
+            )
 
 
 def sampler_for(model: nn.Module, config: SamplingConfig, block_size: int | None = None):
@@ -214,9 +244,11 @@ def sampler_for(model: nn.Module, config: SamplingConfig, block_size: int | None
     if block_size is None:
         return config, generate
     if config.block_length not in (config.gen_length, block_size):
-        raise ValueError(f"--block_length {config.block_length} differs from the model's block "
-                         f"size {block_size}: a block-diffusion model is sampled over its own "
-                         "blocks (leave --block_length out)")
+        raise ValueError(
+            f"--block_length {config.block_length} differs from the model's block "
+            f"size {block_size}: a block-diffusion model is sampled over its own "
+            "blocks (leave --block_length out)"
+        )
     config = replace(config, block_length=block_size)
     check_block_attention(model, block_size)
     try:
@@ -225,4 +257,3 @@ def sampler_for(model: nn.Module, config: SamplingConfig, block_size: int | None
         logger.warning("%s; sampling without a KV cache (same tokens, slower)", err)
         return config, partial(block_generate, use_cache=False)
     return config, block_generate
-

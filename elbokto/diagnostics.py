@@ -55,13 +55,17 @@ def estimate_psi(margins: Tensor, baseline: Tensor | float | None = None) -> Psi
         PsiEstimate with Python floats, computed in float64 (a diagnostic: it syncs with the host).
     """
     if not isinstance(margins, Tensor) or not margins.is_floating_point() or margins.dim() != 2:
-        got = (f"{margins.dtype} {list(margins.shape)}" if isinstance(margins, Tensor)
-               else type(margins))
+        got = (
+            f"{margins.dtype} {list(margins.shape)}"
+            if isinstance(margins, Tensor)
+            else type(margins)
+        )
         raise ValueError(f"margins must be a floating tensor [R, m]; got {got}")
     num_redraws, batch_size = margins.shape
     if num_redraws < 2 or batch_size < 2:
-        raise ValueError(f"margins is [{num_redraws}, {batch_size}]; need R >= 2 redraws and "
-                         "m >= 2 items")
+        raise ValueError(
+            f"margins is [{num_redraws}, {batch_size}]; need R >= 2 redraws and m >= 2 items"
+        )
     r = margins.detach().to(torch.float64)
 
     def var(x: Tensor) -> Tensor:
@@ -80,8 +84,9 @@ def estimate_psi(margins: Tensor, baseline: Tensor | float | None = None) -> Psi
         if b.dim() == 0:
             b = b.expand(num_redraws)
         if b.shape != (num_redraws,):
-            raise ValueError(f"baseline must be a scalar or [R] = [{num_redraws}]; got "
-                             f"{list(b.shape)}")
+            raise ValueError(
+                f"baseline must be a scalar or [R] = [{num_redraws}]; got {list(b.shape)}"
+            )
         psi_baseline = float(var(r - b[:, None]).mean())
     return PsiEstimate(
         psi=float(psi),
@@ -140,6 +145,9 @@ def estimate_gradient_noise(gradients: Iterable[Sequence[Tensor]]) -> GradientNo
     mean_sq = sum(m.square().sum(dtype=torch.float64).to(deviations.device) for m in mean)
     variance, mean_sq = (float(x) for x in torch.stack([deviations / (num_redraws - 1), mean_sq]))
     signal = mean_sq - variance / num_redraws
-    return GradientNoise(variance=variance, signal=signal,
-                         relative_variance=variance / signal if signal > 0 else float("inf"),
-                         num_redraws=num_redraws)
+    return GradientNoise(
+        variance=variance,
+        signal=signal,
+        relative_variance=variance / signal if signal > 0 else float("inf"),
+        num_redraws=num_redraws,
+    )

@@ -129,12 +129,17 @@ class MCConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r}; expected a bool")
-        if (isinstance(self.eps, bool) or not isinstance(self.eps, (int, float))
-                or not 0 <= self.eps < 1):
+        if (
+            isinstance(self.eps, bool)
+            or not isinstance(self.eps, (int, float))
+            or not 0 <= self.eps < 1
+        ):
             raise ValueError(f"eps={self.eps!r}; expected a float in [0, 1)")
-        if self.block_size is not None and (isinstance(self.block_size, bool)
-                                            or not isinstance(self.block_size, int)
-                                            or self.block_size < 1):
+        if self.block_size is not None and (
+            isinstance(self.block_size, bool)
+            or not isinstance(self.block_size, int)
+            or self.block_size < 1
+        ):
             raise ValueError(f"block_size={self.block_size!r}; expected None or an integer >= 1")
         if self.draw_source not in ("hash", "authors"):
             raise ValueError(f"draw_source={self.draw_source!r}; expected 'hash' or 'authors'")
@@ -144,13 +149,21 @@ class MCConfig:
     def _check_authors(self) -> None:
         """The authors' recipe has K = n_mc_samples draws, each an independent l ~ U{1..L} and
         an l-subset, seeded by the example alone: refuse every setting it has no counterpart of."""
-        wanted = {"estimator": "fixed_count", "n_yt": 1, "antithetic": False, "fixed_draws": True,
-                  "share_across_batch": False, "block_size": None}
+        wanted = {
+            "estimator": "fixed_count",
+            "n_yt": 1,
+            "antithetic": False,
+            "fixed_draws": True,
+            "share_across_batch": False,
+            "block_size": None,
+        }
         wrong = {k: getattr(self, k) for k, v in wanted.items() if getattr(self, k) != v}
         if wrong:
-            raise ValueError(f"draw_source='authors' follows the authors' recipe, which has "
-                             f"{', '.join(f'{k}={v!r}' for k, v in wanted.items() if k in wrong)}"
-                             f"; got {', '.join(f'{k}={v!r}' for k, v in wrong.items())}")
+            raise ValueError(
+                f"draw_source='authors' follows the authors' recipe, which has "
+                f"{', '.join(f'{k}={v!r}' for k, v in wanted.items() if k in wrong)}"
+                f"; got {', '.join(f'{k}={v!r}' for k, v in wrong.items())}"
+            )
 
     @property
     def num_copies(self) -> int:
@@ -189,6 +202,7 @@ class Draws:
 # modulo 2^64 on CPU and CUDA like uint64 would. Right shifts of int64 are arithmetic, so the
 # sign-extended high bits are masked off to get the logical shift.
 
+
 def _int64(x: int) -> int:
     """The int64 with the same low 64 bits as the Python int ``x``."""
     x &= (1 << 64) - 1
@@ -199,7 +213,6 @@ _GOLDEN = _int64(0x9E3779B97F4A7C15)
 _MUL1 = _int64(0xBF58476D1CE4E5B9)
 _MUL2 = _int64(0x94D049BB133111EB)
 _INT64_MAX = (1 << 63) - 1
-
 
 
 def pair_uid(first: Tensor, second: Tensor) -> Tensor:
@@ -352,8 +365,9 @@ def sample_draws(
     n = lengths[:, :, None]  # [B, G, 1]
     relative = first[:, None] + torch.arange(width, device=device) - starts[:, :, None]  # [B, G, W]
     in_window = ((relative >= 0) & (relative < n))[:, :, None, :]  # [B, G, 1, W]
-    h_position = _combine(_combine(stream(_STREAM_POSITION)[:, :, None], copy)[..., None],
-                          relative[:, :, None, :])  # [B, G, K, W]
+    h_position = _combine(
+        _combine(stream(_STREAM_POSITION)[:, :, None], copy)[..., None], relative[:, :, None, :]
+    )  # [B, G, K, W]
     has_response = n > 0
 
     if config.estimator == "fixed_count":
@@ -373,8 +387,9 @@ def sample_draws(
         if config.eps > 0:
             small = t < config.eps
             forced = _shr(_combine(stream(_STREAM_FORCED)[:, :, None], copy), 1) % n.clamp(min=1)
-            mask = mask | (small[..., None] & in_window
-                           & (relative[:, :, None, :] == forced[..., None]))
+            mask = mask | (
+                small[..., None] & in_window & (relative[:, :, None, :] == forced[..., None])
+            )
             size = mask.sum(-1).clamp(min=1).to(torch.float64)
             weight = torch.where(small, n / (size * num_copies), weight)
         weight = torch.where(has_response, weight, 0.0)
@@ -423,8 +438,14 @@ def _unsigned_mod(x: Tensor, n: Tensor) -> Tensor:
     return (2 * (_shr(x, 1) % n) + (x & 1)) % n
 
 
-def _authors_draws(num_copies: int, prompt_lengths: Tensor, response_lengths: Tensor,
-                   seq_len: int, uids: Tensor, seed: int) -> Draws:
+def _authors_draws(
+    num_copies: int,
+    prompt_lengths: Tensor,
+    response_lengths: Tensor,
+    seq_len: int,
+    uids: Tensor,
+    seed: int,
+) -> Draws:
     """The K = ``num_copies`` copies of every example as the authors draw them.
 
     For the example of uid i (their row index ``idx``) with L response tokens starting at p, and
@@ -453,12 +474,16 @@ def _authors_draws(num_copies: int, prompt_lengths: Tensor, response_lengths: Te
             generator = torch.Generator(device=device)
             generator.manual_seed(selects[b][j] & _UINT64)
             r = torch.rand((length,), generator=generator, device=device)
-            mask[b * num_copies + j, start + torch.argsort(r)[:int(count[b, j])]] = True
-    weight, t = _fixed_count_weight(count.reshape(-1), n.expand(batch, num_copies).reshape(-1),
-                                    num_copies)
-    return Draws(mask=mask, weight=weight.to(device, torch.float32),
-                 sample_index=_sample_index(batch, num_copies, device),
-                 t=t.to(device, torch.float32))
+            mask[b * num_copies + j, start + torch.argsort(r)[: int(count[b, j])]] = True
+    weight, t = _fixed_count_weight(
+        count.reshape(-1), n.expand(batch, num_copies).reshape(-1), num_copies
+    )
+    return Draws(
+        mask=mask,
+        weight=weight.to(device, torch.float32),
+        sample_index=_sample_index(batch, num_copies, device),
+        t=t.to(device, torch.float32),
+    )
 
 
 def _check_inputs(

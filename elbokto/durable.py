@@ -42,8 +42,19 @@ _OURS = r"\.{name}\.[a-z0-9_]+\.tmp"
 _TEMPORARY = re.compile(rf"{_OURS.format(name='.+')}|\.tmp[A-Za-z0-9_]{{6}}")
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")
 
-__all__ = ["MARKER", "append_lines", "atomic_write", "check_complete", "commit", "discard",
-           "fsync_dir", "publish", "recover", "seal", "staging_folder"]
+__all__ = [
+    "MARKER",
+    "append_lines",
+    "atomic_write",
+    "check_complete",
+    "commit",
+    "discard",
+    "fsync_dir",
+    "publish",
+    "recover",
+    "seal",
+    "staging_folder",
+]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -103,9 +114,11 @@ def append_lines(path: str | os.PathLike, lines: Iterable[str]) -> None:
 
 def _files(folder: Path) -> dict[str, int]:
     """Relative path -> size of every file under ``folder``, the marker and temporaries aside."""
-    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in (MARKER, _PREVIOUS)
-            and not _TEMPORARY.fullmatch(p.name)}
+    return {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (MARKER, _PREVIOUS) and not _TEMPORARY.fullmatch(p.name)
+    }
 
 
 def seal(folder: str | os.PathLike) -> None:

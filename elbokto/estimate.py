@@ -34,10 +34,18 @@ def noisy_copies(input_ids: Tensor, draws: Draws, mask_token_id: int) -> Tensor:
     return clean.masked_fill(draws.mask, mask_token_id)
 
 
-def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_token_id: int,
-                  attention_mask: Tensor | None = None, shift_logits: bool = False,
-                  keep_logits: bool = False, filter_eps: float | str | None = None,
-                  backend: str = "auto") -> Tensor:
+def elbo_estimate(
+    model: nn.Module,
+    input_ids: Tensor,
+    draws: Draws,
+    *,
+    mask_token_id: int,
+    attention_mask: Tensor | None = None,
+    shift_logits: bool = False,
+    keep_logits: bool = False,
+    filter_eps: float | str | None = None,
+    backend: str = "auto",
+) -> Tensor:
     """Monte-Carlo ELBO of every example: float32 [B], differentiable w.r.t. the model.
 
     Args:
@@ -66,8 +74,11 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
         targets = torch.cat([targets[:, 1:], targets[:, :1]], dim=1)
         # Position 0 has no predecessor, so no output scores it: it must be prompt (checked on
         # the device, without a host sync).
-        torch._assert_async(~mask[:, 0].any(), "with shift_logits the response cannot start at "
-                            "position 0: every example needs a prompt of at least one token")
+        torch._assert_async(
+            ~mask[:, 0].any(),
+            "with shift_logits the response cannot start at "
+            "position 0: every example needs a prompt of at least one token",
+        )
         mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
     copy_attention = None if attention_mask is None else attention_mask[draws.sample_index]
     weight = draws.weight
@@ -78,13 +89,22 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
         inputs = {"input_ids": noisy, "attention_mask": copy_attention}
     else:
         if shift_logits:
-            raise ValueError("shift_logits is not supported with block draws: block-diffusion "
-                             "models (LLaDA2.0, SDAR) score each position itself")
-        inputs = block_model_inputs(noisy, input_ids[draws.sample_index], draws.block_size,
-                                    copy_attention, check_block_model(inner), _dtype_of(inner))
+            raise ValueError(
+                "shift_logits is not supported with block draws: block-diffusion "
+                "models (LLaDA2.0, SDAR) score each position itself"
+            )
+        inputs = block_model_inputs(
+            noisy,
+            input_ids[draws.sample_index],
+            draws.block_size,
+            copy_attention,
+            check_block_model(inner),
+            _dtype_of(inner),
+        )
         # [x_t ; x_0]: the clean half is context only, never scored.
-        targets, mask, weight = (torch.cat([x, torch.zeros_like(x)], dim=1)
-                                 for x in (targets, mask, weight))
+        targets, mask, weight = (
+            torch.cat([x, torch.zeros_like(x)], dim=1) for x in (targets, mask, weight)
+        )
     elbo_args = (targets, mask, weight, draws.sample_index, num_samples)
     problem = lm_head_unsupported(inner)
     if problem is not None:
@@ -93,8 +113,9 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
         out = model(**inputs)
         logits = out if isinstance(out, Tensor) else out.logits
         return fused_elbo(logits, *elbo_args, backend=backend)
-    with fused_lm_head(inner, *elbo_args, keep_logits=keep_logits, filter_eps=filter_eps,
-                       backend=backend) as result:
+    with fused_lm_head(
+        inner, *elbo_args, keep_logits=keep_logits, filter_eps=filter_eps, backend=backend
+    ) as result:
         model(**inputs, use_cache=False)
     if not result:
         raise RuntimeError(f"{type(model).__name__}'s forward never called its output embedding")
@@ -103,8 +124,9 @@ def elbo_estimate(model: nn.Module, input_ids: Tensor, draws: Draws, *, mask_tok
 
 @functools.lru_cache(maxsize=None)
 def _say_unfused(model_name: str, problem: str) -> None:
-    logger.warning("%s: the LM head is not fused, its full logits are built (%s)", model_name,
-                   problem)
+    logger.warning(
+        "%s: the LM head is not fused, its full logits are built (%s)", model_name, problem
+    )
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:

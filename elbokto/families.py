@@ -62,8 +62,10 @@ def check_transformers(family: ModelFamily) -> None:
     minimum, why = family.min_transformers
     found = installed("transformers")
     if release(found) < release(minimum):
-        raise ValueError(f"{family.name} models need transformers >= {minimum} ({why}); found "
-                         f"{found}: pip install 'transformers>={minimum}'")
+        raise ValueError(
+            f"{family.name} models need transformers >= {minimum} ({why}); found "
+            f"{found}: pip install 'transformers>={minimum}'"
+        )
 
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -77,8 +79,11 @@ FAMILIES: tuple[ModelFamily, ...] = (
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         auto_class="AutoModel",
         config_fixups=(fixups.attention_mask_converter,),
-        class_fixups=(fixups.default_rope, fixups.rope_buffers_on_load,
-                      fixups.tied_weights_mapping),
+        class_fixups=(
+            fixups.default_rope,
+            fixups.rope_buffers_on_load,
+            fixups.tied_weights_mapping,
+        ),
     ),
     ModelFamily(
         name="llada",
@@ -98,8 +103,12 @@ FAMILIES: tuple[ModelFamily, ...] = (
         mask_token_id=151666,
         shifted_logits=True,
         auto_class="AutoModel",
-        class_fixups=(fixups.default_rope, fixups.rope_buffers_on_load,
-                      fixups.tied_weights_mapping, fixups.generation_config_validate),
+        class_fixups=(
+            fixups.default_rope,
+            fixups.rope_buffers_on_load,
+            fixups.tied_weights_mapping,
+            fixups.generation_config_validate,
+        ),
     ),
     # Block-diffusion LMs (scored with MCConfig.block_size; the block size comes from
     # elbokto.block). They take a custom 4D attention mask, checked end to end before training.
@@ -117,8 +126,10 @@ FAMILIES: tuple[ModelFamily, ...] = (
         name="bidirectional",
         flag="use_bidirectional_attention",
         config_fixups=(fixups.not_causal,),
-        min_transformers=("5.0", "earlier releases ignore use_bidirectional_attention and build "
-                                 "the model causal"),
+        min_transformers=(
+            "5.0",
+            "earlier releases ignore use_bidirectional_attention and build the model causal",
+        ),
     ),
 )
 

@@ -31,6 +31,7 @@ ATTN_MASK_UTILS = "transformers.modeling_attn_mask_utils"
 
 # --- config fix-ups -------------------------------------------------------------------------------
 
+
 def default_use_cache(model_config) -> None:
     """LLaDA reads ``config.use_cache`` in its forward; transformers 5's configs no longer carry
     it."""
@@ -50,14 +51,20 @@ def attention_mask_converter(model_config) -> None:
     stand-in module with the one converter it uses (non-causal 2-D padding mask to 4-D)."""
     if ATTN_MASK_UTILS in sys.modules or importlib.util.find_spec(ATTN_MASK_UTILS) is not None:
         return
-    module = types.ModuleType(ATTN_MASK_UTILS, "elbokto stand-in for the module transformers 5 "
-                                               "removed (see elbokto.fixups)")
+    module = types.ModuleType(
+        ATTN_MASK_UTILS,
+        "elbokto stand-in for the module transformers 5 removed (see elbokto.fixups)",
+    )
     module.AttentionMaskConverter = AttentionMaskConverter
     sys.modules[ATTN_MASK_UTILS] = module
 
 
-def standard_rope_parameters(config, device=None, seq_len=None, layer_type=None,
-                             ) -> tuple[torch.Tensor, float]:
+def standard_rope_parameters(
+    config,
+    device=None,
+    seq_len=None,
+    layer_type=None,
+) -> tuple[torch.Tensor, float]:
     """Inverse frequencies of plain RoPE, ``base ** (-2i / dim)`` for i < dim / 2, with
     ``dim = head_dim * partial_rotary_factor``: [dim // 2] float32, and attention scaling 1.0.
 
@@ -72,7 +79,7 @@ def standard_rope_parameters(config, device=None, seq_len=None, layer_type=None,
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dim = int(head_dim * partial)
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    return 1.0 / (base ** exponents), 1.0
+    return 1.0 / (base**exponents), 1.0
 
 
 class AttentionMaskConverter:
@@ -81,22 +88,31 @@ class AttentionMaskConverter:
 
     def __init__(self, is_causal: bool, sliding_window: int | None = None):
         if is_causal or sliding_window is not None:
-            raise NotImplementedError("elbokto's stand-in AttentionMaskConverter converts "
-                                      "non-causal masks only (is_causal=False, no sliding window)")
+            raise NotImplementedError(
+                "elbokto's stand-in AttentionMaskConverter converts "
+                "non-causal masks only (is_causal=False, no sliding window)"
+            )
         self.is_causal = is_causal
 
-    def to_4d(self, attention_mask_2d: torch.Tensor, query_length: int, dtype: torch.dtype,
-              key_value_length: int | None = None) -> torch.Tensor:
+    def to_4d(
+        self,
+        attention_mask_2d: torch.Tensor,
+        query_length: int,
+        dtype: torch.dtype,
+        key_value_length: int | None = None,
+    ) -> torch.Tensor:
         """[B, K] with 1 = attend, 0 = padding -> additive [B, 1, query_length, K] in ``dtype``:
         0 where attended, the dtype's minimum where the key is padding."""
         keep = attention_mask_2d[:, None, None, :].to(torch.bool)
         shape = (keep.shape[0], 1, query_length, keep.shape[-1])
-        blocked = torch.full(shape, torch.finfo(dtype).min, dtype=dtype,
-                             device=attention_mask_2d.device)
+        blocked = torch.full(
+            shape, torch.finfo(dtype).min, dtype=dtype, device=attention_mask_2d.device
+        )
         return blocked.masked_fill(keep, 0.0)
 
 
 # --- class fix-ups --------------------------------------------------------------------------------
+
 
 def default_rope(model_class: type) -> None:
     """Dream and LLaDA-MoE build their rotary embedding with ``ROPE_INIT_FUNCTIONS["default"]``,
@@ -169,8 +185,12 @@ def generation_config_validate(model_class: type) -> None:
     model's module now accept the new arguments and pass on only those their override takes."""
     module = sys.modules[model_class.__module__]
     for value in list(vars(module).values()):
-        if (isinstance(value, type) and issubclass(value, GenerationConfig)
-                and "validate" in value.__dict__ and not _in_transformers(value)):
+        if (
+            isinstance(value, type)
+            and issubclass(value, GenerationConfig)
+            and "validate" in value.__dict__
+            and not _in_transformers(value)
+        ):
             _accept_any_arguments(value, "validate")
 
 
@@ -208,9 +228,11 @@ def rope_buffers_on_load(model_class: type) -> None:
     def _init_weights(self, module):
         init_weights(self, module)
         if callable(getattr(module, "rope_init_fn", None)) and isinstance(
-                getattr(module, "inv_freq", None), torch.Tensor):
+            getattr(module, "inv_freq", None), torch.Tensor
+        ):
             inv_freq, module.attention_scaling = module.rope_init_fn(
-                module.config, module.inv_freq.device, **getattr(module, "rope_kwargs", {}))
+                module.config, module.inv_freq.device, **getattr(module, "rope_kwargs", {})
+            )
             module.register_buffer("inv_freq", inv_freq, persistent=False)
             module.original_inv_freq = module.inv_freq
 

@@ -49,10 +49,13 @@ def check_step_values(uids: Tensor, *, loss: Tensor, **elbos: Tensor) -> None:
     for source, values in elbos.items():
         bad = ~torch.isfinite(values)
         if bad.any():
-            found.append(f"{source} ELBO of uids {uids[bad].tolist()[:8]}"
-                         f"{' ...' if int(bad.sum()) > 8 else ''}: {values[bad].tolist()[:8]}")
+            found.append(
+                f"{source} ELBO of uids {uids[bad].tolist()[:8]}"
+                f"{' ...' if int(bad.sum()) > 8 else ''}: {values[bad].tolist()[:8]}"
+            )
     if not found and not torch.isfinite(loss):
-        found.append(f"the loss ({float(loss)}) with finite ELBOs (an overflow in the loss or its "
-                     "baseline)")
+        found.append(
+            f"the loss ({float(loss)}) with finite ELBOs (an overflow in the loss or its baseline)"
+        )
     where = "; ".join(found) if found else "another data-parallel rank (see its error)"
     raise NonFiniteError(f"non-finite values in the training step: {where}")

@@ -36,8 +36,16 @@ import numpy as np
 from elbokto.eval.judge import JudgeConfig, JudgmentCache, PairwiseJudge
 from elbokto.eval.template import load_template
 
-__all__ = ["CallableLabeller", "JudgeLabeller", "Label", "LabelStore", "Labeller",
-           "PointwiseJudge", "label_key", "parse_good_bad"]
+__all__ = [
+    "CallableLabeller",
+    "JudgeLabeller",
+    "Label",
+    "LabelStore",
+    "Labeller",
+    "PointwiseJudge",
+    "label_key",
+    "parse_good_bad",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +79,7 @@ class Labeller(Protocol):
 
 
 def parse_good_bad(text: str | None) -> str | None:
-    """"GOOD" or "BAD" when the answer names exactly one distinct verdict, else None."""
+    """ "GOOD" or "BAD" when the answer names exactly one distinct verdict, else None."""
     found = {verdict for verdict in _GOOD_BAD if verdict in (text or "")}
     return found.pop()[2:-2] if len(found) == 1 else None
 
@@ -102,12 +110,15 @@ class JudgeLabeller:
 
     def __init__(self, config: JudgeConfig, client=None) -> None:
         if len(config.judge_model) != 1:
-            raise ValueError(f"--labeller judge asks one judge; got --judge_model "
-                             f"{config.judge_model or 'unset'}")
+            raise ValueError(
+                f"--labeller judge asks one judge; got --judge_model "
+                f"{config.judge_model or 'unset'}"
+            )
         template = load_template(config.judge_template, kind="pointwise")
         # Answers are stored by LabelStore with the labels; the judge keeps none of its own.
-        self.judge = PointwiseJudge(config, config.judge_model[0], template, JudgmentCache(None),
-                                    client)
+        self.judge = PointwiseJudge(
+            config, config.judge_model[0], template, JudgmentCache(None), client
+        )
         digest = hashlib.sha256(template.encode("utf-8")).hexdigest()[:16]
         self.identity = f"judge:{config.judge_model[0]}:template-{digest}"
 
@@ -117,9 +128,15 @@ class JudgeLabeller:
         return self.judge.calls
 
     def __call__(self, items: Sequence[tuple[str, str]]) -> list[Label]:
-        return [Label(None if j.verdict is None else j.verdict == "GOOD", j.answer, j.error,
-                      final=not j.transient)
-                for j in self.judge.judge(list(items))]
+        return [
+            Label(
+                None if j.verdict is None else j.verdict == "GOOD",
+                j.answer,
+                j.error,
+                final=not j.transient,
+            )
+            for j in self.judge.judge(list(items))
+        ]
 
 
 class CallableLabeller:
@@ -130,8 +147,9 @@ class CallableLabeller:
         name: its identity in the store's key (default: ``module:function`` of the function).
     """
 
-    def __init__(self, function: Callable[[str, str], bool | None] | str,
-                 name: str | None = None) -> None:
+    def __init__(
+        self, function: Callable[[str, str], bool | None] | str, name: str | None = None
+    ) -> None:
         if isinstance(function, str):
             name, function = name or function, import_function(function)
         self.function = function
@@ -143,10 +161,17 @@ class CallableLabeller:
             value = self.function(prompt, response)
             if value is not None and not isinstance(value, (bool, np.bool_)):
                 # A score or a string would pass bool() silently and label at random.
-                raise ValueError(f"labeller {self.identity} returned {value!r:.80} for prompt "
-                                 f"{prompt!r:.80}; expected True, False or None")
-            labels.append(Label(None if value is None else bool(value), repr(value),
-                                None if value is not None else "the labeller returned None"))
+                raise ValueError(
+                    f"labeller {self.identity} returned {value!r:.80} for prompt "
+                    f"{prompt!r:.80}; expected True, False or None"
+                )
+            labels.append(
+                Label(
+                    None if value is None else bool(value),
+                    repr(value),
+                    None if value is not None else "the labeller returned None",
+                )
+            )
         return labels
 
 
@@ -154,8 +179,10 @@ def import_function(spec: str) -> Callable:
     """The function ``module:function`` names (a dotted attribute path after the colon)."""
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise ValueError(f"--labeller {spec!r}: expected 'judge' or 'module:function', e.g. "
-                         "'my_checks:exact_match'")
+        raise ValueError(
+            f"--labeller {spec!r}: expected 'judge' or 'module:function', e.g. "
+            "'my_checks:exact_match'"
+        )
     try:
         target = importlib.import_module(module_name)
     except ImportError as err:
@@ -188,8 +215,11 @@ class LabelStore:
         self.labeller = labeller
         folder = Path(folder)
         self.cache = JudgmentCache(folder / f"labels-rank{rank}.jsonl")
-        self._others = [JudgmentCache(path) for path in sorted(folder.glob("labels-rank*.jsonl"))
-                        if path != self.cache.path]
+        self._others = [
+            JudgmentCache(path)
+            for path in sorted(folder.glob("labels-rank*.jsonl"))
+            if path != self.cache.path
+        ]
         self.asked = 0
 
     def __call__(self, items: Sequence[tuple[str, str]]) -> list[tuple[Label, bool]]:
@@ -201,19 +231,30 @@ class LabelStore:
         fresh = self.labeller([items[i] for i in todo]) if todo else []
         self.asked += len(todo)
         if len(fresh) != len(todo):
-            raise ValueError(f"labeller {self.labeller.identity} returned {len(fresh)} labels for "
-                             f"{len(todo)} items")
+            raise ValueError(
+                f"labeller {self.labeller.identity} returned {len(fresh)} labels for "
+                f"{len(todo)} items"
+            )
         out: list[tuple[Label, bool] | None] = [
-            None if record is None else (Label(record["desirable"], record.get("verdict"),
-                                               record.get("error")), True)
-            for record in found]
+            None
+            if record is None
+            else (Label(record["desirable"], record.get("verdict"), record.get("error")), True)
+            for record in found
+        ]
         for i, label in zip(todo, fresh):
             out[i] = (label, False)
             if label.final:
-                self.cache.put({"key": keys[i], "labeller": self.labeller.identity,
-                                "prompt": items[i][0], "response": items[i][1],
-                                "desirable": label.desirable, "verdict": label.verdict,
-                                "error": label.error})
+                self.cache.put(
+                    {
+                        "key": keys[i],
+                        "labeller": self.labeller.identity,
+                        "prompt": items[i][0],
+                        "response": items[i][1],
+                        "desirable": label.desirable,
+                        "verdict": label.verdict,
+                        "error": label.error,
+                    }
+                )
         return out  # type: ignore[return-value]
 
     def _get(self, key: str) -> dict | None:

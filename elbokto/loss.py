@@ -19,8 +19,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "Loss", "LossConfig", "compute_loss", "elbo_dpo_loss", "elbo_kto_loss",
-           "kl_baseline", "pool_metrics"]
+__all__ = [
+    "LOSSES",
+    "Loss",
+    "LossConfig",
+    "compute_loss",
+    "elbo_dpo_loss",
+    "elbo_kto_loss",
+    "kl_baseline",
+    "pool_metrics",
+]
 
 Baseline = Literal["batch_mean", "none", "kl"]
 BASELINES: tuple[str, ...] = get_args(Baseline)
@@ -33,18 +41,28 @@ _SATURATION = 6.0
 class LossConfig:
     """Which preference loss, and its settings (CLI flags). Defaults follow the ELBO-KTO paper."""
 
-    loss_type: str = field(default="elbo_kto", metadata={
-        "help": "'elbo_kto' (unpaired desirable / undesirable examples, the paper's) or "
-                "'elbo_dpo' (paired prompt / chosen / rejected data: VRPO, as in LLaDA 1.5)."})
+    loss_type: str = field(
+        default="elbo_kto",
+        metadata={
+            "help": "'elbo_kto' (unpaired desirable / undesirable examples, the paper's) or "
+            "'elbo_dpo' (paired prompt / chosen / rejected data: VRPO, as in LLaDA 1.5)."
+        },
+    )
     beta: float = field(default=0.1, metadata={"help": "Temperature beta of the loss."})
-    lambda_d: float = field(default=1.0, metadata={
-        "help": "ELBO-KTO: weight of desirable examples."})
-    lambda_u: float = field(default=1.0, metadata={
-        "help": "ELBO-KTO: weight of undesirable examples."})
-    baseline: Baseline = field(default="batch_mean", metadata={
-        "help": "ELBO-KTO's baseline b0: 'batch_mean' (mean margin of the global batch, "
-                "the paper's), 'none' (0) or 'kl' (KTO's KL estimate from mismatched pairs; extra "
-                "forwards). ELBO-DPO's chosen-minus-rejected difference cancels any constant b0."})
+    lambda_d: float = field(
+        default=1.0, metadata={"help": "ELBO-KTO: weight of desirable examples."}
+    )
+    lambda_u: float = field(
+        default=1.0, metadata={"help": "ELBO-KTO: weight of undesirable examples."}
+    )
+    baseline: Baseline = field(
+        default="batch_mean",
+        metadata={
+            "help": "ELBO-KTO's baseline b0: 'batch_mean' (mean margin of the global batch, "
+            "the paper's), 'none' (0) or 'kl' (KTO's KL estimate from mismatched pairs; extra "
+            "forwards). ELBO-DPO's chosen-minus-rejected difference cancels any constant b0."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSSES:
@@ -54,9 +72,11 @@ class LossConfig:
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline={self.baseline!r}; expected one of {BASELINES}")
         if self.paired and (self.baseline == "kl" or (self.lambda_d, self.lambda_u) != (1, 1)):
-            raise ValueError(f"loss_type={self.loss_type!r} compares the two responses of a pair: "
-                             "baseline='kl' and the class weights lambda_d / lambda_u are "
-                             "ELBO-KTO settings and do not apply")
+            raise ValueError(
+                f"loss_type={self.loss_type!r} compares the two responses of a pair: "
+                "baseline='kl' and the class weights lambda_d / lambda_u are "
+                "ELBO-KTO settings and do not apply"
+            )
 
     @property
     def paired(self) -> bool:
@@ -111,10 +131,16 @@ def elbo_kto_loss(
     """
     _check_elbos(policy_elbo=policy_elbo, ref_elbo=ref_elbo)
     shape = policy_elbo.shape
-    if (not isinstance(desirable, Tensor) or desirable.dtype != torch.bool
-            or desirable.shape != shape):
-        got = (f"{desirable.dtype} {list(desirable.shape)}" if isinstance(desirable, Tensor)
-               else type(desirable))
+    if (
+        not isinstance(desirable, Tensor)
+        or desirable.dtype != torch.bool
+        or desirable.shape != shape
+    ):
+        got = (
+            f"{desirable.dtype} {list(desirable.shape)}"
+            if isinstance(desirable, Tensor)
+            else type(desirable)
+        )
         raise ValueError(f"desirable must be a bool tensor of shape {list(shape)}; got {got}")
     _check_positive(beta=beta)
     _check_weights(lambda_d=lambda_d, lambda_u=lambda_u)
@@ -141,8 +167,11 @@ def elbo_kto_loss(
     sign = desirable.to(dtype) * 2 - 1
     # Filled in the loss dtype (torch.where of two Python floats would round them to float32);
     # fills, not copies from the host.
-    lam = torch.where(desirable, torch.full((), lambda_d, dtype=dtype, device=r.device),
-                      torch.full((), lambda_u, dtype=dtype, device=r.device))
+    lam = torch.where(
+        desirable,
+        torch.full((), lambda_d, dtype=dtype, device=r.device),
+        torch.full((), lambda_u, dtype=dtype, device=r.device),
+    )
     z = beta * sign * (r - b0)
     # 1 - sigmoid(z) = sigmoid(-z), without the cancellation for large z.
     loss = (lam * torch.sigmoid(-z)).sum() / max(r.numel(), 1)
@@ -179,22 +208,28 @@ def kl_baseline(policy_elbo_mismatched: Tensor, ref_elbo_mismatched: Tensor) -> 
     Returns:
         float scalar tensor (at least float32), no gradient; 0 for an empty global batch.
     """
-    _check_elbos(policy_elbo_mismatched=policy_elbo_mismatched,
-                 ref_elbo_mismatched=ref_elbo_mismatched)
+    _check_elbos(
+        policy_elbo_mismatched=policy_elbo_mismatched, ref_elbo_mismatched=ref_elbo_mismatched
+    )
     dtype = torch.promote_types(policy_elbo_mismatched.dtype, torch.float32)
     margins = policy_elbo_mismatched.to(dtype) - ref_elbo_mismatched.to(dtype)
     return _global_mean(margins).clamp(min=0)
 
 
 # How pool_metrics weighs a class mean: by the count of its class (TRL's KTO pooling).
-_CLASS_COUNT = {"rewards/chosen": "count/chosen", "logps/chosen": "count/chosen",
-                "rewards/rejected": "count/rejected", "logps/rejected": "count/rejected"}
+_CLASS_COUNT = {
+    "rewards/chosen": "count/chosen",
+    "logps/chosen": "count/chosen",
+    "rewards/rejected": "count/rejected",
+    "logps/rejected": "count/rejected",
+}
 _COUNTS = ("count/chosen", "count/rejected")
 
 
-def pool_metrics(metrics: Mapping[str, Sequence[Tensor]],
-                 reduce_sum: Callable[[Tensor], Tensor] = lambda totals: totals
-                 ) -> dict[str, float]:
+def pool_metrics(
+    metrics: Mapping[str, Sequence[Tensor]],
+    reduce_sum: Callable[[Tensor], Tensor] = lambda totals: totals,
+) -> dict[str, float]:
     """The metrics of several batches (and ranks) as one, pooled as TRL's KTO trainer pools them.
 
     With counts (ELBO-KTO): a class mean (rewards/ and logps/ of chosen or rejected) is the mean
@@ -234,7 +269,7 @@ def pool_metrics(metrics: Mapping[str, Sequence[Tensor]],
         weights.append(weight.sum())
     totals = reduce_sum(torch.stack(sums + weights)).tolist()
     pooled = {}
-    for name, total, weight in zip(names, totals[:len(names)], totals[len(names):]):
+    for name, total, weight in zip(names, totals[: len(names)], totals[len(names) :]):
         if name in _COUNTS:
             pooled[name] = total
         elif weight > 0:
@@ -329,35 +364,55 @@ def _check_elbos(**tensors: Tensor) -> None:
 
 def _check_weights(**values: float) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not 0 <= value < float("inf"):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 <= value < float("inf")
+        ):
             raise ValueError(f"{name}={value!r}; expected a finite number >= 0")
 
 
 def _check_positive(**values: float) -> None:
     for name, value in values.items():
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not 0 < value < float("inf")):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 < value < float("inf")
+        ):
             raise ValueError(f"{name}={value!r}; expected a finite number > 0")
 
 
-def _kto(policy_elbo: Tensor, ref_elbo: Tensor, desirable: Tensor, config: LossConfig,
-         kl: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-    return elbo_kto_loss(policy_elbo, ref_elbo, desirable, beta=config.beta,
-                         lambda_d=config.lambda_d, lambda_u=config.lambda_u,
-                         baseline=config.baseline, kl=kl)
+def _kto(
+    policy_elbo: Tensor, ref_elbo: Tensor, desirable: Tensor, config: LossConfig, kl: Tensor | None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    return elbo_kto_loss(
+        policy_elbo,
+        ref_elbo,
+        desirable,
+        beta=config.beta,
+        lambda_d=config.lambda_d,
+        lambda_u=config.lambda_u,
+        baseline=config.baseline,
+        kl=kl,
+    )
 
 
-def _dpo(policy_elbo: Tensor, ref_elbo: Tensor, desirable: Tensor, config: LossConfig,
-         kl: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+def _dpo(
+    policy_elbo: Tensor, ref_elbo: Tensor, desirable: Tensor, config: LossConfig, kl: Tensor | None
+) -> tuple[Tensor, dict[str, Tensor]]:
     if desirable.dim() != 1 or desirable.numel() % 2:
-        raise ValueError(f"a paired batch holds (chosen, rejected) rows: an even number, got "
-                         f"{list(desirable.shape)}")
+        raise ValueError(
+            f"a paired batch holds (chosen, rejected) rows: an even number, got "
+            f"{list(desirable.shape)}"
+        )
     # Checked on the device: no host sync in the step (raises at once on CPU).
-    torch._assert_async(desirable[0::2].all() & ~desirable[1::2].any(),
-                        "a paired batch must alternate chosen (desirable) and rejected rows")
-    return elbo_dpo_loss(policy_elbo[0::2], ref_elbo[0::2], policy_elbo[1::2], ref_elbo[1::2],
-                         beta=config.beta)
+    torch._assert_async(
+        desirable[0::2].all() & ~desirable[1::2].any(),
+        "a paired batch must alternate chosen (desirable) and rejected rows",
+    )
+    return elbo_dpo_loss(
+        policy_elbo[0::2], ref_elbo[0::2], policy_elbo[1::2], ref_elbo[1::2], beta=config.beta
+    )
 
 
 @dataclass(frozen=True)
@@ -370,8 +425,9 @@ class Loss:
         rows of a pair share their Monte-Carlo draws.
     """
 
-    compute: Callable[[Tensor, Tensor, Tensor, LossConfig, Tensor | None],
-                      tuple[Tensor, dict[str, Tensor]]]
+    compute: Callable[
+        [Tensor, Tensor, Tensor, LossConfig, Tensor | None], tuple[Tensor, dict[str, Tensor]]
+    ]
     paired: bool
 
 
@@ -381,7 +437,12 @@ LOSSES: dict[str, Loss] = {
 }
 
 
-def compute_loss(config: LossConfig, policy_elbo: Tensor, ref_elbo: Tensor, desirable: Tensor,
-                 kl: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def compute_loss(
+    config: LossConfig,
+    policy_elbo: Tensor,
+    ref_elbo: Tensor,
+    desirable: Tensor,
+    kl: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss ``config.loss_type`` names, on one batch's ELBOs (see :class:`Loss`)."""
     return LOSSES[config.loss_type].compute(policy_elbo, ref_elbo, desirable, config, kl)

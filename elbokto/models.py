@@ -37,33 +37,57 @@ ADAPTER_CONFIG = "adapter_config.json"
 class ModelConfig:
     """Which models to train and how (every field is an `elbokto train` flag)."""
 
-    model_name_or_path: str = field(default=TINY, metadata={
-        "help": "Hub id or local path of a masked diffusion LM (e.g. GSAI-ML/LLaDA-8B-Instruct), "
-                "a LoRA adapter folder saved by `elbokto train --lora_r` (its base with the "
-                "adapter merged in), or 'tiny' for a small random bidirectional Gemma (smoke "
-                "tests)."})
-    ref_model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Reference model; default: a frozen copy of the policy (or, with LoRA, the "
-                "policy with its adapters disabled)."})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "Allow the model's own code (needed for LLaDA and Dream)."})
-    torch_dtype: str = field(default="auto", metadata={
-        "help": "Weights dtype: auto, float32, bfloat16 or float16."})
-    attn_implementation: str | None = field(default=None, metadata={
-        "help": "Attention kernel (eager, sdpa, flex_attention, ...); default: transformers' "
-                "choice. Block-diffusion scoring (--block_size) needs eager or sdpa."})
-    assume_bidirectional: bool = field(default=False, metadata={
-        "help": "Accept a model whose config does not say it is bidirectional."})
-    keep_dropout: bool = field(default=False, metadata={
-        "help": "Keep dropout in the policy (off by default: its noise would enter the ELBO "
-                "margin and undo the common random numbers)."})
+    model_name_or_path: str = field(
+        default=TINY,
+        metadata={
+            "help": "Hub id or local path of a masked diffusion LM (e.g. "
+            "GSAI-ML/LLaDA-8B-Instruct), a LoRA adapter folder saved by `elbokto train --lora_r` "
+            "(its base with the adapter merged in), or 'tiny' for a small random bidirectional "
+            "Gemma (smoke tests)."
+        },
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference model; default: a frozen copy of the policy (or, with LoRA, the "
+            "policy with its adapters disabled)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow the model's own code (needed for LLaDA and Dream)."}
+    )
+    torch_dtype: str = field(
+        default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention kernel (eager, sdpa, flex_attention, ...); default: transformers' "
+            "choice. Block-diffusion scoring (--block_size) needs eager or sdpa."
+        },
+    )
+    assume_bidirectional: bool = field(
+        default=False,
+        metadata={"help": "Accept a model whose config does not say it is bidirectional."},
+    )
+    keep_dropout: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep dropout in the policy (off by default: its noise would enter the ELBO "
+            "margin and undo the common random numbers)."
+        },
+    )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all weights."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str | None = field(default=None, metadata={
-        "help": "Comma-separated module names for LoRA; default: the model family's (LLaDA: "
-                "q,k,v,attn_out,ff,up projections; LLaDA-MoE: attention q,k,v,o), all linear "
-                "layers otherwise."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names for LoRA; default: the model family's (LLaDA: "
+            "q,k,v,attn_out,ff,up projections; LLaDA-MoE: attention q,k,v,o), all linear "
+            "layers otherwise."
+        },
+    )
 
 
 def load_tokenizer(config: ModelConfig):
@@ -82,13 +106,17 @@ def local_or_hub(name: str, flag: str) -> str:
     or its first part exists here, like runs/ of runs/my-model) and does not exist raises
     FileNotFoundError naming ``flag``, instead of going to the hub (a minute of retries)."""
     path = Path(name).expanduser()
-    reads_as_path = (name.startswith((".", "/", "~")) or name.count("/") > 1
-                     or (len(path.parts) > 1 and Path(path.parts[0]).exists()))
+    reads_as_path = (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or (len(path.parts) > 1 and Path(path.parts[0]).exists())
+    )
     if not reads_as_path:
         return name
     if not path.exists():
-        raise FileNotFoundError(f"{flag} {name}: no such local model folder (a hub id reads "
-                                "owner/name)")
+        raise FileNotFoundError(
+            f"{flag} {name}: no such local model folder (a hub id reads owner/name)"
+        )
     return str(path.resolve())
 
 
@@ -100,8 +128,10 @@ def adapter_base(path: str) -> str | None:
         return None
     base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{adapter_config} names no base_model_name_or_path: set it to the "
-                         "model the adapter was trained on")
+        raise ValueError(
+            f"{adapter_config} names no base_model_name_or_path: set it to the "
+            "model the adapter was trained on"
+        )
     return local_or_hub(base, f"{adapter_config}: base_model_name_or_path")
 
 
@@ -112,18 +142,24 @@ def load_model(name_or_path: str, config: ModelConfig, *, tokenizer=None) -> nn.
     ``tokenizer`` sizes the tiny model's vocabulary."""
     if name_or_path == TINY:
         return _tiny_model(tokenizer)
-    flag = ("--ref_model_name_or_path" if name_or_path == config.ref_model_name_or_path
-            else "--model_name_or_path")
+    flag = (
+        "--ref_model_name_or_path"
+        if name_or_path == config.ref_model_name_or_path
+        else "--model_name_or_path"
+    )
     name_or_path = local_or_hub(name_or_path, flag)
     base = adapter_base(name_or_path)
     if base is not None:
         return _merged_adapter(name_or_path, load_model(base, config, tokenizer=tokenizer))
-    model_config = AutoConfig.from_pretrained(name_or_path,
-                                              trust_remote_code=config.trust_remote_code)
+    model_config = AutoConfig.from_pretrained(
+        name_or_path, trust_remote_code=config.trust_remote_code
+    )
     if model_config.model_type in UNIFORM_NOISE_MODEL_TYPES:
-        raise ValueError(f"{name_or_path} ({model_config.model_type}) is a uniform-noise diffusion "
-                         "LM: it corrupts tokens into random tokens and has no mask token, so the "
-                         "masked-diffusion ELBO that ELBO-KTO estimates does not apply to it")
+        raise ValueError(
+            f"{name_or_path} ({model_config.model_type}) is a uniform-noise diffusion "
+            "LM: it corrupts tokens into random tokens and has no mask token, so the "
+            "masked-diffusion ELBO that ELBO-KTO estimates does not apply to it"
+        )
     family = _accepted_family(model_config, name_or_path, config.assume_bidirectional)
     # The fix-ups repair what transformers 5 broke; transformers 4 runs the code as published.
     for fix in family.config_fixups if TRANSFORMERS_5 else ():
@@ -132,14 +168,19 @@ def load_model(name_or_path: str, config: ModelConfig, *, tokenizer=None) -> nn.
         model_class = _remote_class(family, model_config, name_or_path)
         for fix in family.class_fixups:
             fix(model_class)
-    dtype = config.torch_dtype if config.torch_dtype == "auto" else getattr(torch,
-                                                                             config.torch_dtype)
+    dtype = (
+        config.torch_dtype if config.torch_dtype == "auto" else getattr(torch, config.torch_dtype)
+    )
     # The Auto class resolves the remote class again: the same (fixed) class object, as long as
     # its code is unchanged, and it registers the class so that save_pretrained copies the code.
     loader = getattr(transformers, family.auto_class)
-    model = loader.from_pretrained(name_or_path, config=model_config, **{DTYPE_KWARG: dtype},
-                                   trust_remote_code=config.trust_remote_code,
-                                   attn_implementation=config.attn_implementation)
+    model = loader.from_pretrained(
+        name_or_path,
+        config=model_config,
+        **{DTYPE_KWARG: dtype},
+        trust_remote_code=config.trust_remote_code,
+        attn_implementation=config.attn_implementation,
+    )
     model.config.mask_token_id = resolve_mask_token_id(model.config, tokenizer)
     return model
 
@@ -149,9 +190,12 @@ def _tiny_model(tokenizer) -> nn.Module:
     records "tiny" as its base and loads by rebuilding the same weights."""
     if tokenizer is None:
         raise ValueError("the tiny model needs the tokenizer it will be used with")
-    model = build_tiny_model(len(tokenizer), tokenizer.mask_token_id,
-                             pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+    model = build_tiny_model(
+        len(tokenizer),
+        tokenizer.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model.name_or_path = TINY
     return model
 
@@ -171,9 +215,11 @@ def _accepted_family(model_config, name: str, assume_bidirectional: bool) -> Mod
         return family
     if assume_bidirectional:
         return _outside_table(model_config)
-    raise ValueError(f"{name} ({model_config.model_type}) looks like a causal (autoregressive) "
-                     "LM: ELBO-KTO needs a masked diffusion model with bidirectional attention "
-                     "(e.g. LLaDA, Dream). If it is one, pass --assume_bidirectional")
+    raise ValueError(
+        f"{name} ({model_config.model_type}) looks like a causal (autoregressive) "
+        "LM: ELBO-KTO needs a masked diffusion model with bidirectional attention "
+        "(e.g. LLaDA, Dream). If it is one, pass --assume_bidirectional"
+    )
 
 
 def _outside_table(model_config) -> ModelFamily:
@@ -181,9 +227,14 @@ def _outside_table(model_config) -> ModelFamily:
     of its own; loaded with the Auto class its remote code registers (a masked LM first), else as
     a causal-LM class."""
     auto_map = getattr(model_config, "auto_map", None) or {}
-    auto_class = next((name for name in ("AutoModelForMaskedLM", "AutoModelForCausalLM",
-                                         "AutoModel") if name in auto_map),
-                      "AutoModelForCausalLM")
+    auto_class = next(
+        (
+            name
+            for name in ("AutoModelForMaskedLM", "AutoModelForCausalLM", "AutoModel")
+            if name in auto_map
+        ),
+        "AutoModelForCausalLM",
+    )
     return ModelFamily(name=str(model_config.model_type), auto_class=auto_class)
 
 
@@ -192,9 +243,11 @@ def _remote_class(family: ModelFamily, model_config, name_or_path: str) -> type:
     auto_map = getattr(model_config, "auto_map", None) or {}
     reference = auto_map.get(family.auto_class)
     if reference is None:
-        raise ValueError(f"{name_or_path}: the {family.name} family loads with "
-                         f"{family.auto_class}, but the config's auto_map names only "
-                         f"{sorted(auto_map)}")
+        raise ValueError(
+            f"{name_or_path}: the {family.name} family loads with "
+            f"{family.auto_class}, but the config's auto_map names only "
+            f"{sorted(auto_map)}"
+        )
     repo, _, reference = reference.rpartition("--")
     return get_class_from_dynamic_module(reference, repo or name_or_path)
 
@@ -202,13 +255,18 @@ def _remote_class(family: ModelFamily, model_config, name_or_path: str) -> type:
 def resolve_mask_token_id(model_config, tokenizer=None, override: int | None = None) -> int:
     """The mask token id: the flag, else the config, else the tokenizer, else the family's."""
     family = family_of(model_config)
-    for candidate in (override, getattr(model_config, "mask_token_id", None),
-                      getattr(tokenizer, "mask_token_id", None),
-                      family.mask_token_id if family else None):
+    for candidate in (
+        override,
+        getattr(model_config, "mask_token_id", None),
+        getattr(tokenizer, "mask_token_id", None),
+        family.mask_token_id if family else None,
+    ):
         if candidate is not None:
             return int(candidate)
-    raise ValueError(f"no mask token id for model type {model_config.model_type!r}: the config "
-                     "and tokenizer have none; pass --mask_token_id")
+    raise ValueError(
+        f"no mask token id for model type {model_config.model_type!r}: the config "
+        "and tokenizer have none; pass --mask_token_id"
+    )
 
 
 def uses_shifted_logits(model_config) -> bool:
@@ -226,10 +284,13 @@ def prepare_policy(model: nn.Module, config: ModelConfig) -> nn.Module:
         return model
     import peft
 
-    lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                           lora_dropout=config.lora_dropout,
-                           target_modules=lora_targets(model.config, config.lora_target_modules),
-                           exclude_modules=None if config.lora_target_modules else ["lm_head"])
+    lora = peft.LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=lora_targets(model.config, config.lora_target_modules),
+        exclude_modules=None if config.lora_target_modules else ["lm_head"],
+    )
     return peft.get_peft_model(model, lora)
 
 
@@ -262,17 +323,32 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop",
-                 "attn_pdrop", "dropout"):
+    for name in (
+        "attention_dropout",
+        "hidden_dropout",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "dropout",
+    ):
         if isinstance(getattr(model.config, name, None), float):
             setattr(model.config, name, 0.0)
 
 
-def build_tiny_model(vocab_size: int, mask_token_id: int, *, hidden_size: int = 64,
-                     intermediate_size: int | None = None, num_layers: int = 2,
-                     num_heads: int = 4, num_kv_heads: int = 2,
-                     max_position_embeddings: int = 8192, pad_token_id: int | None = 0,
-                     eos_token_id: int | None = None, seed: int = 0) -> GemmaForCausalLM:
+def build_tiny_model(
+    vocab_size: int,
+    mask_token_id: int,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int | None = None,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    max_position_embeddings: int = 8192,
+    pad_token_id: int | None = 0,
+    eos_token_id: int | None = None,
+    seed: int = 0,
+) -> GemmaForCausalLM:
     """A small random bidirectional GemmaForCausalLM, float32, with the given vocabulary.
 
     ``intermediate_size`` defaults to 4 x ``hidden_size``; the head size is
@@ -280,18 +356,29 @@ def build_tiny_model(vocab_size: int, mask_token_id: int, *, hidden_size: int = 
     shapes; the global torch RNG is left as it was."""
     check_transformers(FAMILY_OF_TINY)
     if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(f"hidden_size {hidden_size}, num_heads {num_heads}, num_kv_heads "
-                         f"{num_kv_heads}: heads must divide hidden_size and kv heads the heads")
-    config = GemmaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
-                         intermediate_size=intermediate_size or 4 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                         num_key_value_heads=num_kv_heads, head_dim=hidden_size // num_heads,
-                         max_position_embeddings=max_position_embeddings,
-                         # use_bidirectional_attention alone turns causal again when an attention
-                         # mask is passed (transformers 5): is_causal=False too.
-                         use_bidirectional_attention=True, is_causal=False,
-                         mask_token_id=mask_token_id, tie_word_embeddings=False,
-                         pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None)
+        raise ValueError(
+            f"hidden_size {hidden_size}, num_heads {num_heads}, num_kv_heads "
+            f"{num_kv_heads}: heads must divide hidden_size and kv heads the heads"
+        )
+    config = GemmaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_position_embeddings,
+        # use_bidirectional_attention alone turns causal again when an attention
+        # mask is passed (transformers 5): is_causal=False too.
+        use_bidirectional_attention=True,
+        is_causal=False,
+        mask_token_id=mask_token_id,
+        tie_word_embeddings=False,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+    )
     with torch.random.fork_rng(devices=[]):  # transformers initialises from the global RNG
         torch.manual_seed(seed)
         return GemmaForCausalLM(config).float()

@@ -105,20 +105,31 @@ class ELBOKTOObjective:
 
     def __post_init__(self) -> None:
         if self.mc_chunk_size is not None and self.mc_chunk_size < 1:
-            raise ValueError(f"mc_chunk_size must be a positive int or None, got "
-                             f"{self.mc_chunk_size}")
+            raise ValueError(
+                f"mc_chunk_size must be a positive int or None, got {self.mc_chunk_size}"
+            )
 
-    def __call__(self, policy: nn.Module, batch: Mapping[str, Tensor], *,
-                 reference: nn.Module | None = None, ref_elbo: Tensor | None = None,
-                 step: int = 0) -> ObjectiveOutput:
+    def __call__(
+        self,
+        policy: nn.Module,
+        batch: Mapping[str, Tensor],
+        *,
+        reference: nn.Module | None = None,
+        ref_elbo: Tensor | None = None,
+        step: int = 0,
+    ) -> ObjectiveOutput:
         _check_batch(batch)
         draws = self.draws(batch, step)
         ref_source = "reference" if ref_elbo is None else "precomputed reference"
-        check_kl_reference(self.loss.baseline, precomputed=ref_elbo is not None,
-                           can_score=reference is not None or hasattr(policy, "disable_adapter"))
+        check_kl_reference(
+            self.loss.baseline,
+            precomputed=ref_elbo is not None,
+            can_score=reference is not None or hasattr(policy, "disable_adapter"),
+        )
         if ref_elbo is None:
-            ref_elbo = self.reference_elbo(policy, batch, self._reference_draws(batch, step, draws),
-                                           reference)
+            ref_elbo = self.reference_elbo(
+                policy, batch, self._reference_draws(batch, step, draws), reference
+            )
         elif reference is not None:
             raise ValueError("pass either reference or ref_elbo, not both")
         ref_elbo = ref_elbo.detach().float()
@@ -126,8 +137,7 @@ class ELBOKTOObjective:
         if self.mc_chunk_size is None:
             policy_elbo = self.elbo(policy, batch, draws)
             loss, metrics = self._loss(policy_elbo, ref_elbo, batch, kl)
-            check_step_values(batch["uid"], loss=loss, policy=policy_elbo,
-                              **{ref_source: ref_elbo})
+            check_step_values(batch["uid"], loss=loss, policy=policy_elbo, **{ref_source: ref_elbo})
             return ObjectiveOutput(loss, metrics, policy_elbo.detach(), ref_elbo)
         with torch.no_grad():
             policy_elbo = self.elbo(policy, batch, draws)
@@ -150,16 +160,23 @@ class ELBOKTOObjective:
     def draws(self, batch: Mapping[str, Tensor], step: int = 0) -> Draws:
         """The B*K copies of the batch at this step: a pure function of seed, step (0 with
         ``mc.fixed_draws``) and each row's pair_uid (when the batch has one) or uid."""
-        return sample_draws(self.mc, batch["prompt_lengths"], batch["response_lengths"],
-                            batch["input_ids"].shape[1], uids=batch.get("pair_uid", batch["uid"]),
-                            seed=self.seed, step=0 if self.mc.fixed_draws else step)
+        return sample_draws(
+            self.mc,
+            batch["prompt_lengths"],
+            batch["response_lengths"],
+            batch["input_ids"].shape[1],
+            uids=batch.get("pair_uid", batch["uid"]),
+            seed=self.seed,
+            step=0 if self.mc.fixed_draws else step,
+        )
 
     def elbo(self, model: nn.Module, batch: Mapping[str, Tensor], draws: Draws) -> Tensor:
         """B_hat float32 [B] of ``model``, in chunks of mc_chunk_size copies when set."""
         if self.mc_chunk_size is None:
             return self._estimate(model, batch, draws)
-        return sum(self._estimate(model, batch, chunk)
-                   for chunk in _copy_chunks(draws, self.mc_chunk_size))
+        return sum(
+            self._estimate(model, batch, chunk) for chunk in _copy_chunks(draws, self.mc_chunk_size)
+        )
 
     def _reference_draws(self, batch: Mapping[str, Tensor], step: int, draws: Draws) -> Draws:
         if self.crn:
@@ -167,21 +184,35 @@ class ELBOKTOObjective:
         return replace(self, seed=self.seed + _INDEPENDENT_SEED).draws(batch, step)
 
     @torch.no_grad()
-    def reference_elbo(self, policy: nn.Module, batch: Mapping[str, Tensor], draws: Draws,
-                       reference: nn.Module | None) -> Tensor:
+    def reference_elbo(
+        self,
+        policy: nn.Module,
+        batch: Mapping[str, Tensor],
+        draws: Draws,
+        reference: nn.Module | None,
+    ) -> Tensor:
         """B_hat_ref [B] on the policy's draws: ``reference``, or the adapter-free policy."""
         if reference is not None:
             return self.elbo(reference, batch, draws)
         disable_adapter = getattr(policy, "disable_adapter", None)
         if disable_adapter is None:
-            raise ValueError("no reference: pass reference= (a frozen model), ref_elbo= "
-                             "(precomputed), or a PEFT policy whose adapters can be disabled")
+            raise ValueError(
+                "no reference: pass reference= (a frozen model), ref_elbo= "
+                "(precomputed), or a PEFT policy whose adapters can be disabled"
+            )
         with disable_adapter():
             return self.elbo(policy, batch, draws)
 
     @torch.no_grad()
-    def margins(self, policy: nn.Module, batch: Mapping[str, Tensor], *,
-                reference: nn.Module | None = None, redraws: int = 4, step: int = 0) -> Tensor:
+    def margins(
+        self,
+        policy: nn.Module,
+        batch: Mapping[str, Tensor],
+        *,
+        reference: nn.Module | None = None,
+        redraws: int = 4,
+        step: int = 0,
+    ) -> Tensor:
         """float32 [redraws, B]: r = B_hat_policy - B_hat_ref under independent redraws (seed + k).
 
         The reference must be a model (or the adapter-free policy): a precomputed ref_elbo is
@@ -191,28 +222,46 @@ class ELBOKTOObjective:
         for k in range(redraws):
             redraw = replace(self, seed=self.seed + k)
             draws = redraw.draws(batch, step)
-            rows.append(redraw.elbo(policy, batch, draws)
-                        - redraw.reference_elbo(policy, batch,
-                                                redraw._reference_draws(batch, step, draws),
-                                                reference))
+            rows.append(
+                redraw.elbo(policy, batch, draws)
+                - redraw.reference_elbo(
+                    policy, batch, redraw._reference_draws(batch, step, draws), reference
+                )
+            )
         return torch.stack(rows)
 
-    def psi(self, policy: nn.Module, batch: Mapping[str, Tensor], *,
-            reference: nn.Module | None = None, redraws: int = 4, step: int = 0) -> PsiEstimate:
+    def psi(
+        self,
+        policy: nn.Module,
+        batch: Mapping[str, Tensor],
+        *,
+        reference: nn.Module | None = None,
+        redraws: int = 4,
+        step: int = 0,
+    ) -> PsiEstimate:
         """Psi(S), v(S), c(S) of this objective's MC setting on one batch (DESIGN.md §2), with
         psi_baseline for the baseline this objective uses (batch_mean: equal to psi)."""
         _check_batch(batch)
         margins = self.margins(policy, batch, reference=reference, redraws=redraws, step=step)
         baseline = {"batch_mean": margins.mean(1), "none": 0.0}.get(self.loss.baseline)
         if baseline is None:  # kl: the KL estimate redrawn alongside the margins
-            baseline = torch.stack([replace(self, seed=self.seed + k)._kl(policy, reference,
-                                                                         batch, step)
-                                    for k in range(redraws)])
+            baseline = torch.stack(
+                [
+                    replace(self, seed=self.seed + k)._kl(policy, reference, batch, step)
+                    for k in range(redraws)
+                ]
+            )
         return estimate_psi(margins, baseline)
 
-    def gradient_noise(self, policy: nn.Module, batch: Mapping[str, Tensor], *,
-                       reference: nn.Module | None = None, redraws: int = 4,
-                       step: int = 0) -> GradientNoise:
+    def gradient_noise(
+        self,
+        policy: nn.Module,
+        batch: Mapping[str, Tensor],
+        *,
+        reference: nn.Module | None = None,
+        redraws: int = 4,
+        step: int = 0,
+    ) -> GradientNoise:
         """Spread of this objective's gradient (over the policy's trainable parameters) under
         independent redraws (seed + k) of one batch: what n_t, n_yt, CRN and the baseline leave
         of the training signal. One forward and backward per redraw; the parameters' ``.grad``
@@ -224,8 +273,9 @@ class ELBOKTOObjective:
         def redraw(k: int) -> list[Tensor]:
             for p in params:
                 p.grad = None
-            replace(self, seed=self.seed + k)(policy, batch, reference=reference,
-                                              step=step).loss.backward()
+            replace(self, seed=self.seed + k)(
+                policy, batch, reference=reference, step=step
+            ).loss.backward()
             return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
         try:
@@ -235,11 +285,17 @@ class ELBOKTOObjective:
                 p.grad = grad
 
     def _estimate(self, model: nn.Module, batch: Mapping[str, Tensor], draws: Draws) -> Tensor:
-        return elbo_estimate(model, batch["input_ids"], draws,
-                             mask_token_id=self._mask_token_id(model),
-                             attention_mask=batch.get("attention_mask"),
-                             shift_logits=self.shift_logits, keep_logits=self.keep_logits,
-                             filter_eps=self.filter_eps, backend=self.backend)
+        return elbo_estimate(
+            model,
+            batch["input_ids"],
+            draws,
+            mask_token_id=self._mask_token_id(model),
+            attention_mask=batch.get("attention_mask"),
+            shift_logits=self.shift_logits,
+            keep_logits=self.keep_logits,
+            filter_eps=self.filter_eps,
+            backend=self.backend,
+        )
 
     def _mask_token_id(self, model: nn.Module) -> int:
         if self.mask_token_id is not None:
@@ -247,8 +303,10 @@ class ELBOKTOObjective:
         config = getattr(extract_model_from_parallel(model), "config", None)
         mask_id = getattr(config, "mask_token_id", None)
         if mask_id is None:
-            raise ValueError(f"{type(model).__name__} has no config.mask_token_id: pass "
-                             "mask_token_id (LLaDA 126336, Dream 151666)")
+            raise ValueError(
+                f"{type(model).__name__} has no config.mask_token_id: pass "
+                "mask_token_id (LLaDA 126336, Dream 151666)"
+            )
         return mask_id
 
     def _loss(self, policy_elbo, ref_elbo, batch, kl):
@@ -260,10 +318,12 @@ class ELBOKTOObjective:
         if batch["input_ids"].shape[0] == 1 and not self._warned_self_pairs:
             # A last partial batch may hold one example: go on, but say so once.
             self._warned_self_pairs = True
-            logger.warning("baseline='kl' on a batch of one example pairs its prompt with its "
-                           "own response: the KL estimate is then the example's own margin "
-                           "(raise --per_device_train_batch_size, or drop the last partial "
-                           "batch with --dataloader_drop_last)")
+            logger.warning(
+                "baseline='kl' on a batch of one example pairs its prompt with its "
+                "own response: the KL estimate is then the example's own margin "
+                "(raise --per_device_train_batch_size, or drop the last partial "
+                "batch with --dataloader_drop_last)"
+            )
         mismatched = mismatched_batch(batch, self.pad_token_id)
         draws = self.draws(mismatched, step)
         policy_elbo = self.elbo(policy, mismatched, draws)
@@ -277,12 +337,14 @@ def check_kl_reference(baseline: str, *, precomputed: bool, can_score: bool) -> 
 
     can_score: a reference model is given, or the policy is a PEFT model (adapters disabled)."""
     if baseline == "kl" and precomputed and not can_score:
-        raise ValueError("--baseline kl with a precomputed reference (--ref_elbo_file): the KL "
-                         "estimate needs the reference ELBO of mismatched (prompt, response) "
-                         "pairs that are formed in each training batch, which no precomputed "
-                         "file holds; use an online reference (no --ref_elbo_file), LoRA "
-                         "(--lora_r: the policy without adapters scores them), or --baseline "
-                         "batch_mean")
+        raise ValueError(
+            "--baseline kl with a precomputed reference (--ref_elbo_file): the KL "
+            "estimate needs the reference ELBO of mismatched (prompt, response) "
+            "pairs that are formed in each training batch, which no precomputed "
+            "file holds; use an online reference (no --ref_elbo_file), LoRA "
+            "(--lora_r: the policy without adapters scores them), or --baseline "
+            "batch_mean"
+        )
 
 
 def mismatched_batch(batch: Mapping[str, Tensor], pad_token_id: int) -> dict[str, Tensor]:
@@ -301,11 +363,16 @@ def mismatched_batch(batch: Mapping[str, Tensor], pad_token_id: int) -> dict[str
     donor_pos = (prompt[donor][:, None] + pos - prompt[:, None]).clamp(0, ids.shape[1] - 1)
     from_prompt = ids.gather(1, pos.clamp(max=ids.shape[1] - 1).expand(ids.shape[0], -1))
     from_donor = ids[donor].gather(1, donor_pos)
-    new_ids = torch.where(in_prompt, from_prompt,
-                          torch.where(in_response, from_donor, pad_token_id))
-    out = {"input_ids": new_ids, "prompt_lengths": prompt, "response_lengths": new_response,
-           "desirable": batch["desirable"],
-           "uid": pair_uid(batch["uid"], batch["uid"][donor])}
+    new_ids = torch.where(
+        in_prompt, from_prompt, torch.where(in_response, from_donor, pad_token_id)
+    )
+    out = {
+        "input_ids": new_ids,
+        "prompt_lengths": prompt,
+        "response_lengths": new_response,
+        "desirable": batch["desirable"],
+        "uid": pair_uid(batch["uid"], batch["uid"][donor]),
+    }
     if "attention_mask" in batch:
         out["attention_mask"] = (in_prompt | in_response).to(batch["attention_mask"].dtype)
     return out
@@ -314,15 +381,21 @@ def mismatched_batch(batch: Mapping[str, Tensor], pad_token_id: int) -> dict[str
 def _copy_chunks(draws: Draws, size: int):
     for start in range(0, draws.mask.shape[0], size):
         part = slice(start, start + size)
-        yield replace(draws, mask=draws.mask[part], weight=draws.weight[part],
-                      sample_index=draws.sample_index[part], t=draws.t[part])
+        yield replace(
+            draws,
+            mask=draws.mask[part],
+            weight=draws.weight[part],
+            sample_index=draws.sample_index[part],
+            t=draws.t[part],
+        )
 
 
 def _check_batch(batch: Mapping[str, Tensor]) -> None:
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
-        raise ValueError(f"batch lacks {missing}; expected keys {list(BATCH_KEYS)} "
-                         "(+ optional attention_mask)")
+        raise ValueError(
+            f"batch lacks {missing}; expected keys {list(BATCH_KEYS)} (+ optional attention_mask)"
+        )
 
 
 class _DeferredBackward(torch.autograd.Function):

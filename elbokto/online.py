@@ -45,8 +45,14 @@ from elbokto.loss import compute_loss, kl_baseline
 from elbokto.sampling import SamplingConfig, decode_responses
 from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer, resume_checkpoint
 
-__all__ = ["OnlineConfig", "OnlineELBOKTOTrainer", "balanced_lambda_d", "labeller_from",
-           "load_prompts", "train_online"]
+__all__ = [
+    "OnlineConfig",
+    "OnlineELBOKTOTrainer",
+    "balanced_lambda_d",
+    "labeller_from",
+    "load_prompts",
+    "train_online",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,62 +70,97 @@ class OnlineConfig(ELBOKTOConfig, SamplingConfig, JudgeConfig):
     and the objective alike.
     """
 
-    online: bool = field(default=False, metadata={
-        "help": "Train online: sample from the current policy, label, step (no labelled data; "
-                "--dataset holds prompts)."})
-    num_samples_per_prompt: int = field(default=2, metadata={
-        "help": "Responses sampled per prompt and step (per_device_train_batch_size counts "
-                "prompts)."})
-    labeller: str | None = field(default=None, metadata={
-        "help": "'judge' (a pointwise LLM judge: --judge_model, --judge_base_url) or "
-                "'module:function' (a Python function (prompt, response) -> True / False / "
-                "None, e.g. an exact-match or unit-test verifier)."})
-    online_balance: str = field(default="adjust", metadata={
-        "help": "KTO's class-balance rule, lambda_D n_D / (lambda_U n_U) in [1, 4/3], on each "
-                "step's global batch: 'adjust' moves lambda_D to the nearest end of the range, "
-                "'warn' keeps it and warns once."})
-    online_keep_padding: bool = field(default=False, metadata={
-        "help": "Score the whole sampled response, EOS padding included (LLaDA's SFT "
-                "convention: models trained on EOS-padded responses); default: the response up "
-                "to and with its first EOS, as the offline data pipeline appends it."})
-    judge_template: str | None = field(default=None, metadata={
-        "help": "A text file with {question} and {answer} slots whose verdict is [[GOOD]] or "
-                "[[BAD]]; default: the packaged pointwise template."})
+    online: bool = field(
+        default=False,
+        metadata={
+            "help": "Train online: sample from the current policy, label, step (no labelled data; "
+            "--dataset holds prompts)."
+        },
+    )
+    num_samples_per_prompt: int = field(
+        default=2,
+        metadata={
+            "help": "Responses sampled per prompt and step (per_device_train_batch_size counts "
+            "prompts)."
+        },
+    )
+    labeller: str | None = field(
+        default=None,
+        metadata={
+            "help": "'judge' (a pointwise LLM judge: --judge_model, --judge_base_url) or "
+            "'module:function' (a Python function (prompt, response) -> True / False / "
+            "None, e.g. an exact-match or unit-test verifier)."
+        },
+    )
+    online_balance: str = field(
+        default="adjust",
+        metadata={
+            "help": "KTO's class-balance rule, lambda_D n_D / (lambda_U n_U) in [1, 4/3], on each "
+            "step's global batch: 'adjust' moves lambda_D to the nearest end of the range, "
+            "'warn' keeps it and warns once."
+        },
+    )
+    online_keep_padding: bool = field(
+        default=False,
+        metadata={
+            "help": "Score the whole sampled response, EOS padding included (LLaDA's SFT "
+            "convention: models trained on EOS-padded responses); default: the response up "
+            "to and with its first EOS, as the offline data pipeline appends it."
+        },
+    )
+    judge_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file with {question} and {answer} slots whose verdict is [[GOOD]] or "
+            "[[BAD]]; default: the packaged pointwise template."
+        },
+    )
 
     def __post_init__(self) -> None:
         ELBOKTOConfig.__post_init__(self)
         SamplingConfig.__post_init__(self)
         JudgeConfig.__post_init__(self)
         if self.num_samples_per_prompt < 1:
-            raise ValueError(f"--num_samples_per_prompt {self.num_samples_per_prompt}: expected "
-                             "an integer >= 1")
-        if (self.num_samples_per_prompt > 1 and self.temperature == 0
-                and self.remasking == "low_confidence"):
-            raise ValueError(f"--num_samples_per_prompt {self.num_samples_per_prompt} with "
-                             "--temperature 0 and low_confidence remasking samples the same "
-                             "response every time: set --temperature > 0")
+            raise ValueError(
+                f"--num_samples_per_prompt {self.num_samples_per_prompt}: expected an integer >= 1"
+            )
+        if (
+            self.num_samples_per_prompt > 1
+            and self.temperature == 0
+            and self.remasking == "low_confidence"
+        ):
+            raise ValueError(
+                f"--num_samples_per_prompt {self.num_samples_per_prompt} with "
+                "--temperature 0 and low_confidence remasking samples the same "
+                "response every time: set --temperature > 0"
+            )
         if self.online_balance not in ("adjust", "warn"):
-            raise ValueError(f"--online_balance {self.online_balance!r}: expected 'adjust' or "
-                             "'warn'")
+            raise ValueError(
+                f"--online_balance {self.online_balance!r}: expected 'adjust' or 'warn'"
+            )
         if self.ref_elbo_file is not None:
-            raise ValueError("--ref_elbo_file: online samples are not known in advance, so their "
-                             "reference ELBOs cannot be precomputed; leave it out")
+            raise ValueError(
+                "--ref_elbo_file: online samples are not known in advance, so their "
+                "reference ELBOs cannot be precomputed; leave it out"
+            )
         if self.loss.paired:
-            raise ValueError(f"--loss_type {self.loss_type}: online training labels single "
-                             "responses; use elbo_kto")
+            raise ValueError(
+                f"--loss_type {self.loss_type}: online training labels single "
+                "responses; use elbo_kto"
+            )
 
     @property
     def generation(self) -> SamplingConfig:
-        return SamplingConfig(**{f.name: getattr(self, f.name)
-                                   for f in fields(SamplingConfig)})
+        return SamplingConfig(**{f.name: getattr(self, f.name) for f in fields(SamplingConfig)})
 
     @property
     def judge(self) -> JudgeConfig:
         return JudgeConfig(**{f.name: getattr(self, f.name) for f in fields(JudgeConfig)})
 
 
-def balanced_lambda_d(n_desirable: int, n_undesirable: int, lambda_d: float,
-                      lambda_u: float) -> float:
+def balanced_lambda_d(
+    n_desirable: int, n_undesirable: int, lambda_d: float, lambda_u: float
+) -> float:
     """lambda_D that puts lambda_D n_D / (lambda_U n_U) in KTO's [1, 4/3]: the nearer end of the
     range, or lambda_d itself when the ratio is inside it or a class is empty (no weight can
     balance a class that is not there)."""
@@ -148,17 +189,28 @@ def load_prompts(config: DataConfig, tokenizer) -> list[dict[str, Any]]:
     the generation prompt. Prompts over ``--max_prompt_length`` tokens are dropped (logged)."""
     raw = load_source(config.dataset, config.dataset_split)
     if "prompt" not in raw.column_names:
-        raise ValueError(f"--dataset {config.dataset}: online training needs a 'prompt' column "
-                         f"(strings or chat messages); got columns {raw.column_names}")
-    prompts = [Prompt.from_value(value, f"{config.dataset} row {i}")
-               for i, value in enumerate(raw["prompt"])]
+        raise ValueError(
+            f"--dataset {config.dataset}: online training needs a 'prompt' column "
+            f"(strings or chat messages); got columns {raw.column_names}"
+        )
+    prompts = [
+        Prompt.from_value(value, f"{config.dataset} row {i}")
+        for i, value in enumerate(raw["prompt"])
+    ]
     ids = prompt_token_ids(tokenizer, [p.chat() for p in prompts])
     limit = config.max_prompt_length
-    rows = [{"prompt": p.text, "prompt_ids": t} for p, t in zip(prompts, ids)
-            if limit is None or len(t) <= limit]
+    rows = [
+        {"prompt": p.text, "prompt_ids": t}
+        for p, t in zip(prompts, ids)
+        if limit is None or len(t) <= limit
+    ]
     if len(rows) < len(prompts):
-        logger.warning("dropped %d of %d prompts over --max_prompt_length %s",
-                       len(prompts) - len(rows), len(prompts), limit)
+        logger.warning(
+            "dropped %d of %d prompts over --max_prompt_length %s",
+            len(prompts) - len(rows),
+            len(prompts),
+            limit,
+        )
     if not rows:
         raise ValueError(f"--dataset {config.dataset}: no prompts left")
     return rows
@@ -172,8 +224,10 @@ def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, list]:
 def labeller_from(config: OnlineConfig, client=None) -> Labeller:
     """The labeller ``--labeller`` names; a judge is checked reachable before any sampling."""
     if config.labeller is None:
-        raise ValueError("no labeller: pass --labeller judge (with --judge_model and "
-                         "--judge_base_url) or --labeller module:function")
+        raise ValueError(
+            "no labeller: pass --labeller judge (with --judge_model and "
+            "--judge_base_url) or --labeller module:function"
+        )
     if config.labeller == "judge":
         check_reachable(config.judge, client)
         return JudgeLabeller(config.judge, client)
@@ -196,21 +250,31 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
             callbacks, ...
     """
 
-    def __init__(self, model: nn.Module, args: OnlineConfig, labeller: Labeller,
-                 ref_model: nn.Module | None = None, *,
-                 collator: PreferenceCollator | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        args: OnlineConfig,
+        labeller: Labeller,
+        ref_model: nn.Module | None = None,
+        *,
+        collator: PreferenceCollator | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(args, OnlineConfig):
             raise ValueError(f"args must be an OnlineConfig, got {type(args).__name__}")
         if kwargs.get("processing_class") is None:
-            raise ValueError("processing_class: pass the tokenizer (samples are decoded for the "
-                             "labeller)")
+            raise ValueError(
+                "processing_class: pass the tokenizer (samples are decoded for the labeller)"
+            )
         kwargs.setdefault("data_collator", collate_prompts)
         super().__init__(model, args, ref_model=ref_model, **kwargs)
         if self.is_fsdp_enabled and args.threshold is not None:
-            raise ValueError("--threshold with FSDP: every sampler forward gathers the sharded "
-                             "weights, so all processes must run the same number of them, and "
-                             "threshold decoding stops each early at its own step; sample with "
-                             "the fixed schedule (no --threshold) or use DDP")
+            raise ValueError(
+                "--threshold with FSDP: every sampler forward gathers the sharded "
+                "weights, so all processes must run the same number of them, and "
+                "threshold decoding stops each early at its own step; sample with "
+                "the fixed schedule (no --threshold) or use DDP"
+            )
         tokenizer = self.processing_class
         self.collator = collator or PreferenceCollator(tokenizer.pad_token_id or 0)
         self.generation, self.sampler = sampler_for(model, args.generation, args.block_size)
@@ -222,8 +286,9 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         self._warned_balance = False
         self._micro = (-1, 0)  # (optimizer step, micro-batch within it) of the last micro-step
 
-    def training_step(self, model: nn.Module, inputs: dict[str, list],
-                      num_items_in_batch=None) -> torch.Tensor:
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, list], num_items_in_batch=None
+    ) -> torch.Tensor:
         start = time.perf_counter()
         step = self.state.global_step
         self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
@@ -233,33 +298,48 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         labelled = time.perf_counter()
         kept = [(s, label) for s, (label, _) in zip(samples, labels) if label.desirable is not None]
         n_desirable = sum(label.desirable for _, label in kept)
-        counts = torch.tensor([n_desirable, len(kept) - n_desirable, len(samples) - len(kept),
-                               sum(stored for _, stored in labels)],
-                              dtype=torch.float64, device=self.args.device)
+        counts = torch.tensor(
+            [
+                n_desirable,
+                len(kept) - n_desirable,
+                len(samples) - len(kept),
+                sum(stored for _, stored in labels),
+            ],
+            dtype=torch.float64,
+            device=self.args.device,
+        )
         n_d, n_u, dropped, stored = self.accelerator.reduce(counts, reduction="sum").tolist()
-        self.objective = replace(self.base_objective, loss=replace(
-            self.base_objective.loss, lambda_d=self._lambda_d(int(n_d), int(n_u))))
+        self.objective = replace(
+            self.base_objective,
+            loss=replace(self.base_objective.loss, lambda_d=self._lambda_d(int(n_d), int(n_u))),
+        )
         if n_d + n_u == 0:
-            logger.warning("step %d: no sample got a label (%d dropped): nothing to learn from",
-                           step, int(dropped))
+            logger.warning(
+                "step %d: no sample got a label (%d dropped): nothing to learn from",
+                step,
+                int(dropped),
+            )
         batch = self._batch(kept)
         loss = super().training_step(model, batch, num_items_in_batch)
         trained = time.perf_counter()
         total = n_d + n_u + dropped
-        for name, value in (("online/desirable_rate", n_d / max(n_d + n_u, 1)),
-                            ("online/judge_errors", dropped),
-                            ("online/stored", stored / max(total, 1)),
-                            ("online/lambda_d", self.objective.loss.lambda_d),
-                            ("time/sampling", sampled - start),
-                            ("time/labelling", labelled - sampled),
-                            ("time/training", trained - labelled)):
+        for name, value in (
+            ("online/desirable_rate", n_d / max(n_d + n_u, 1)),
+            ("online/judge_errors", dropped),
+            ("online/stored", stored / max(total, 1)),
+            ("online/lambda_d", self.objective.loss.lambda_d),
+            ("time/sampling", sampled - start),
+            ("time/labelling", labelled - sampled),
+            ("time/training", trained - labelled),
+        ):
             self._metrics["train"][name].append(torch.tensor(value, device=self.args.device))
         self._log_samples(samples, labels)
         return loss
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, prompts: list[str],
-               prompt_ids: list[list[int]]) -> list[Sample]:
+    def sample(
+        self, model: nn.Module, prompts: list[str], prompt_ids: list[list[int]]
+    ) -> list[Sample]:
         """``num_samples_per_prompt`` responses to each prompt from the current policy, in eval
         mode. The sampler's seed is a function of (seed, micro-step, process), so a resumed run
         samples what the interrupted one did."""
@@ -271,17 +351,22 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         policy.eval()
         n = self.args.num_samples_per_prompt
         ids = [p for p in prompt_ids for _ in range(n)]
-        step_seed = ((self.args.seed * 1_000_003 + self._micro_step()) * 4099
-                     + self.args.process_index) % 2**63
-        tokens = self.sampler(policy, ids, replace(self.generation, seed=step_seed),
-                              pad_token_id=self.processing_class.pad_token_id or 0)
+        step_seed = (
+            (self.args.seed * 1_000_003 + self._micro_step()) * 4099 + self.args.process_index
+        ) % 2**63
+        tokens = self.sampler(
+            policy,
+            ids,
+            replace(self.generation, seed=step_seed),
+            pad_token_id=self.processing_class.pad_token_id or 0,
+        )
         policy.train(was_training)
         eos = self.processing_class.eos_token_id
         texts = decode_responses(self.processing_class, tokens, eos)
         samples = []
         for i, (row, text) in enumerate(zip(tokens.tolist(), texts)):
             if not self.args.online_keep_padding and eos in row:
-                row = row[:row.index(eos) + 1]
+                row = row[: row.index(eos) + 1]
             samples.append(Sample(prompts[i // n], ids[i], row, text))
         return samples
 
@@ -299,10 +384,17 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
             return balanced
         if balanced != lambda_d and not self._warned_balance:
             self._warned_balance = True
-            logger.warning("step %d: lambda_D n_D / (lambda_U n_U) = %g * %d / (%g * %d) is "
-                           "outside KTO's [1, 4/3] (lambda_d %.4g would fit; --online_balance "
-                           "adjust does it every step); warned once", self.state.global_step,
-                           lambda_d, n_desirable, lambda_u, n_undesirable, balanced)
+            logger.warning(
+                "step %d: lambda_D n_D / (lambda_U n_U) = %g * %d / (%g * %d) is "
+                "outside KTO's [1, 4/3] (lambda_d %.4g would fit; --online_balance "
+                "adjust does it every step); warned once",
+                self.state.global_step,
+                lambda_d,
+                n_desirable,
+                lambda_u,
+                n_undesirable,
+                balanced,
+            )
         return lambda_d
 
     def _batch(self, kept: list[tuple[Sample, Label]]) -> dict[str, torch.Tensor]:
@@ -311,16 +403,30 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         empty batch (:meth:`compute_loss` handles it)."""
         if not kept:
             empty = torch.zeros(0, dtype=torch.long)
-            return {"input_ids": torch.zeros(0, 1, dtype=torch.long), "prompt_lengths": empty,
-                    "response_lengths": empty, "uid": empty,
-                    "desirable": torch.zeros(0, dtype=torch.bool)}
-        first = ((self._micro_step() * self.args.world_size + self.args.process_index)
-                 * self.args.per_device_train_batch_size * self.args.num_samples_per_prompt)
-        return self.collator([
-            {"input_ids": s.prompt_ids + s.response_ids, "prompt_length": len(s.prompt_ids),
-             "response_length": len(s.response_ids), "desirable": label.desirable,
-             "uid": first + i}
-            for i, (s, label) in enumerate(kept)])
+            return {
+                "input_ids": torch.zeros(0, 1, dtype=torch.long),
+                "prompt_lengths": empty,
+                "response_lengths": empty,
+                "uid": empty,
+                "desirable": torch.zeros(0, dtype=torch.bool),
+            }
+        first = (
+            (self._micro_step() * self.args.world_size + self.args.process_index)
+            * self.args.per_device_train_batch_size
+            * self.args.num_samples_per_prompt
+        )
+        return self.collator(
+            [
+                {
+                    "input_ids": s.prompt_ids + s.response_ids,
+                    "prompt_length": len(s.prompt_ids),
+                    "response_length": len(s.response_ids),
+                    "desirable": label.desirable,
+                    "uid": first + i,
+                }
+                for i, (s, label) in enumerate(kept)
+            ]
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if inputs["input_ids"].shape[0]:
@@ -335,17 +441,34 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         return (loss, None) if return_outputs else loss
 
     def _log_samples(self, samples: list[Sample], labels: list[tuple[Label, bool]]) -> None:
-        append_lines(self.samples_file, [
-            json.dumps({"step": self.state.global_step, "rank": self.args.process_index,
-                        "prompt": s.prompt, "response": s.response, "desirable": label.desirable,
-                        "verdict": label.verdict, "error": label.error, "stored": stored},
-                       ensure_ascii=False)
-            for s, (label, stored) in zip(samples, labels)])
+        append_lines(
+            self.samples_file,
+            [
+                json.dumps(
+                    {
+                        "step": self.state.global_step,
+                        "rank": self.args.process_index,
+                        "prompt": s.prompt,
+                        "response": s.response,
+                        "desirable": label.desirable,
+                        "verdict": label.verdict,
+                        "error": label.error,
+                        "stored": stored,
+                    },
+                    ensure_ascii=False,
+                )
+                for s, (label, stored) in zip(samples, labels)
+            ],
+        )
 
 
-def train_online(model_cfg, data_cfg: DataConfig, config: OnlineConfig,
-                 resume_from_checkpoint: str | bool | None = None,
-                 labeller: Labeller | None = None) -> OnlineELBOKTOTrainer:
+def train_online(
+    model_cfg,
+    data_cfg: DataConfig,
+    config: OnlineConfig,
+    resume_from_checkpoint: str | bool | None = None,
+    labeller: Labeller | None = None,
+) -> OnlineELBOKTOTrainer:
     """`elbokto train --online`: prompts -> policy and frozen reference -> the online loop; saves
     the policy to output_dir. ``labeller`` replaces the one ``--labeller`` names."""
     from elbokto.models import load_model, prepare_policy
@@ -361,9 +484,15 @@ def train_online(model_cfg, data_cfg: DataConfig, config: OnlineConfig,
     config = _settle_model_fields(config, policy, tokenizer)
     reference = _reference(policy, model_cfg, config, tokenizer)
     policy = prepare_policy(policy, model_cfg)
-    trainer = OnlineELBOKTOTrainer(policy, config, labeller, ref_model=reference,
-                                   collator=PreferenceCollator.from_config(data_cfg, tokenizer),
-                                   train_dataset=prompts, processing_class=tokenizer)
+    trainer = OnlineELBOKTOTrainer(
+        policy,
+        config,
+        labeller,
+        ref_model=reference,
+        collator=PreferenceCollator.from_config(data_cfg, tokenizer),
+        train_dataset=prompts,
+        processing_class=tokenizer,
+    )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model()
     return trainer

@@ -54,12 +54,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 class PresetArgs:
     """The ``--preset`` flag of the commands that train or score with ELBOKTOConfig."""
 
-    preset: str | None = field(default=None, metadata={
-        "help": f"Start from a named set of flag values: {sorted(PRESETS)}. 'official': the "
-                "authors' run (their draws seeded by the row number, fixed across epochs; the "
-                "prompt and completion tokenised as one text, no end-of-turn token, LLaDA padding "
-                "to 4096 without an attention mask, exact LM-head gradient, their optimiser and "
-                "schedule; docs/training.md, 'The official preset'). Flags given explicitly win."})
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Start from a named set of flag values: {sorted(PRESETS)}. 'official': the "
+            "authors' run (their draws seeded by the row number, fixed across epochs; the "
+            "prompt and completion tokenised as one text, no end-of-turn token, LLaDA padding "
+            "to 4096 without an attention mask, exact LM-head gradient, their optimiser and "
+            "schedule; docs/training.md, 'The official preset'). Flags given explicitly win."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.preset is not None:
@@ -83,7 +87,11 @@ def apply_preset(name: str, *configs):
     names = [{f.name for f in fields(config) if f.init} for config in configs]
     unclaimed = sorted(set(values).difference(*names))
     if unclaimed:
-        raise ValueError(f"preset {name!r} sets {unclaimed}, fields of none of the given configs "
-                         f"({', '.join(type(c).__name__ for c in configs)})")
-    return tuple(replace(config, **{k: v for k, v in values.items() if k in own})
-                 for config, own in zip(configs, names))
+        raise ValueError(
+            f"preset {name!r} sets {unclaimed}, fields of none of the given configs "
+            f"({', '.join(type(c).__name__ for c in configs)})"
+        )
+    return tuple(
+        replace(config, **{k: v for k, v in values.items() if k in own})
+        for config, own in zip(configs, names)
+    )

@@ -13,8 +13,12 @@ from types import ModuleType
 MINIMUM = {"transformers": "4.54.1", "accelerate": "1.11.0", "peft": "0.17.0"}
 
 # import name -> the distribution that provides it
-PACKAGES = {"datasets": "datasets", "lm_eval": "lm-eval", "openai": "openai",
-            "matplotlib": "matplotlib"}
+PACKAGES = {
+    "datasets": "datasets",
+    "lm_eval": "lm-eval",
+    "openai": "openai",
+    "matplotlib": "matplotlib",
+}
 
 
 def require(module: str, purpose: str) -> ModuleType:
@@ -27,8 +31,9 @@ def require(module: str, purpose: str) -> ModuleType:
         if importlib.util.find_spec(top) is not None:
             raise
         package = PACKAGES.get(top, top)
-        raise ModuleNotFoundError(f"{purpose} needs the {package!r} package: "
-                                  f"pip install {package}", name=top) from None
+        raise ModuleNotFoundError(
+            f"{purpose} needs the {package!r} package: pip install {package}", name=top
+        ) from None
 
 
 def pyplot(purpose: str) -> ModuleType:

@@ -70,11 +70,14 @@ def tokenizer_for(model_cfg: ModelConfig, data_cfg: DataConfig | None = None):
 
 
 def _fingerprint(tokenizer, data_cfg: DataConfig) -> str:
-    return data_fingerprint(tokenizer, max_length=data_cfg.max_length,
-                            max_prompt_length=data_cfg.max_prompt_length,
-                            append_eos=data_cfg.append_eos,
-                            end_of_turn=data_cfg.end_of_turn(tokenizer),
-                            joined_tokenization=data_cfg.joined_tokenization)
+    return data_fingerprint(
+        tokenizer,
+        max_length=data_cfg.max_length,
+        max_prompt_length=data_cfg.max_prompt_length,
+        append_eos=data_cfg.append_eos,
+        end_of_turn=data_cfg.end_of_turn(tokenizer),
+        joined_tokenization=data_cfg.joined_tokenization,
+    )
 
 
 def check_draw_keys(data_cfg: DataConfig, train_cfg: ELBOKTOConfig) -> None:
@@ -82,15 +85,19 @@ def check_draw_keys(data_cfg: DataConfig, train_cfg: ELBOKTOConfig) -> None:
     (with content uids they would be other masks, silently), and row uids number each split from
     0, so a table of the training split cannot serve an evaluation split."""
     if train_cfg.draw_source == "authors" and data_cfg.uid_source != "row":
-        raise ValueError("--draw_source authors seeds each example by its row number in the "
-                         "source split, as the authors' precompute_bref.py does: add "
-                         f"--uid_source row (got {data_cfg.uid_source!r})")
+        raise ValueError(
+            "--draw_source authors seeds each example by its row number in the "
+            "source split, as the authors' precompute_bref.py does: add "
+            f"--uid_source row (got {data_cfg.uid_source!r})"
+        )
     evaluates = data_cfg.eval_dataset is not None or data_cfg.eval_split is not None
     if data_cfg.uid_source == "row" and train_cfg.ref_elbo_file and evaluates:
-        raise ValueError("--uid_source row numbers the evaluation split from 0 like the training "
-                         "split, so --ref_elbo_file (keyed by uid) would give evaluation examples "
-                         "the values of training ones: evaluate with a live reference (no "
-                         "--ref_elbo_file) or leave out --eval_dataset / --eval_split")
+        raise ValueError(
+            "--uid_source row numbers the evaluation split from 0 like the training "
+            "split, so --ref_elbo_file (keyed by uid) would give evaluation examples "
+            "the values of training ones: evaluate with a live reference (no "
+            "--ref_elbo_file) or leave out --eval_dataset / --eval_split"
+        )
 
 
 def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> ELBOKTOConfig:
@@ -98,12 +105,15 @@ def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> ELBOKTOC
     where the flags leave them open; a block-diffusion model is checked end to end
     (:func:`check_block_attention`). The caller's config is left as it was."""
     train_cfg = copy.copy(train_cfg)  # a shallow copy: TrainingArguments' __post_init__ once
-    train_cfg.mask_token_id = resolve_mask_token_id(model.config, tokenizer,
-                                                    train_cfg.mask_token_id)
+    train_cfg.mask_token_id = resolve_mask_token_id(
+        model.config, tokenizer, train_cfg.mask_token_id
+    )
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and not 0 <= train_cfg.mask_token_id < vocab:
-        raise ValueError(f"--mask_token_id {train_cfg.mask_token_id} is outside the model's "
-                         f"vocabulary [0, {vocab})")
+        raise ValueError(
+            f"--mask_token_id {train_cfg.mask_token_id} is outside the model's "
+            f"vocabulary [0, {vocab})"
+        )
     train_cfg.shift_logits = train_cfg.shift_logits or uses_shifted_logits(model.config)
     train_cfg.block_size = resolve_block_size(model.config, train_cfg.block_size)
     if train_cfg.block_size is not None:
@@ -111,8 +121,12 @@ def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> ELBOKTOC
     return train_cfg
 
 
-def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig,
-          resume_from_checkpoint: str | bool | None = None) -> ELBOKTOTrainer:
+def train(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    train_cfg: ELBOKTOConfig,
+    resume_from_checkpoint: str | bool | None = None,
+) -> ELBOKTOTrainer:
     """`elbokto train`: ELBO-KTO on a preference dataset; saves the policy to output_dir.
 
     Everything that can be checked without the model is checked before it is loaded: the data,
@@ -120,8 +134,11 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig
     checkpoint to resume from ("last": the newest complete one). What a killed run left in
     output_dir is repaired first (:func:`elbokto.durable.recover`).
     """
-    check_kl_reference(train_cfg.baseline, precomputed=bool(train_cfg.ref_elbo_file),
-                       can_score=model_cfg.lora_r > 0)
+    check_kl_reference(
+        train_cfg.baseline,
+        precomputed=bool(train_cfg.ref_elbo_file),
+        can_score=model_cfg.lora_r > 0,
+    )
     check_draw_keys(data_cfg, train_cfg)
     if train_cfg.should_save:
         durable.recover(train_cfg.output_dir)
@@ -130,8 +147,9 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig
     dataset, stats = build_dataset(data_cfg, tokenizer, paired=train_cfg.loss.paired)
     logger.info("data: %s", stats)
     if not train_cfg.loss.paired:
-        check_class_balance(stats.n_desirable, stats.n_undesirable, train_cfg.lambda_d,
-                            train_cfg.lambda_u)
+        check_class_balance(
+            stats.n_desirable, stats.n_undesirable, train_cfg.lambda_d, train_cfg.lambda_u
+        )
     eval_dataset = _eval_dataset(data_cfg, train_cfg, tokenizer)
     if eval_dataset is not None and train_cfg.eval_strategy == IntervalStrategy.NO:
         # Held-out data and no --eval_strategy: the run evaluates ten times.
@@ -142,24 +160,37 @@ def train(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig
     ref_table = reference = None
     if train_cfg.ref_elbo_file:
         ref_table = ReferenceTable.load(train_cfg.ref_elbo_file)
-        ref_table.check({k: v for k, v in reference_meta(train_cfg.objective(), fingerprint,
-                                                          epochs).items()
-                         if k not in _MODEL_KEYS})
+        ref_table.check(
+            {
+                k: v
+                for k, v in reference_meta(train_cfg.objective(), fingerprint, epochs).items()
+                if k not in _MODEL_KEYS
+            }
+        )
         ref_table.check_covers(dataset_uids(dataset))
         if eval_dataset is not None:
             ref_table.check_covers(dataset_uids(eval_dataset), what="evaluation")
     policy = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
     train_cfg = _settle_model_fields(train_cfg, policy, tokenizer)
     if ref_table is not None:
-        ref_table.check(reference_meta(train_cfg.objective(), fingerprint, epochs,
-                                       _reference_identity(model_cfg, policy)))
+        ref_table.check(
+            reference_meta(
+                train_cfg.objective(), fingerprint, epochs, _reference_identity(model_cfg, policy)
+            )
+        )
     else:
         reference = _reference(policy, model_cfg, train_cfg, tokenizer)
     policy = prepare_policy(policy, model_cfg)
-    trainer = ELBOKTOTrainer(policy, train_cfg, ref_model=reference, ref_table=ref_table,
-                             train_dataset=dataset, eval_dataset=eval_dataset,
-                             data_collator=PreferenceCollator.from_config(data_cfg, tokenizer),
-                             processing_class=tokenizer)
+    trainer = ELBOKTOTrainer(
+        policy,
+        train_cfg,
+        ref_model=reference,
+        ref_table=ref_table,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        data_collator=PreferenceCollator.from_config(data_cfg, tokenizer),
+        processing_class=tokenizer,
+    )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model()
     return trainer
@@ -169,8 +200,11 @@ def _reference(policy, model_cfg: ModelConfig, train_cfg: ELBOKTOConfig, tokeniz
     """:func:`frozen_reference`; another model (``--ref_model_name_or_path``) scores the same
     block draws, so it is checked like the policy."""
     reference = frozen_reference(policy, model_cfg, tokenizer=tokenizer)
-    if (reference is not None and model_cfg.ref_model_name_or_path
-            and train_cfg.block_size is not None):
+    if (
+        reference is not None
+        and model_cfg.ref_model_name_or_path
+        and train_cfg.block_size is not None
+    ):
         check_block_attention(reference, train_cfg.block_size)
     return reference
 
@@ -180,11 +214,16 @@ def _eval_dataset(data_cfg: DataConfig, train_cfg: ELBOKTOConfig, tokenizer):
     ``--eval_split``), or None."""
     if data_cfg.eval_dataset is None and data_cfg.eval_split is None:
         return None
-    config = replace(data_cfg, dataset=data_cfg.eval_dataset or data_cfg.dataset,
-                     dataset_split=data_cfg.eval_split or data_cfg.dataset_split)
+    config = replace(
+        data_cfg,
+        dataset=data_cfg.eval_dataset or data_cfg.dataset,
+        dataset_split=data_cfg.eval_split or data_cfg.dataset_split,
+    )
     if (config.dataset, config.dataset_split) == (data_cfg.dataset, data_cfg.dataset_split):
-        raise ValueError(f"--eval_dataset / --eval_split name the training data itself "
-                         f"({config.dataset}, split {config.dataset_split})")
+        raise ValueError(
+            f"--eval_dataset / --eval_split name the training data itself "
+            f"({config.dataset}, split {config.dataset_split})"
+        )
     dataset, stats = build_dataset(config, tokenizer, paired=train_cfg.loss.paired)
     logger.info("evaluation data: %s", stats)
     return dataset
@@ -216,8 +255,13 @@ def epochs_to_cover(train_cfg: ELBOKTOConfig, num_examples: int, world_size: int
     return max(1, math.ceil(train_cfg.num_train_epochs))
 
 
-def precompute_ref(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig,
-                   output_file: str, train_world_size: int = 1) -> ReferenceTable:
+def precompute_ref(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    train_cfg: ELBOKTOConfig,
+    output_file: str,
+    train_world_size: int = 1,
+) -> ReferenceTable:
     """`elbokto precompute-ref`: B_hat_ref of every example, for the draws training will use.
 
     ``train_world_size``: data-parallel processes of the training run (with max_steps, the
@@ -229,28 +273,36 @@ def precompute_ref(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBO
     reference = load_model(name, model_cfg, tokenizer=tokenizer).eval().to(train_cfg.device)
     train_cfg = _settle_model_fields(train_cfg, reference, tokenizer)
     objective = train_cfg.objective()
-    meta = reference_meta(objective, _fingerprint(tokenizer, data_cfg),
-                          epochs_to_cover(train_cfg, len(dataset), train_world_size),
-                          model_identity(name, reference))
+    meta = reference_meta(
+        objective,
+        _fingerprint(tokenizer, data_cfg),
+        epochs_to_cover(train_cfg, len(dataset), train_world_size),
+        model_identity(name, reference),
+    )
     collate = PreferenceCollator.from_config(data_cfg, tokenizer)
-    loader = DataLoader(dataset, batch_size=train_cfg.per_device_eval_batch_size,
-                        collate_fn=collate)
+    loader = DataLoader(
+        dataset, batch_size=train_cfg.per_device_eval_batch_size, collate_fn=collate
+    )
     batches = ({k: v.to(train_cfg.device) for k, v in batch.items()} for batch in loader)
     table = precompute_reference(reference, batches, objective, meta)
     table.save(output_file)
     return table
 
 
-def generate_text(model_cfg: ModelConfig, gen_cfg: SamplingConfig, args: GenerateArgs,
-                  device: str | None = None) -> list[tuple[str, str]]:
+def generate_text(
+    model_cfg: ModelConfig, gen_cfg: SamplingConfig, args: GenerateArgs, device: str | None = None
+) -> list[tuple[str, str]]:
     """`elbokto generate`: chat-templated prompts through the reverse process.
 
     Returns (prompt, response) pairs, the response cut at the first EOS."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines()
-                    if line.strip()]
+        prompts += [
+            line.rstrip("\n")
+            for line in Path(args.prompts_file).read_text().splitlines()
+            if line.strip()
+        ]
     if not prompts:
         raise ValueError("no prompts: pass --prompt or --prompts_file")
     if model_cfg.model_name_or_path == TINY:
@@ -265,8 +317,10 @@ def generate_text(model_cfg: ModelConfig, gen_cfg: SamplingConfig, args: Generat
     gen_cfg, sampler = sampler_for(model, gen_cfg, args.block_size)
     texts = []
     for start in range(0, len(prompts), args.batch_size):
-        ids = prompt_token_ids(tokenizer, [[{"role": "user", "content": p}]
-                                           for p in prompts[start:start + args.batch_size]])
+        ids = prompt_token_ids(
+            tokenizer,
+            [[{"role": "user", "content": p}] for p in prompts[start : start + args.batch_size]],
+        )
         tokens = sampler(model, ids, gen_cfg, pad_token_id=tokenizer.pad_token_id or 0)
         texts += decode_responses(tokenizer, tokens)
     return list(zip(prompts, texts))
@@ -278,21 +332,27 @@ def merge(model_cfg: ModelConfig, args: MergeArgs) -> Path:
     like any model, without peft."""
     adapter = local_or_hub(model_cfg.model_name_or_path, "--model_name_or_path")
     if adapter_base(adapter) is None:
-        raise ValueError(f"--model_name_or_path {model_cfg.model_name_or_path}: not a LoRA "
-                         f"adapter folder (no {ADAPTER_CONFIG})")
+        raise ValueError(
+            f"--model_name_or_path {model_cfg.model_name_or_path}: not a LoRA "
+            f"adapter folder (no {ADAPTER_CONFIG})"
+        )
     out = Path(args.output_dir).expanduser()
     if out.resolve() == Path(adapter).resolve():
-        raise ValueError(f"--output_dir {args.output_dir} is the adapter folder itself: the "
-                         "merged model needs a folder of its own")
+        raise ValueError(
+            f"--output_dir {args.output_dir} is the adapter folder itself: the "
+            "merged model needs a folder of its own"
+        )
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(adapter, model_cfg, tokenizer=tokenizer)
-    durable.publish(out, lambda staging: (model.save_pretrained(staging),
-                                          tokenizer.save_pretrained(staging)))
+    durable.publish(
+        out, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging))
+    )
     return out
 
 
-def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig,
-             args: DiagnoseArgs) -> list[dict]:
+def diagnose(
+    model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOConfig, args: DiagnoseArgs
+) -> list[dict]:
     """`elbokto diagnose`: Psi(S), v and c per MC setting, from R redraws of a few batches, and
     with ``--gradient_noise`` the gradient's relative variance (averaged over the batches).
 
@@ -306,30 +366,48 @@ def diagnose(model_cfg: ModelConfig, data_cfg: DataConfig, train_cfg: ELBOKTOCon
     policy = policy.eval().to(train_cfg.device)
     train_cfg = _settle_model_fields(train_cfg, policy, tokenizer)
     reference = _reference(policy, model_cfg, train_cfg, tokenizer).to(train_cfg.device)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                        collate_fn=PreferenceCollator.from_config(data_cfg, tokenizer))
-    batches = [{k: v.to(train_cfg.device) for k, v in b.items()}
-               for _, b in zip(range(args.num_batches), loader)
-               if len(b["uid"]) == args.batch_size]
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=False,
+        collate_fn=PreferenceCollator.from_config(data_cfg, tokenizer),
+    )
+    batches = [
+        {k: v.to(train_cfg.device) for k, v in b.items()}
+        for _, b in zip(range(args.num_batches), loader)
+        if len(b["uid"]) == args.batch_size
+    ]
     if not batches:
-        raise ValueError(f"--dataset {data_cfg.dataset}: {len(dataset)} examples make no full "
-                         f"batch of --batch_size {args.batch_size} to diagnose")
+        raise ValueError(
+            f"--dataset {data_cfg.dataset}: {len(dataset)} examples make no full "
+            f"batch of --batch_size {args.batch_size} to diagnose"
+        )
     rows = []
     for n_t, n_yt in args.settings:
         setting = copy.copy(train_cfg)
         setting.n_t, setting.n_yt = n_t, n_yt
         objective = setting.objective()
-        estimates = [objective.psi(policy, b, reference=reference, redraws=args.redraws)
-                     for b in batches]
-        rows.append({"n_t": n_t, "n_yt": n_yt,
-                     "estimator": objective.mc.estimator,
-                     **{k: sum(getattr(e, k) for e in estimates) / len(estimates)
-                        for k in ("psi", "v", "c")}})
+        estimates = [
+            objective.psi(policy, b, reference=reference, redraws=args.redraws) for b in batches
+        ]
+        rows.append(
+            {
+                "n_t": n_t,
+                "n_yt": n_yt,
+                "estimator": objective.mc.estimator,
+                **{
+                    k: sum(getattr(e, k) for e in estimates) / len(estimates)
+                    for k in ("psi", "v", "c")
+                },
+            }
+        )
         if args.gradient_noise:
             rows[-1]["gradient_noise"] = sum(
-                objective.gradient_noise(policy, b, reference=reference,
-                                         redraws=args.redraws).relative_variance
-                for b in batches) / len(batches)
+                objective.gradient_noise(
+                    policy, b, reference=reference, redraws=args.redraws
+                ).relative_variance
+                for b in batches
+            ) / len(batches)
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     durable.atomic_write(out / "diagnose.json", json.dumps(rows, indent=1))
@@ -345,8 +423,12 @@ def plot_psi(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 3.2))
     width = 0.27
     for k, key in enumerate(("psi", "v", "c")):
-        ax.bar([i + (k - 1) * width for i in range(len(rows))], [r[key] for r in rows], width,
-               label=key if key != "psi" else "Psi(S)")
+        ax.bar(
+            [i + (k - 1) * width for i in range(len(rows))],
+            [r[key] for r in rows],
+            width,
+            label=key if key != "psi" else "Psi(S)",
+        )
     ax.set_xticks(range(len(rows)), labels)
     ax.set_xlabel("n_t x n_yt")
     ax.legend()

@@ -42,39 +42,51 @@ class SamplingConfig:
     gen_length: int = field(default=64, metadata={"help": "Response tokens generated per prompt."})
     steps: int | None = field(
         default=None,
-        metadata={"help": "Model calls in total (at most, with threshold); a multiple of "
-                          "gen_length / block_length and at most gen_length. Default: gen_length "
-                          "(one token per step)."},
+        metadata={
+            "help": "Model calls in total (at most, with threshold); a multiple of "
+            "gen_length / block_length and at most gen_length. Default: gen_length "
+            "(one token per step)."
+        },
     )
     block_length: int | None = field(
         default=None,
-        metadata={"help": "Semi-autoregressive block size: the response is filled block by block, "
-                          "left to right. Must divide gen_length. Default: gen_length (one "
-                          "block)."},
+        metadata={
+            "help": "Semi-autoregressive block size: the response is filled block by block, "
+            "left to right. Must divide gen_length. Default: gen_length (one "
+            "block)."
+        },
     )
     temperature: float = field(
         default=0.0,
-        metadata={"help": "0 = greedy (argmax); > 0 = sample from softmax(logits / temperature) "
-                          "with the Gumbel-max trick in float64."},
+        metadata={
+            "help": "0 = greedy (argmax); > 0 = sample from softmax(logits / temperature) "
+            "with the Gumbel-max trick in float64."
+        },
     )
     remasking: Literal["low_confidence", "random"] = field(
         default="low_confidence",
-        metadata={"help": "Which proposals a step commits: 'low_confidence' keeps those with the "
-                          "highest probability of the proposed token (the rest are remasked); "
-                          "'random' keeps a uniformly random subset."},
+        metadata={
+            "help": "Which proposals a step commits: 'low_confidence' keeps those with the "
+            "highest probability of the proposed token (the rest are remasked); "
+            "'random' keeps a uniformly random subset."
+        },
     )
     threshold: float | None = field(
         default=None,
-        metadata={"help": "Confidence-threshold parallel decoding (Fast-dLLM): each step also "
-                          "commits every masked position of the current block whose confidence "
-                          "exceeds this value, in (0, 1]; low_confidence remasking only. "
-                          "None: the fixed schedule."},
+        metadata={
+            "help": "Confidence-threshold parallel decoding (Fast-dLLM): each step also "
+            "commits every masked position of the current block whose confidence "
+            "exceeds this value, in (0, 1]; low_confidence remasking only. "
+            "None: the fixed schedule."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the sampler's torch.Generator."})
     mask_token_id: int | None = field(
         default=None,
-        metadata={"help": "Mask token id (LLaDA 126336, Dream 151666); default: the model's "
-                          "config.mask_token_id."},
+        metadata={
+            "help": "Mask token id (LLaDA 126336, Dream 151666); default: the model's "
+            "config.mask_token_id."
+        },
     )
     shift_logits: bool = field(
         default=False,
@@ -91,36 +103,54 @@ class SamplingConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; expected an integer >= 1")
         if self.gen_length % self.block_length:
-            raise ValueError(f"gen_length={self.gen_length} is not a multiple of "
-                             f"block_length={self.block_length}")
+            raise ValueError(
+                f"gen_length={self.gen_length} is not a multiple of "
+                f"block_length={self.block_length}"
+            )
         if self.steps % self.num_blocks:
-            raise ValueError(f"steps={self.steps} is not a multiple of the number of blocks "
-                             f"{self.num_blocks} (gen_length={self.gen_length} / "
-                             f"block_length={self.block_length})")
+            raise ValueError(
+                f"steps={self.steps} is not a multiple of the number of blocks "
+                f"{self.num_blocks} (gen_length={self.gen_length} / "
+                f"block_length={self.block_length})"
+            )
         if self.steps > self.gen_length:
-            raise ValueError(f"steps={self.steps} > gen_length={self.gen_length}: some steps would "
-                             f"unmask nothing; expected steps <= gen_length")
-        if (isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
-                or not self.temperature >= 0):
+            raise ValueError(
+                f"steps={self.steps} > gen_length={self.gen_length}: some steps would "
+                f"unmask nothing; expected steps <= gen_length"
+            )
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not self.temperature >= 0
+        ):
             raise ValueError(f"temperature={self.temperature!r}; expected a float >= 0")
         if self.remasking not in ("low_confidence", "random"):
             raise ValueError(f"remasking={self.remasking!r}; expected 'low_confidence' or 'random'")
         if self.threshold is not None:
-            if (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
-                    or not 0 < self.threshold <= 1):
-                raise ValueError(f"threshold={self.threshold!r}; expected None or a float in "
-                                 f"(0, 1]")
+            if (
+                isinstance(self.threshold, bool)
+                or not isinstance(self.threshold, (int, float))
+                or not 0 < self.threshold <= 1
+            ):
+                raise ValueError(
+                    f"threshold={self.threshold!r}; expected None or a float in (0, 1]"
+                )
             if self.remasking != "low_confidence":
-                raise ValueError(f"threshold={self.threshold} needs remasking='low_confidence' "
-                                 f"(the confidence it compares is the model's probability), got "
-                                 f"remasking={self.remasking!r}")
+                raise ValueError(
+                    f"threshold={self.threshold} needs remasking='low_confidence' "
+                    f"(the confidence it compares is the model's probability), got "
+                    f"remasking={self.remasking!r}"
+                )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r}; expected an integer")
-        if self.mask_token_id is not None and (isinstance(self.mask_token_id, bool)
-                                               or not isinstance(self.mask_token_id, int)
-                                               or self.mask_token_id < 0):
-            raise ValueError(f"mask_token_id={self.mask_token_id!r}; expected None or an "
-                             f"integer >= 0")
+        if self.mask_token_id is not None and (
+            isinstance(self.mask_token_id, bool)
+            or not isinstance(self.mask_token_id, int)
+            or self.mask_token_id < 0
+        ):
+            raise ValueError(
+                f"mask_token_id={self.mask_token_id!r}; expected None or an integer >= 0"
+            )
         if not isinstance(self.shift_logits, bool):
             raise ValueError(f"shift_logits={self.shift_logits!r}; expected a bool")
 
@@ -130,8 +160,9 @@ class SamplingConfig:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
-             pad_token_id: int) -> Tensor:
+def generate(
+    model: nn.Module, prompts: Sequence[Sequence[int]], config: SamplingConfig, *, pad_token_id: int
+) -> Tensor:
     """Generate ``config.gen_length`` tokens after each prompt: int64 [B, gen_length], all unmasked.
 
     Args:
@@ -164,9 +195,14 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: Samplin
     mask_id = sampler_mask_id(model, config)
     rows = prompt_rows(prompts)
     width = max(row.numel() for row in rows)
-    canvas, real = build_canvas(rows, [width - row.numel() for row in rows],
-                                 width + config.gen_length, mask_id, pad_token_id,
-                                 device_of(model))
+    canvas, real = build_canvas(
+        rows,
+        [width - row.numel() for row in rows],
+        width + config.gen_length,
+        mask_id,
+        pad_token_id,
+        device_of(model),
+    )
     generator = torch.Generator(device=canvas.device).manual_seed(config.seed)
     model_kwargs = {} if bool(real.all()) else {"attention_mask": real.long()}
     if isinstance(model, PreTrainedModel):
@@ -177,11 +213,15 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], config: Samplin
     for block in range(config.num_blocks):
         start = canvas.shape[1] - config.gen_length + block * config.block_length
         end = start + config.block_length
-        fill_block(canvas[:, start:end],
-                    partial(_canvas_logits, model, canvas, model_kwargs, start - offset,
-                            end - offset),
-                    schedule, mask_id, config, generator)
-    return canvas[:, -config.gen_length:]
+        fill_block(
+            canvas[:, start:end],
+            partial(_canvas_logits, model, canvas, model_kwargs, start - offset, end - offset),
+            schedule,
+            mask_id,
+            config,
+            generator,
+        )
+    return canvas[:, -config.gen_length :]
 
 
 def decode_responses(tokenizer, tokens: Tensor, eos_token_id: int | None = None) -> list[str]:
@@ -198,7 +238,7 @@ def decode_responses(tokenizer, tokens: Tensor, eos_token_id: int | None = None)
     texts = []
     for row in tokens.tolist():
         if eos_token_id is not None and eos_token_id in row:
-            row = row[:row.index(eos_token_id)]
+            row = row[: row.index(eos_token_id)]
         texts.append(tokenizer.decode(row, skip_special_tokens=True))
     return texts
 
@@ -209,8 +249,10 @@ def sampler_mask_id(model: nn.Module, config: SamplingConfig) -> int:
     if mask_id is None:
         mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
     if mask_id is None:
-        raise ValueError(f"no mask token id: set SamplingConfig.mask_token_id, or "
-                         f"{type(model).__name__}.config.mask_token_id")
+        raise ValueError(
+            f"no mask token id: set SamplingConfig.mask_token_id, or "
+            f"{type(model).__name__}.config.mask_token_id"
+        )
     return mask_id
 
 
@@ -225,20 +267,27 @@ def prompt_rows(prompts: Sequence[Sequence[int]]) -> list[Tensor]:
     return rows
 
 
-def build_canvas(rows: list[Tensor], pads: Sequence[int], width: int, mask_id: int, pad_id: int,
-                  device: torch.device) -> tuple[Tensor, Tensor]:
+def build_canvas(
+    rows: list[Tensor],
+    pads: Sequence[int],
+    width: int,
+    mask_id: int,
+    pad_id: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
     """int64 [B, width] canvases: ``pads[i]`` padding tokens, prompt i, then mask tokens; and
     bool [B, width], True on the prompt and the masks (False on the left padding)."""
     canvas = torch.full((len(rows), width), mask_id, dtype=torch.int64)
     for i, (row, pad) in enumerate(zip(rows, pads)):
         canvas[i, :pad] = pad_id
-        canvas[i, pad:pad + row.numel()] = row
+        canvas[i, pad : pad + row.numel()] = row
     real = torch.arange(width) >= torch.tensor(pads)[:, None]
     return canvas.to(device), real.to(device)
 
 
-def _canvas_logits(model: nn.Module, canvas: Tensor, model_kwargs: dict, start: int,
-                   end: int) -> Tensor:
+def _canvas_logits(
+    model: nn.Module, canvas: Tensor, model_kwargs: dict, start: int, end: int
+) -> Tensor:
     """The model's logits [B, end - start, V] on the whole canvas, columns [start, end)."""
     out = model(input_ids=canvas, **model_kwargs)
     return (out if isinstance(out, Tensor) else out.logits)[:, start:end]
@@ -255,8 +304,14 @@ def schedules(num_masks: Sequence[int], steps: int) -> Tensor:
     return torch.tensor([_transfer_schedule(n, steps) for n in num_masks], dtype=torch.int64)
 
 
-def fill_block(block_tokens: Tensor, block_logits: Callable[[], Tensor], schedule: Tensor,
-                mask_id: int, config: SamplingConfig, generator: torch.Generator) -> None:
+def fill_block(
+    block_tokens: Tensor,
+    block_logits: Callable[[], Tensor],
+    schedule: Tensor,
+    mask_id: int,
+    config: SamplingConfig,
+    generator: torch.Generator,
+) -> None:
     """Runs one block's steps: commits proposals into its mask positions, in place.
 
     Args:
@@ -274,8 +329,7 @@ def fill_block(block_tokens: Tensor, block_logits: Callable[[], Tensor], schedul
                 break
         elif not bool(counts.any()):
             continue  # no row commits at this step (its masks were fewer than the steps)
-        proposal, confidence = _propose(block_logits().to(block_tokens.device), config,
-                                        generator)
+        proposal, confidence = _propose(block_logits().to(block_tokens.device), config, generator)
         masked = block_tokens == mask_id
         confidence = confidence.masked_fill(~masked, float("-inf"))
         # Row i keeps the first counts[i] of a top-k sorted by confidence. A top-k that reaches
@@ -288,20 +342,23 @@ def fill_block(block_tokens: Tensor, block_logits: Callable[[], Tensor], schedul
         block_tokens.copy_(torch.where(commit, proposal, block_tokens))
 
 
-def _propose(logits: Tensor, config: SamplingConfig,
-             generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _propose(
+    logits: Tensor, config: SamplingConfig, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """From logits [B, N, V]: proposed tokens int64 [B, N] and their float64 confidences [B, N]."""
     logits = logits.double()
     if config.temperature == 0:
         proposal = logits.argmax(-1)
     else:
-        uniform = torch.rand(logits.shape, dtype=torch.float64, device=logits.device,
-                             generator=generator)
+        uniform = torch.rand(
+            logits.shape, dtype=torch.float64, device=logits.device, generator=generator
+        )
         gumbel = -torch.log(-torch.log(uniform))
         proposal = (logits / config.temperature + gumbel).argmax(-1)
     if config.remasking == "random":
-        confidence = torch.rand(proposal.shape, dtype=torch.float64, device=logits.device,
-                                generator=generator)
+        confidence = torch.rand(
+            proposal.shape, dtype=torch.float64, device=logits.device, generator=generator
+        )
     else:
         confidence = logits.softmax(-1).gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
     return proposal, confidence
@@ -315,7 +372,11 @@ def device_of(model: nn.Module) -> torch.device:
 def __getattr__(name: str):
     # The old name, for one release: it shadowed transformers' GenerationConfig (DESIGN §8).
     if name == "GenerationConfig":
-        warnings.warn("elbokto.sampling.GenerationConfig is now SamplingConfig; the old name goes "
-                      "in the next release", FutureWarning, stacklevel=2)
+        warnings.warn(
+            "elbokto.sampling.GenerationConfig is now SamplingConfig; the old name goes "
+            "in the next release",
+            FutureWarning,
+            stacklevel=2,
+        )
         return SamplingConfig
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

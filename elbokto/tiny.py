@@ -8,8 +8,10 @@ from transformers import PreTrainedTokenizerFast
 PAD, EOS, MASK = "<|pad|>", "<|endoftext|>", "<|mask|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPECIAL_TOKENS = (PAD, EOS, MASK, *ROLE_TOKENS)
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 # Byte-level BPE starts from all 256 byte symbols, so any text tokenises (no unknown token) and
 # decoding is exact.
 _ALPHABET = pre_tokenizers.ByteLevel.alphabet()
@@ -30,15 +32,26 @@ def build_tiny_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedT
     """
     floor = len(_ALPHABET) + len(SPECIAL_TOKENS)
     if vocab_size < floor:
-        raise ValueError(f"vocab_size={vocab_size} is below the {floor} tokens of the byte "
-                         f"alphabet and the special tokens")
+        raise ValueError(
+            f"vocab_size={vocab_size} is below the {floor} tokens of the byte "
+            f"alphabet and the special tokens"
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=_ALPHABET, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=_ALPHABET,
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS,
-                                      mask_token=MASK, extra_special_tokens=list(ROLE_TOKENS))
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD,
+        eos_token=EOS,
+        mask_token=MASK,
+        extra_special_tokens=list(ROLE_TOKENS),
+    )
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped

@@ -53,49 +53,82 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
     """
 
     draw_seed: int = field(default=0, metadata={"help": "Seed of the Monte-Carlo draws."})
-    mc_chunk_size: int | None = field(default=None, metadata={
-        "help": "Copies per policy forward; set it to keep memory flat in n_t * n_yt."})
-    mask_token_id: int | None = field(default=None, metadata={
-        "help": "Mask token id; default: the model config's (LLaDA 126336, Dream 151666)."})
-    shift_logits: bool = field(default=False, metadata={
-        "help": "The model's logits at p predict token p + 1 (Dream)."})
-    kernel_backend: Backend = field(default="auto", metadata={
-        "help": "ELBO kernel backend: auto, triton, cpu or torch."})
-    keep_logits: bool = field(default=False, metadata={
-        "help": "Keep the masked rows' float32 logits of the fused LM head for the backward "
-                "(4 bytes x masked rows x vocabulary) instead of recomputing them: a quarter "
-                "fewer LM-head FLOPs."})
-    filter_eps: str | None = field(default=None, metadata={
-        "help": "Gradient filtering of the fused LM head's backward: skip the tiles of the logit "
-                "gradient whose entries are all below this before the upstream scale ('auto': "
-                "the compute dtype's eps / 32, 2^-12 in bf16; a number such as 2**-12; '0': "
-                "exact). Default: 'auto' when training with --bf16 or --fp16, exact otherwise."})
-    ref_elbo_file: str | None = field(default=None, metadata={
-        "help": "Precomputed reference ELBOs from `elbokto precompute-ref` (no reference model "
-                "is loaded then)."})
-    skip_nonfinite_batches: bool = field(default=False, metadata={
-        "help": "Skip a micro-batch whose ELBOs or loss are NaN / inf (it contributes a zero "
-                "gradient) and an optimizer step whose gradients are, counting them in the logs "
-                "(skipped_nonfinite); default: stop with an error naming the examples."})
+    mc_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Copies per policy forward; set it to keep memory flat in n_t * n_yt."},
+    )
+    mask_token_id: int | None = field(
+        default=None,
+        metadata={
+            "help": "Mask token id; default: the model config's (LLaDA 126336, Dream 151666)."
+        },
+    )
+    shift_logits: bool = field(
+        default=False, metadata={"help": "The model's logits at p predict token p + 1 (Dream)."}
+    )
+    kernel_backend: Backend = field(
+        default="auto", metadata={"help": "ELBO kernel backend: auto, triton, cpu or torch."}
+    )
+    keep_logits: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the masked rows' float32 logits of the fused LM head for the backward "
+            "(4 bytes x masked rows x vocabulary) instead of recomputing them: a quarter "
+            "fewer LM-head FLOPs."
+        },
+    )
+    filter_eps: str | None = field(
+        default=None,
+        metadata={
+            "help": "Gradient filtering of the fused LM head's backward: skip the tiles of the "
+            "logit gradient whose entries are all below this before the upstream scale ('auto': "
+            "the compute dtype's eps / 32, 2^-12 in bf16; a number such as 2**-12; '0': exact). "
+            "Default: 'auto' when training with --bf16 or --fp16, exact otherwise."
+        },
+    )
+    ref_elbo_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Precomputed reference ELBOs from `elbokto precompute-ref` (no reference model "
+            "is loaded then)."
+        },
+    )
+    skip_nonfinite_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip a micro-batch whose ELBOs or loss are NaN / inf (it contributes a zero "
+            "gradient) and an optimizer step whose gradients are, counting them in the logs "
+            "(skipped_nonfinite); default: stop with an error naming the examples."
+        },
+    )
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate."})
-    logging_steps: float = field(default=0.02, metadata={
-        "help": "Log every this many optimizer steps; below 1, that share of the run's steps "
-                "(0.02: about 50 log lines whatever the run's length)."})
+    logging_steps: float = field(
+        default=0.02,
+        metadata={
+            "help": "Log every this many optimizer steps; below 1, that share of the run's steps "
+            "(0.02: about 50 log lines whatever the run's length)."
+        },
+    )
     num_train_epochs: float = field(default=1.0, metadata={"help": "Training epochs."})
-    remove_unused_columns: bool = field(default=False, metadata={
-        "help": "Keep the dataset's uid / length columns for the collator."})
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep the dataset's uid / length columns for the collator."},
+    )
 
     def __post_init__(self) -> None:
         MCConfig.__post_init__(self)
         LossConfig.__post_init__(self)
         if self.baseline == "kl" and self.per_device_train_batch_size == 1:
-            raise ValueError("--baseline kl with --per_device_train_batch_size 1: the KL estimate "
-                             "pairs each prompt with the next example's response in the device's "
-                             "batch, which in a batch of one is the example itself (its own "
-                             "margin); use a batch of at least 2")
+            raise ValueError(
+                "--baseline kl with --per_device_train_batch_size 1: the KL estimate "
+                "pairs each prompt with the next example's response in the device's "
+                "batch, which in a batch of one is the example itself (its own "
+                "margin); use a batch of at least 2"
+            )
         if self.kernel_backend not in BACKENDS:
-            raise ValueError(f"--kernel_backend {self.kernel_backend!r}: expected one of "
-                             f"{BACKENDS}")
+            raise ValueError(
+                f"--kernel_backend {self.kernel_backend!r}: expected one of {BACKENDS}"
+            )
         super().__post_init__()
         filter_eps_flag(self.filter_eps, self.bf16 or self.fp16)  # a bad --filter_eps raises now
 
@@ -113,11 +146,18 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
         return LossConfig(**{f.name: getattr(self, f.name) for f in fields(LossConfig)})
 
     def objective(self, pad_token_id: int = 0) -> ELBOKTOObjective:
-        return ELBOKTOObjective(mc=self.mc, loss=self.loss, seed=self.draw_seed,
-                                mc_chunk_size=self.mc_chunk_size, mask_token_id=self.mask_token_id,
-                                shift_logits=self.shift_logits,
-                                pad_token_id=pad_token_id, keep_logits=self.keep_logits,
-                                filter_eps=self.lm_head_filter_eps, backend=self.kernel_backend)
+        return ELBOKTOObjective(
+            mc=self.mc,
+            loss=self.loss,
+            seed=self.draw_seed,
+            mc_chunk_size=self.mc_chunk_size,
+            mask_token_id=self.mask_token_id,
+            shift_logits=self.shift_logits,
+            pad_token_id=pad_token_id,
+            keep_logits=self.keep_logits,
+            filter_eps=self.lm_head_filter_eps,
+            backend=self.kernel_backend,
+        )
 
 
 class ELBOKTOTrainer(Trainer):
@@ -133,15 +173,26 @@ class ELBOKTOTrainer(Trainer):
             callbacks, ...).
     """
 
-    def __init__(self, model: nn.Module, args: ELBOKTOConfig, ref_model: nn.Module | None = None,
-                 ref_table: ReferenceTable | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        args: ELBOKTOConfig,
+        ref_model: nn.Module | None = None,
+        ref_table: ReferenceTable | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(args, ELBOKTOConfig):
             raise ValueError(f"args must be an ELBOKTOConfig, got {type(args).__name__}")
         if ref_model is None and ref_table is None and not hasattr(model, "disable_adapter"):
-            raise ValueError("no reference: pass ref_model (a frozen copy of the initial "
-                             "policy), ref_table (precomputed), or a PEFT policy")
-        check_kl_reference(args.baseline, precomputed=ref_table is not None,
-                           can_score=ref_model is not None or hasattr(model, "disable_adapter"))
+            raise ValueError(
+                "no reference: pass ref_model (a frozen copy of the initial "
+                "policy), ref_table (precomputed), or a PEFT policy"
+            )
+        check_kl_reference(
+            args.baseline,
+            precomputed=ref_table is not None,
+            can_score=ref_model is not None or hasattr(model, "disable_adapter"),
+        )
         super().__init__(model=model, args=args, **kwargs)
         # The loss is a per-micro-batch mean: the Trainer must divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
@@ -157,7 +208,9 @@ class ELBOKTOTrainer(Trainer):
             ref_model.eval().requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
-            "train": defaultdict(list), "eval": defaultdict(list)}
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
         self.skipped_nonfinite = 0
         self.add_callback(_GradientGuard(self))
 
@@ -165,8 +218,9 @@ class ELBOKTOTrainer(Trainer):
         epoch = int(self.state.epoch or 0)
         ref_elbo = None if self.ref_table is None else self.ref_table.lookup(inputs["uid"], epoch)
         try:
-            out = self.objective(model, inputs, reference=self.ref_model, ref_elbo=ref_elbo,
-                                 step=epoch)
+            out = self.objective(
+                model, inputs, reference=self.ref_model, ref_elbo=ref_elbo, step=epoch
+            )
         except NonFiniteError as err:
             self._skip_nonfinite(err, f"step {self.state.global_step}")
             # A zero gradient for every trainable parameter: data-parallel engines see the usual
@@ -183,8 +237,10 @@ class ELBOKTOTrainer(Trainer):
         """Raises err (saying where it came from), or with skip_nonfinite_batches counts it."""
         source = f" (precomputed file {self.args.ref_elbo_file})" if self.ref_table else ""
         if not self.args.skip_nonfinite_batches:
-            raise NonFiniteError(f"{where}: {err}{source}; nothing was applied to the weights "
-                                 "(--skip_nonfinite_batches skips such batches)") from None
+            raise NonFiniteError(
+                f"{where}: {err}{source}; nothing was applied to the weights "
+                "(--skip_nonfinite_batches skips such batches)"
+            ) from None
         self.skipped_nonfinite += 1
         logger.warning("%s: skipped: %s%s", where, err, source)
 
@@ -195,8 +251,10 @@ class ELBOKTOTrainer(Trainer):
         (:func:`elbokto.durable.publish`): a kill leaves the old model or the new one, never old
         weights beside a new config. Checkpoints (``_internal_call``) are sealed instead."""
         if not all_finite(_local(p) for p in self.model.parameters()):
-            raise NonFiniteError("refusing to save non-finite weights: a NaN or inf reached the "
-                                 "model (a step that should have been stopped)")
+            raise NonFiniteError(
+                "refusing to save non-finite weights: a NaN or inf reached the "
+                "model (a step that should have been stopped)"
+            )
         if _internal_call:
             super().save_model(output_dir, _internal_call)
             return
@@ -242,8 +300,9 @@ class ELBOKTOTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        pooled = pool_metrics(self._metrics[mode],
-                              lambda totals: self.accelerator.reduce(totals, reduction="sum"))
+        pooled = pool_metrics(
+            self._metrics[mode], lambda totals: self.accelerator.reduce(totals, reduction="sum")
+        )
         logs.update({prefix + name: value for name, value in pooled.items()})
         self._metrics[mode].clear()
         if self.args.skip_nonfinite_batches and mode == "train":
@@ -263,20 +322,25 @@ def resume_checkpoint(output_dir: str, checkpoint: str | bool | None) -> str | b
     if checkpoint not in ("last", True):
         problem = durable.check_complete(checkpoint)
         if problem is not None:
-            raise ValueError(f"--resume_from_checkpoint {checkpoint}: {problem}; resume from an "
-                             "earlier checkpoint (or \"last\", which finds the newest complete)")
+            raise ValueError(
+                f"--resume_from_checkpoint {checkpoint}: {problem}; resume from an "
+                'earlier checkpoint (or "last", which finds the newest complete)'
+            )
         return checkpoint
-    folders = sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"),
-                     key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit()
-                     else -1, reverse=True)
+    folders = sorted(
+        Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"),
+        key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
+        reverse=True,
+    )
     for folder in folders:
         problem = durable.check_complete(folder)
         if problem is None:
             logger.info("resuming from %s", folder)
             return str(folder)
         logger.warning("skipping %s: %s", folder, problem)
-    raise FileNotFoundError(f"--resume_from_checkpoint last: no complete checkpoint-N folder "
-                            f"in {output_dir}")
+    raise FileNotFoundError(
+        f"--resume_from_checkpoint last: no complete checkpoint-N folder in {output_dir}"
+    )
 
 
 class _GradientGuard(TrainerCallback):
@@ -291,8 +355,9 @@ class _GradientGuard(TrainerCallback):
         grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
         if all_finite(grads):
             return
-        err = NonFiniteError("non-finite gradients (ELBOs and loss were finite: an overflow in "
-                             "the backward)")
+        err = NonFiniteError(
+            "non-finite gradients (ELBOs and loss were finite: an overflow in the backward)"
+        )
         self.trainer._skip_nonfinite(err, f"optimizer step {state.global_step}")
         model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
 

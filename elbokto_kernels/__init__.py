@@ -19,5 +19,11 @@ from .elbo import fused_elbo  # noqa: E402
 from .linear_elbo import fused_linear_elbo  # noqa: E402
 from .lm_head import fused_lm_head, lm_head_unsupported  # noqa: E402
 
-__all__ = ["fused_elbo", "fused_linear_elbo", "fused_lm_head", "lm_head_unsupported", "BACKENDS",
-           "usable_backends"]
+__all__ = [
+    "fused_elbo",
+    "fused_linear_elbo",
+    "fused_lm_head",
+    "lm_head_unsupported",
+    "BACKENDS",
+    "usable_backends",
+]

@@ -38,28 +38,39 @@ class Call:
     num_samples: int
 
 
-def normalise(name: str, feature: str, x: Tensor, targets: Tensor, mask: Tensor | None,
-              weights: Tensor | None, sample_index: Tensor | None,
-              num_samples: int | None) -> Call:
+def normalise(
+    name: str,
+    feature: str,
+    x: Tensor,
+    targets: Tensor,
+    mask: Tensor | None,
+    weights: Tensor | None,
+    sample_index: Tensor | None,
+    num_samples: int | None,
+) -> Call:
     """The call in the ops' form; ValueError for a form none of the above describes. ``name`` and
     ``feature`` name x and its last dimension in messages ("logits", "V")."""
     if x.dim() == 2:  # N copies of one position: [N] weights stay per copy
         if targets.dim() != 1:
-            raise ValueError(f"with 2-D {name} [N, {feature}], targets must be [N], got "
-                             f"{tuple(targets.shape)}")
+            raise ValueError(
+                f"with 2-D {name} [N, {feature}], targets must be [N], got {tuple(targets.shape)}"
+            )
         x, targets = x.unsqueeze(1), targets.unsqueeze(1)
         mask = None if mask is None else mask.reshape(-1, 1)
     elif x.dim() != 3:
-        raise ValueError(f"{name} must be [C, L, {feature}] or [N, {feature}], got "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must be [C, L, {feature}] or [N, {feature}], got {tuple(x.shape)}"
+        )
     if mask is None:
         mask = targets >= 0
     if weights is None:
         weights = torch.ones(targets.shape[0], dtype=torch.float32, device=targets.device)
     if sample_index is None:
         if num_samples not in (None, targets.shape[0]):
-            raise ValueError(f"num_samples={num_samples} without sample_index: every copy is its "
-                             f"own sample, so it must be C = {targets.shape[0]} (or left out)")
+            raise ValueError(
+                f"num_samples={num_samples} without sample_index: every copy is its "
+                f"own sample, so it must be C = {targets.shape[0]} (or left out)"
+            )
         sample_index = torch.arange(targets.shape[0], device=targets.device)
         num_samples = targets.shape[0]
     elif num_samples is None:

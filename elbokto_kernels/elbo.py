@@ -25,10 +25,17 @@ from .masked_rows import (
 )
 
 
-def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor | None = None,
-               weights: Tensor | None = None, sample_index: Tensor | None = None,
-               num_samples: int | None = None, *, reduction: Reduction = "none",
-               backend: Backend = "auto") -> Tensor:
+def fused_elbo(
+    logits: Tensor,
+    targets: Tensor,
+    mask: Tensor | None = None,
+    weights: Tensor | None = None,
+    sample_index: Tensor | None = None,
+    num_samples: int | None = None,
+    *,
+    reduction: Reduction = "none",
+    backend: Backend = "auto",
+) -> Tensor:
     """Weighted masked log-likelihood summed per sample: the Monte-Carlo ELBO of each sample.
 
     ``out[b] = sum_{c: sample_index[c] = b} sum_p mask[c, p] * w[c, p]
@@ -62,46 +69,73 @@ def fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor | None = None,
     logits, targets = call.x, call.targets
     check_compute_dtype("logits", logits)
     if tuple(targets.shape) != tuple(logits.shape[:2]):
-        raise ValueError(f"targets must be [C, L] = {list(logits.shape[:2])}, got "
-                         f"{tuple(targets.shape)}")
-    check_elbo_inputs(targets, call.mask, call.weights, call.sample_index, call.num_samples,
-                      logits.device)
+        raise ValueError(
+            f"targets must be [C, L] = {list(logits.shape[:2])}, got {tuple(targets.shape)}"
+        )
+    check_elbo_inputs(
+        targets, call.mask, call.weights, call.sample_index, call.num_samples, logits.device
+    )
     name = resolve_backend(backend, logits.device)
-    out, _ = torch.ops.elbokto.fused_elbo(logits, targets, call.mask, call.weights,
-                                          call.sample_index, call.num_samples, name)
+    out, _ = torch.ops.elbokto.fused_elbo(
+        logits, targets, call.mask, call.weights, call.sample_index, call.num_samples, name
+    )
     return reduce(out, call, reduction)
 
 
 @torch.library.custom_op("elbokto::fused_elbo", mutates_args=())
-def _fused_elbo(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
-                sample_index: Tensor, num_samples: int, backend: str) -> tuple[Tensor, Tensor]:
+def _fused_elbo(
+    logits: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    sample_index: Tensor,
+    num_samples: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     C, L, V = logits.shape
     rows = gather_masked_rows(targets, mask, weights, sample_index, V, num_samples)
     # reshape is a view for contiguous logits and for vocabulary slices; a copy only when C and L
     # cannot be merged (e.g. a transposed view).
-    lse, target_logit = row_ops(backend).row_lse(logits.reshape(C * L, V), rows.index,
-                                                 rows.target, None)
+    lse, target_logit = row_ops(backend).row_lse(
+        logits.reshape(C * L, V), rows.index, rows.target, None
+    )
     return reduce_rows(rows, target_logit, lse, num_samples, targets.shape)
 
 
 @_fused_elbo.register_fake
 def _(logits, targets, mask, weights, sample_index, num_samples, backend):
-    return (logits.new_empty(num_samples, dtype=torch.float32),
-            logits.new_empty(targets.shape, dtype=torch.float32))
+    return (
+        logits.new_empty(num_samples, dtype=torch.float32),
+        logits.new_empty(targets.shape, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("elbokto::fused_elbo_backward", mutates_args=())
-def _fused_elbo_backward(grad_out: Tensor, logits: Tensor, targets: Tensor, mask: Tensor,
-                         weights: Tensor, sample_index: Tensor, lse: Tensor,
-                         backend: str) -> Tensor:
+def _fused_elbo_backward(
+    grad_out: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    sample_index: Tensor,
+    lse: Tensor,
+    backend: str,
+) -> Tensor:
     C, L, V = logits.shape
     rows = rows_at(masked_index(mask), targets, weights, sample_index)
     scale = grad_out.float()[rows.sample] * rows.scale
     # Every gradient row is written once: zeros for the unmasked rows, the kernel for the rest.
     grad = memory.empty((C * L, V), logits.dtype, logits.device)
     grad.index_fill_(0, unmasked_index(mask, rows.count), 0)
-    row_ops(backend).row_grad(logits.reshape(C * L, V), rows.index, rows.target,
-                              lse.reshape(-1)[rows.index], scale, None, grad)
+    row_ops(backend).row_grad(
+        logits.reshape(C * L, V),
+        rows.index,
+        rows.target,
+        lse.reshape(-1)[rows.index],
+        scale,
+        None,
+        grad,
+    )
     return grad.view(C, L, V)
 
 
@@ -120,8 +154,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     logits, targets, mask, weights, sample_index, lse = ctx.saved_tensors
-    grad = torch.ops.elbokto.fused_elbo_backward(grad_out, logits, targets, mask, weights,
-                                                 sample_index, lse, ctx.backend)
+    grad = torch.ops.elbokto.fused_elbo_backward(
+        grad_out, logits, targets, mask, weights, sample_index, lse, ctx.backend
+    )
     return grad, None, None, None, None, None, None
 
 

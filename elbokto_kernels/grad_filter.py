@@ -39,8 +39,9 @@ def resolve_filter_eps(filter_eps: Union[None, float, str], dtype: torch.dtype) 
     if filter_eps == "auto":
         return torch.finfo(dtype).eps / 32
     if isinstance(filter_eps, str) or not math.isfinite(filter_eps) or filter_eps < 0:
-        raise ValueError(f"filter_eps must be None, 'auto' or a finite float >= 0, got "
-                         f"{filter_eps!r}")
+        raise ValueError(
+            f"filter_eps must be None, 'auto' or a finite float >= 0, got {filter_eps!r}"
+        )
     return float(filter_eps) or None
 
 
@@ -57,8 +58,9 @@ class FilterPlan:
     lone: Tensor
 
 
-def plan(tile_max: Tensor, lse: Tensor, scale: Tensor, target_chunk: Tensor,
-         eps: float) -> FilterPlan:
+def plan(
+    tile_max: Tensor, lse: Tensor, scale: Tensor, target_chunk: Tensor, eps: float
+) -> FilterPlan:
     """The live tiles and lone targets of a filtered backward; one host sync (all counts
     together).
 
@@ -76,5 +78,7 @@ def plan(tile_max: Tensor, lse: Tensor, scale: Tensor, target_chunk: Tensor,
     flat = torch.nonzero_static(live.reshape(-1), size=sum(counts[:-1])).reshape(-1)
     *per_chunk, num_lone = counts
     rows = (flat % max(num_rows, 1)).split(per_chunk)
-    return FilterPlan([None if n == num_rows else r for n, r in zip(per_chunk, rows, strict=True)],
-                      torch.nonzero_static(lone, size=num_lone).reshape(-1))
+    return FilterPlan(
+        [None if n == num_rows else r for n, r in zip(per_chunk, rows, strict=True)],
+        torch.nonzero_static(lone, size=num_lone).reshape(-1),
+    )

@@ -44,12 +44,23 @@ from .masked_rows import (
 from .vocab_walk import Chunk, VocabWalk, chunk_columns, mean_logit_order
 
 
-def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | None = None,
-                      weights: Tensor | None = None, sample_index: Tensor | None = None,
-                      num_samples: int | None = None, *, bias: Tensor | None = None,
-                      softcap: float | None = None, chunk_size: int | None = None,
-                      keep_logits: bool = False, filter_eps: Union[None, float, str] = None,
-                      reduction: Reduction = "none", backend: Backend = "auto") -> Tensor:
+def fused_linear_elbo(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor | None = None,
+    weights: Tensor | None = None,
+    sample_index: Tensor | None = None,
+    num_samples: int | None = None,
+    *,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    keep_logits: bool = False,
+    filter_eps: Union[None, float, str] = None,
+    reduction: Reduction = "none",
+    backend: Backend = "auto",
+) -> Tensor:
     """``fused_elbo`` of ``logits = hidden @ weight.T (+ bias)``, soft-capped when asked.
 
     Args:
@@ -89,20 +100,26 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
     hidden, targets = call.x, call.targets
     check_compute_dtype("hidden", hidden)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2] or weight.dtype != hidden.dtype:
-        raise ValueError(f"weight must be [V, D={hidden.shape[2]}] of dtype {hidden.dtype}, got "
-                         f"{weight.dtype} {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be [V, D={hidden.shape[2]}] of dtype {hidden.dtype}, got "
+            f"{weight.dtype} {tuple(weight.shape)}"
+        )
     if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != weight.dtype):
-        raise ValueError(f"bias must be [V={weight.shape[0]}] of dtype {weight.dtype}, got "
-                         f"{bias.dtype} {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must be [V={weight.shape[0]}] of dtype {weight.dtype}, got "
+            f"{bias.dtype} {tuple(bias.shape)}"
+        )
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive or None, got {softcap}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
     if tuple(targets.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"targets must be [C, L] = {list(hidden.shape[:2])}, got "
-                         f"{tuple(targets.shape)}")
-    check_elbo_inputs(targets, call.mask, call.weights, call.sample_index, call.num_samples,
-                      hidden.device)
+        raise ValueError(
+            f"targets must be [C, L] = {list(hidden.shape[:2])}, got {tuple(targets.shape)}"
+        )
+    check_elbo_inputs(
+        targets, call.mask, call.weights, call.sample_index, call.num_samples, hidden.device
+    )
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, expected {hidden.device}")
@@ -110,16 +127,34 @@ def fused_linear_elbo(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Ten
     name = resolve_backend(backend, hidden.device)
     # Logits are kept, and the walk sorted for the filter, only for a backward that will happen.
     backward_follows = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
     out, *_ = torch.ops.elbokto.fused_linear_elbo(
-        hidden, weight, bias, targets, call.mask, call.weights, call.sample_index,
-        call.num_samples, None if softcap is None else float(softcap), chunk_size or 0,
-        bool(keep_logits) and backward_follows, filter_eps if backward_follows else None, name)
+        hidden,
+        weight,
+        bias,
+        targets,
+        call.mask,
+        call.weights,
+        call.sample_index,
+        call.num_samples,
+        None if softcap is None else float(softcap),
+        chunk_size or 0,
+        bool(keep_logits) and backward_follows,
+        filter_eps if backward_follows else None,
+        name,
+    )
     return reduce(out, call, reduction)
 
 
-def _walk(h: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_size: int,
-          filter_eps: Optional[float], order: Optional[Tensor] = None) -> VocabWalk:
+def _walk(
+    h: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    chunk_size: int,
+    filter_eps: Optional[float],
+    order: Optional[Tensor] = None,
+) -> VocabWalk:
     """The forward's vocabulary walk (sorted when filtering), or the backward's from the order
     the forward returned (empty for the natural order)."""
     filtered = filter_eps is not None
@@ -171,8 +206,16 @@ class _ChunkWorkspace:
         filtered: a filtered backward (gathers live rows).
     """
 
-    def __init__(self, h: Tensor, weight: Tensor, bias: Optional[Tensor], walk: VocabWalk,
-                 store: Optional[Tensor] = None, filled: bool = False, filtered: bool = False):
+    def __init__(
+        self,
+        h: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        walk: VocabWalk,
+        store: Optional[Tensor] = None,
+        filled: bool = False,
+        filtered: bool = False,
+    ):
         self.h, self.weight, self.bias, self.store, self.filled = h, weight, bias, store, filled
         rows, dim, device = h.shape[0], h.shape[1], h.device
         size = rows * walk.chunk
@@ -182,36 +225,44 @@ class _ChunkWorkspace:
         needs_z = store is None or (filled and (filtered or not half))
         self._z = memory.empty((size,), torch.float32, device) if needs_z else None
         self._dz = memory.empty((size,), h.dtype, device) if half else None
-        self._w = (memory.empty((walk.chunk, dim), weight.dtype, device)
-                   if walk.order is not None else None)
+        self._w = (
+            memory.empty((walk.chunk, dim), weight.dtype, device)
+            if walk.order is not None
+            else None
+        )
         self._h = memory.empty((rows, dim), h.dtype, device) if filtered else None
         self._dh = memory.empty((rows, dim), torch.float32, device) if filtered else None
         # A sorted chunk's rows of dW are computed here, then copied to where they belong.
-        self._dw = (memory.empty((walk.chunk, dim), weight.dtype, device)
-                    if filtered and walk.order is not None else None)
+        self._dw = (
+            memory.empty((walk.chunk, dim), weight.dtype, device)
+            if filtered and walk.order is not None
+            else None
+        )
 
     def _block(self, buffer: Optional[Tensor], rows: int, width: int, offset: int = 0) -> Tensor:
-        return _allocated(buffer)[offset: offset + rows * width].view(rows, width)
+        return _allocated(buffer)[offset : offset + rows * width].view(rows, width)
 
     def weight_rows(self, chunk: Chunk) -> Tensor:
         """[width, D]: the chunk's rows of the weight (a view, or gathered for a sorted walk)."""
-        return chunk.rows(self.weight, None if self._w is None else self._w[:chunk.width])
+        return chunk.rows(self.weight, None if self._w is None else self._w[: chunk.width])
 
     def live_h(self, live: Optional[Tensor]) -> Tensor:
         """[n, D]: the hidden states of the live rows."""
         if live is None:
             return self.h
-        return torch.index_select(self.h, 0, live, out=_allocated(self._h)[:live.numel()])
+        return torch.index_select(self.h, 0, live, out=_allocated(self._h)[: live.numel()])
 
-    def logits(self, chunk: Chunk, w: Tensor, live: Optional[Tensor] = None,
-               h: Optional[Tensor] = None) -> Tensor:
+    def logits(
+        self, chunk: Chunk, w: Tensor, live: Optional[Tensor] = None, h: Optional[Tensor] = None
+    ) -> Tensor:
         """float32 [n, width] logits of the chunk's live rows (all M when ``live`` is None; ``h``
         their hidden states, ``w`` the chunk's weight rows): read back when kept, else
         computed."""
         if self.store is None:
             n = self.h.shape[0] if live is None else live.numel()
-            return self._compute(self._block(self._z, n, chunk.width), chunk, w,
-                                 self.h if h is None else h)
+            return self._compute(
+                self._block(self._z, n, chunk.width), chunk, w, self.h if h is None else h
+            )
         rows = self.h.shape[0]
         z = self._block(self.store, rows, chunk.width, rows * chunk.start)
         if not self.filled:
@@ -233,24 +284,27 @@ class _ChunkWorkspace:
         (retain_graph) reads again."""
         if self._dz is not None:
             return self._block(self._dz, z.shape[0], chunk.width)
-        return z if self.store is None or live is not None else \
-            self._block(self._z, z.shape[0], chunk.width)
+        return (
+            z
+            if self.store is None or live is not None
+            else self._block(self._z, z.shape[0], chunk.width)
+        )
 
     def add_live_dh(self, grad_h: Tensor, live: Tensor, dz: Tensor, w: Tensor) -> None:
         """grad_h[live] += dz @ w (float32 [M, D]; dz [n, width], w [width, D])."""
         # index_put_ rather than index_add_, which costs ~10x more on CPU whatever n.
-        grad_h.index_put_((live,), _matmul_into(_allocated(self._dh)[:live.numel()], dz, w),
-                          accumulate=True)
-
+        grad_h.index_put_(
+            (live,), _matmul_into(_allocated(self._dh)[: live.numel()], dz, w), accumulate=True
+        )
 
     def write_rows(self, dst: Tensor, chunk: Chunk, fill: Callable[[Tensor], Tensor]) -> None:
         """``dst[chunk's ids] = fill(out)``, dst being dW [V, D] or the bias gradient [V]:
         ``out`` is dst's own rows in the natural order, else a buffer copied to the right
         rows."""
         if chunk.ids is None:
-            fill(dst[chunk.start:chunk.end])
+            fill(dst[chunk.start : chunk.end])
             return
-        out = _allocated(self._dw)[:chunk.width] if dst.dim() == 2 else dst.new_empty(chunk.width)
+        out = _allocated(self._dw)[: chunk.width] if dst.dim() == 2 else dst.new_empty(chunk.width)
         dst.index_copy_(0, chunk.ids, fill(out))
 
 
@@ -265,11 +319,21 @@ def _allocated(buffer: Optional[Tensor]) -> Tensor:
 
 
 @torch.library.custom_op("elbokto::fused_linear_elbo", mutates_args=())
-def _fused_linear_elbo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                       mask: Tensor, weights: Tensor, sample_index: Tensor, num_samples: int,
-                       softcap: Optional[float], chunk_size: int, keep_logits: bool,
-                       filter_eps: Optional[float], backend: str
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _fused_linear_elbo(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    sample_index: Tensor,
+    num_samples: int,
+    softcap: Optional[float],
+    chunk_size: int,
+    keep_logits: bool,
+    filter_eps: Optional[float],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out [num_samples], lse [C, L], kept logits float32 [M * V] or empty, and for
     the filter the rows' largest (soft-capped) logit per chunk, float32 [num_chunks * M], and
     the walk's order, int64 [V]; both empty without the filter)."""
@@ -279,43 +343,86 @@ def _fused_linear_elbo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t
     walk = _walk(h, weight, bias, chunk_size, filter_eps)
     lse = torch.full((rows.count,), float("-inf"), dtype=torch.float32, device=hidden.device)
     target_logit = torch.zeros_like(lse)
-    kept = (memory.empty((rows.count * weight.shape[0],), torch.float32, hidden.device)
-            if keep_logits else hidden.new_empty(0, dtype=torch.float32))
-    tile_max = hidden.new_empty((walk.num_chunks, rows.count) if filter_eps is not None else 0,
-                                dtype=torch.float32)
+    kept = (
+        memory.empty((rows.count * weight.shape[0],), torch.float32, hidden.device)
+        if keep_logits
+        else hidden.new_empty(0, dtype=torch.float32)
+    )
+    tile_max = hidden.new_empty(
+        (walk.num_chunks, rows.count) if filter_eps is not None else 0, dtype=torch.float32
+    )
     work = _ChunkWorkspace(h, weight, bias, walk, kept if keep_logits else None)
     target = walk.positions(rows.target)
     for chunk in walk.chunks():
         z = work.logits(chunk, work.weight_rows(chunk))
-        chunk_lse, chunk_target = ops.row_lse(z, None, target - chunk.start, softcap,
-                                              tile_max[chunk.index] if tile_max.numel() else None)
+        chunk_lse, chunk_target = ops.row_lse(
+            z,
+            None,
+            target - chunk.start,
+            softcap,
+            tile_max[chunk.index] if tile_max.numel() else None,
+        )
         lse = torch.logaddexp(lse, chunk_lse)
         target_logit += chunk_target
     order = walk.order if walk.order is not None else hidden.new_empty(0, dtype=torch.int64)
     return reduce_rows(rows, target_logit, lse, num_samples, targets.shape) + (
-        kept, tile_max.view(-1), order)
+        kept,
+        tile_max.view(-1),
+        order,
+    )
 
 
 @_fused_linear_elbo.register_fake
-def _(hidden, weight, bias, targets, mask, weights, sample_index, num_samples, softcap,
-      chunk_size, keep_logits, filter_eps, backend):
+def _(
+    hidden,
+    weight,
+    bias,
+    targets,
+    mask,
+    weights,
+    sample_index,
+    num_samples,
+    softcap,
+    chunk_size,
+    keep_logits,
+    filter_eps,
+    backend,
+):
     ctx = torch.library.get_ctx()
     kept = ctx.new_dynamic_size() * weight.shape[0] if keep_logits else 0
     filtered = filter_eps is not None
-    return (hidden.new_empty(num_samples, dtype=torch.float32),
-            hidden.new_empty(targets.shape, dtype=torch.float32),
-            hidden.new_empty(kept, dtype=torch.float32),
-            hidden.new_empty(ctx.new_dynamic_size() if filtered else 0, dtype=torch.float32),
-            hidden.new_empty(weight.shape[0] if filtered else 0, dtype=torch.int64))
+    return (
+        hidden.new_empty(num_samples, dtype=torch.float32),
+        hidden.new_empty(targets.shape, dtype=torch.float32),
+        hidden.new_empty(kept, dtype=torch.float32),
+        hidden.new_empty(ctx.new_dynamic_size() if filtered else 0, dtype=torch.float32),
+        hidden.new_empty(weight.shape[0] if filtered else 0, dtype=torch.int64),
+    )
 
 
 @torch.library.custom_op("elbokto::fused_linear_elbo_backward", mutates_args=())
 def _fused_linear_elbo_backward(
-        grad_out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-        targets: Tensor, mask: Tensor, weights: Tensor, sample_index: Tensor, lse: Tensor,
-        kept: Tensor, tile_max: Tensor, order: Tensor, softcap: Optional[float], chunk_size: int,
-        keep_logits: bool, filter_eps: Optional[float], backend: str, needs_hidden_grad: bool,
-        needs_weight_grad: bool, needs_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    grad_out: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    sample_index: Tensor,
+    lse: Tensor,
+    kept: Tensor,
+    tile_max: Tensor,
+    order: Tensor,
+    softcap: Optional[float],
+    chunk_size: int,
+    keep_logits: bool,
+    filter_eps: Optional[float],
+    backend: str,
+    needs_hidden_grad: bool,
+    needs_weight_grad: bool,
+    needs_bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (grad_hidden, grad_weight, grad_bias); an unneeded one is an empty tensor.
     ``kept``, ``tile_max`` and ``order`` are the forward's last three outputs."""
     C, L, D = hidden.shape
@@ -326,26 +433,43 @@ def _fused_linear_elbo_backward(
     ops = row_ops(backend)
     walk = _walk(h, weight, bias, chunk_size, filter_eps, order)
     target = walk.positions(rows.target)
-    skip = None if filter_eps is None else plan(
-        tile_max.view(walk.num_chunks, rows.count), row_lse, scale, target // walk.chunk,
-        filter_eps)
+    skip = (
+        None
+        if filter_eps is None
+        else plan(
+            tile_max.view(walk.num_chunks, rows.count),
+            row_lse,
+            scale,
+            target // walk.chunk,
+            filter_eps,
+        )
+    )
     if skip is not None and not keep_logits and all(live is None for live in skip.live):
         # Every tile is live: nothing to skip, and the natural walk gathers no weight rows.
         skip, walk, target = None, _walk(h, weight, bias, chunk_size, None), rows.target
-    grad_h = torch.zeros((rows.count, D) if needs_hidden_grad else (0,), dtype=torch.float32,
-                         device=hidden.device)
+    grad_h = torch.zeros(
+        (rows.count, D) if needs_hidden_grad else (0,), dtype=torch.float32, device=hidden.device
+    )
     # Every chunk writes its rows of grad_w, so it needs no zero fill, except where the filter
     # skips chunks without live rows.
-    grad_w = (memory.empty(weight.shape, weight.dtype, weight.device) if needs_weight_grad
-              else weight.new_empty(0))
+    grad_w = (
+        memory.empty(weight.shape, weight.dtype, weight.device)
+        if needs_weight_grad
+        else weight.new_empty(0)
+    )
     if needs_weight_grad and skip is not None:
         grad_w.zero_()
-    grad_b = (weight.new_zeros(weight.shape[:1]) if bias is not None and needs_bias_grad
-              else weight.new_empty(0))
-    work = _ChunkWorkspace(h, weight, bias, walk, kept if keep_logits else None, filled=True,
-                           filtered=skip is not None)
-    for chunk, rows_live in zip(walk.chunks(), [None] * walk.num_chunks if skip is None
-                                else skip.live, strict=True):
+    grad_b = (
+        weight.new_zeros(weight.shape[:1])
+        if bias is not None and needs_bias_grad
+        else weight.new_empty(0)
+    )
+    work = _ChunkWorkspace(
+        h, weight, bias, walk, kept if keep_logits else None, filled=True, filtered=skip is not None
+    )
+    for chunk, rows_live in zip(
+        walk.chunks(), [None] * walk.num_chunks if skip is None else skip.live, strict=True
+    ):
         if rows_live is not None and not rows_live.numel():
             continue
 
@@ -367,8 +491,9 @@ def _fused_linear_elbo_backward(
         if needs_bias_grad:
             work.write_rows(grad_b, chunk, partial(_column_sums_into, dz=dz))
     if skip is not None:
-        _add_lone_targets(skip, rows.target, h, weight, bias, scale, softcap, grad_h, grad_w,
-                          grad_b)
+        _add_lone_targets(
+            skip, rows.target, h, weight, bias, scale, softcap, grad_h, grad_w, grad_b
+        )
     if needs_hidden_grad:
         full = torch.zeros((C * L, D), dtype=hidden.dtype, device=hidden.device)
         full[rows.index] = grad_h.to(hidden.dtype)
@@ -378,9 +503,18 @@ def _fused_linear_elbo_backward(
     return grad_h, grad_w, grad_b
 
 
-def _add_lone_targets(skip: FilterPlan, target: Tensor, h: Tensor, weight: Tensor,
-                      bias: Optional[Tensor], scale: Tensor, softcap: Optional[float],
-                      grad_h: Tensor, grad_w: Tensor, grad_b: Tensor) -> None:
+def _add_lone_targets(
+    skip: FilterPlan,
+    target: Tensor,
+    h: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    scale: Tensor,
+    softcap: Optional[float],
+    grad_h: Tensor,
+    grad_w: Tensor,
+    grad_b: Tensor,
+) -> None:
     """Adds the target term ``scale * dz/dx`` of the lone-target rows (``grad_filter``) to each
     wanted (non-empty) gradient: grad_h float32 [M, D] at their rows, grad_w [V, D] and grad_b
     [V] at their targets (vocabulary ids, int64 [M]); h [M, D] are the masked rows."""
@@ -401,21 +535,58 @@ def _add_lone_targets(skip: FilterPlan, target: Tensor, h: Tensor, weight: Tenso
 
 
 @_fused_linear_elbo_backward.register_fake
-def _(grad_out, hidden, weight, bias, targets, mask, weights, sample_index, lse, kept, tile_max,
-      order, softcap, chunk_size, keep_logits, filter_eps, backend, needs_hidden_grad,
-      needs_weight_grad, needs_bias_grad):
+def _(
+    grad_out,
+    hidden,
+    weight,
+    bias,
+    targets,
+    mask,
+    weights,
+    sample_index,
+    lse,
+    kept,
+    tile_max,
+    order,
+    softcap,
+    chunk_size,
+    keep_logits,
+    filter_eps,
+    backend,
+    needs_hidden_grad,
+    needs_weight_grad,
+    needs_bias_grad,
+):
     def maybe(flag, like):
         return torch.empty_like(like) if flag else like.new_empty(0)
-    return (maybe(needs_hidden_grad, hidden), maybe(needs_weight_grad, weight),
-            maybe(needs_bias_grad, weight if bias is None else bias))
+
+    return (
+        maybe(needs_hidden_grad, hidden),
+        maybe(needs_weight_grad, weight),
+        maybe(needs_bias_grad, weight if bias is None else bias),
+    )
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, bias, targets, mask, weights, sample_index, _, softcap, chunk_size,
-     keep_logits, filter_eps, backend) = inputs
+    (
+        hidden,
+        weight,
+        bias,
+        targets,
+        mask,
+        weights,
+        sample_index,
+        _,
+        softcap,
+        chunk_size,
+        keep_logits,
+        filter_eps,
+        backend,
+    ) = inputs
     _, lse, kept, tile_max, order = output
-    ctx.save_for_backward(hidden, weight, bias, targets, mask, weights, sample_index, lse, kept,
-                          tile_max, order)
+    ctx.save_for_backward(
+        hidden, weight, bias, targets, mask, weights, sample_index, lse, kept, tile_max, order
+    )
     ctx.options = (softcap, chunk_size, keep_logits, filter_eps, backend)
     ctx.mark_non_differentiable(lse, kept, tile_max, order)
     # Without this autograd would build zero "gradients" of lse and kept (M * V floats).
@@ -423,14 +594,33 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, *_grad_aux):
-    (hidden, weight, bias, targets, mask, weights, sample_index, lse, kept, tile_max,
-     order) = ctx.saved_tensors
+    (hidden, weight, bias, targets, mask, weights, sample_index, lse, kept, tile_max, order) = (
+        ctx.saved_tensors
+    )
     needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
     grad_h, grad_w, grad_b = torch.ops.elbokto.fused_linear_elbo_backward(
-        grad_out, hidden, weight, bias, targets, mask, weights, sample_index, lse, kept,
-        tile_max, order, *ctx.options, needs_h, needs_w, needs_b and bias is not None)
-    return (grad_h if needs_h else None, grad_w if needs_w else None,
-            grad_b if needs_b and bias is not None else None) + (None,) * 10
+        grad_out,
+        hidden,
+        weight,
+        bias,
+        targets,
+        mask,
+        weights,
+        sample_index,
+        lse,
+        kept,
+        tile_max,
+        order,
+        *ctx.options,
+        needs_h,
+        needs_w,
+        needs_b and bias is not None,
+    )
+    return (
+        grad_h if needs_h else None,
+        grad_w if needs_w else None,
+        grad_b if needs_b and bias is not None else None,
+    ) + (None,) * 10
 
 
 _fused_linear_elbo.register_autograd(_backward, setup_context=_setup_context)

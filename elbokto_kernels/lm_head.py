@@ -37,12 +37,21 @@ _MISSING = object()
 
 
 @contextmanager
-def fused_lm_head(model_or_head: nn.Module, targets: Tensor, mask: Tensor | None = None,
-                  weights: Tensor | None = None, sample_index: Tensor | None = None,
-                  num_samples: int | None = None, *, logit_scale: float | None = None,
-                  softcap: float | None = None, keep_logits: bool = False,
-                  filter_eps: Union[None, float, str] = None, reduction: Reduction = "none",
-                  backend: Backend = "auto") -> Iterator[list[Tensor]]:
+def fused_lm_head(
+    model_or_head: nn.Module,
+    targets: Tensor,
+    mask: Tensor | None = None,
+    weights: Tensor | None = None,
+    sample_index: Tensor | None = None,
+    num_samples: int | None = None,
+    *,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    keep_logits: bool = False,
+    filter_eps: Union[None, float, str] = None,
+    reduction: Reduction = "none",
+    backend: Backend = "auto",
+) -> Iterator[list[Tensor]]:
     """Yields a list that receives the ELBO ([num_samples] float32, or a scalar when reduced) of
     each call of the head within the block; the arguments after the first are
     ``fused_linear_elbo``'s, with the shapes of the hidden states the model passes to its head
@@ -73,22 +82,37 @@ def fused_lm_head(model_or_head: nn.Module, targets: Tensor, mask: Tensor | None
         raise ValueError(f"fused_lm_head cannot score this head: {problem}")
     if config is not None:
         if logit_scale is not None or softcap is not None:
-            raise ValueError("given a model, the logit scale and soft-cap come from its config: "
-                             "leave logit_scale and softcap None (or pass the head module)")
+            raise ValueError(
+                "given a model, the logit scale and soft-cap come from its config: "
+                "leave logit_scale and softcap None (or pass the head module)"
+            )
         logit_scale, softcap = _config_logit_transforms(config)
     result: list[Tensor] = []
 
     def score(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         if weight.numel() == 0:
-            raise RuntimeError("the LM head's weight has no elements inside its own call: it is "
-                               "partitioned (e.g. ZeRO-3) and was not gathered for this module")
+            raise RuntimeError(
+                "the LM head's weight has no elements inside its own call: it is "
+                "partitioned (e.g. ZeRO-3) and was not gathered for this module"
+            )
         if logit_scale is not None:  # s (hW + b) = (s h) W + s b
             hidden = hidden * logit_scale
             bias = None if bias is None else bias * logit_scale
-        elbo = fused_linear_elbo(hidden, weight, targets, mask, weights, sample_index,
-                                 num_samples, bias=bias, softcap=softcap,
-                                 keep_logits=keep_logits, filter_eps=filter_eps,
-                                 reduction=reduction, backend=backend)
+        elbo = fused_linear_elbo(
+            hidden,
+            weight,
+            targets,
+            mask,
+            weights,
+            sample_index,
+            num_samples,
+            bias=bias,
+            softcap=softcap,
+            keep_logits=keep_logits,
+            filter_eps=filter_eps,
+            reduction=reduction,
+            backend=backend,
+        )
         result.append(elbo)
         return hidden.new_zeros(*hidden.shape[:-1], 0) * elbo.sum()
 
@@ -97,8 +121,11 @@ def fused_lm_head(model_or_head: nn.Module, targets: Tensor, mask: Tensor | None
             yield result
     else:
         linear: Any = head  # an nn.Linear, or a LoRA layer around one
-        forward = _lora_forward(linear, score) if _is_lora(head) else (
-            lambda hidden: score(hidden, linear.weight, linear.bias))
+        forward = (
+            _lora_forward(linear, score)
+            if _is_lora(head)
+            else (lambda hidden: score(hidden, linear.weight, linear.bias))
+        )
         with _instance_forward(head, forward):
             yield result
 
@@ -119,7 +146,7 @@ def _config_logit_transforms(config: Any) -> tuple[float | None, float | None]:
     (multiplies), Granite's ``logits_scaling`` (divides), Gemma's ``final_logit_softcapping``."""
     scale = 1.0
     if getattr(config, "scale_logits", False):
-        scale *= config.d_model ** -0.5
+        scale *= config.d_model**-0.5
     if getattr(config, "logit_scale", None) is not None:
         scale *= float(config.logit_scale)
     if getattr(config, "logits_scaling", None) is not None:
@@ -135,8 +162,10 @@ def _resolve(model_or_head: nn.Module) -> tuple[nn.Module, Any]:
         return model_or_head, None
     head = get_head()
     if head is None:
-        raise ValueError(f"{type(model_or_head).__name__}.get_output_embeddings() returned None: "
-                         "it has no LM head module to score")
+        raise ValueError(
+            f"{type(model_or_head).__name__}.get_output_embeddings() returned None: "
+            "it has no LM head module to score"
+        )
     return head, getattr(model_or_head, "config", None)
 
 
@@ -145,9 +174,11 @@ def _head_problem(head: nn.Module) -> str | None:
         return None
     if _is_lora(head):
         return _lora_problem(head)
-    return (f"a {type(head).__name__} head (fused_lm_head takes an nn.Linear, a peft LoRA "
-            "nn.Linear, or an nn.Embedding applied with F.linear; a subclass may compute more "
-            "than its weight)")
+    return (
+        f"a {type(head).__name__} head (fused_lm_head takes an nn.Linear, a peft LoRA "
+        "nn.Linear, or an nn.Embedding applied with F.linear; a subclass may compute more "
+        "than its weight)"
+    )
 
 
 @contextmanager
@@ -189,8 +220,10 @@ def _linear_arguments(input: Tensor, weight: Tensor, bias: Optional[Tensor] = No
 # peft's LoRA layer, recognised by its attributes so that the kernels import no peft (tested
 # against peft itself in tests/test_lm_head.py).
 def _is_lora(head: nn.Module) -> bool:
-    return all(hasattr(head, name) for name in
-               ("base_layer", "lora_A", "lora_B", "scaling", "active_adapters", "lora_dropout"))
+    return all(
+        hasattr(head, name)
+        for name in ("base_layer", "lora_A", "lora_B", "scaling", "active_adapters", "lora_dropout")
+    )
 
 
 def _active_lora(head: Any) -> list[str]:
@@ -209,9 +242,12 @@ def _lora_problem(head: Any) -> str | None:
         return "a LoRA layer with fan_in_fan_out (a transposed base weight)"
     for name in _active_lora(head):
         if getattr(head, "use_dora", {}).get(name, False) or name in getattr(
-                head, "lora_variant", {}):
-            return (f"adapter {name!r} is a LoRA variant (e.g. DoRA) whose output is not "
-                    "h W.T + s B A h")
+            head, "lora_variant", {}
+        ):
+            return (
+                f"adapter {name!r} is a LoRA variant (e.g. DoRA) whose output is not "
+                "h W.T + s B A h"
+            )
         if not (type(head.lora_A[name]) is nn.Linear and type(head.lora_B[name]) is nn.Linear):
             return f"adapter {name!r} is not a pair of nn.Linear layers"
     return None

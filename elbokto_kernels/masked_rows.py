@@ -43,13 +43,23 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def check_compute_dtype(name: str, t: Tensor) -> None:
     """ValueError unless ``t`` has one of the kernels' dtypes."""
     if t.dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}"
-                         + (" (the kernels compute in float32; elbokto_kernels.oracle has the "
-                            "float64 reference)" if t.dtype == torch.float64 else ""))
+        raise ValueError(
+            f"{name} must be float32, bfloat16 or float16, got {t.dtype}"
+            + (
+                " (the kernels compute in float32; elbokto_kernels.oracle has the "
+                "float64 reference)"
+                if t.dtype == torch.float64
+                else ""
+            )
+        )
 
 
 def check_elbo_inputs(
-    targets: Tensor, mask: Tensor, weights: Tensor, sample_index: Tensor, num_samples: int,
+    targets: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    sample_index: Tensor,
+    num_samples: int,
     device: torch.device,
 ) -> None:
     """Shape, dtype and device checks shared by both ops (no host sync)."""
@@ -59,8 +69,9 @@ def check_elbo_inputs(
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
     if mask.shape != (C, L) or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool [C, L] = [{C}, {L}], got {mask.dtype} "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be bool [C, L] = [{C}, {L}], got {mask.dtype} {tuple(mask.shape)}"
+        )
     if weights.shape not in ((C,), (C, L)) or not weights.dtype.is_floating_point:
         raise ValueError(
             f"weights must be floating [C] = [{C}] or [C, L] = [{C}, {L}], "
@@ -69,18 +80,28 @@ def check_elbo_inputs(
     if weights.requires_grad:
         raise ValueError("weights must not require grad: they are constants of the draws")
     if sample_index.shape != (C,) or sample_index.dtype.is_floating_point:
-        raise ValueError(f"sample_index must be integer [C] = [{C}], got {sample_index.dtype} "
-                         f"{tuple(sample_index.shape)}")
+        raise ValueError(
+            f"sample_index must be integer [C] = [{C}], got {sample_index.dtype} "
+            f"{tuple(sample_index.shape)}"
+        )
     if not isinstance(num_samples, int) or num_samples < 0:
         raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
-    for name, t in (("targets", targets), ("mask", mask), ("weights", weights),
-                    ("sample_index", sample_index)):
+    for name, t in (
+        ("targets", targets),
+        ("mask", mask),
+        ("weights", weights),
+        ("sample_index", sample_index),
+    ):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device}, expected {device} like the model outputs")
 
 
 def gather_masked_rows(
-    targets: Tensor, mask: Tensor, weights: Tensor, sample_index: Tensor, vocab_size: int,
+    targets: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    sample_index: Tensor,
+    vocab_size: int,
     num_samples: int,
 ) -> MaskedRows:
     """Compacts the masked positions into rows and validates them.
@@ -92,8 +113,12 @@ def gather_masked_rows(
     flat_mask = mask.reshape(-1)
     pos_sample = sample_index.reshape(C, 1).expand(C, L).reshape(-1)
     flat_targets = targets.reshape(-1)
-    bad = flat_mask & ((flat_targets < 0) | (flat_targets >= vocab_size)
-                       | (pos_sample < 0) | (pos_sample >= num_samples))
+    bad = flat_mask & (
+        (flat_targets < 0)
+        | (flat_targets >= vocab_size)
+        | (pos_sample < 0)
+        | (pos_sample >= num_samples)
+    )
     # The one host sync of the forward pass: the masked-row count (needed to size the row
     # tensors) and the bad-input count travel together.
     count, num_bad = torch.stack([flat_mask.sum(), bad.sum()]).tolist()
@@ -102,8 +127,9 @@ def gather_masked_rows(
         c, p = divmod(first, L)
         t, s = int(flat_targets[first]), int(pos_sample[first])
         if not 0 <= t < vocab_size:
-            raise ValueError(f"target {t} at copy {c}, position {p} is outside the vocabulary "
-                             f"[0, {vocab_size})")
+            raise ValueError(
+                f"target {t} at copy {c}, position {p} is outside the vocabulary [0, {vocab_size})"
+            )
         raise ValueError(f"sample_index {s} of copy {c} is outside [0, {num_samples})")
     index = torch.nonzero_static(flat_mask, size=count).reshape(-1)
     return rows_at(index, targets, weights, sample_index)
@@ -136,8 +162,9 @@ def unmasked_index(mask: Tensor, num_masked: int) -> Tensor:
     return torch.nonzero_static(~mask.reshape(-1), size=mask.numel() - num_masked).reshape(-1)
 
 
-def reduce_rows(rows: MaskedRows, target_logit: Tensor, lse: Tensor, num_samples: int,
-                shape: torch.Size) -> tuple[Tensor, Tensor]:
+def reduce_rows(
+    rows: MaskedRows, target_logit: Tensor, lse: Tensor, num_samples: int, shape: torch.Size
+) -> tuple[Tensor, Tensor]:
     """The ops' outputs from per-row float32 [M] values: the per-sample ELBO [num_samples] and
     the per-position LSE [C, L] (zero where unmasked) that the backward reads."""
     out = torch.zeros(num_samples, dtype=torch.float32, device=lse.device)

@@ -12,8 +12,14 @@ import torch
 from torch import Tensor
 
 
-def elbo_oracle(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
-                sample_index: Tensor, num_samples: int) -> Tensor:
+def elbo_oracle(
+    logits: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    sample_index: Tensor,
+    num_samples: int,
+) -> Tensor:
     """``fused_elbo`` in float64: logits [C, L, V] float64 -> [num_samples] float64.
 
     log p = z - logsumexp(z), as the row primitives compute it (``row_lse_oracle``): equal to
@@ -28,19 +34,29 @@ def elbo_oracle(logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor,
     return out.index_add(0, sample_index, per_copy)
 
 
-def linear_elbo_oracle(hidden: Tensor, weight: Tensor, bias: Tensor | None,
-                       softcap: float | None, targets: Tensor, mask: Tensor, weights: Tensor,
-                       sample_index: Tensor, num_samples: int) -> Tensor:
+def linear_elbo_oracle(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    softcap: float | None,
+    targets: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    sample_index: Tensor,
+    num_samples: int,
+) -> Tensor:
     """``fused_linear_elbo`` in float64 (hidden, weight, bias already float64)."""
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    return elbo_oracle(_softcapped(logits, softcap), targets, mask, weights, sample_index,
-                       num_samples)
+    return elbo_oracle(
+        _softcapped(logits, softcap), targets, mask, weights, sample_index, num_samples
+    )
 
 
-def row_lse_oracle(x: Tensor, rows: Tensor | None, targets: Tensor,
-                   softcap: float | None) -> tuple[Tensor, Tensor]:
+def row_lse_oracle(
+    x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None
+) -> tuple[Tensor, Tensor]:
     """``RowOps.row_lse`` in float64: (lse, target_logit), float64 [M] each."""
     z = _softcapped((x if rows is None else x[rows]).double(), softcap)
     vocab = x.shape[1]
@@ -49,8 +65,9 @@ def row_lse_oracle(x: Tensor, rows: Tensor | None, targets: Tensor,
     return torch.logsumexp(z, dim=1), torch.where(inside, picked, 0.0)
 
 
-def row_grad_oracle(x: Tensor, rows: Tensor | None, targets: Tensor, scale: Tensor,
-                    softcap: float | None) -> Tensor:
+def row_grad_oracle(
+    x: Tensor, rows: Tensor | None, targets: Tensor, scale: Tensor, softcap: float | None
+) -> Tensor:
     """What ``RowOps.row_grad`` writes into ``out[rows]``, float64 [M, V]: by autograd, the
     gradient of ``scale * (target_logit - lse)`` with respect to the rows of x."""
     rows_x = (x if rows is None else x[rows]).detach().double().requires_grad_()
@@ -63,9 +80,18 @@ def _softcapped(logits: Tensor, softcap: float | None) -> Tensor:
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
-def filter_bounds(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                  targets: Tensor, mask: Tensor, weights: Tensor, sample_index: Tensor,
-                  grad_out: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def filter_bounds(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    softcap: float | None,
+    targets: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    sample_index: Tensor,
+    grad_out: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """How far ``filter_eps=eps`` may move each gradient of ``fused_linear_elbo`` (DESIGN.md §4).
 
     Filtering drops entries of the logit gradient ``g = (onehot - softmax) * dz/dx`` (before the
@@ -93,8 +119,7 @@ def filter_bounds(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: 
         g = g * (1.0 - torch.tanh(logits / softcap) ** 2)
     eps = eps * (1 + 1e-3)
     below = (g.abs() < eps).double()
-    w = weights.double().reshape(-1)[index] if weights.dim() == 2 else \
-        weights.double()[index // L]
+    w = weights.double().reshape(-1)[index] if weights.dim() == 2 else weights.double()[index // L]
     s = (grad_out.double()[sample_index[index // L]] * w).abs()
     grad_h = torch.zeros(C * L, D, dtype=torch.float64, device=hidden.device)
     grad_h[index] = eps * s[:, None] * (below @ weight.double().abs())
@@ -109,7 +134,7 @@ def tolerances(dtype: torch.dtype, vocab: int = 1) -> tuple[float, float]:
     one rounding of that term per addition, so its error grows like 2^-24 sqrt(V): the float32
     gradient tolerance is max(1e-5, 2 * 2^-24 * sqrt(V)) (4.2e-5 at V = 126464)."""
     if dtype == torch.float32:
-        return 1e-5, max(1e-5, 2 * 2.0 ** -24 * vocab ** 0.5)
+        return 1e-5, max(1e-5, 2 * 2.0**-24 * vocab**0.5)
     return 1e-4, 1e-2
 
 

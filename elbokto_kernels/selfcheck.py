@@ -27,12 +27,16 @@ def _case(dtype: torch.dtype, device: torch.device, seed: int):
     C, L, D, V, B = 8, 16, 32, 1000, 2
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(C, L, generator=g) < 0.5
-    args = dict(targets=torch.randint(0, V, (C, L), generator=g).masked_fill(~mask, -100),
-                mask=mask, weights=torch.rand(C, generator=g) + 0.5,
-                sample_index=torch.arange(C) // (C // B), num_samples=B)
+    args = dict(
+        targets=torch.randint(0, V, (C, L), generator=g).masked_fill(~mask, -100),
+        mask=mask,
+        weights=torch.rand(C, generator=g) + 0.5,
+        sample_index=torch.arange(C) // (C // B),
+        num_samples=B,
+    )
     args = {k: v.to(device) if torch.is_tensor(v) else v for k, v in args.items()}
     hidden = torch.randn(C, L, D, generator=g).to(device, dtype)
-    weight = (torch.randn(V, D, generator=g) / D ** 0.5).to(device, dtype)
+    weight = (torch.randn(V, D, generator=g) / D**0.5).to(device, dtype)
     logits = (torch.randn(C, L, V, generator=g) * 3).to(device, dtype)
     upstream = torch.randn(B, generator=g).to(device)
     return args, hidden, weight, logits, upstream
@@ -69,12 +73,16 @@ def run(device: str | None = None) -> bool:
     if dev.type == "cpu" and "TRITON_INTERPRET" not in os.environ:
         if "triton" in sys.modules:  # too late for the interpreter in this process
             sys.stdout.flush()
-            child = subprocess.run([sys.executable, "-m", "elbokto_kernels.selfcheck", str(dev)],
-                                   env={**os.environ, "TRITON_INTERPRET": "1"})
+            child = subprocess.run(
+                [sys.executable, "-m", "elbokto_kernels.selfcheck", str(dev)],
+                env={**os.environ, "TRITON_INTERPRET": "1"},
+            )
             return child.returncode == 0
         os.environ["TRITON_INTERPRET"] = "1"
-    print(f"elbokto_kernels self-check on {dev} (C=8 copies x L=16, V=1000, D=32; errors are "
-          "relative to the float64 oracle)")
+    print(
+        f"elbokto_kernels self-check on {dev} (C=8 copies x L=16, V=1000, D=32; errors are "
+        "relative to the float64 oracle)"
+    )
     print(f"{'op':<18}{'backend':<8}{'dtype':<10}{'value err':>11}{'grad err':>11}{'ms':>9}  ok")
     all_ok = True
     backends = usable_backends(dev)
@@ -83,8 +91,10 @@ def run(device: str | None = None) -> bool:
             for dtype in (torch.float32, torch.bfloat16):
                 value_err, grad_err, ms, ok = _check(op, backend, dtype, dev)
                 all_ok &= ok
-                print(f"{op:<18}{backend:<8}{str(dtype)[6:]:<10}{value_err:>11.1e}"
-                      f"{grad_err:>11.1e}{ms:>9.1f}  {'yes' if ok else 'NO'}")
+                print(
+                    f"{op:<18}{backend:<8}{str(dtype)[6:]:<10}{value_err:>11.1e}"
+                    f"{grad_err:>11.1e}{ms:>9.1f}  {'yes' if ok else 'NO'}"
+                )
     print("all backends within tolerance" if all_ok else "SOME BACKEND IS OUT OF TOLERANCE")
     return all_ok
 

@@ -38,8 +38,12 @@ def require_version(distribution: str, minimum: str, needed_by: str) -> None:
     """ImportError unless ``distribution`` is installed at ``minimum`` or later."""
     found = installed(distribution)
     if found is None:
-        raise ImportError(f"{needed_by} needs {distribution} >= {minimum}, which is not "
-                          f"installed: pip install '{distribution}>={minimum}'")
+        raise ImportError(
+            f"{needed_by} needs {distribution} >= {minimum}, which is not "
+            f"installed: pip install '{distribution}>={minimum}'"
+        )
     if release(found) < release(minimum):
-        raise ImportError(f"{needed_by} needs {distribution} >= {minimum}, found {found}: "
-                          f"pip install '{distribution}>={minimum}'")
+        raise ImportError(
+            f"{needed_by} needs {distribution} >= {minimum}, found {found}: "
+            f"pip install '{distribution}>={minimum}'"
+        )

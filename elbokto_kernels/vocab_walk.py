@@ -47,7 +47,7 @@ class Chunk:
         """The chunk's entries of ``t`` ([V, ...]: the weight, a bias): a view in the natural
         order, else gathered (into ``out`` when given, [width, ...])."""
         if self.ids is None:
-            return t[self.start:self.end]
+            return t[self.start : self.end]
         return torch.index_select(t, 0, self.ids, out=out) if out is not None else t[self.ids]
 
 
@@ -82,8 +82,9 @@ class VocabWalk:
         return rank[ids]
 
 
-def chunk_columns(vocab: int, num_rows: int, chunk_size: int, device: torch.device,
-                  filtered: bool) -> int:
+def chunk_columns(
+    vocab: int, num_rows: int, chunk_size: int, device: torch.device, filtered: bool
+) -> int:
     """Columns per chunk: ``chunk_size`` when given, else the device's memory budget in multiples
     of 128 columns, for a filtered walk also within FILTER_COLUMNS and a FILTER_MIN_CHUNKS-th of
     the vocabulary."""
@@ -93,8 +94,9 @@ def chunk_columns(vocab: int, num_rows: int, chunk_size: int, device: torch.devi
     columns = max(128, budget // max(num_rows, 1) // 128 * 128)
     if filtered:
         share = -(-vocab // FILTER_MIN_CHUNKS)
-        columns = min(columns, FILTER_COLUMNS.get(device.type, FILTER_COLUMNS["cpu"]),
-                      -(-share // 128) * 128)
+        columns = min(
+            columns, FILTER_COLUMNS.get(device.type, FILTER_COLUMNS["cpu"]), -(-share // 128) * 128
+        )
     return min(vocab, columns)
 
 

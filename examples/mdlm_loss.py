@@ -21,9 +21,18 @@ from torch import Tensor, nn
 from elbokto_kernels import fused_lm_head
 
 
-def mdlm_loss(model: nn.Module, noised_input_ids: Tensor, input_ids: Tensor, masked: Tensor,
-              loss_weights: Tensor, maskable: Tensor, *, attention_mask: Tensor | None = None,
-              norm: str = "token", backend: str = "auto") -> Tensor:
+def mdlm_loss(
+    model: nn.Module,
+    noised_input_ids: Tensor,
+    input_ids: Tensor,
+    masked: Tensor,
+    loss_weights: Tensor,
+    maskable: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    norm: str = "token",
+    backend: str = "auto",
+) -> Tensor:
     """Scalar loss: sum over masked positions of w * NLL(token), normalised as ``norm`` says.
 
     Args:
@@ -47,8 +56,7 @@ def mdlm_loss(model: nn.Module, noised_input_ids: Tensor, input_ids: Tensor, mas
     else:
         raise ValueError(f"norm must be 'token', 'sequence' or 'batch', got {norm!r}")
     weights = loss_weights.float() / scale
-    with fused_lm_head(model, input_ids, masked, weights,
-                       backend=backend) as elbo:
+    with fused_lm_head(model, input_ids, masked, weights, backend=backend) as elbo:
         model(input_ids=noised_input_ids, attention_mask=attention_mask)
     return -elbo[0].sum()
 
@@ -58,8 +66,15 @@ if __name__ == "__main__":
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=101,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        )
+    )
     ids = torch.randint(0, 100, (4, 24))
     maskable = torch.arange(24) >= 8  # a prompt of 8 tokens, then the response
     maskable = maskable.expand(4, 24)

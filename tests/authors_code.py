@@ -61,8 +61,11 @@ def authors_masks(indices, prompt_lens, comp_lens, seq_len: int, K: int, device=
         for b, base in enumerate(base_seeds):
             l_values_k.append(l_from_seed(derive_seed(base, k, tag=0), int(comp_lens[b])))
             select_seeds_k.append(derive_seed(base, k, tag=1))
-        masks.append(make_batched_fixedl_masks(select_seeds_k, seq_len, prompt_lens, comp_lens,
-                                               l_values_k, device))
+        masks.append(
+            make_batched_fixedl_masks(
+                select_seeds_k, seq_len, prompt_lens, comp_lens, l_values_k, device
+            )
+        )
     return torch.stack(masks)
 
 
@@ -72,10 +75,12 @@ def authors_rows(tokenizer, rows: list[dict], max_length: int):
     mask. Returns input_ids [N, max_length], prompt and completion lengths [N], labels [N]."""
     ids, prompt_len, comp_len = [], [], []
     for row in rows:
-        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True,
-                                               tokenize=False)
-        tokens = tokenizer(prompt + row["completion"][0]["content"],
-                           add_special_tokens=False).input_ids
+        prompt = tokenizer.apply_chat_template(
+            row["prompt"], add_generation_prompt=True, tokenize=False
+        )
+        tokens = tokenizer(
+            prompt + row["completion"][0]["content"], add_special_tokens=False
+        ).input_ids
         p = len(tokenizer(prompt, add_special_tokens=False).input_ids)
         comp_len.append(max(min(max_length, len(tokens)) - p, 0))
         prompt_len.append(p)
@@ -96,8 +101,9 @@ def authors_elbo(model, ids, masks, comp_len, mask_id):
         values = []
         for b in range(ids.shape[0]):
             idx = mask[b].nonzero()[:, 0]
-            values.append(-F.cross_entropy(logits[b, idx].float(), ids[b, idx],
-                                           reduction="none").mean())
+            values.append(
+                -F.cross_entropy(logits[b, idx].float(), ids[b, idx], reduction="none").mean()
+            )
         terms.append(comp_len.float() * torch.stack(values))
     return torch.stack(terms).mean(0)
 

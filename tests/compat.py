@@ -43,12 +43,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ELBOKTO_COMPAT_CACHE", "~/.cache/elbokto/compat")).expanduser()
 
-KERNEL_TESTS = ("tests/test_row_ops.py", "tests/test_kernels.py", "tests/test_call_forms.py",
-                "tests/test_cpu_backend.py", "tests/test_linear_elbo_filter.py",
-                "tests/test_memory.py", "tests/test_lm_head.py", "tests/test_triton_compile.py",
-                "tests/test_gpu_check.py")
-ALGORITHM_TESTS = ("tests/test_estimate.py", "tests/test_objective.py", "tests/test_loss.py",
-                   "tests/test_draws.py", "tests/test_imports.py")
+KERNEL_TESTS = (
+    "tests/test_row_ops.py",
+    "tests/test_kernels.py",
+    "tests/test_call_forms.py",
+    "tests/test_cpu_backend.py",
+    "tests/test_linear_elbo_filter.py",
+    "tests/test_memory.py",
+    "tests/test_lm_head.py",
+    "tests/test_triton_compile.py",
+    "tests/test_gpu_check.py",
+)
+ALGORITHM_TESTS = (
+    "tests/test_estimate.py",
+    "tests/test_objective.py",
+    "tests/test_loss.py",
+    "tests/test_draws.py",
+    "tests/test_imports.py",
+)
 
 
 @dataclass(frozen=True)
@@ -79,35 +91,78 @@ class Stack:
 TEST_PINS = ("pytest>=8", "pytest-benchmark>=4")
 
 STACKS = (
-    Stack("gpu-machines", "3.12",
-          ("torch==2.11.0", "triton==3.6.0", "transformers==5.17.0", "numpy==2.4.*",
-           "accelerate==1.15.0", "peft", "einops", "tqdm", "ninja", "matplotlib", *TEST_PINS),
-          "the lent GPU machines' image (numpy 2.5 there; 2.4 is the registry's newest): no "
-          "datasets, lm-eval or openai, no network, the project run from a plain clone",
-          install="clone", tests=("tests/test_models.py",)),
-    Stack("oldest", "3.10",
-          ("torch==2.7.1", "triton==3.3.1", "transformers==4.54.1", "numpy==1.26.4",
-           "accelerate==1.11.0", "peft==0.17.0", "datasets==4.0.0", "tokenizers==0.21.4",
-           *TEST_PINS),
-          "the dLLM codebases' pins: the authors' ELBO-KTO code (torch 2.7.1, transformers "
-          "4.54.1) and dllm (accelerate 1.11, peft 0.17); the declared lower bounds. The "
-          "trainer and the native bidirectional models need transformers 5: here their refusal "
-          "is tested, and the published LLaDA / Dream / LLaDA-MoE code loading natively",
-          install="resolve",
-          tests=("tests/test_models.py::test_published_code_loads_through_load_model",
-                 "tests/test_models.py::test_native_bidirectional_models_need_transformers5")),
-    Stack("kernels-only", "3.10",
-          ("torch==2.7.1", "triton==3.3.1", "numpy==1.26.4", *TEST_PINS),
-          "what a dLLM codebase gets from `pip install elbokto-kernels` next to the oldest torch: "
-          "torch and triton alone (numpy for Triton's interpreter), no transformers",
-          install="kernels", tests=KERNEL_TESTS),
-    Stack("dllm", "3.11",
-          ("torch==2.7.1", "triton==3.3.1", "transformers==4.57.1", "accelerate==1.11.0",
-           "peft==0.17.0", "numpy==1.26.4", *TEST_PINS),
-          "a dLLM codebase's stack (dllm's pins: transformers 4.57, whose 4.57.0 is yanked; "
-          "accelerate 1.11, peft 0.17) with elbokto-kernels installed beside it: the drop-in "
-          "examples and fused_lm_head",
-          install="kernels", tests=("tests/test_examples.py", "tests/test_lm_head.py")),
+    Stack(
+        "gpu-machines",
+        "3.12",
+        (
+            "torch==2.11.0",
+            "triton==3.6.0",
+            "transformers==5.17.0",
+            "numpy==2.4.*",
+            "accelerate==1.15.0",
+            "peft",
+            "einops",
+            "tqdm",
+            "ninja",
+            "matplotlib",
+            *TEST_PINS,
+        ),
+        "the lent GPU machines' image (numpy 2.5 there; 2.4 is the registry's newest): no "
+        "datasets, lm-eval or openai, no network, the project run from a plain clone",
+        install="clone",
+        tests=("tests/test_models.py",),
+    ),
+    Stack(
+        "oldest",
+        "3.10",
+        (
+            "torch==2.7.1",
+            "triton==3.3.1",
+            "transformers==4.54.1",
+            "numpy==1.26.4",
+            "accelerate==1.11.0",
+            "peft==0.17.0",
+            "datasets==4.0.0",
+            "tokenizers==0.21.4",
+            *TEST_PINS,
+        ),
+        "the dLLM codebases' pins: the authors' ELBO-KTO code (torch 2.7.1, transformers "
+        "4.54.1) and dllm (accelerate 1.11, peft 0.17); the declared lower bounds. The "
+        "trainer and the native bidirectional models need transformers 5: here their refusal "
+        "is tested, and the published LLaDA / Dream / LLaDA-MoE code loading natively",
+        install="resolve",
+        tests=(
+            "tests/test_models.py::test_published_code_loads_through_load_model",
+            "tests/test_models.py::test_native_bidirectional_models_need_transformers5",
+        ),
+    ),
+    Stack(
+        "kernels-only",
+        "3.10",
+        ("torch==2.7.1", "triton==3.3.1", "numpy==1.26.4", *TEST_PINS),
+        "what a dLLM codebase gets from `pip install elbokto-kernels` next to the oldest torch: "
+        "torch and triton alone (numpy for Triton's interpreter), no transformers",
+        install="kernels",
+        tests=KERNEL_TESTS,
+    ),
+    Stack(
+        "dllm",
+        "3.11",
+        (
+            "torch==2.7.1",
+            "triton==3.3.1",
+            "transformers==4.57.1",
+            "accelerate==1.11.0",
+            "peft==0.17.0",
+            "numpy==1.26.4",
+            *TEST_PINS,
+        ),
+        "a dLLM codebase's stack (dllm's pins: transformers 4.57, whose 4.57.0 is yanked; "
+        "accelerate 1.11, peft 0.17) with elbokto-kernels installed beside it: the drop-in "
+        "examples and fused_lm_head",
+        install="kernels",
+        tests=("tests/test_examples.py", "tests/test_lm_head.py"),
+    ),
 )
 
 
@@ -116,13 +171,19 @@ def find_python(version: str) -> str:
     candidates = [shutil.which(f"python{version}")]
     candidates += sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python")))
     for candidate in filter(None, candidates):
-        probe = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
-                               capture_output=True, text=True)
-        if probe.returncode == 0 and probe.stdout.strip() == str(tuple(map(int,
-                                                                        version.split(".")))):
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+        )
+        if probe.returncode == 0 and probe.stdout.strip() == str(
+            tuple(map(int, version.split(".")))
+        ):
             return candidate
-    raise SystemExit(f"compat: no Python {version} here (install python{version}, e.g. with "
-                     "pyenv or your distribution's package)")
+    raise SystemExit(
+        f"compat: no Python {version} here (install python{version}, e.g. with "
+        "pyenv or your distribution's package)"
+    )
 
 
 def build(stack: Stack) -> Path:
@@ -159,24 +220,43 @@ def lane(stack: Stack, python: Path) -> list[tuple[str, list[str]]]:
         # -I: the clone is not on sys.path. Without transformers among the pins, pip must not
         # have brought it either.
         alone = not any(pin.startswith("transformers") for pin in stack.pins)
-        where = ("import elbokto_kernels, importlib.util as u; "
-                 "assert 'site-packages' in elbokto_kernels.__file__, elbokto_kernels.__file__; "
-                 f"assert {alone} <= (u.find_spec('transformers') is None); "
-                 "print(elbokto_kernels.__file__)")
-        steps = [("installed", [str(python), "-I", "-c", where]),
-                 ("tests", [str(python.parent / "pytest"), "-q", "-p", "no:cacheprovider",
-                            *stack.tests])]
+        where = (
+            "import elbokto_kernels, importlib.util as u; "
+            "assert 'site-packages' in elbokto_kernels.__file__, elbokto_kernels.__file__; "
+            f"assert {alone} <= (u.find_spec('transformers') is None); "
+            "print(elbokto_kernels.__file__)"
+        )
+        steps = [
+            ("installed", [str(python), "-I", "-c", where]),
+            (
+                "tests",
+                [str(python.parent / "pytest"), "-q", "-p", "no:cacheprovider", *stack.tests],
+            ),
+        ]
         if stack.tests == KERNEL_TESTS:
-            steps.append(("kernel_report --check", [str(python), "benchmarks/kernel_report.py",
-                                                    "--check"]))
+            steps.append(
+                ("kernel_report --check", [str(python), "benchmarks/kernel_report.py", "--check"])
+            )
         return steps
     tests = [*KERNEL_TESTS, *ALGORITHM_TESTS, *stack.tests]
-    return [("tests", [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]),
-            ("gpu_campaign --dry-run", [str(python), "benchmarks/gpu_campaign.py", "--dry-run",
-                                        "--out", tempfile.mkdtemp(prefix="gpu-campaign-")]),
-            ("kernel_report --check", [str(python), "benchmarks/kernel_report.py", "--check"]),
-            ("bench_step --quick", [str(python), "benchmarks/bench_step.py", "--quick",
-                                    "--repeats", "1"])]
+    return [
+        ("tests", [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]),
+        (
+            "gpu_campaign --dry-run",
+            [
+                str(python),
+                "benchmarks/gpu_campaign.py",
+                "--dry-run",
+                "--out",
+                tempfile.mkdtemp(prefix="gpu-campaign-"),
+            ],
+        ),
+        ("kernel_report --check", [str(python), "benchmarks/kernel_report.py", "--check"]),
+        (
+            "bench_step --quick",
+            [str(python), "benchmarks/bench_step.py", "--quick", "--repeats", "1"],
+        ),
+    ]
 
 
 def run(command: list[str], env: dict | None = None) -> None:
@@ -186,16 +266,19 @@ def run(command: list[str], env: dict | None = None) -> None:
 
 
 def versions(python: Path, env: dict) -> str:
-    code = ("import sys, importlib.metadata as m\n"
-            "names = ('torch', 'triton', 'transformers', 'numpy', 'accelerate', 'peft', "
-            "'datasets')\n"
-            "found = []\n"
-            "for n in names:\n"
-            "    try: found.append(f'{n} {m.version(n)}')\n"
-            "    except m.PackageNotFoundError: found.append(f'{n} -')\n"
-            "print(f'Python {sys.version.split()[0]}, ' + ', '.join(found))")
-    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env,
-                          check=True).stdout.strip()
+    code = (
+        "import sys, importlib.metadata as m\n"
+        "names = ('torch', 'triton', 'transformers', 'numpy', 'accelerate', 'peft', "
+        "'datasets')\n"
+        "found = []\n"
+        "for n in names:\n"
+        "    try: found.append(f'{n} {m.version(n)}')\n"
+        "    except m.PackageNotFoundError: found.append(f'{n} -')\n"
+        "print(f'Python {sys.version.split()[0]}, ' + ', '.join(found))"
+    )
+    return subprocess.run(
+        [str(python), "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.strip()
 
 
 def main() -> int:

@@ -19,10 +19,13 @@ from elbokto_kernels import BACKENDS, usable_backends
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", choices=("cpu", "cuda"),
-                     default=os.environ.get("ELBOKTO_TEST_DEVICE") or None,
-                     help="where the kernel tests run (default: cuda when available, else cpu; "
-                          "or ELBOKTO_TEST_DEVICE)")
+    parser.addoption(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=os.environ.get("ELBOKTO_TEST_DEVICE") or None,
+        help="where the kernel tests run (default: cuda when available, else cpu; "
+        "or ELBOKTO_TEST_DEVICE)",
+    )
 
 
 def pytest_configure(config):
@@ -37,8 +40,10 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return (f"elbokto test device: {os.environ['ELBOKTO_TEST_DEVICE']} (triton "
-            f"{'interpreted' if interpreted else 'compiled'})")
+    return (
+        f"elbokto test device: {os.environ['ELBOKTO_TEST_DEVICE']} (triton "
+        f"{'interpreted' if interpreted else 'compiled'})"
+    )
 
 
 @pytest.fixture
@@ -53,6 +58,8 @@ def backend(request):
     from devices import DEVICE
 
     if request.param not in usable_backends(DEVICE):
-        pytest.skip(f"backend {request.param!r} does not work on {DEVICE} here (a C++ kernel "
-                    "that did not build, no triton, CPU-only)")
+        pytest.skip(
+            f"backend {request.param!r} does not work on {DEVICE} here (a C++ kernel "
+            "that did not build, no triton, CPU-only)"
+        )
     return request.param

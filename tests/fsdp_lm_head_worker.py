@@ -16,8 +16,10 @@ from elbokto_kernels import fused_elbo, fused_lm_head
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 problems = []
-for form, build in (("tied", lambda: TinyLM(tied=True, scale_logits=True)),
-                    ("lora", lambda: lora_tiny_lm(peft, lora_bias=True))):
+for form, build in (
+    ("tied", lambda: TinyLM(tied=True, scale_logits=True)),
+    ("lora", lambda: lora_tiny_lm(peft, lora_bias=True)),
+):
     plain = build()
     sharded = copy.deepcopy(plain)
     # FSDP2's recipe: the layers, then the root (the embedding and the head). The backward reaches
@@ -32,6 +34,7 @@ for form, build in (("tied", lambda: TinyLM(tied=True, scale_logits=True)),
     want.sum().backward()
     if not torch.allclose(result[0], want, rtol=1e-5, atol=1e-6):
         problems.append(f"{form}: the ELBO differs")
-    problems += [f"{form}: the gradient of {name} differs"
-                 for name in fsdp2_gradients_differ(sharded, plain)]
+    problems += [
+        f"{form}: the gradient of {name} differs" for name in fsdp2_gradients_differ(sharded, plain)
+    ]
 report_and_exit(True, problems)

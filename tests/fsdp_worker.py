@@ -31,5 +31,6 @@ loss.backward()
 expected = objective(plain, batch, reference=reference).loss
 expected.backward()
 ok = torch.allclose(loss, expected, rtol=1e-6, atol=1e-7)
-report_and_exit(ok, [f"the gradient of {name} differs"
-                     for name in fsdp2_gradients_differ(sharded, plain)])
+report_and_exit(
+    ok, [f"the gradient of {name} differs" for name in fsdp2_gradients_differ(sharded, plain)]
+)

@@ -8,9 +8,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from devices import on_device
+from torch import nn
 
 
 class _Config(SimpleNamespace):
@@ -39,7 +38,7 @@ class TinyLM(nn.Module):
         hidden = torch.tanh(self.mix(self.embed(ids)))
         logits = F.linear(hidden, self.embed.weight) if self.head is None else self.head(hidden)
         if getattr(self.config, "scale_logits", False):
-            logits.mul_(self.config.d_model ** -0.5)  # in place, as LLaDA does
+            logits.mul_(self.config.d_model**-0.5)  # in place, as LLaDA does
         if getattr(self.config, "logits_scaling", None):
             logits = logits / self.config.logits_scaling
         cap = getattr(self.config, "final_logit_softcapping", None)
@@ -49,8 +48,9 @@ class TinyLM(nn.Module):
 def lora_tiny_lm(peft, tied=False, **lora):
     """TinyLM (scaled logits) with peft LoRA adapters on its mixing layer and its head, B
     initialised at random (peft's default zero B would hide a wrong adapter path)."""
-    config = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["mix", "head"],
-                             init_lora_weights=False, **lora)
+    config = peft.LoraConfig(
+        r=3, lora_alpha=6, target_modules=["mix", "head"], init_lora_weights=False, **lora
+    )
     return peft.get_peft_model(TinyLM(tied=tied, scale_logits=True), config)
 
 

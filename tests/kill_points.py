@@ -30,10 +30,18 @@ class Killed(BaseException):
 
 
 # (owner, attribute, name, the argument that names the path).
-_POINTS = [(os, "replace", "replace", 1), (os, "rename", "rename", 1), (os, "unlink", "unlink", 0),
-           (os, "fsync", "fsync", 0), (shutil, "rmtree", "rmtree", 0), (torch, "save", "save", 1),
-           (modeling_utils, "safe_save_file", "safetensors", 1),
-           (builtins, "open", "open", 0), (io, "open", "open", 0), (os, "open", "open", 0)]
+_POINTS = [
+    (os, "replace", "replace", 1),
+    (os, "rename", "rename", 1),
+    (os, "unlink", "unlink", 0),
+    (os, "fsync", "fsync", 0),
+    (shutil, "rmtree", "rmtree", 0),
+    (torch, "save", "save", 1),
+    (modeling_utils, "safe_save_file", "safetensors", 1),
+    (builtins, "open", "open", 0),
+    (io, "open", "open", 0),
+    (os, "open", "open", 0),
+]
 
 
 def _writes(name: str, args: tuple, kwargs: dict) -> bool:
@@ -72,6 +80,7 @@ def armed(n: int | Callable[[str, str], bool] | None, sigkill: bool = False):
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise Killed(f"stopped at write {n}: {seen[-1]}")
             return function(*args, **kwargs)
+
         return point
 
     for (owner, attr, name, which), (_, _, original) in zip(_POINTS, originals):
@@ -92,7 +101,7 @@ def torn_torch_save():
     def half(obj, f, *args, **kwargs):
         buffer = io.BytesIO()
         save(obj, buffer, *args, **kwargs)
-        data = buffer.getvalue()[:len(buffer.getvalue()) // 2]
+        data = buffer.getvalue()[: len(buffer.getvalue()) // 2]
         if isinstance(f, (str, os.PathLike)):
             with builtins.open(f, "wb") as out:
                 out.write(data)

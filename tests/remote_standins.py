@@ -31,7 +31,7 @@ VOCAB, WIDTH, HEADS, THETA = 32, 8, 2, 10000.0
 # What Dream and LLaDA-MoE share, as their published code does (both derive from transformers 4's
 # Qwen2 / OLMoE code): the rotary module, the PreTrainedModel with its transformers 4
 # _init_weights, then the family's own classes (BODY), then the LM class around the base model.
-_QWEN_STYLE = Template('''
+_QWEN_STYLE = Template("""
 class ${P}RotaryEmbedding(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -69,18 +69,18 @@ class ${LM}(${P}PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
         return MaskedLMOutput(logits=self.lm_head(self.model(input_ids, attention_mask)))
-${LM_EXTRA}''')
+${LM_EXTRA}""")
 
-_DREAM_FROM_PRETRAINED = '''
+_DREAM_FROM_PRETRAINED = """
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model.generation_config = DreamGenerationConfig.from_pretrained(
             pretrained_model_name_or_path)
         return model
-'''
+"""
 
-_DREAM_CONFIG = '''
+_DREAM_CONFIG = """
 from transformers import PretrainedConfig
 
 
@@ -96,9 +96,9 @@ class DreamConfig(PretrainedConfig):
         self.rope_scaling = rope_scaling
         super().__init__(**kwargs)
         self.mask_token_id = mask_token_id
-'''
+"""
 
-_DREAM_BODY = '''
+_DREAM_BODY = """
 class DreamBaseModel(DreamPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
@@ -111,9 +111,9 @@ class DreamBaseModel(DreamPreTrainedModel):
         keep = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         scores = (hidden @ hidden.transpose(1, 2)).masked_fill(~keep[:, None, :].bool(), -1e9)
         return hidden + scores.softmax(-1) @ hidden
-'''
+"""
 
-_DREAM = '''
+_DREAM = """
 import torch
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
@@ -126,11 +126,15 @@ from .configuration_dream import DreamConfig
 class DreamGenerationConfig(GenerationConfig):
     def validate(self, is_init=False):
         pass
-''' + _QWEN_STYLE.substitute(
-    P="Dream", BASE="DreamBaseModel", LM="DreamModel",
-    BODY=_DREAM_BODY, LM_EXTRA=_DREAM_FROM_PRETRAINED)
+""" + _QWEN_STYLE.substitute(
+    P="Dream",
+    BASE="DreamBaseModel",
+    LM="DreamModel",
+    BODY=_DREAM_BODY,
+    LM_EXTRA=_DREAM_FROM_PRETRAINED,
+)
 
-_LLADA_CONFIG = '''
+_LLADA_CONFIG = """
 from transformers import PretrainedConfig
 
 
@@ -141,9 +145,9 @@ class LLaDAConfig(PretrainedConfig):
         self.d_model = d_model
         self.vocab_size = vocab_size
         super().__init__(**{**kwargs, "use_cache": use_cache})
-'''
+"""
 
-_LLADA = '''
+_LLADA = """
 import math
 
 import torch
@@ -218,9 +222,9 @@ class LLaDAModelLM(PreTrainedModel):
 
     def tie_weights(self):
         pass
-'''
+"""
 
-_LLADA_MOE_CONFIG = '''
+_LLADA_MOE_CONFIG = """
 from transformers import PretrainedConfig
 
 
@@ -236,9 +240,9 @@ class LLaDAMoEConfig(PretrainedConfig):
         self.partial_rotary_factor = partial_rotary_factor
         self.num_experts = num_experts
         super().__init__(**kwargs)
-'''
+"""
 
-_LLADA_MOE_BODY = '''
+_LLADA_MOE_BODY = """
 class LLaDAMoEAttention(nn.Module):
     def __init__(self, width):
         super().__init__()
@@ -290,9 +294,9 @@ class LLaDAMoEModel(LLaDAMoEPreTrainedModel):
         for layer in self.layers:
             x = layer(x, attention_mask)
         return x
-'''
+"""
 
-_LLADA_MOE = '''
+_LLADA_MOE = """
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -301,9 +305,9 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .configuration_lladamoe import LLaDAMoEConfig
-''' + _QWEN_STYLE.substitute(
-    P="LLaDAMoE", BASE="LLaDAMoEModel", LM="LLaDAMoEModelLM",
-    BODY=_LLADA_MOE_BODY, LM_EXTRA="")
+""" + _QWEN_STYLE.substitute(
+    P="LLaDAMoE", BASE="LLaDAMoEModel", LM="LLaDAMoEModelLM", BODY=_LLADA_MOE_BODY, LM_EXTRA=""
+)
 
 
 def _block_shapes(prefix: str, names: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
@@ -314,43 +318,92 @@ _W, _V, _E = WIDTH, VOCAB, 2
 STANDINS = {
     "dream": dict(
         files={"configuration_dream": _DREAM_CONFIG, "modeling_dream": _DREAM},
-        config={"architectures": ["DreamModel"], "model_type": "Dream",
-                "auto_map": {"AutoConfig": "configuration_dream.DreamConfig",
-                             "AutoModel": "modeling_dream.DreamModel"},
-                "vocab_size": _V, "hidden_size": _W, "num_attention_heads": HEADS,
-                "rope_theta": THETA, "mask_token_id": 31, "tie_word_embeddings": False},
+        config={
+            "architectures": ["DreamModel"],
+            "model_type": "Dream",
+            "auto_map": {
+                "AutoConfig": "configuration_dream.DreamConfig",
+                "AutoModel": "modeling_dream.DreamModel",
+            },
+            "vocab_size": _V,
+            "hidden_size": _W,
+            "num_attention_heads": HEADS,
+            "rope_theta": THETA,
+            "mask_token_id": 31,
+            "tie_word_embeddings": False,
+        },
         weights={"model.embed_tokens.weight": (_V, _W), "lm_head.weight": (_V, _W)},
-        generation_config={"temperature": 0.0}),
+        generation_config={"temperature": 0.0},
+    ),
     "llada": dict(
         files={"configuration_llada": _LLADA_CONFIG, "modeling_llada": _LLADA},
-        config={"architectures": ["LLaDAModelLM"], "model_type": "llada",
-                "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                             "AutoModel": "modeling_llada.LLaDAModelLM",
-                             "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
-                "d_model": _W, "vocab_size": _V, "mask_token_id": 30, "use_cache": False},
-        weights={"model.transformer.wte.weight": (_V, _W),
-                 "model.transformer.ff_out.weight": (_V, _W),
-                 **_block_shapes("model.transformer.blocks.0", {
-                     "q_proj": (_W, _W), "k_proj": (_W, _W), "v_proj": (_W, _W),
-                     "attn_out": (_W, _W), "ff_proj": (2 * _W, _W), "up_proj": (2 * _W, _W),
-                     "ff_out": (_W, 2 * _W)})}),
+        config={
+            "architectures": ["LLaDAModelLM"],
+            "model_type": "llada",
+            "auto_map": {
+                "AutoConfig": "configuration_llada.LLaDAConfig",
+                "AutoModel": "modeling_llada.LLaDAModelLM",
+                "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+            },
+            "d_model": _W,
+            "vocab_size": _V,
+            "mask_token_id": 30,
+            "use_cache": False,
+        },
+        weights={
+            "model.transformer.wte.weight": (_V, _W),
+            "model.transformer.ff_out.weight": (_V, _W),
+            **_block_shapes(
+                "model.transformer.blocks.0",
+                {
+                    "q_proj": (_W, _W),
+                    "k_proj": (_W, _W),
+                    "v_proj": (_W, _W),
+                    "attn_out": (_W, _W),
+                    "ff_proj": (2 * _W, _W),
+                    "up_proj": (2 * _W, _W),
+                    "ff_out": (_W, 2 * _W),
+                },
+            ),
+        },
+    ),
     "llada_moe": dict(
         files={"configuration_lladamoe": _LLADA_MOE_CONFIG, "modeling_lladamoe": _LLADA_MOE},
         # As published: model_type "llada", no mask_token_id.
-        config={"architectures": ["LLaDAMoEModelLM"], "model_type": "llada",
-                "auto_map": {"AutoConfig": "configuration_lladamoe.LLaDAMoEConfig",
-                             "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
-                             "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"},
-                "vocab_size": _V, "hidden_size": _W, "num_attention_heads": HEADS,
-                "rope_theta": THETA, "partial_rotary_factor": 1.0, "num_experts": _E,
-                "tie_word_embeddings": False},
-        weights={"model.embed_tokens.weight": (_V, _W), "lm_head.weight": (_V, _W),
-                 "model.layers.0.gate.weight": (_E, _W),
-                 **_block_shapes("model.layers.0.self_attn", {
-                     name: (_W, _W) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}),
-                 **{k: v for e in range(_E) for k, v in _block_shapes(
-                     f"model.layers.0.experts.{e}",
-                     {"up_proj": (2 * _W, _W), "down_proj": (_W, 2 * _W)}).items()}}),
+        config={
+            "architectures": ["LLaDAMoEModelLM"],
+            "model_type": "llada",
+            "auto_map": {
+                "AutoConfig": "configuration_lladamoe.LLaDAMoEConfig",
+                "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
+                "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM",
+            },
+            "vocab_size": _V,
+            "hidden_size": _W,
+            "num_attention_heads": HEADS,
+            "rope_theta": THETA,
+            "partial_rotary_factor": 1.0,
+            "num_experts": _E,
+            "tie_word_embeddings": False,
+        },
+        weights={
+            "model.embed_tokens.weight": (_V, _W),
+            "lm_head.weight": (_V, _W),
+            "model.layers.0.gate.weight": (_E, _W),
+            **_block_shapes(
+                "model.layers.0.self_attn",
+                {name: (_W, _W) for name in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            ),
+            **{
+                k: v
+                for e in range(_E)
+                for k, v in _block_shapes(
+                    f"model.layers.0.experts.{e}",
+                    {"up_proj": (2 * _W, _W), "down_proj": (_W, 2 * _W)},
+                ).items()
+            },
+        },
+    ),
 }
 
 
@@ -367,9 +420,11 @@ def write_standin(folder: Path, family: str, seed: int = 0) -> Path:
     if "generation_config" in spec:
         (folder / "generation_config.json").write_text(json.dumps(spec["generation_config"]))
     g = torch.Generator().manual_seed(seed)
-    save_file({name: torch.randn(shape, generator=g) * 0.5
-               for name, shape in spec["weights"].items()},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {name: torch.randn(shape, generator=g) * 0.5 for name, shape in spec["weights"].items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return folder
 
 

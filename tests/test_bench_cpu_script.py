@@ -18,14 +18,33 @@ def test_bench_cpu_quick(tmp_path):
     if "cpu" not in usable_backends("cpu"):
         pytest.skip("the C++ kernel did not build here")
     readme = tmp_path / "README.md"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--rounds", "1",
-                             "--repeats", "1", "--case", "fused_elbo", "--readme", str(readme)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--rounds",
+            "1",
+            "--repeats",
+            "1",
+            "--case",
+            "fused_elbo",
+            "--readme",
+            str(readme),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     text = readme.read_text()
     assert f"## CPU ({os.cpu_count()}-core)" in text
-    for row in ("fused, backend='cpu'", "fused, backend='torch'", "eager PyTorch",
-                "eager PyTorch + THP for every tensor"):
+    for row in (
+        "fused, backend='cpu'",
+        "fused, backend='torch'",
+        "eager PyTorch",
+        "eager PyTorch + THP for every tensor",
+    ):
         assert f"| {row} |" in text
     assert "Goal: >= 3.0x faster" in text and "`THP_MEM_ALLOC_ENABLE=1`):" in text
 
@@ -40,12 +59,17 @@ def test_filter_distributions_and_table():
         sys.path.remove(str(SCRIPT.parent))
     shape = bench_cpu.SHAPES["quick"]
     figures = {d: bench_cpu.sparsity(shape, d) for d in ("very sparse", "half", "uniform")}
-    assert figures["very sparse"]["density"] < figures["half"]["density"] \
+    assert (
+        figures["very sparse"]["density"]
+        < figures["half"]["density"]
         < figures["uniform"]["density"]
+    )
     assert figures["very sparse"]["live"] < 0.5 and figures["uniform"]["live"] == 1.0
     assert figures["half"]["tiles_sorted"] <= figures["half"]["tiles_unsorted"]
-    rows = {v: {"time_s": 1.0, "peak_extra_mib": 100.0}
-            for v in bench_cpu.VARIANTS["fused_linear_elbo_filter"]}
+    rows = {
+        v: {"time_s": 1.0, "peak_extra_mib": 100.0}
+        for v in bench_cpu.VARIANTS["fused_linear_elbo_filter"]
+    }
     rows["cpu_filter@half"].update(time_s=0.5, peak_extra_mib=20.0)
     for variant, r in rows.items():
         r["sparsity"] = figures.get(variant.split("@")[1], figures["half"])
@@ -60,8 +84,12 @@ def test_bench_integration_quick(tmp_path):
     refuses otherwise) and the table is recorded."""
     readme = tmp_path / "README.md"
     script = SCRIPT.parent / "bench_integration.py"
-    result = subprocess.run([sys.executable, str(script), "--quick", "--repeats", "1",
-                             "--readme", str(readme)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--repeats", "1", "--readme", str(readme)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     text = readme.read_text()
     assert "## The kernels in an adopter's MDLM step (cpu)" in text

@@ -7,13 +7,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import MASK_ID, Wrapper, tiny_batch, tiny_block_model
 from torch import nn
 
 from elbokto import ELBOKTOObjective, LossConfig, MCConfig, sample_draws
-from elbokto.block import (block_diffusion_mask, check_block_attention, check_block_model,
-                           resolve_block_size)
+from elbokto.block import (
+    block_diffusion_mask,
+    check_block_attention,
+    check_block_model,
+    resolve_block_size,
+)
 from elbokto.estimate import elbo_estimate
-from tiny_models import MASK_ID, Wrapper, tiny_batch, tiny_block_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from bench_step import per_block_elbo  # noqa: E402  (the benchmark's baseline, in float64 here)
@@ -21,8 +25,14 @@ from bench_step import per_block_elbo  # noqa: E402  (the benchmark's baseline, 
 
 def block_draws(batch, block_size, estimator="fixed_count"):
     config = MCConfig(estimator=estimator, n_t=2, block_size=block_size, eps=0.0)
-    return sample_draws(config, batch["prompt_lengths"], batch["response_lengths"],
-                        batch["input_ids"].shape[1], uids=batch["uid"], seed=5)
+    return sample_draws(
+        config,
+        batch["prompt_lengths"],
+        batch["response_lengths"],
+        batch["input_ids"].shape[1],
+        uids=batch["uid"],
+        seed=5,
+    )
 
 
 class SubclassedHead(nn.Linear):
@@ -33,8 +43,10 @@ def grads_of(model, value):
     return torch.autograd.grad(value, [p for p in model.parameters() if p.requires_grad])
 
 
-@pytest.mark.parametrize("block_size, attn, head", [(4, "sdpa", "fused-head"), (5, "eager", "fused-head"),
-                                                    (4, "eager", "logits")])
+@pytest.mark.parametrize(
+    "block_size, attn, head",
+    [(4, "sdpa", "fused-head"), (5, "eager", "fused-head"), (4, "eager", "logits")],
+)
 def test_one_pass_equals_per_block_forwards(block_size, attn, head):
     """Values and parameter gradients; prompts of 3..5 tokens end inside blocks, padding, and a
     partial last block (T = 12 with b = 5)."""
@@ -45,8 +57,14 @@ def test_one_pass_equals_per_block_forwards(block_size, attn, head):
     draws = block_draws(batch, block_size, "bernoulli" if block_size == 5 else "fixed_count")
     assert draws.mask.any()
     upstream = torch.randn(4)
-    one_pass = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
-                             attention_mask=batch["attention_mask"], backend="torch")
+    one_pass = elbo_estimate(
+        model,
+        batch["input_ids"],
+        draws,
+        mask_token_id=MASK_ID,
+        attention_mask=batch["attention_mask"],
+        backend="torch",
+    )
     reference = per_block_elbo(model, batch, draws, MASK_ID, torch.float64)
     torch.testing.assert_close(one_pass.double(), reference, rtol=1e-5, atol=1e-5)
     got = grads_of(model, (one_pass * upstream).sum())
@@ -61,8 +79,12 @@ def test_chunked_objective_equals_one_pass():
     batch = tiny_batch(seed=3)
     results = []
     for chunk in (None, 3):
-        objective = ELBOKTOObjective(mc=MCConfig(n_t=2, block_size=4), loss=LossConfig(beta=1.0),
-                                     mc_chunk_size=chunk, backend="torch")
+        objective = ELBOKTOObjective(
+            mc=MCConfig(n_t=2, block_size=4),
+            loss=LossConfig(beta=1.0),
+            mc_chunk_size=chunk,
+            backend="torch",
+        )
         policy.zero_grad()
         out = objective(policy, batch, reference=reference)
         out.loss.backward()
@@ -103,8 +125,10 @@ def test_capability_probe():
 def test_models_that_cannot_take_the_mask_are_refused():
     batch = tiny_batch()
     draws = block_draws(batch, 4)
-    for implementation, match in (("flex_attention", "BlockMask.*sdpa"),
-                                  ("flash_attention_2", "custom 4D attention mask")):
+    for implementation, match in (
+        ("flex_attention", "BlockMask.*sdpa"),
+        ("flash_attention_2", "custom 4D attention mask"),
+    ):
         model = tiny_block_model()
         model.config._attn_implementation = implementation
         with pytest.raises(ValueError, match=match):
@@ -123,8 +147,9 @@ def test_models_that_cannot_take_the_mask_are_refused():
     with pytest.raises(ValueError, match="takes no position_ids"):
         check_block_model(NoPositions())
     with pytest.raises(ValueError, match="shift_logits"):
-        elbo_estimate(tiny_block_model(), batch["input_ids"], draws, mask_token_id=MASK_ID,
-                      shift_logits=True)
+        elbo_estimate(
+            tiny_block_model(), batch["input_ids"], draws, mask_token_id=MASK_ID, shift_logits=True
+        )
 
 
 def test_block_size_from_the_config_or_the_flag(caplog):

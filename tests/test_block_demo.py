@@ -8,26 +8,42 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from tiny_models import small_demo_config
 
 from elbokto.block_sampling import block_generate
-from elbokto.demo import (DESIRABLE, Encoder, build_model, classify, kto_rows,
-                          sample_prompts, train_kto, train_sft)
+from elbokto.demo import (
+    DESIRABLE,
+    Encoder,
+    build_model,
+    classify,
+    kto_rows,
+    sample_prompts,
+    train_kto,
+    train_sft,
+)
 from elbokto.draws import MCConfig
 from elbokto.sampling import SamplingConfig, decode_responses
-from tiny_models import small_demo_config
 
 # Three letters: prompts of 6 tokens and answers of 4, in blocks of 2.
 BLOCK = 2
-CONFIG = small_demo_config(sft_mc=MCConfig(n_t=1, block_size=BLOCK),
-                           mc=MCConfig(n_t=4, block_size=BLOCK))
+CONFIG = small_demo_config(
+    sft_mc=MCConfig(n_t=1, block_size=BLOCK), mc=MCConfig(n_t=4, block_size=BLOCK)
+)
 
 
 def rates(model, encoder, prompts) -> Counter:
-    gen = SamplingConfig(gen_length=CONFIG.gen_length, steps=CONFIG.gen_length,
-                           block_length=BLOCK, temperature=1.0, remasking="random",
-                           seed=CONFIG.seed, mask_token_id=encoder.tokenizer.mask_token_id)
-    tokens = block_generate(model, encoder.prompt_ids(prompts), gen,
-                            pad_token_id=encoder.tokenizer.pad_token_id)
+    gen = SamplingConfig(
+        gen_length=CONFIG.gen_length,
+        steps=CONFIG.gen_length,
+        block_length=BLOCK,
+        temperature=1.0,
+        remasking="random",
+        seed=CONFIG.seed,
+        mask_token_id=encoder.tokenizer.mask_token_id,
+    )
+    tokens = block_generate(
+        model, encoder.prompt_ids(prompts), gen, pad_token_id=encoder.tokenizer.pad_token_id
+    )
     texts = decode_responses(encoder.tokenizer, tokens)
     return Counter(classify(p, t, CONFIG.upper) for p, t in zip(prompts, texts))
 
@@ -38,8 +54,9 @@ def test_block_model_learns_the_demo_task():
     encoder = Encoder(CONFIG)
     rng = np.random.default_rng(CONFIG.seed)
     held_out = sample_prompts(rng, CONFIG.eval_prompts, CONFIG)
-    rows = kto_rows(encoder, CONFIG, sample_prompts(rng, CONFIG.kto_examples, CONFIG,
-                                                    exclude=set(held_out)))
+    rows = kto_rows(
+        encoder, CONFIG, sample_prompts(rng, CONFIG.kto_examples, CONFIG, exclude=set(held_out))
+    )
     model = build_model(CONFIG, encoder.tokenizer)
     train_sft(model, encoder, CONFIG, rng)
     reference = copy.deepcopy(model).requires_grad_(False)

@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
+from tiny_models import MASK_ID, Wrapper, tiny_block_model
 from torch import nn
 
 from elbokto.block_sampling import block_generate, check_block_cache
 from elbokto.cli import main
 from elbokto.data import prompt_token_ids
-from elbokto.sampling import SamplingConfig, decode_responses, generate
 from elbokto.models import ModelConfig, build_tiny_model, load_model, load_tokenizer
+from elbokto.sampling import SamplingConfig, decode_responses, generate
 from elbokto.tiny import build_tiny_tokenizer
-from tiny_models import MASK_ID, Wrapper, tiny_block_model
 
 PAD, BLOCK = 0, 4
 
@@ -33,10 +33,14 @@ class Recorder:
 
     def record(self, module, args, kwargs):
         cache = kwargs.get("cache")
-        self.calls.append({"ids": kwargs["input_ids"].clone(),
-                           "positions": kwargs["position_ids"].clone(),
-                           "mask": kwargs["attention_mask"].clone(),
-                           "cached": None if cache is None else cache.get_seq_length()})
+        self.calls.append(
+            {
+                "ids": kwargs["input_ids"].clone(),
+                "positions": kwargs["position_ids"].clone(),
+                "mask": kwargs["attention_mask"].clone(),
+                "cached": None if cache is None else cache.get_seq_length(),
+            }
+        )
 
 
 class BlockCausal(nn.Module):
@@ -55,8 +59,12 @@ class BlockCausal(nn.Module):
         block = torch.arange(n) // self.block_size
         allowed = (block[None, :] <= block[:, None]) & real[:, None, :] | torch.eye(n).bool()
         positions = (real.long().cumsum(1) - 1).clamp(min=0)
-        return self.inner(input_ids=input_ids, attention_mask=allowed[:, None],
-                          position_ids=positions, use_cache=False)
+        return self.inner(
+            input_ids=input_ids,
+            attention_mask=allowed[:, None],
+            position_ids=positions,
+            use_cache=False,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +74,11 @@ def model():
     return tiny_block_model(seed=3).double()
 
 
-SAMPLERS = {"greedy": dict(),
-            "seeded": dict(temperature=1.0, remasking="random", seed=7),
-            "threshold": dict(temperature=0.5, threshold=0.02, seed=1)}
+SAMPLERS = {
+    "greedy": dict(),
+    "seeded": dict(temperature=1.0, remasking="random", seed=7),
+    "threshold": dict(temperature=0.5, threshold=0.02, seed=1),
+}
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -141,17 +151,25 @@ class OwnCache(Wrapper):
     """A model whose code ignores the transformers cache it is passed (keeps its own)."""
 
     def forward(self, input_ids, attention_mask, position_ids, use_cache, cache=None):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, use_cache=False)
+        return self.inner(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
 
 
 class OwnMaskWithCache(OwnCache):
     """A model that builds its own (causal) mask whenever a cache is passed."""
 
     def forward(self, input_ids, attention_mask, position_ids, use_cache, cache=None):
-        return self.inner(input_ids=input_ids, position_ids=position_ids, cache=cache,
-                          use_cache=use_cache,
-                          attention_mask=None if cache is not None else attention_mask)
+        return self.inner(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            attention_mask=None if cache is not None else attention_mask,
+        )
 
 
 def test_models_whose_cache_is_not_exact_are_refused():
@@ -163,8 +181,9 @@ def test_models_whose_cache_is_not_exact_are_refused():
     config = SamplingConfig(gen_length=4, steps=4, block_length=BLOCK)
     with pytest.raises(ValueError, match="holds 0 positions"):
         block_generate(OwnCache(tiny_block_model()), prompts_of([5]), config, pad_token_id=PAD)
-    block_generate(OwnCache(tiny_block_model()), prompts_of([5]), config, pad_token_id=PAD,
-                   use_cache=False)
+    block_generate(
+        OwnCache(tiny_block_model()), prompts_of([5]), config, pad_token_id=PAD, use_cache=False
+    )
     shifted = SamplingConfig(gen_length=4, block_length=BLOCK, shift_logits=True)
     with pytest.raises(ValueError, match="shift_logits"):
         block_generate(tiny_block_model(), prompts_of([5]), shifted, pad_token_id=PAD)
@@ -176,27 +195,57 @@ def test_elbokto_generate_samples_block_models_block_by_block(tmp_path, capsys):
     block size is refused."""
     tokenizer = build_tiny_tokenizer(["reverse abc", "reverse hello", "cba olleh"])
     tokenizer.save_pretrained(tmp_path)
-    build_tiny_model(len(tokenizer), tokenizer.mask_token_id, hidden_size=32,
-                     pad_token_id=tokenizer.pad_token_id,
-                     eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp_path)
+    build_tiny_model(
+        len(tokenizer),
+        tokenizer.mask_token_id,
+        hidden_size=32,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    ).save_pretrained(tmp_path)
     prompts = ["reverse abc", "reverse hello"]
-    flags = ["--gen_length", "8", "--steps", "4", "--temperature", "1.0", "--block_size",
-             str(BLOCK)]
-    assert main(["generate", "--model_name_or_path", str(tmp_path), "--prompt", *prompts,
-                 *flags]) == 0
+    flags = [
+        "--gen_length",
+        "8",
+        "--steps",
+        "4",
+        "--temperature",
+        "1.0",
+        "--block_size",
+        str(BLOCK),
+    ]
+    assert (
+        main(["generate", "--model_name_or_path", str(tmp_path), "--prompt", *prompts, *flags]) == 0
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
     model_cfg = ModelConfig(model_name_or_path=str(tmp_path))
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(str(tmp_path), model_cfg, tokenizer=tokenizer).eval()
     ids = prompt_token_ids(tokenizer, [[{"role": "user", "content": p}] for p in prompts])
-    config = SamplingConfig(gen_length=8, steps=4, block_length=BLOCK, temperature=1.0,
-                              mask_token_id=tokenizer.mask_token_id)
+    config = SamplingConfig(
+        gen_length=8,
+        steps=4,
+        block_length=BLOCK,
+        temperature=1.0,
+        mask_token_id=tokenizer.mask_token_id,
+    )
     block = block_generate(model, ids, config, pad_token_id=tokenizer.pad_token_id)
     assert [line["response"] for line in lines] == decode_responses(tokenizer, block)
-    assert not torch.equal(block, generate(model, ids, config,
-                                          pad_token_id=tokenizer.pad_token_id))
+    assert not torch.equal(block, generate(model, ids, config, pad_token_id=tokenizer.pad_token_id))
 
-    assert main(["generate", "--model_name_or_path", str(tmp_path), "--prompt", prompts[0],
-                 *flags, "--block_length", "2"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model_name_or_path",
+                str(tmp_path),
+                "--prompt",
+                prompts[0],
+                *flags,
+                "--block_length",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert "differs from the model's block size 4" in capsys.readouterr().err

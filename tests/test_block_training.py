@@ -1,12 +1,12 @@
 """Block-diffusion models through the product: trainer, precomputed reference, diagnose, loader."""
 
 import pytest
+from training_runs import configs, history, write_kto_mix
 from transformers import DiffusionGemmaConfig
 
 from elbokto.cli import main
 from elbokto.models import ModelConfig, load_model
 from elbokto.run import precompute_ref, train
-from training_runs import configs, history, write_kto_mix
 
 
 def test_block_training_moves_the_margins(tmp_path):
@@ -28,10 +28,35 @@ def test_precomputed_reference_records_the_block_size(tmp_path):
 
 def test_diagnose_with_block_draws(tmp_path, capsys):
     data = write_kto_mix(tmp_path / "data.jsonl")
-    assert main(["diagnose", "--dataset", str(data), "--output_dir", str(tmp_path),
-                 "--block_size", "4", "--budgets", "2x1", "--redraws", "2", "--batch_size", "4",
-                 "--num_batches", "1", "--use_cpu", "--report_to", "none", "--max_length", "64",
-                 "--kernel_backend", "torch"]) == 0
+    assert (
+        main(
+            [
+                "diagnose",
+                "--dataset",
+                str(data),
+                "--output_dir",
+                str(tmp_path),
+                "--block_size",
+                "4",
+                "--budgets",
+                "2x1",
+                "--redraws",
+                "2",
+                "--batch_size",
+                "4",
+                "--num_batches",
+                "1",
+                "--use_cpu",
+                "--report_to",
+                "none",
+                "--max_length",
+                "64",
+                "--kernel_backend",
+                "torch",
+            ]
+        )
+        == 0
+    )
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 

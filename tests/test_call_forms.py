@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from devices import DEVICE, on_device
+
 from elbokto_kernels import fused_elbo, fused_linear_elbo
 from elbokto_kernels.oracle import assert_close, elbo_oracle, tolerances
 
@@ -19,24 +19,29 @@ def sft_case(B=3, L=5, V=23, D=8, seed=0):
     mask[-1] = False  # a sequence with nothing masked
     targets = torch.randint(0, V, (B, L), generator=g).masked_fill(~mask, -100)
     logits = torch.randn(B, L, V, generator=g)
-    hidden, head = torch.randn(B, L, D, generator=g), torch.randn(V, D, generator=g) / D ** 0.5
+    hidden, head = torch.randn(B, L, D, generator=g), torch.randn(V, D, generator=g) / D**0.5
     weights = 1 / (torch.rand(B, generator=g) + 0.1)
     return on_device(logits, hidden, head, targets, mask, weights)
 
 
 def test_defaults_are_the_plain_masked_diffusion_loss(backend):
     logits, hidden, head, targets, mask, weights = sft_case()
-    full = fused_elbo(logits, targets, mask, weights, torch.arange(3, device=DEVICE), 3,
-                      backend=backend)
+    full = fused_elbo(
+        logits, targets, mask, weights, torch.arange(3, device=DEVICE), 3, backend=backend
+    )
     assert torch.equal(fused_elbo(logits, targets, weights=weights, backend=backend), full)
     ones = torch.ones(3, device=DEVICE)
-    assert torch.equal(fused_elbo(logits, targets, backend=backend),
-                       fused_elbo(logits, targets, mask, ones, backend=backend))
+    assert torch.equal(
+        fused_elbo(logits, targets, backend=backend),
+        fused_elbo(logits, targets, mask, ones, backend=backend),
+    )
     assert full[-1] == 0
-    linear = fused_linear_elbo(hidden, head, targets, mask, weights,
-                               torch.arange(3, device=DEVICE), 3, backend=backend)
-    assert torch.equal(fused_linear_elbo(hidden, head, targets, weights=weights,
-                                         backend=backend), linear)
+    linear = fused_linear_elbo(
+        hidden, head, targets, mask, weights, torch.arange(3, device=DEVICE), 3, backend=backend
+    )
+    assert torch.equal(
+        fused_linear_elbo(hidden, head, targets, weights=weights, backend=backend), linear
+    )
 
 
 def test_2d_inputs_are_one_sample_per_row(backend):
@@ -46,8 +51,12 @@ def test_2d_inputs_are_one_sample_per_row(backend):
     rows = fused_elbo(x, targets.reshape(15), weights=per_position.reshape(15), backend=backend)
     assert rows.shape == (15,)
     logp = torch.log_softmax(logits.reshape(15, 23).double(), -1)
-    want = torch.where(mask.reshape(15), logp.gather(1, targets.reshape(15, 1).clamp(min=0))[:, 0]
-                       * per_position.reshape(15).double(), 0.0)
+    want = torch.where(
+        mask.reshape(15),
+        logp.gather(1, targets.reshape(15, 1).clamp(min=0))[:, 0]
+        * per_position.reshape(15).double(),
+        0.0,
+    )
     assert_close(rows, want, tolerances(torch.float32)[0], "per-row values")
     (grad,) = torch.autograd.grad(rows.sum(), x)
     assert torch.all(grad[~mask.reshape(15)] == 0)
@@ -61,14 +70,18 @@ def test_reductions(backend):
     logits, hidden, head, targets, mask, weights = sft_case()
     x = logits.double()
     per_sample = elbo_oracle(x, targets, mask, weights, torch.arange(3, device=DEVICE), 3)
-    want = {"sum": per_sample.sum(), "mean": per_sample.sum() / mask.sum(),
-            "sample_mean": per_sample.mean()}
+    want = {
+        "sum": per_sample.sum(),
+        "mean": per_sample.sum() / mask.sum(),
+        "sample_mean": per_sample.mean(),
+    }
     for reduction, value in want.items():
         got = fused_elbo(logits, targets, weights=weights, reduction=reduction, backend=backend)
         assert got.shape == ()
         assert_close(got, value, tolerances(torch.float32)[0], reduction)
-        linear = fused_linear_elbo(hidden, head, targets, weights=weights, reduction=reduction,
-                                   backend=backend)
+        linear = fused_linear_elbo(
+            hidden, head, targets, weights=weights, reduction=reduction, backend=backend
+        )
         assert linear.shape == ()
     # Nothing scored: a mean of zero terms is 0, not NaN.
     nothing = fused_elbo(logits, torch.full_like(targets, -100), reduction="mean", backend=backend)
@@ -77,8 +90,11 @@ def test_reductions(backend):
 
 def test_call_form_errors():
     logits, hidden, head, targets, mask, weights = sft_case()
-    with pytest.raises(ValueError, match=r"reduction must be one of \('none', 'sum', 'mean', "
-                                         r"'sample_mean'\), got 'avg'"):
+    with pytest.raises(
+        ValueError,
+        match=r"reduction must be one of \('none', 'sum', 'mean', "
+        r"'sample_mean'\), got 'avg'",
+    ):
         fused_elbo(logits, targets, reduction="avg")
     with pytest.raises(ValueError, match="sample_index needs num_samples"):
         fused_elbo(logits, targets, mask, weights, torch.zeros(3, dtype=torch.long, device=DEVICE))

@@ -37,8 +37,15 @@ def test_bad_arguments(kernel):
     with pytest.raises(RuntimeError, match="targets"):
         cpu.row_lse(x, None, torch.tensor([1, 2]), None)
     with pytest.raises(RuntimeError, match="out"):
-        cpu.row_grad(x, None, torch.zeros(4, dtype=torch.long), torch.zeros(4), torch.ones(4),
-                     None, torch.empty(10, 4).t())
+        cpu.row_grad(
+            x,
+            None,
+            torch.zeros(4, dtype=torch.long),
+            torch.zeros(4),
+            torch.ones(4),
+            None,
+            torch.empty(10, 4).t(),
+        )
 
 
 def test_simd_level_and_build_key_in_the_extension_name(kernel):
@@ -51,9 +58,11 @@ def test_simd_level_and_build_key_in_the_extension_name(kernel):
 def test_build_key_follows_source_and_flags():
     key = cpu.build_key(b"int f();", ["-O3"], ["-fopenmp"])
     assert key == cpu.build_key(b"int f();", ["-O3"], ["-fopenmp"])
-    others = {cpu.build_key(b"int g();", ["-O3"], ["-fopenmp"]),
-              cpu.build_key(b"int f();", ["-O2"], ["-fopenmp"]),
-              cpu.build_key(b"int f();", ["-O3"], [])}
+    others = {
+        cpu.build_key(b"int g();", ["-O3"], ["-fopenmp"]),
+        cpu.build_key(b"int f();", ["-O2"], ["-fopenmp"]),
+        cpu.build_key(b"int f();", ["-O3"], []),
+    }
     assert key not in others and len(others) == 3
 
 
@@ -114,11 +123,16 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(kernel, tmp_path):
     library.parent.mkdir()
     library.write_bytes(good.read_bytes())
     cpu.write_stamp(library)
-    library.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 3])
+    library.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-c", _FAKE_BUILD, str(good)], env=env,
-                            capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).resolve().parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", _FAKE_BUILD, str(good)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True"]
     assert re.search(r"WARNING .*unusable \(its content differs.*rebuilding", result.stderr)
@@ -172,8 +186,13 @@ def test_the_build_says_what_it_does_and_how_long_it_took(tmp_path, monkeypatch,
 
 
 def test_build_ahead(kernel):
-    result = subprocess.run([sys.executable, "-m", "elbokto_kernels.build"], capture_output=True,
-                            text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-m", "elbokto_kernels.build"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("elbokto: the C++ CPU kernel is ready: ")
     assert Path(result.stdout.split(": ", 2)[2].strip()).is_file()

@@ -9,9 +9,19 @@ import torch
 from datasets import Dataset
 from transformers import HfArgumentParser
 
-from elbokto.data import (DataConfig, PreferenceCollator, build_dataset, check_class_balance,
-                          dataset_uids, detect_layout, example_uid, load_source, pair_rows,
-                          subsample_classes, tokenize_dataset, unpair)
+from elbokto.data import (
+    DataConfig,
+    PreferenceCollator,
+    build_dataset,
+    check_class_balance,
+    dataset_uids,
+    detect_layout,
+    example_uid,
+    load_source,
+    subsample_classes,
+    tokenize_dataset,
+    unpair,
+)
 from elbokto.objective import BATCH_KEYS
 from elbokto.tiny import CHAT_TEMPLATE, ROLE_TOKENS, build_tiny_tokenizer
 
@@ -25,8 +35,11 @@ UNPAIRED = [
 ]
 # trl-lib/kto-mix-14k: message lists, multi-turn prompts, the completion one assistant turn.
 UNPAIRED_CHAT = [
-    {"prompt": [USER("Hi"), BOT("Hello!"), USER("What is two plus two?")],
-     "completion": [BOT("Four.")], "label": True},
+    {
+        "prompt": [USER("Hi"), BOT("Hello!"), USER("What is two plus two?")],
+        "completion": [BOT("Four.")],
+        "label": True,
+    },
     {"prompt": [USER("Say a colour.")], "completion": [BOT("Seven.")], "label": False},
 ]
 PAIRED = [
@@ -34,22 +47,41 @@ PAIRED = [
     {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."},
     {"prompt": "Say hello.", "chosen": "Hello!", "rejected": "No."},
 ]
-PAIRED_CHAT = [{"prompt": [USER("Hi"), BOT("Hey"), USER("Name a colour.")],
-                "chosen": [BOT("Blue.")], "rejected": [BOT("Seven.")]}]
+PAIRED_CHAT = [
+    {
+        "prompt": [USER("Hi"), BOT("Hey"), USER("Name a colour.")],
+        "chosen": [BOT("Blue.")],
+        "rejected": [BOT("Seven.")],
+    }
+]
 # HuggingFaceH4/ultrafeedback_binarized (train_prefs): the responses carry the prompt turns.
 ULTRAFEEDBACK = [
-    {"prompt": "What is a cat?", "prompt_id": "a1",
-     "chosen": [{"role": "system", "content": "Be brief."}, USER("What is a cat?"),
-                BOT("A small animal.")],
-     "rejected": [{"role": "system", "content": "Be brief."}, USER("What is a cat?"),
-                  BOT("A car.")],
-     "messages": [USER("What is a cat?"), BOT("A small animal.")],
-     "score_chosen": 8.0, "score_rejected": 2.0},
-    {"prompt": "Name a colour.", "prompt_id": "b2",
-     "chosen": [USER("Name a colour."), BOT("Blue.")],
-     "rejected": [USER("Name a colour."), BOT("Seven.")],
-     "messages": [USER("Name a colour."), BOT("Blue.")],
-     "score_chosen": 9.0, "score_rejected": 1.0},
+    {
+        "prompt": "What is a cat?",
+        "prompt_id": "a1",
+        "chosen": [
+            {"role": "system", "content": "Be brief."},
+            USER("What is a cat?"),
+            BOT("A small animal."),
+        ],
+        "rejected": [
+            {"role": "system", "content": "Be brief."},
+            USER("What is a cat?"),
+            BOT("A car."),
+        ],
+        "messages": [USER("What is a cat?"), BOT("A small animal.")],
+        "score_chosen": 8.0,
+        "score_rejected": 2.0,
+    },
+    {
+        "prompt": "Name a colour.",
+        "prompt_id": "b2",
+        "chosen": [USER("Name a colour."), BOT("Blue.")],
+        "rejected": [USER("Name a colour."), BOT("Seven.")],
+        "messages": [USER("Name a colour."), BOT("Blue.")],
+        "score_chosen": 9.0,
+        "score_rejected": 1.0,
+    },
 ]
 TEXTS = [r["prompt"] + " " + r["completion"] for r in UNPAIRED] + [
     "Hello! Hi hey. Four. Seven. No. A car. Be brief.",
@@ -99,14 +131,16 @@ def test_sources(tmp_path, fmt):
 def test_unpaired_layouts():
     rows = unpair(Dataset.from_list(UNPAIRED)).to_list()
     assert [(r["prompt"], r["completion"], r["label"]) for r in rows] == [
-        ([USER(r["prompt"])], r["completion"], r["label"]) for r in UNPAIRED]
+        ([USER(r["prompt"])], r["completion"], r["label"]) for r in UNPAIRED
+    ]
     chat = unpair(Dataset.from_list(UNPAIRED_CHAT)).to_list()
     assert chat[0]["prompt"] == UNPAIRED_CHAT[0]["prompt"] and chat[0]["completion"] == "Four."
     assert [r["label"] for r in chat] == [True, False]
 
 
-@pytest.mark.parametrize("rows", [PAIRED, PAIRED_CHAT, ULTRAFEEDBACK],
-                         ids=["strings", "messages", "ultrafeedback"])
+@pytest.mark.parametrize(
+    "rows", [PAIRED, PAIRED_CHAT, ULTRAFEEDBACK], ids=["strings", "messages", "ultrafeedback"]
+)
 def test_paired_layouts_unpair_into_two_rows(rows):
     data = Dataset.from_list(rows)
     assert detect_layout(data.column_names) == "paired"
@@ -116,14 +150,17 @@ def test_paired_layouts_unpair_into_two_rows(rows):
         for column, label in (("chosen", True), ("rejected", False)):
             response = r[column]
             if isinstance(response, str):
-                expected.append({"prompt": [USER(r["prompt"])], "completion": response,
-                                 "label": label})
+                expected.append(
+                    {"prompt": [USER(r["prompt"])], "completion": response, "label": label}
+                )
             elif response[0]["role"] != "assistant":  # prompt turns embedded, prompt column unused
-                expected.append({"prompt": response[:-1], "completion": response[-1]["content"],
-                                 "label": label})
+                expected.append(
+                    {"prompt": response[:-1], "completion": response[-1]["content"], "label": label}
+                )
             else:
-                expected.append({"prompt": r["prompt"], "completion": response[-1]["content"],
-                                 "label": label})
+                expected.append(
+                    {"prompt": r["prompt"], "completion": response[-1]["content"], "label": label}
+                )
     assert len(out) == 2 * len(rows) and as_set(out) == as_set(expected)
     assert sum(r["label"] for r in out) == len(rows)
     assert out == unpair(data, seed=3).to_list()  # the shuffle is seeded
@@ -160,8 +197,9 @@ def test_missing_sources(tmp_path):
 def test_hub_names_and_dataset_dicts(tmp_path, monkeypatch):
     calls = []
     fake = Dataset.from_list(UNPAIRED)
-    monkeypatch.setattr(datasets, "load_dataset",
-                        lambda *args, **kwargs: calls.append((args, kwargs)) or fake)
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or fake
+    )
     assert load_source("HuggingFaceH4/ultrafeedback_binarized", "train_prefs") is fake
     assert calls == [(("HuggingFaceH4/ultrafeedback_binarized",), {"split": "train_prefs"})]
     assert load_source(datasets.DatasetDict({"test": fake}), "test") is fake
@@ -172,13 +210,15 @@ def test_hub_names_and_dataset_dicts(tmp_path, monkeypatch):
 
 
 def test_prompt_is_exact_token_prefix(tokenizer):
-    rows = datasets.concatenate_datasets([unpair(Dataset.from_list(UNPAIRED_CHAT)),
-                                          unpair(Dataset.from_list(UNPAIRED))])
+    rows = datasets.concatenate_datasets(
+        [unpair(Dataset.from_list(UNPAIRED_CHAT)), unpair(Dataset.from_list(UNPAIRED))]
+    )
     data, stats = tokenize_dataset(rows, tokenizer)
     assert stats.dropped_long_prompt == stats.truncated_responses == 0
     for row, tok in zip(rows, data):
-        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True,
-                                               tokenize=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(
+            row["prompt"], add_generation_prompt=True, tokenize=True
+        )["input_ids"]
         response = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
         assert tok["input_ids"] == prompt + response + [tokenizer.eos_token_id]
         assert (tok["prompt_length"], tok["response_length"]) == (len(prompt), len(response) + 1)
@@ -197,10 +237,12 @@ def test_length_policy(tokenizer, caplog):
     assert len(full) == len(rows) and full[-1]["response_length"] == 1  # EOS only
     prompt, response = full["prompt_length"], full["response_length"]
     # (row, max_length, kept response tokens; 0 = dropped)
-    cases = [(0, prompt[0] + response[0], response[0]),  # fits exactly
-             (1, prompt[1] + response[1] - 2, response[1] - 2),  # cut, EOS lost
-             (2, prompt[2] + 1, 1),  # room for one response token
-             (2, prompt[2], 0)]  # the prompt fills max_length
+    cases = [
+        (0, prompt[0] + response[0], response[0]),  # fits exactly
+        (1, prompt[1] + response[1] - 2, response[1] - 2),  # cut, EOS lost
+        (2, prompt[2] + 1, 1),  # room for one response token
+        (2, prompt[2], 0),
+    ]  # the prompt fills max_length
     for row, max_length, kept in cases:
         caplog.clear()
         with caplog.at_level("WARNING", logger="elbokto.data"):
@@ -222,8 +264,11 @@ def test_uid_is_a_stable_content_hash():
     uid = example_uid(prompt, completion, True)
     assert uid == 8168918093268587409  # fixed across processes, runs and machines
     assert 0 <= uid < 2**63
-    variants = [example_uid(prompt, completion, False), example_uid(prompt, "A car.", True),
-                example_uid([BOT("What is a cat?")], completion, True)]
+    variants = [
+        example_uid(prompt, completion, False),
+        example_uid(prompt, "A car.", True),
+        example_uid([BOT("What is a cat?")], completion, True),
+    ]
     assert len({uid, *variants}) == 4
     data = Dataset.from_list(UNPAIRED)
     assert unpair(data)["uid"] == unpair(data)["uid"]
@@ -231,9 +276,17 @@ def test_uid_is_a_stable_content_hash():
 
 
 def token_rows(lengths):
-    return [{"input_ids": list(range(1, p + r + 1)), "prompt_length": p, "response_length": r,
-             "desirable": i % 2 == 0, "uid": 10 + i, "length": p + r}
-            for i, (p, r) in enumerate(lengths)]
+    return [
+        {
+            "input_ids": list(range(1, p + r + 1)),
+            "prompt_length": p,
+            "response_length": r,
+            "desirable": i % 2 == 0,
+            "uid": 10 + i,
+            "length": p + r,
+        }
+        for i, (p, r) in enumerate(lengths)
+    ]
 
 
 def test_collator_padding():
@@ -263,8 +316,9 @@ def test_collator_padding():
 
 
 def test_subsample_classes():
-    data = Dataset.from_list([{"prompt": "p", "completion": str(i), "label": i % 4 != 0}
-                              for i in range(40)])  # 30 desirable, 10 undesirable
+    data = Dataset.from_list(
+        [{"prompt": "p", "completion": str(i), "label": i % 4 != 0} for i in range(40)]
+    )  # 30 desirable, 10 undesirable
     half = subsample_classes(data, 0.5, 1.0, seed=1)
     assert sum(half["label"]) == 15 and len(half) == 25
     assert half["completion"] == subsample_classes(data, 0.5, 1.0, seed=1)["completion"]
@@ -291,21 +345,40 @@ def test_check_class_balance():
 def test_build_dataset_end_to_end(tmp_path, tokenizer):
     path = write(ULTRAFEEDBACK + ULTRAFEEDBACK, tmp_path / "prefs.parquet", "parquet")
     (config,) = HfArgumentParser(DataConfig).parse_args_into_dataclasses(
-        ["--dataset", str(path), "--max_length", "16", "--pad_to_multiple_of", "8",
-         "--undesirable_fraction", "0.5"])
+        [
+            "--dataset",
+            str(path),
+            "--max_length",
+            "16",
+            "--pad_to_multiple_of",
+            "8",
+            "--undesirable_fraction",
+            "0.5",
+        ]
+    )
     data, stats = build_dataset(config, tokenizer)
     assert (stats.layout, stats.source_rows, stats.unpaired_rows) == ("paired", 4, 8)
     assert (stats.n_desirable, stats.n_undesirable) == (4, 2) and len(data) == 6
     assert stats.truncated_responses >= 2 and stats.dropped_long_prompt == 0
-    assert set(data.column_names) == {"input_ids", "prompt_length", "response_length",
-                                      "desirable", "uid", "pair_uid", "length"}
+    assert set(data.column_names) == {
+        "input_ids",
+        "prompt_length",
+        "response_length",
+        "desirable",
+        "uid",
+        "pair_uid",
+        "length",
+    }
     batch = PreferenceCollator.from_config(config, tokenizer)(list(data))
     assert batch["input_ids"].shape == (6, 16)
     assert (batch["prompt_lengths"] + batch["response_lengths"]).max() <= 16
-    assert build_dataset(config, tokenizer, source=Dataset.from_list(UNPAIRED))[1].layout == \
-        "unpaired"
-    for empty in (DataConfig(dataset=str(path), max_length=2),
-                  DataConfig(dataset=str(path), desirable_fraction=0, undesirable_fraction=0)):
+    assert (
+        build_dataset(config, tokenizer, source=Dataset.from_list(UNPAIRED))[1].layout == "unpaired"
+    )
+    for empty in (
+        DataConfig(dataset=str(path), max_length=2),
+        DataConfig(dataset=str(path), desirable_fraction=0, undesirable_fraction=0),
+    ):
         with pytest.raises(ValueError, match="no examples left"):
             build_dataset(empty, tokenizer)
     with pytest.raises(ValueError, match="fractions"):
@@ -322,23 +395,28 @@ def test_pairs_stay_together(tmp_path, tokenizer):
     for row in unpaired:
         siblings.setdefault(row["pair_uid"], []).append(row["desirable"])
     assert sorted(sorted(v) for v in siblings.values()) == [
-        [False], [False, False, True, True], [False, True]]
+        [False],
+        [False, False, True, True],
+        [False, True],
+    ]
 
     data, stats = build_dataset(config, tokenizer, paired=True)
     assert (stats.n_pairs, stats.dropped_pairs) == (2, 2) and len(data) == 2
     assert set(data.column_names) == {"chosen", "rejected", "pair_uid", "length"}
     first = data[0]
-    assert first["chosen"]["uid"] == example_uid([USER(PAIRED[0]["prompt"])], PAIRED[0]["chosen"],
-                                                 True)
+    assert first["chosen"]["uid"] == example_uid(
+        [USER(PAIRED[0]["prompt"])], PAIRED[0]["chosen"], True
+    )
     assert first["length"] == first["chosen"]["length"] + first["rejected"]["length"]
     batch = PreferenceCollator(tokenizer.pad_token_id)(list(data))
     assert batch["desirable"].tolist() == [True, False] * 2
     assert batch["pair_uid"].tolist() == [p["pair_uid"] for p in data for _ in range(2)]
-    assert batch["uid"].tolist() == [p[side]["uid"] for p in data
-                                     for side in ("chosen", "rejected")]
+    assert batch["uid"].tolist() == [
+        p[side]["uid"] for p in data for side in ("chosen", "rejected")
+    ]
     assert torch.equal(torch.sort(dataset_uids(data)).values, torch.sort(batch["uid"]).values)
     # Each row keeps its own tokens: the rejected row of a pair is its own answer.
-    rejected = batch["input_ids"][1, batch["prompt_lengths"][1]:][:batch["response_lengths"][1]]
+    rejected = batch["input_ids"][1, batch["prompt_lengths"][1] :][: batch["response_lengths"][1]]
     assert tokenizer.decode(rejected.tolist()).startswith(PAIRED[0]["rejected"])
 
 
@@ -358,15 +436,17 @@ def test_paired_loss_refuses_unpaired_data(tmp_path, tokenizer):
         build_dataset(DataConfig(dataset=str(path)), tokenizer, paired=True)
     pairs = write(PAIRED, tmp_path / "pairs.jsonl", "jsonl")
     with pytest.raises(ValueError, match="both responses are kept or neither"):
-        build_dataset(DataConfig(dataset=str(pairs), desirable_fraction=0.5), tokenizer,
-                      paired=True)
+        build_dataset(
+            DataConfig(dataset=str(pairs), desirable_fraction=0.5), tokenizer, paired=True
+        )
 
 
 def test_tiny_tokenizer(tokenizer):
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id) == (0, 1, 2)
     assert tokenizer.chat_template == CHAT_TEMPLATE
-    ids = tokenizer.apply_chat_template([USER("Hi")], add_generation_prompt=True,
-                                        tokenize=True)["input_ids"]
+    ids = tokenizer.apply_chat_template([USER("Hi")], add_generation_prompt=True, tokenize=True)[
+        "input_ids"
+    ]
     roles = tokenizer.convert_tokens_to_ids(list(ROLE_TOKENS))
     assert ids[0] == roles[1] and ids[-2:] == roles[3:1:-1]
     text = "unseen wörds ☃ decode exactly"
@@ -381,8 +461,9 @@ def test_row_uids_number_the_source_rows(tmp_path, tokenizer):
     subsampling and any shuffle (the authors' precompute_bref.py numbers its rows so)."""
     rows = UNPAIRED + [{"prompt": "Hi", "completion": "", "label": True}] + UNPAIRED
     path = write(rows, tmp_path / "kto.jsonl", "jsonl")
-    config = DataConfig(dataset=str(path), uid_source="row", append_eos=False,
-                        undesirable_fraction=0.5)
+    config = DataConfig(
+        dataset=str(path), uid_source="row", append_eos=False, undesirable_fraction=0.5
+    )
     data, stats = build_dataset(config, tokenizer)
     assert stats.dropped_empty_response == 1 and stats.n_undesirable == 1
     kept = [i for i, r in enumerate(rows) if r["completion"] and r["label"]]
@@ -391,10 +472,11 @@ def test_row_uids_number_the_source_rows(tmp_path, tokenizer):
     for row in data:  # each uid names the source row the example came from
         source = rows[row["uid"]]
         want = tokenizer(source["completion"], add_special_tokens=False)["input_ids"]
-        assert row["input_ids"][row["prompt_length"]:] == want
+        assert row["input_ids"][row["prompt_length"] :] == want
     content, _ = build_dataset(DataConfig(dataset=str(path), append_eos=False), tokenizer)
-    assert content["uid"][:3] == [example_uid([USER(r["prompt"])], r["completion"], r["label"])
-                                  for r in rows[:3]]
+    assert content["uid"][:3] == [
+        example_uid([USER(r["prompt"])], r["completion"], r["label"]) for r in rows[:3]
+    ]
     pairs = write(PAIRED, tmp_path / "pairs.jsonl", "jsonl")
     with pytest.raises(ValueError, match="uid_source='row' numbers the rows of an unpaired"):
         build_dataset(DataConfig(dataset=str(pairs), uid_source="row"), tokenizer)
@@ -414,12 +496,14 @@ def test_joined_tokenization(tokenizer):
     open_tokenizer.chat_template = CHAT_TEMPLATE.replace("<|assistant|>{%", "<|assistant|>A: {%")
     apart, _ = tokenize_dataset(rows, open_tokenizer, end_of_turn_token_id=None)
     joined, _ = tokenize_dataset(rows, open_tokenizer, end_of_turn_token_id="eos", joined=True)
-    texts = open_tokenizer.apply_chat_template(list(rows["prompt"]), tokenize=False,
-                                               add_generation_prompt=True)
+    texts = open_tokenizer.apply_chat_template(
+        list(rows["prompt"]), tokenize=False, add_generation_prompt=True
+    )
     for text, row, tok, alone in zip(texts, rows, joined, apart):
         whole = open_tokenizer(text + row["completion"], add_special_tokens=False)["input_ids"]
         assert tok["input_ids"] == whole + [open_tokenizer.eos_token_id]
         assert tok["prompt_length"] == alone["prompt_length"]
         assert tok["response_length"] == len(whole) + 1 - alone["prompt_length"]
-    assert joined["input_ids"] != [ids + [open_tokenizer.eos_token_id]
-                                   for ids in apart["input_ids"]]
+    assert joined["input_ids"] != [
+        ids + [open_tokenizer.eos_token_id] for ids in apart["input_ids"]
+    ]

@@ -7,21 +7,40 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-from elbokto.cli import main
-from elbokto.demo import (ABLATION_FIGURES, ABLATIONS, CONTROLS, DESIRABLE, OTHER, QUICK,
-                          UNDESIRABLE, DemoConfig, Encoder, build_model, classify, run_demo,
-                          sft_model)
 from kill_points import Killed, armed, torn_torch_save
 from tiny_models import small_demo_config
+
+from elbokto.cli import main
+from elbokto.demo import (
+    ABLATION_FIGURES,
+    ABLATIONS,
+    CONTROLS,
+    DESIRABLE,
+    OTHER,
+    QUICK,
+    UNDESIRABLE,
+    DemoConfig,
+    Encoder,
+    build_model,
+    classify,
+    run_demo,
+    sft_model,
+)
 
 
 @pytest.mark.slow
 def test_quick_demo_writes_summary_and_plot(tmp_path):
     assert main(["demo", "--quick", "--output_dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    for key in ("base_desirable_rate", "aligned_desirable_rate", "train_seconds", "config",
-                "noise", "curves", "winrate"):
+    for key in (
+        "base_desirable_rate",
+        "aligned_desirable_rate",
+        "train_seconds",
+        "config",
+        "noise",
+        "curves",
+        "winrate",
+    ):
         assert key in summary
     assert 0 <= summary["base_desirable_rate"] <= 1
     assert summary["config"]["mc"]["n_t"] >= 1
@@ -32,19 +51,34 @@ def test_quick_demo_writes_summary_and_plot(tmp_path):
 def test_seeds_and_filter_eps(tmp_path):
     """--seeds runs one demo per seed in its own folder and gathers the rates; --filter_eps
     reaches the training runs."""
-    assert main(["demo", "--quick", "--seeds", "1", "2", "--filter_eps", "2**-12",
-                 "--output_dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--quick",
+                "--seeds",
+                "1",
+                "2",
+                "--filter_eps",
+                "2**-12",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     seeds = json.loads((tmp_path / "seeds.json").read_text())
     runs = {s: json.loads((tmp_path / f"seed{s}" / "summary.json").read_text()) for s in (1, 2)}
     assert [r["config"]["seed"] for r in runs.values()] == [1, 2]
-    assert all(r["config"]["filter_eps"] == 2.0 ** -12 for r in runs.values())
+    assert all(r["config"]["filter_eps"] == 2.0**-12 for r in runs.values())
     rates = [r["aligned_desirable_rate"] for r in runs.values()]
-    assert seeds["seeds"] == {str(s): {"base": r["base_desirable_rate"],
-                                       "aligned": r["aligned_desirable_rate"]}
-                              for s, r in runs.items()}
+    assert seeds["seeds"] == {
+        str(s): {"base": r["base_desirable_rate"], "aligned": r["aligned_desirable_rate"]}
+        for s, r in runs.items()
+    }
     assert seeds["aligned"]["mean"] == sum(rates) / 2
     assert seeds["aligned"]["min"] == min(rates) and seeds["aligned"]["max"] == max(rates)
-    assert seeds["filter_eps"] == 2.0 ** -12
+    assert seeds["filter_eps"] == 2.0**-12
     assert main(["demo", "--quick", "--seeds", "1", "1", "--output_dir", str(tmp_path)]) == 2
 
 
@@ -52,18 +86,23 @@ def test_seeds_and_filter_eps(tmp_path):
 def test_ablations_over_seeds(tmp_path):
     """--ablate --seeds: every setting for every seed, gathered in ablations.json with the spread
     over the seeds, and plotted."""
-    assert main(["demo", "--quick", "--ablate", "--seeds", "0", "1",
-                 "--output_dir", str(tmp_path)]) == 0
+    assert (
+        main(["demo", "--quick", "--ablate", "--seeds", "0", "1", "--output_dir", str(tmp_path)])
+        == 0
+    )
     table = json.loads((tmp_path / "ablations.json").read_text())
     assert table["seeds"] == [0, 1]
     assert list(table["settings"]) == ["default", *ABLATIONS]
     for name, entry in table["settings"].items():
-        runs = [json.loads((tmp_path / f"seed{s}" / "summary.json").read_text())["ablations"][name]
-                for s in (0, 1)]
+        runs = [
+            json.loads((tmp_path / f"seed{s}" / "summary.json").read_text())["ablations"][name]
+            for s in (0, 1)
+        ]
         assert list(entry["per_seed"].values()) == runs
         for r in runs:
-            assert r["desirable_rate"] + r["undesirable_rate"] + r["other_rate"] == \
-                pytest.approx(1.0)
+            assert r["desirable_rate"] + r["undesirable_rate"] + r["other_rate"] == pytest.approx(
+                1.0
+            )
         for key in ABLATION_FIGURES:
             values = [r[key] for r in runs]
             assert entry[key]["mean"] == pytest.approx(sum(values) / 2)
@@ -84,11 +123,14 @@ def test_ablations_over_seeds(tmp_path):
     assert (tmp_path / "ablations.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--beta", "0"], "beta=0.0"),
-    (["--kto_lr=-1e-4"], "kto_lr=-0.0001"),
-    (["--kto_epochs", "0"], "kto_epochs=0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--beta", "0"], "beta=0.0"),
+        (["--kto_lr=-1e-4"], "kto_lr=-0.0001"),
+        (["--kto_epochs", "0"], "kto_epochs=0"),
+    ],
+)
 def test_demo_flags_refuse_bad_values(tmp_path, capsys, argv, message):
     assert main(["demo", "--quick", "--output_dir", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
@@ -101,16 +143,33 @@ def test_kto_flags_and_the_sft_cache(tmp_path):
     cache = tmp_path / "cache"
     argv = ["demo", "--quick", "--sft_cache", str(cache)]
     assert main([*argv, "--output_dir", str(tmp_path / "a")]) == 0
-    assert main([*argv, "--output_dir", str(tmp_path / "b"), "--beta", "0.1", "--kto_lr", "1e-3",
-                 "--kto_epochs", "2"]) == 0
+    assert (
+        main(
+            [
+                *argv,
+                "--output_dir",
+                str(tmp_path / "b"),
+                "--beta",
+                "0.1",
+                "--kto_lr",
+                "1e-3",
+                "--kto_epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
     assert len(list(cache.iterdir())) == 1
     assert a["curves"]["sft_loss"] == b["curves"]["sft_loss"]
     assert a["base_rates"] == b["base_rates"]
-    assert (b["config"]["loss"]["beta"], b["config"]["kto_lr"], b["config"]["kto_epochs"]) == \
-        (0.1, 1e-3, 2)
+    assert (b["config"]["loss"]["beta"], b["config"]["kto_lr"], b["config"]["kto_epochs"]) == (
+        0.1,
+        1e-3,
+        2,
+    )
     assert len(b["curves"]["loss"]) == 2 * len(a["curves"]["loss"])
-    assert a["curves"]["loss"] != b["curves"]["loss"][:len(a["curves"]["loss"])]
+    assert a["curves"]["loss"] != b["curves"]["loss"][: len(a["curves"]["loss"])]
     # Another seed trains (and caches) its own SFT model.
     assert main([*argv, "--output_dir", str(tmp_path / "c"), "--seeds", "1"]) == 0
     assert len(list(cache.iterdir())) == 2
@@ -135,7 +194,7 @@ def test_an_sft_cache_cut_short_or_unreadable_is_trained_again(tmp_path, caplog)
     assert list(tmp_path.iterdir()) == []
     sft(tmp_path)
     (path,) = tmp_path.iterdir()
-    for broken in (b"", path.read_bytes()[:path.stat().st_size // 2]):
+    for broken in (b"", path.read_bytes()[: path.stat().st_size // 2]):
         path.write_bytes(broken)
         again, again_losses = sft(tmp_path)
         assert "unreadable SFT cache" in caplog.text

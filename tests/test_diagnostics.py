@@ -26,7 +26,8 @@ def test_recovers_known_structure():
 
 
 def test_identity_holds_exactly():
-    """(m-1)/m * (v - c) == mean_i Var(r_i - mean_j r_j) for sample moments, not only in expectation."""
+    """(m-1)/m * (v - c) == mean_i Var(r_i - mean_j r_j) for sample moments, not only in
+    expectation."""
     margins = _synthetic(5, 4, 1.0, 3.0, seed=1) + torch.randn(5, 4, dtype=torch.float64)
     est = estimate_psi(margins.float())
     assert est.psi == pytest.approx((4 - 1) / 4 * (est.v - est.c), rel=1e-6)
@@ -60,7 +61,11 @@ def test_shared_noise_lowers_psi():
         (torch.zeros(4, 1), {}, "need R >= 2"),
         (torch.zeros(4), {}, "floating tensor \\[R, m\\]"),
         (torch.zeros(4, 3, dtype=torch.int64), {}, "floating tensor"),
-        (torch.zeros(4, 3), {"baseline": torch.zeros(3)}, "baseline must be a scalar or \\[R\\] = \\[4\\]"),
+        (
+            torch.zeros(4, 3),
+            {"baseline": torch.zeros(3)},
+            "baseline must be a scalar or \\[R\\] = \\[4\\]",
+        ),
     ],
 )
 def test_validation(margins, kwargs, match):
@@ -69,12 +74,14 @@ def test_validation(margins, kwargs, match):
 
 
 def test_gradient_noise_recovers_known_moments():
-    """g = mu + sigma * eps over two parameter tensors: variance = P * sigma^2, signal = ||mu||^2."""
+    """g = mu + sigma * eps over two parameter tensors: variance = P * sigma^2,
+    signal = ||mu||^2."""
     gen = torch.Generator().manual_seed(7)
     mu = [torch.randn(3, 4, generator=gen), torch.randn(5, generator=gen)]
     sigma, num_redraws = 0.5, 4000
     noise = estimate_gradient_noise(
-        [m + sigma * torch.randn(m.shape, generator=gen) for m in mu] for _ in range(num_redraws))
+        [m + sigma * torch.randn(m.shape, generator=gen) for m in mu] for _ in range(num_redraws)
+    )
     assert noise.num_redraws == num_redraws
     assert noise.variance == pytest.approx(17 * sigma**2, rel=0.03)
     signal = sum(float(m.double().square().sum()) for m in mu)
@@ -84,12 +91,14 @@ def test_gradient_noise_recovers_known_moments():
 
 def test_gradient_noise_survives_a_large_mean():
     """Gradients of size 1e3 that differ by 1e-2 across redraws: sums of squares would cancel
-    (in float32 the running total alone rounds by more than the noise); Welford's update does not."""
+    (in float32 the running total alone rounds by more than the noise); Welford's update does
+    not."""
     gen = torch.Generator().manual_seed(8)
     mu = 1e3 * (1 + torch.rand(17, generator=gen))
     sigma, num_redraws = 1e-2, 400
     noise = estimate_gradient_noise(
-        [mu + sigma * torch.randn(17, generator=gen)] for _ in range(num_redraws))
+        [mu + sigma * torch.randn(17, generator=gen)] for _ in range(num_redraws)
+    )
     assert noise.variance == pytest.approx(17 * sigma**2, rel=0.15)
 
 
@@ -100,10 +109,13 @@ def test_gradient_noise_of_identical_gradients_is_zero_and_of_pure_noise_is_infi
     assert opposite.variance == pytest.approx(6.0) and opposite.relative_variance == math.inf
 
 
-@pytest.mark.parametrize("gradients, match", [
-    ([[torch.ones(2)]], "need R >= 2"),
-    ([[torch.ones(2)], [torch.ones(3)]], "same parameters"),
-])
+@pytest.mark.parametrize(
+    "gradients, match",
+    [
+        ([[torch.ones(2)]], "need R >= 2"),
+        ([[torch.ones(2)], [torch.ones(3)]], "same parameters"),
+    ],
+)
 def test_gradient_noise_rejects(gradients, match):
     with pytest.raises(ValueError, match=match):
         estimate_gradient_noise(gradients)

@@ -3,8 +3,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from authors_code import authors_masks
+
 from elbokto.draws import Draws, MCConfig, _int64, _mix, sample_draws
 
 # --- a toy "model" and the exact ELBO by enumeration ---------------------------------------------
@@ -22,7 +22,14 @@ def toy_logp(sub: torch.Tensor) -> torch.Tensor:
     left = torch.nn.functional.pad(s, (1, 0))[:, :-1]
     right = torch.nn.functional.pad(s, (0, 1))[:, 1:]
     frac = s.sum(-1, keepdim=True) / length
-    return -(0.2 + 0.15 * i + 2.0 * frac**2 + 0.6 * left + 0.35 * right * (1 + 0.5 * i) + 0.3 * left * right)
+    return -(
+        0.2
+        + 0.15 * i
+        + 2.0 * frac**2
+        + 0.6 * left
+        + 0.35 * right * (1 + 0.5 * i)
+        + 0.3 * left * right
+    )
 
 
 def exact_elbo(length: int, offset: float = 0.0) -> float:
@@ -31,14 +38,20 @@ def exact_elbo(length: int, offset: float = 0.0) -> float:
     subsets = (codes[:, None] >> torch.arange(length)) & 1 == 1
     sizes = subsets.sum(-1)
     coef = torch.tensor(
-        [math.factorial(k - 1) * math.factorial(length - k) / math.factorial(length) for k in sizes.tolist()],
+        [
+            math.factorial(k - 1) * math.factorial(length - k) / math.factorial(length)
+            for k in sizes.tolist()
+        ],
         dtype=torch.float64,
     )
     return float((coef * ((toy_logp(subsets) - offset) * subsets).sum(-1)).sum())
 
 
-def estimates(draws: Draws, prompt_lengths: torch.Tensor, length: int, num_copies: int) -> torch.Tensor:
-    """Per-example ELBO estimates float64 [N] of the toy model from draws of responses of one length."""
+def estimates(
+    draws: Draws, prompt_lengths: torch.Tensor, length: int, num_copies: int
+) -> torch.Tensor:
+    """Per-example ELBO estimates float64 [N] of the toy model from draws of responses of one
+    length."""
     window = prompt_lengths.repeat_interleave(num_copies)[:, None] + torch.arange(length)
     sub = draws.mask.gather(1, window)
     per_copy = draws.weight.to(torch.float64) * (toy_logp(sub) * sub).sum(-1)
@@ -56,7 +69,10 @@ def toy_batch(n: int, length: int, seed: int = 0):
 def assert_unbiased(values: torch.Tensor, target: float, z: float = 4.0) -> None:
     se = float(values.std() / math.sqrt(values.numel()))
     err = float(values.mean()) - target
-    message = f"mean {float(values.mean()):.5f} vs exact {target:.5f}: {err / max(se, 1e-300):.1f} standard errors"
+    message = (
+        f"mean {float(values.mean()):.5f} vs exact {target:.5f}: "
+        f"{err / max(se, 1e-300):.1f} standard errors"
+    )
     assert abs(err) < z * se + 1e-6 * abs(target), message
 
 
@@ -79,7 +95,9 @@ NUM_EXAMPLES = 12_000
 @pytest.mark.parametrize("length", [1, 5])
 def test_unbiased_against_enumeration(config, length):
     prompt_lengths, response_lengths, uids = toy_batch(NUM_EXAMPLES, length)
-    draws = sample_draws(config, prompt_lengths, response_lengths, 2 + length + 1, uids=uids, seed=11, step=3)
+    draws = sample_draws(
+        config, prompt_lengths, response_lengths, 2 + length + 1, uids=uids, seed=11, step=3
+    )
     assert_unbiased(estimates(draws, prompt_lengths, length, config.num_copies), exact_elbo(length))
 
 
@@ -101,7 +119,8 @@ def _llada_floor_draws(n: int, length: int, floor: float, gen: torch.Generator) 
 
 
 def test_harness_catches_biased_estimators():
-    """The enumeration test is not vacuous: it passes the textbook estimator and fails biased ones."""
+    """The enumeration test is not vacuous: it passes the textbook estimator and fails biased
+    ones."""
     length, n = 5, 20_000
     target = exact_elbo(length)
     starts = torch.zeros(n, dtype=torch.int64)
@@ -109,7 +128,9 @@ def test_harness_catches_biased_estimators():
     assert_unbiased(estimates(_llada_floor_draws(n, length, 0.0, gen), starts, length, 1), target)
     # Flooring t changes its law.
     with pytest.raises(AssertionError, match="standard errors"):
-        assert_unbiased(estimates(_llada_floor_draws(n, length, 0.1, gen), starts, length, 1), target)
+        assert_unbiased(
+            estimates(_llada_floor_draws(n, length, 0.1, gen), starts, length, 1), target
+        )
 
     # Right count l and uniform per-position marginals l/L, wrong joint law: a cyclic block of l
     # tokens instead of a uniformly random l-subset (the toy model sees masked neighbours).
@@ -117,7 +138,9 @@ def test_harness_catches_biased_estimators():
     draws = sample_draws(MCConfig(n_t=1), starts, response_lengths, length, uids=uids, seed=5)
     count = draws.mask.sum(-1, keepdim=True)
     offset = (torch.arange(length) - torch.randint(0, length, (n, 1), generator=gen)) % length
-    block = Draws(mask=offset < count, weight=draws.weight, sample_index=draws.sample_index, t=draws.t)
+    block = Draws(
+        mask=offset < count, weight=draws.weight, sample_index=draws.sample_index, t=draws.t
+    )
     with pytest.raises(AssertionError, match="standard errors"):
         assert_unbiased(estimates(block, starts, length, 1), target)
 
@@ -131,8 +154,11 @@ BLOCK, PROMPT, RESPONSE = 4, 2, 7
 def block_windows(prompt: int, length: int, block: int) -> list[torch.Tensor]:
     """Response positions of each block that holds any, as column indices."""
     response = torch.arange(prompt, prompt + length)
-    return [response[response // block == k] for k in range(int(response[-1]) // block + 1)
-            if (response // block == k).any()]
+    return [
+        response[response // block == k]
+        for k in range(int(response[-1]) // block + 1)
+        if (response // block == k).any()
+    ]
 
 
 def block_offset(k: int) -> float:
@@ -142,11 +168,15 @@ def block_offset(k: int) -> float:
 
 def exact_block_elbo(prompt: int, length: int, block: int) -> float:
     """sum_k of the whole-response identity on block k's response positions."""
-    return sum(exact_elbo(len(cols), block_offset(int(cols[0]) // block))
-               for cols in block_windows(prompt, length, block))
+    return sum(
+        exact_elbo(len(cols), block_offset(int(cols[0]) // block))
+        for cols in block_windows(prompt, length, block)
+    )
 
 
-def block_estimates(draws: Draws, prompt: int, length: int, block: int, num_copies: int) -> torch.Tensor:
+def block_estimates(
+    draws: Draws, prompt: int, length: int, block: int, num_copies: int
+) -> torch.Tensor:
     """Per-example block ELBO estimates float64 [N]: each block scored on its own mask only."""
     per_copy = torch.zeros(draws.mask.shape[0], dtype=torch.float64)
     for cols in block_windows(prompt, length, block):
@@ -159,8 +189,15 @@ def block_estimates(draws: Draws, prompt: int, length: int, block: int, num_copi
 def block_draws(config: MCConfig, n: int = NUM_EXAMPLES) -> Draws:
     _, response_lengths, uids = toy_batch(n, RESPONSE)
     prompt_lengths = torch.full((n,), PROMPT)
-    return sample_draws(replace(config, block_size=BLOCK), prompt_lengths, response_lengths,
-                        PROMPT + RESPONSE + 1, uids=uids, seed=13, step=1)
+    return sample_draws(
+        replace(config, block_size=BLOCK),
+        prompt_lengths,
+        response_lengths,
+        PROMPT + RESPONSE + 1,
+        uids=uids,
+        seed=13,
+        step=1,
+    )
 
 
 @pytest.mark.parametrize(
@@ -204,7 +241,7 @@ def test_block_draws_structure(estimator):
     k = config.num_copies
     windows = block_windows(PROMPT, RESPONSE, BLOCK)
     response = torch.zeros(draws.mask.shape[1], dtype=torch.bool)
-    response[PROMPT:PROMPT + RESPONSE] = True
+    response[PROMPT : PROMPT + RESPONSE] = True
     assert not (draws.mask & ~response).any()
     assert (draws.weight[:, ~response] == 0).all() and (draws.t[:, ~response] == 0).all()
     for cols in windows:
@@ -232,17 +269,27 @@ def test_block_draws_depend_on_uid_not_on_the_batch(estimator):
     config = MCConfig(estimator=estimator, n_t=2, n_yt=2, eps=0.2, block_size=3)
     prompt_lengths, response_lengths, uids, seq_len = _ragged_batch()
     k = config.num_copies
-    base = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=7, step=2)
+    base = sample_draws(
+        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=7, step=2
+    )
     perm = torch.tensor([3, 0, 4, 1, 2])
-    other = sample_draws(config, torch.cat([prompt_lengths[perm], torch.tensor([0])]),
-                         torch.cat([response_lengths[perm], torch.tensor([5])]), seq_len + 4,
-                         uids=torch.cat([uids[perm], torch.tensor([99])]), seed=7, step=2)
+    other = sample_draws(
+        config,
+        torch.cat([prompt_lengths[perm], torch.tensor([0])]),
+        torch.cat([response_lengths[perm], torch.tensor([5])]),
+        seq_len + 4,
+        uids=torch.cat([uids[perm], torch.tensor([99])]),
+        seed=7,
+        step=2,
+    )
     for new, old in enumerate(perm.tolist()):
         for field in ("mask", "weight", "t"):
-            mine = getattr(base, field)[old * k:(old + 1) * k]
-            theirs = getattr(other, field)[new * k:(new + 1) * k]
+            mine = getattr(base, field)[old * k : (old + 1) * k]
+            theirs = getattr(other, field)[new * k : (new + 1) * k]
             assert torch.equal(mine, theirs[:, :seq_len]) and not theirs[:, seq_len:].any()
-    again = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=8, step=2)
+    again = sample_draws(
+        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=8, step=2
+    )
     assert not torch.equal(again.mask, base.mask)
 
 
@@ -262,7 +309,9 @@ def test_masks_stay_in_response_window(estimator, share):
     prompt_lengths, response_lengths, uids, seq_len = _ragged_batch()
     config = MCConfig(estimator=estimator, n_t=3, n_yt=2, share_across_batch=share, eps=0.2)
     for seed in range(20):
-        draws = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=seed)
+        draws = sample_draws(
+            config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=seed
+        )
         k = config.num_copies
         assert draws.mask.shape == (5 * k, seq_len) and draws.mask.dtype == torch.bool
         assert draws.weight.shape == draws.t.shape == (5 * k,)
@@ -281,7 +330,9 @@ def test_fixed_count_masks_exactly_l_tokens():
     prompt_lengths, response_lengths, uids, seq_len = _ragged_batch()
     config = MCConfig(n_t=4, n_yt=3)
     k = config.num_copies
-    draws = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=1, step=9)
+    draws = sample_draws(
+        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=1, step=9
+    )
     length = response_lengths.repeat_interleave(k)
     count = draws.mask.sum(-1)
     full = length > 0
@@ -334,8 +385,9 @@ def test_bernoulli_forced_token_is_uniform_over_the_response():
     share = torch.bincount(relative, minlength=5).double() / relative.numel()
     n = relative.numel()
     assert n > 500
-    assert torch.allclose(share, torch.full((5,), 0.2, dtype=torch.float64),
-                          atol=5 * (0.2 * 0.8 / n) ** 0.5), share
+    assert torch.allclose(
+        share, torch.full((5,), 0.2, dtype=torch.float64), atol=5 * (0.2 * 0.8 / n) ** 0.5
+    ), share
 
 
 # --- determinism ---------------------------------------------------------------------------------
@@ -353,7 +405,9 @@ def test_draws_depend_on_uid_not_on_the_batch(estimator):
     prompt_lengths, response_lengths, uids, seq_len = _ragged_batch()
     config = MCConfig(estimator=estimator, n_t=2, n_yt=2, eps=0.2)
     k = config.num_copies
-    base = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=7, step=2)
+    base = sample_draws(
+        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=7, step=2
+    )
     perm = torch.tensor([3, 0, 4, 1, 2])
     # A shuffled batch, with the prompts shifted by one and two extra companions.
     shifted = torch.cat([prompt_lengths[perm] + 1, torch.tensor([0, 2])])
@@ -402,7 +456,9 @@ def test_share_across_batch(estimator):
         assert torch.equal(rows[3][2], rows[0][2])
         assert torch.equal(rows[3][0], rows[0][0][:, :4])
     # Independent of the uids, but not of the seed; without sharing, items differ.
-    relabelled = sample_draws(shared, prompt_lengths, response_lengths, seq_len, uids=uids + 50, seed=3)
+    relabelled = sample_draws(
+        shared, prompt_lengths, response_lengths, seq_len, uids=uids + 50, seed=3
+    )
     assert torch.equal(relabelled.mask, draws.mask)
     unshared = MCConfig(estimator=estimator, n_t=2, n_yt=2, eps=0.0)
     private = sample_draws(unshared, prompt_lengths, response_lengths, seq_len, uids=uids, seed=3)
@@ -424,15 +480,23 @@ def _splitmix64_finaliser(x: int) -> int:
 def test_int64_mix_matches_uint64_splitmix():
     """Wrapping int64 arithmetic and masked shifts reproduce the uint64 finaliser bit for bit."""
     values = [0, 1, -1, 2**63 - 1, -(2**63), 0x9E3779B97F4A7C15 - 2**64, 12345, -987654321]
-    values += torch.randint(-(2**63), 2**63 - 1, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    values += torch.randint(
+        -(2**63), 2**63 - 1, (200,), generator=torch.Generator().manual_seed(0)
+    ).tolist()
     got = _mix(torch.tensor(values, dtype=torch.int64)).tolist()
     assert got == [_int64(_splitmix64_finaliser(v)) for v in values]
 
 
 def test_uniforms_look_uniform():
     prompt_lengths, response_lengths, uids = toy_batch(20_000, 1)
-    t = sample_draws(MCConfig(estimator="bernoulli", n_t=1, antithetic=False, eps=0.0), prompt_lengths,
-                     response_lengths, 3, uids=uids, seed=0).t.double()
+    t = sample_draws(
+        MCConfig(estimator="bernoulli", n_t=1, antithetic=False, eps=0.0),
+        prompt_lengths,
+        response_lengths,
+        3,
+        uids=uids,
+        seed=0,
+    ).t.double()
     counts = torch.histc(t, bins=20, min=0, max=1)
     expected = t.numel() / 20
     chi2 = float(((counts - expected) ** 2 / expected).sum())
@@ -461,17 +525,24 @@ def test_authors_draws_are_their_random_calls():
     assert torch.equal(draws.mask.view(-1, k, seq_len).transpose(0, 1), want)
     length = response_lengths.repeat_interleave(k).double()
     count = draws.mask.sum(-1).double()
-    assert torch.equal(draws.weight, torch.where(length > 0, length / (count.clamp(min=1) * k),
-                                                 0.0).float())
+    assert torch.equal(
+        draws.weight, torch.where(length > 0, length / (count.clamp(min=1) * k), 0.0).float()
+    )
     assert torch.equal(draws.t, torch.where(length > 0, count / length.clamp(min=1), 0.0).float())
     # Any batch composition: a shuffled batch, prompts shifted, a companion, a step.
     perm = torch.tensor([5, 3, 0, 4, 1, 2])
-    other = sample_draws(config, torch.cat([prompt_lengths[perm] + 1, torch.tensor([0])]),
-                         torch.cat([response_lengths[perm], torch.tensor([5])]), seq_len + 1,
-                         uids=torch.cat([uids[perm], torch.tensor([99])]), seed=0, step=4)
+    other = sample_draws(
+        config,
+        torch.cat([prompt_lengths[perm] + 1, torch.tensor([0])]),
+        torch.cat([response_lengths[perm], torch.tensor([5])]),
+        seq_len + 1,
+        uids=torch.cat([uids[perm], torch.tensor([99])]),
+        seed=0,
+        step=4,
+    )
     for new, old in enumerate(perm.tolist()):
-        mine = draws.mask[old * k:(old + 1) * k]
-        theirs = other.mask[new * k:(new + 1) * k, 1:]
+        mine = draws.mask[old * k : (old + 1) * k]
+        theirs = other.mask[new * k : (new + 1) * k, 1:]
         assert torch.equal(mine, theirs)
     # Seed 0 is theirs; another seed draws other levels and masks (independent redraws).
     redraw = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=1)
@@ -494,8 +565,10 @@ def test_authors_draws_are_their_random_calls():
         ({"block_size": 0}, "block_size=0"),
         ({"block_size": 2.0}, "block_size=2.0"),
         ({"draw_source": "lcg"}, "draw_source='lcg'"),
-        ({"draw_source": "authors"}, "has antithetic=False, fixed_draws=True; got "
-                                     "antithetic=True, fixed_draws=False"),
+        (
+            {"draw_source": "authors"},
+            "has antithetic=False, fixed_draws=True; got antithetic=True, fixed_draws=False",
+        ),
         (dict(AUTHORS, n_yt=2), "has n_yt=1; got n_yt=2"),
         (dict(AUTHORS, estimator="bernoulli"), "got estimator='bernoulli'"),
         (dict(AUTHORS, share_across_batch=True), "got share_across_batch=True"),
@@ -536,7 +609,13 @@ def test_cuda_draws_match_cpu(estimator, share):
     config = MCConfig(estimator=estimator, n_t=3, n_yt=2, share_across_batch=share, eps=0.2)
     cpu = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=8, step=5)
     cuda = sample_draws(
-        config, prompt_lengths.cuda(), response_lengths.cuda(), seq_len, uids=uids.cuda(), seed=8, step=5
+        config,
+        prompt_lengths.cuda(),
+        response_lengths.cuda(),
+        seq_len,
+        uids=uids.cuda(),
+        seed=8,
+        step=5,
     )
     for name in ("mask", "weight", "sample_index", "t"):
         assert torch.equal(getattr(cuda, name).cpu(), getattr(cpu, name)), name
@@ -549,10 +628,12 @@ def test_authors_cuda_draws_are_their_cuda_random_calls():
     the CPU's (mt19937), so each device type matches their run on that device type."""
     prompt_lengths, response_lengths, uids, seq_len = _rows_of_the_authors()
     config = MCConfig(**AUTHORS)
-    cuda = sample_draws(config, prompt_lengths.cuda(), response_lengths.cuda(), seq_len,
-                        uids=uids.cuda(), seed=0)
-    want = authors_masks(uids.tolist(), prompt_lengths, response_lengths, seq_len,
-                         config.num_copies, device="cuda")
+    cuda = sample_draws(
+        config, prompt_lengths.cuda(), response_lengths.cuda(), seq_len, uids=uids.cuda(), seed=0
+    )
+    want = authors_masks(
+        uids.tolist(), prompt_lengths, response_lengths, seq_len, config.num_copies, device="cuda"
+    )
     assert torch.equal(cuda.mask.view(-1, config.num_copies, seq_len).transpose(0, 1), want)
     cpu = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=0)
     assert torch.equal(cuda.mask.sum(-1).cpu(), cpu.mask.sum(-1))  # the levels: integer hashes

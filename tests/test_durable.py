@@ -5,9 +5,9 @@ import json
 import os
 
 import pytest
+from kill_points import Killed, armed
 
 from elbokto import durable
-from kill_points import Killed, armed
 
 
 def _write_model(folder, version, weights=("model.safetensors",)):
@@ -19,8 +19,11 @@ def _write_model(folder, version, weights=("model.safetensors",)):
 
 def _versions(folder):
     """The version each model file of ``folder`` holds."""
-    return {p.name: int(p.read_text().split(" v")[1].rstrip("x")) for p in folder.iterdir()
-            if p.is_file() and p.name != durable.MARKER and not p.name.startswith(".")}
+    return {
+        p.name: int(p.read_text().split(" v")[1].rstrip("x"))
+        for p in folder.iterdir()
+        if p.is_file() and p.name != durable.MARKER and not p.name.startswith(".")
+    }
 
 
 def _points(action):
@@ -84,9 +87,10 @@ def test_check_complete_names_what_is_wrong(tmp_path):
     assert durable.check_complete(folder) is None
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
-    weights.write_bytes(data[:len(data) // 2])
-    assert durable.check_complete(folder) == (f"model.safetensors has {len(data) // 2} bytes, "
-                                              f"its save wrote {len(data)}")
+    weights.write_bytes(data[: len(data) // 2])
+    assert durable.check_complete(folder) == (
+        f"model.safetensors has {len(data) // 2} bytes, its save wrote {len(data)}"
+    )
     weights.write_bytes(data)
     (folder / "optimizer.pt").unlink()
     assert durable.check_complete(folder) == "optimizer.pt is missing"
@@ -101,21 +105,33 @@ def test_seal_fsyncs_every_file_before_the_marker(tmp_path):
     (folder / "global_step1" / "shard.pt").write_text("shard v1")
     with armed(None) as seen:
         durable.seal(folder)
-    marker = next(i for i, (name, p) in enumerate(seen)
-                  if name == "replace" and p.endswith(durable.MARKER))
+    marker = next(
+        i for i, (name, p) in enumerate(seen) if name == "replace" and p.endswith(durable.MARKER)
+    )
     synced = {os.path.relpath(p, folder) for name, p in seen[:marker] if name == "fsync"}
-    assert {"config.json", "tokenizer.json", "model.safetensors", "global_step1/shard.pt",
-            "global_step1", "."} <= synced
+    assert {
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "global_step1/shard.pt",
+        "global_step1",
+        ".",
+    } <= synced
     files = json.loads((folder / durable.MARKER).read_text())["files"]
-    assert set(files) == {"config.json", "tokenizer.json", "model.safetensors",
-                          "global_step1/shard.pt"}
+    assert set(files) == {
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "global_step1/shard.pt",
+    }
 
 
-@pytest.mark.parametrize("weights", [("model.safetensors",),
-                                     ("model-1.safetensors", "model.safetensors.index.json")],
-                         ids=["one-file", "sharded"])
-def test_publish_killed_at_every_write_never_shows_old_weights_beside_new_files(tmp_path,
-                                                                                 weights):
+@pytest.mark.parametrize(
+    "weights",
+    [("model.safetensors",), ("model-1.safetensors", "model.safetensors.index.json")],
+    ids=["one-file", "sharded"],
+)
+def test_publish_killed_at_every_write_never_shows_old_weights_beside_new_files(tmp_path, weights):
     """The final save of a continued run, stopped at each of its writes: until recovery the
     folder holds the whole old model, the whole new one, or (unmarked) nothing a loader opens
     first; recovery then leaves the new model if it was fully staged, else the old one."""
@@ -136,8 +152,12 @@ def test_publish_killed_at_every_write_never_shows_old_weights_beside_new_files(
         marked = durable.check_complete(dest) is None
         # Unmarked, the folder may be a whole model, or one that does not load: no file a loader
         # opens first (the single weights file, or the index of the shards).
-        assert versions in (old, new) or not marked and not set(versions) & {
-            "old.safetensors", "model.safetensors", "model.safetensors.index.json"}, (n, versions)
+        assert (
+            versions in (old, new)
+            or not marked
+            and not set(versions)
+            & {"old.safetensors", "model.safetensors", "model.safetensors.index.json"}
+        ), (n, versions)
         # Recovery finishes a move whose staging folder was sealed, and drops an unsealed one.
         staged = (durable.staging_folder(dest) / durable.MARKER).exists()
         durable.recover(dest)
@@ -150,11 +170,19 @@ def test_publish_killed_at_every_write_never_shows_old_weights_beside_new_files(
 def test_recover_removes_temporaries_in_the_output_and_its_checkpoints_only(tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-2" / "global_step2").mkdir(parents=True)
-    leftovers = [out / ".tmpAb3xYz", out / ".config.json.k2_9ab.tmp",
-                 out / "checkpoint-2" / ".tmpQw8rTy", out / "checkpoint-2" / "global_step2" /
-                 ".tmp_a1b2c"]
-    kept = [out / "model.safetensors", out / "notes.tmp", out / ".tmpdir-long-name",
-            out / "checkpoint-2" / "optimizer.pt", tmp_path / ".tmpAb3xYz"]
+    leftovers = [
+        out / ".tmpAb3xYz",
+        out / ".config.json.k2_9ab.tmp",
+        out / "checkpoint-2" / ".tmpQw8rTy",
+        out / "checkpoint-2" / "global_step2" / ".tmp_a1b2c",
+    ]
+    kept = [
+        out / "model.safetensors",
+        out / "notes.tmp",
+        out / ".tmpdir-long-name",
+        out / "checkpoint-2" / "optimizer.pt",
+        tmp_path / ".tmpAb3xYz",
+    ]
     for path in leftovers + kept:
         path.write_text("x")
     (out / ".elbokto-staging").mkdir()  # a publish killed before its seal

@@ -5,13 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from devices import DEVICE, MODEL_BACKEND, on_device
+from distributed import TESTS, assert_every_rank_matched, torchrun
+from tiny_models import MASK_ID, NextTokenLogits, tiny_batch, tiny_gemma
 from torch import nn
 
 from elbokto import MCConfig, sample_draws
-from devices import DEVICE, MODEL_BACKEND, on_device
-from distributed import TESTS, assert_every_rank_matched, torchrun
 from elbokto.estimate import elbo_estimate, noisy_copies
-from tiny_models import MASK_ID, NextTokenLogits, tiny_batch, tiny_gemma
 
 
 def unfused_elbo(model, input_ids, draws, attention_mask=None, shift=False):
@@ -21,16 +21,26 @@ def unfused_elbo(model, input_ids, draws, attention_mask=None, shift=False):
     logits = out.logits if hasattr(out, "logits") else out
     if shift:
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # row p now scores token p
-    logp = torch.log_softmax(logits.double(), -1).gather(
-        -1, input_ids[draws.sample_index].unsqueeze(-1)).squeeze(-1)
+    logp = (
+        torch.log_softmax(logits.double(), -1)
+        .gather(-1, input_ids[draws.sample_index].unsqueeze(-1))
+        .squeeze(-1)
+    )
     per_copy = (logp * draws.mask).sum(1) * draws.weight.double()
-    return torch.zeros(input_ids.shape[0], dtype=torch.float64,
-                       device=input_ids.device).index_add(0, draws.sample_index, per_copy)
+    return torch.zeros(input_ids.shape[0], dtype=torch.float64, device=input_ids.device).index_add(
+        0, draws.sample_index, per_copy
+    )
 
 
 def draws_for(batch, n_t=4):
-    return sample_draws(MCConfig(n_t=n_t), batch["prompt_lengths"], batch["response_lengths"],
-                        batch["input_ids"].shape[1], uids=batch["uid"], seed=3)
+    return sample_draws(
+        MCConfig(n_t=n_t),
+        batch["prompt_lengths"],
+        batch["response_lengths"],
+        batch["input_ids"].shape[1],
+        uids=batch["uid"],
+        seed=3,
+    )
 
 
 def grads_of(model, value):
@@ -44,9 +54,15 @@ def test_fused_head_matches_full_logits(softcap, keep_logits):
     model, batch = on_device(tiny_gemma(softcap=softcap), tiny_batch())
     draws = draws_for(batch)
     upstream = torch.randn(4, device=DEVICE)
-    fused = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
-                          attention_mask=batch["attention_mask"], keep_logits=keep_logits,
-                          backend=MODEL_BACKEND)
+    fused = elbo_estimate(
+        model,
+        batch["input_ids"],
+        draws,
+        mask_token_id=MASK_ID,
+        attention_mask=batch["attention_mask"],
+        keep_logits=keep_logits,
+        backend=MODEL_BACKEND,
+    )
     ref = unfused_elbo(model, batch["input_ids"], draws, batch["attention_mask"])
     assert fused.dtype == torch.float32 and fused.shape == (4,)
     torch.testing.assert_close(fused.double(), ref, rtol=1e-5, atol=1e-5)
@@ -60,17 +76,33 @@ def test_fused_head_matches_full_logits(softcap, keep_logits):
 def test_shift_logits_and_logits_path():
     inner, batch = on_device(tiny_gemma(seed=1), tiny_batch(seed=1))
     draws = draws_for(batch, n_t=2)
-    direct = elbo_estimate(inner, batch["input_ids"], draws, mask_token_id=MASK_ID,
-                           attention_mask=batch["attention_mask"])
-    shifted = elbo_estimate(NextTokenLogits(inner), batch["input_ids"], draws,
-                            mask_token_id=MASK_ID, attention_mask=batch["attention_mask"],
-                            shift_logits=True)
+    direct = elbo_estimate(
+        inner,
+        batch["input_ids"],
+        draws,
+        mask_token_id=MASK_ID,
+        attention_mask=batch["attention_mask"],
+    )
+    shifted = elbo_estimate(
+        NextTokenLogits(inner),
+        batch["input_ids"],
+        draws,
+        mask_token_id=MASK_ID,
+        attention_mask=batch["attention_mask"],
+        shift_logits=True,
+    )
     torch.testing.assert_close(shifted, direct, rtol=1e-5, atol=1e-5)
     batch["prompt_lengths"][1] = 0  # a response at position 0: nothing scores its first token
     draws = draws_for(batch, n_t=2)
     with pytest.raises(RuntimeError, match="prompt of at least one token"):
-        elbo_estimate(NextTokenLogits(inner), batch["input_ids"], draws, mask_token_id=MASK_ID,
-                      attention_mask=batch["attention_mask"], shift_logits=True)
+        elbo_estimate(
+            NextTokenLogits(inner),
+            batch["input_ids"],
+            draws,
+            mask_token_id=MASK_ID,
+            attention_mask=batch["attention_mask"],
+            shift_logits=True,
+        )
 
 
 @pytest.mark.slow
@@ -96,16 +128,28 @@ def test_fused_head_under_autocast_runs_in_the_autocast_dtype(monkeypatch):
     batch = tiny_batch()
     draws = draws_for(batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
-                              attention_mask=batch["attention_mask"], backend="torch")
+        fused = elbo_estimate(
+            model,
+            batch["input_ids"],
+            draws,
+            mask_token_id=MASK_ID,
+            attention_mask=batch["attention_mask"],
+            backend="torch",
+        )
         ref = unfused_elbo(model, batch["input_ids"], draws, batch["attention_mask"])
     assert seen == [torch.bfloat16]
     assert fused.dtype == torch.float32
     torch.testing.assert_close(fused.double(), ref, rtol=1e-4, atol=1e-4)
     for g, w in zip(grads_of(model, fused.sum()), grads_of(model, ref.sum())):
         assert (g.double() - w.double()).abs().max() <= 3e-2 * w.abs().max()
-    elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
-                  attention_mask=batch["attention_mask"], backend="torch")
+    elbo_estimate(
+        model,
+        batch["input_ids"],
+        draws,
+        mask_token_id=MASK_ID,
+        attention_mask=batch["attention_mask"],
+        backend="torch",
+    )
     assert seen[-1] == torch.float32  # outside autocast: the model's dtype
 
 
@@ -131,8 +175,14 @@ def test_the_model_sees_exactly_the_drawn_copies():
     expected[draws.mask] = MASK_ID
     assert torch.equal(noisy_copies(batch["input_ids"], draws, MASK_ID), expected)
     model = _Recorder(vocab=97)
-    elbo = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=MASK_ID,
-                         attention_mask=batch["attention_mask"], backend="torch")
+    elbo = elbo_estimate(
+        model,
+        batch["input_ids"],
+        draws,
+        mask_token_id=MASK_ID,
+        attention_mask=batch["attention_mask"],
+        backend="torch",
+    )
     assert torch.equal(model.seen, expected)
     assert torch.equal(model.attention, batch["attention_mask"].repeat_interleave(4, dim=0))
     per_copy = draws.weight.double() * draws.mask.sum(1) * -math.log(97)
@@ -155,11 +205,17 @@ def test_llada_scale_logits_is_scored():
 
         def forward(self, input_ids, attention_mask=None, use_cache=None):
             out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
-            return SimpleNamespace(logits=out.logits * 32 ** -0.5)
+            return SimpleNamespace(logits=out.logits * 32**-0.5)
 
     model, batch = tiny_gemma(seed=2), tiny_batch(seed=2)
     draws = draws_for(batch, n_t=2)
-    fused = elbo_estimate(ScaledLogits(model), batch["input_ids"], draws, mask_token_id=MASK_ID,
-                          attention_mask=batch["attention_mask"], backend="torch")
+    fused = elbo_estimate(
+        ScaledLogits(model),
+        batch["input_ids"],
+        draws,
+        mask_token_id=MASK_ID,
+        attention_mask=batch["attention_mask"],
+        backend="torch",
+    )
     ref = unfused_elbo(ScaledLogits(model), batch["input_ids"], draws, batch["attention_mask"])
     torch.testing.assert_close(fused.double(), ref, rtol=1e-5, atol=1e-5)

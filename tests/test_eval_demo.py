@@ -22,7 +22,7 @@ class Oracle(nn.Module):
         user, end = tok.convert_tokens_to_ids(["<|user|>", "<|end|>"])
         logits = torch.full((*input_ids.shape, len(tok)), -30.0)
         for b, row in enumerate(input_ids.tolist()):
-            prompt = tok.decode(row[row.index(user) + 1:row.index(end)])
+            prompt = tok.decode(row[row.index(user) + 1 : row.index(end)])
             ids = tok(answer(prompt, self.desirable), add_special_tokens=False)["input_ids"]
             ids += [tok.eos_token_id] * (gen - len(ids))
             logits[b, torch.arange(-gen, 0), ids] = 30.0
@@ -40,8 +40,14 @@ def test_demo_winrate_of_a_reverser_against_a_copier(tmp_path, candidate_reverse
     config = DemoConfig(**{**QUICK, "eval_prompts": 6})
     encoder = Encoder(config)
     prompts = ["abc", "hgfe", "abcdef", "bad", "gafe", "dcba"]
-    summary = demo_winrate(Oracle(encoder, candidate_reverses), Oracle(encoder, not
-                           candidate_reverses), encoder, prompts, config, tmp_path)
+    summary = demo_winrate(
+        Oracle(encoder, candidate_reverses),
+        Oracle(encoder, not candidate_reverses),
+        encoder,
+        prompts,
+        config,
+        tmp_path,
+    )
     assert summary["awr"] == awr and summary["n"] == 6 and summary["errors"] == 0
     assert (summary["candidate"], summary["baseline"]) == ("aligned", "sft")
     assert (tmp_path / "winrate" / "summary.json").exists()

@@ -6,11 +6,20 @@ import pytest
 from elbokto.eval import cohen_kappa, prompt_outcome, win_rate
 
 
-@pytest.mark.parametrize("first, second, outcome", [
-    ("A", "B", "win"), ("B", "A", "loss"), ("C", "C", "tie"),
-    ("A", "A", "inconsistent"), ("B", "B", "inconsistent"), ("A", "C", "inconsistent"),
-    ("C", "A", "inconsistent"), (None, "B", "error"), ("A", None, "error"),
-])
+@pytest.mark.parametrize(
+    "first, second, outcome",
+    [
+        ("A", "B", "win"),
+        ("B", "A", "loss"),
+        ("C", "C", "tie"),
+        ("A", "A", "inconsistent"),
+        ("B", "B", "inconsistent"),
+        ("A", "C", "inconsistent"),
+        ("C", "A", "inconsistent"),
+        (None, "B", "error"),
+        ("A", None, "error"),
+    ],
+)
 def test_prompt_outcome_reads_both_orders_from_the_candidate_side(first, second, outcome):
     # first: candidate shown as A; second: candidate shown as B.
     assert prompt_outcome(first, second) == outcome
@@ -19,8 +28,14 @@ def test_prompt_outcome_reads_both_orders_from_the_candidate_side(first, second,
 def test_win_rate_counts_fractions_and_interval():
     outcomes = ["win"] * 5 + ["tie"] * 2 + ["inconsistent"] + ["loss"] * 2 + ["error"] * 2
     result = win_rate(outcomes, samples=4000, seed=1)
-    assert (result["n"], result["wins"], result["ties"], result["losses"],
-            result["inconsistent"], result["errors"]) == (10, 5, 2, 2, 1, 2)
+    assert (
+        result["n"],
+        result["wins"],
+        result["ties"],
+        result["losses"],
+        result["inconsistent"],
+        result["errors"],
+    ) == (10, 5, 2, 2, 1, 2)
     assert result["awr"] == pytest.approx((5 + 0.5 * 3) / 10)
     assert result["win_rate"] == 0.5 and result["error_rate"] == pytest.approx(2 / 12)
     # The percentile bootstrap of a mean of 10 scores: close to the normal interval.

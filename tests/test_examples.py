@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tiny_models import MASK_ID, tiny_gemma
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -58,13 +57,29 @@ def test_mdlm_loss_equals_the_trainers(norm, per_position):
 
 def test_mdlm_loss_refuses_an_unknown_norm():
     with pytest.raises(ValueError, match="norm must be 'token', 'sequence' or 'batch'"):
-        mdlm_loss(tiny_gemma(), torch.zeros(1, 2, dtype=torch.long),
-                  torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool),
-                  torch.ones(1), torch.ones(1, 2, dtype=torch.bool), norm="mean")
+        mdlm_loss(
+            tiny_gemma(),
+            torch.zeros(1, 2, dtype=torch.long),
+            torch.zeros(1, 2, dtype=torch.long),
+            torch.ones(1, 2, dtype=torch.bool),
+            torch.ones(1),
+            torch.ones(1, 2, dtype=torch.bool),
+            norm="mean",
+        )
 
 
-def elbo_kto_loss_standin(model, input_ids, masks, completion_lengths, ref_elbo, desirable,
-                          mask_token_id, beta, lambda_d, lambda_u):
+def elbo_kto_loss_standin(
+    model,
+    input_ids,
+    masks,
+    completion_lengths,
+    ref_elbo,
+    desirable,
+    mask_token_id,
+    beta,
+    lambda_d,
+    lambda_u,
+):
     """The authors' ELBO-KTO loss as their trainer computes it: one forward per draw, the mean
     log-probability over each example's masked tokens times its response length, the mean over
     the draws, then KTO with the batch-mean baseline."""
@@ -94,7 +109,7 @@ def test_elbo_kto_loss_equals_the_authors():
     masks = torch.zeros(B, K, L, dtype=torch.bool)
     for b in range(B):  # draw k masks l_k positions of the response, without replacement
         for k in range(K):
-            chosen = torch.randperm(int(lengths[b]), generator=g)[:int(levels[b, k])]
+            chosen = torch.randperm(int(lengths[b]), generator=g)[: int(levels[b, k])]
             masks[b, k, prompt + chosen] = True
     ref = torch.randn(B, generator=g) * 3 - 30
     desirable = torch.tensor([True, False, False, True])

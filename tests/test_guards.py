@@ -5,25 +5,33 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_batch, tiny_gemma
+from training_runs import configs, history, write_kto_mix
 
 from elbokto import LossConfig, MCConfig
 from elbokto.guards import NonFiniteError, all_finite, check_step_values
 from elbokto.models import TINY, ModelConfig, load_model
 from elbokto.objective import ELBOKTOObjective
 from elbokto.run import train
-from training_runs import configs, history, write_kto_mix
-from tiny_models import tiny_batch, tiny_gemma
 
 
 def test_check_step_values_names_uids_and_source():
     uids = torch.tensor([10, 11, 12])
     check_step_values(uids, loss=torch.tensor(1.0), policy=torch.zeros(3), reference=torch.ones(3))
     with pytest.raises(NonFiniteError, match=r"reference ELBO of uids \[11\]"):
-        check_step_values(uids, loss=torch.tensor(1.0), policy=torch.zeros(3),
-                          reference=torch.tensor([0.0, math.nan, 1.0]))
+        check_step_values(
+            uids,
+            loss=torch.tensor(1.0),
+            policy=torch.zeros(3),
+            reference=torch.tensor([0.0, math.nan, 1.0]),
+        )
     with pytest.raises(NonFiniteError, match=r"policy ELBO of uids \[10, 12\].*inf"):
-        check_step_values(uids, loss=torch.tensor(1.0), reference=torch.zeros(3),
-                          policy=torch.tensor([math.inf, 0.0, -math.inf]))
+        check_step_values(
+            uids,
+            loss=torch.tensor(1.0),
+            reference=torch.zeros(3),
+            policy=torch.tensor([math.inf, 0.0, -math.inf]),
+        )
     with pytest.raises(NonFiniteError, match="the loss"):
         check_step_values(uids, loss=torch.tensor(math.nan), policy=torch.zeros(3))
     assert all_finite([]) and not all_finite([torch.tensor([1.0, math.nan])])
@@ -35,10 +43,14 @@ def test_objective_stops_a_nonfinite_precomputed_reference():
     ref = torch.zeros(4)
     ref[2] = math.nan
     for chunk in (None, 2):
-        objective = ELBOKTOObjective(mc=MCConfig(n_t=2), mc_chunk_size=chunk,
-                                     loss=LossConfig(baseline="none"))
-        with pytest.raises(NonFiniteError, match=rf"precomputed reference ELBO of uids "
-                                                 rf"\[{int(batch['uid'][2])}\]"):
+        objective = ELBOKTOObjective(
+            mc=MCConfig(n_t=2), mc_chunk_size=chunk, loss=LossConfig(baseline="none")
+        )
+        with pytest.raises(
+            NonFiniteError,
+            match=rf"precomputed reference ELBO of uids "
+            rf"\[{int(batch['uid'][2])}\]",
+        ):
             objective(policy, batch, ref_elbo=ref)
 
 
@@ -64,8 +76,11 @@ def test_training_stops_before_the_weights_see_a_nan(tmp_path):
 def test_skip_nonfinite_batches_keeps_the_weights_finite(tmp_path):
     data = write_kto_mix(tmp_path / "data.jsonl")
     ref, _ = _poisoned_reference(tmp_path, data)
-    trainer = train(*configs(tmp_path / "run", data, max_steps=4, ref_elbo_file=str(ref),
-                             skip_nonfinite_batches=True))
+    trainer = train(
+        *configs(
+            tmp_path / "run", data, max_steps=4, ref_elbo_file=str(ref), skip_nonfinite_batches=True
+        )
+    )
     assert history(trainer, "skipped_nonfinite")[-1] == 1  # 16 examples, batches of 4
     assert all(math.isfinite(x) for x in history(trainer, "loss"))
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

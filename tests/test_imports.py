@@ -21,18 +21,26 @@ def run_without(code: str, missing=OPTIONAL) -> str:
     """Runs ``code`` in a fresh interpreter where ``missing`` cannot be imported (as if not
     installed: ``importlib.util.find_spec`` gives None too); returns its stdout."""
     prelude = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in missing)
-    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 def test_import_elbokto_loads_nothing_heavy():
-    out = run_without("""
+    out = run_without(
+        """
         import elbokto, elbokto_kernels
         print(sorted(m for m in ("torch", "transformers", "triton", "accelerate", "peft")
                      if m in sys.modules))
-    """, missing=())
+    """,
+        missing=(),
+    )
     assert out.split("\n")[0] == "['torch']"  # elbokto_kernels' one dependency
 
 
@@ -63,8 +71,10 @@ def test_the_library_works_without_the_optional_packages():
     assert lines[3] == "elbokto eval lm-eval needs the 'lm-eval' package: pip install lm-eval"
 
 
-@pytest.mark.parametrize("module, purpose", [("openai", "the pairwise judge"),
-                                             ("matplotlib.pyplot", "the win-rate chart")])
+@pytest.mark.parametrize(
+    "module, purpose",
+    [("openai", "the pairwise judge"), ("matplotlib.pyplot", "the win-rate chart")],
+)
 def test_require_names_the_package(module, purpose):
     out = run_without(f"""
         from elbokto.requires import require
@@ -90,7 +100,8 @@ def test_an_error_inside_an_installed_package_is_not_renamed():
 def test_public_names_are_what_they_say_after_any_import():
     """A public name that were also a submodule's would turn into that module once anything
     imported the submodule (``from elbokto import generate`` would give a module)."""
-    out = run_without("""
+    out = run_without(
+        """
         import importlib, pkgutil, types
         import elbokto
         refused = set()
@@ -102,22 +113,36 @@ def test_public_names_are_what_they_say_after_any_import():
                 refused.add("elbokto." + info.name)
         print([name for name in elbokto.__all__ if elbokto._MODULE_OF[name] not in refused
                and isinstance(getattr(elbokto, name), types.ModuleType)])
-    """, missing=())
+    """,
+        missing=(),
+    )
     assert out.strip() == "[]"
 
 
-@pytest.mark.parametrize("version, release", [
-    ("2.11.0+cu130", (2, 11, 0)), ("3.0.0rc1", (3, 0, 0)), ("2.12.0a0+git1234", (2, 12, 0)),
-    ("4.54.1", (4, 54, 1)), ("1.26", (1, 26))])
+@pytest.mark.parametrize(
+    "version, release",
+    [
+        ("2.11.0+cu130", (2, 11, 0)),
+        ("3.0.0rc1", (3, 0, 0)),
+        ("2.12.0a0+git1234", (2, 12, 0)),
+        ("4.54.1", (4, 54, 1)),
+        ("1.26", (1, 26)),
+    ],
+)
 def test_release(version, release):
     from elbokto_kernels.versions import release as parse
 
     assert parse(version) == release
 
 
-@pytest.mark.parametrize("package, old, needed_by", [
-    ("torch", "2.6.0+cu124", "elbokto_kernels"), ("transformers", "4.53.3", "elbokto"),
-    ("peft", "0.16.0", "elbokto")])
+@pytest.mark.parametrize(
+    "package, old, needed_by",
+    [
+        ("torch", "2.6.0+cu124", "elbokto_kernels"),
+        ("transformers", "4.53.3", "elbokto"),
+        ("peft", "0.16.0", "elbokto"),
+    ],
+)
 def test_an_older_dependency_is_refused_at_import_in_one_line(package, old, needed_by):
     from elbokto.requires import MINIMUM as ELBOKTO
     from elbokto_kernels.versions import MINIMUM as KERNELS
@@ -133,12 +158,15 @@ def test_an_older_dependency_is_refused_at_import_in_one_line(package, old, need
             print(error)
     """
     out = run_without(code, missing=())
-    assert out.strip() == (f"{needed_by} needs {package} >= {minimum}, found {old}: "
-                           f"pip install '{package}>={minimum}'")
+    assert out.strip() == (
+        f"{needed_by} needs {package} >= {minimum}, found {old}: pip install '{package}>={minimum}'"
+    )
 
 
-@pytest.mark.parametrize("package, pyproject", [
-    ("elbokto", "pyproject.toml"), ("elbokto_kernels", "elbokto_kernels/pyproject.toml")])
+@pytest.mark.parametrize(
+    "package, pyproject",
+    [("elbokto", "pyproject.toml"), ("elbokto_kernels", "elbokto_kernels/pyproject.toml")],
+)
 def test_version_is_the_distributions(package, pyproject):
     text = (Path(__file__).resolve().parents[1] / pyproject).read_text()
     declared = re.search(r'^version = "([^"]+)"', text, re.MULTILINE).group(1)
@@ -152,9 +180,22 @@ def test_the_public_api_is_curated():
     trainer, samplers and diagnostics; the data pipeline's inner steps stay in their modules."""
     import elbokto
 
-    assert {"MCConfig", "LossConfig", "DataConfig", "ModelConfig", "ELBOKTOConfig", "sample_draws",
-            "elbo_estimate", "elbo_kto_loss", "ELBOKTOObjective", "ELBOKTOTrainer",
-            "load_model", "NonFiniteError", "generate", "block_generate",
-            "precompute_reference"} <= set(elbokto.__all__)
+    assert {
+        "MCConfig",
+        "LossConfig",
+        "DataConfig",
+        "ModelConfig",
+        "ELBOKTOConfig",
+        "sample_draws",
+        "elbo_estimate",
+        "elbo_kto_loss",
+        "ELBOKTOObjective",
+        "ELBOKTOTrainer",
+        "load_model",
+        "NonFiniteError",
+        "generate",
+        "block_generate",
+        "precompute_reference",
+    } <= set(elbokto.__all__)
     assert not {"unpair", "pair_rows", "tokenize_dataset", "load_source"} & set(elbokto.__all__)
     assert elbokto.__all__ == sorted(elbokto.__all__)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from devices import DEVICE, on_device
+
 from elbokto_kernels import fused_elbo, fused_linear_elbo
 from elbokto_kernels.backends import resolve_backend
 from elbokto_kernels.oracle import assert_close, elbo_oracle, linear_elbo_oracle, tolerances
@@ -16,8 +16,9 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TORCH = release(torch.__version__)
 
 
-def make_case(C, L, V, *, seed, num_samples=3, p_mask=0.5, per_position=False, scale=3.0,
-              dtype=torch.float32):
+def make_case(
+    C, L, V, *, seed, num_samples=3, p_mask=0.5, per_position=False, scale=3.0, dtype=torch.float32
+):
     """Random logits [C, L, V], targets (-100 where unmasked), mask, weights, sample_index."""
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(C, L, V, generator=g) * scale).to(dtype)
@@ -31,8 +32,9 @@ def make_case(C, L, V, *, seed, num_samples=3, p_mask=0.5, per_position=False, s
 
 def check_elbo(backend, logits, targets, mask, weights, sample_index, num_samples, seed=0):
     """fused_elbo's values and logit gradients against the float64 oracle, on the test device."""
-    logits, targets, mask, weights, sample_index = on_device(logits, targets, mask, weights,
-                                                             sample_index)
+    logits, targets, mask, weights, sample_index = on_device(
+        logits, targets, mask, weights, sample_index
+    )
     dtype = logits.dtype
     value_tol, grad_tol = tolerances(dtype)
     x = logits.detach().requires_grad_()
@@ -65,14 +67,22 @@ def test_elbo_llada_vocab(backend):
 
 
 def test_elbo_one_row(backend):
-    check_elbo(backend, torch.randn(1, 1, 50), torch.tensor([[7]]), torch.tensor([[True]]),
-               torch.tensor([2.0]), torch.tensor([0]), 1)
+    check_elbo(
+        backend,
+        torch.randn(1, 1, 50),
+        torch.tensor([[7]]),
+        torch.tensor([[True]]),
+        torch.tensor([2.0]),
+        torch.tensor([0]),
+        1,
+    )
 
 
 def test_elbo_nothing_masked(backend):
     logits, targets, mask, weights, sample_index, n = make_case(3, 4, 11, seed=2, p_mask=0.0)
-    x, targets, mask, weights, sample_index = on_device(logits, targets, mask, weights,
-                                                        sample_index)
+    x, targets, mask, weights, sample_index = on_device(
+        logits, targets, mask, weights, sample_index
+    )
     x.requires_grad_()
     out = fused_elbo(x, targets, mask, weights, sample_index, n, backend=backend)
     assert torch.equal(out, torch.zeros(n, device=DEVICE))
@@ -101,8 +111,9 @@ def test_elbo_non_contiguous(backend):
 
 def test_elbo_bad_targets(backend):
     logits, targets, mask, weights, sample_index, n = make_case(3, 4, 10, seed=5, p_mask=1.0)
-    logits, targets, mask, weights, sample_index = on_device(logits, targets, mask, weights,
-                                                             sample_index)
+    logits, targets, mask, weights, sample_index = on_device(
+        logits, targets, mask, weights, sample_index
+    )
     for bad in (10, -1):
         t = targets.clone()
         t[2, 1] = bad
@@ -131,25 +142,48 @@ def test_auto_backend_on_cpu():
 def make_linear_case(C, L, D, V, *, seed, dtype=torch.float32, bias=False, scale=1.0, **kw):
     g = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(C, L, D, generator=g) * scale).to(dtype)
-    weight = (torch.randn(V, D, generator=g) / D ** 0.5).to(dtype)
+    weight = (torch.randn(V, D, generator=g) / D**0.5).to(dtype)
     b = (torch.randn(V, generator=g)).to(dtype) if bias else None
     _, targets, mask, weights, sample_index, n = make_case(C, L, V, seed=seed, **kw)
     return hidden, weight, b, (targets, mask, weights, sample_index, n)
 
 
-def check_linear(backend, hidden, weight, bias, rest, *, softcap=None, chunk_size=None,
-                 keep_logits=False, grads=(True, True, True), seed=0):
+def check_linear(
+    backend,
+    hidden,
+    weight,
+    bias,
+    rest,
+    *,
+    softcap=None,
+    chunk_size=None,
+    keep_logits=False,
+    grads=(True, True, True),
+    seed=0,
+):
     """fused_linear_elbo's values and gradients against the float64 oracle, on the test device;
     rest: (targets, mask, weights, sample_index, num_samples)."""
     hidden, weight, bias = on_device(hidden, weight, bias)
     rest = (*on_device(*rest[:4]), rest[4])
     value_tol, grad_tol = tolerances(hidden.dtype, vocab=weight.shape[0])
-    leaves = [t.detach().requires_grad_(need) if t is not None else None
-              for t, need in zip((hidden, weight, bias), grads)]
-    out = fused_linear_elbo(leaves[0], leaves[1], *rest, bias=leaves[2], softcap=softcap,
-                            chunk_size=chunk_size, keep_logits=keep_logits, backend=backend)
-    leaves64 = [t.detach().double().requires_grad_(need) if t is not None else None
-                for t, need in zip((hidden, weight, bias), grads)]
+    leaves = [
+        t.detach().requires_grad_(need) if t is not None else None
+        for t, need in zip((hidden, weight, bias), grads)
+    ]
+    out = fused_linear_elbo(
+        leaves[0],
+        leaves[1],
+        *rest,
+        bias=leaves[2],
+        softcap=softcap,
+        chunk_size=chunk_size,
+        keep_logits=keep_logits,
+        backend=backend,
+    )
+    leaves64 = [
+        t.detach().double().requires_grad_(need) if t is not None else None
+        for t, need in zip((hidden, weight, bias), grads)
+    ]
     ref = linear_elbo_oracle(leaves64[0], leaves64[1], leaves64[2], softcap, *rest)
     assert_close(out, ref, value_tol, "values")
     upstream = on_device(torch.randn(rest[-1], generator=torch.Generator().manual_seed(seed)))
@@ -168,13 +202,22 @@ def check_linear(backend, hidden, weight, bias, rest, *, softcap=None, chunk_siz
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("softcap", [None, 2.5])
 def test_linear_random(backend, dtype, softcap):
-    hidden, weight, bias, rest = make_linear_case(4, 6, 16, 37, seed=7, dtype=dtype, bias=True,
-                                                  scale=2.0, per_position=dtype == torch.float32)
+    hidden, weight, bias, rest = make_linear_case(
+        4, 6, 16, 37, seed=7, dtype=dtype, bias=True, scale=2.0, per_position=dtype == torch.float32
+    )
     # chunk_size 16 splits V = 37 into three chunks: the running LSE merge is exercised, and
     # kept logits are laid out chunk by chunk.
     for chunk_size, keep_logits in ((None, False), (16, False), (16, True)):
-        out, grads = check_linear(backend, hidden, weight, bias, rest, softcap=softcap,
-                                  chunk_size=chunk_size, keep_logits=keep_logits)
+        out, grads = check_linear(
+            backend,
+            hidden,
+            weight,
+            bias,
+            rest,
+            softcap=softcap,
+            chunk_size=chunk_size,
+            keep_logits=keep_logits,
+        )
         assert out[-1] == 0
         grad_hidden = grads[0]
         assert torch.all(grad_hidden[~on_device(rest[1])] == 0)
@@ -184,10 +227,12 @@ def test_linear_target_in_the_next_chunk(backend):
     # chunk_size 24 of V = 40: the first chunk's kernel block (triton) is 32 columns wide, and the
     # targets 25 and 30, of the second chunk, fall in its padding.
     hidden, weight, _, (_, mask, weights, sample_index, n) = make_linear_case(
-        1, 4, 8, 40, seed=17, p_mask=1.0)
+        1, 4, 8, 40, seed=17, p_mask=1.0
+    )
     targets = torch.tensor([[25, 3, 30, 10]])
-    check_linear(backend, hidden, weight, None, (targets, mask, weights, sample_index, n),
-                 chunk_size=24)
+    check_linear(
+        backend, hidden, weight, None, (targets, mask, weights, sample_index, n), chunk_size=24
+    )
 
 
 def test_linear_llada_vocab(backend):
@@ -198,10 +243,12 @@ def test_linear_llada_vocab(backend):
 def test_linear_frozen_head_and_no_bias(backend):
     hidden, weight, _, rest = make_linear_case(3, 5, 12, 29, seed=9)
     for keep_logits in (False, True):
-        check_linear(backend, hidden, weight, None, rest, grads=(True, False, False),
-                     keep_logits=keep_logits)
-        check_linear(backend, hidden, weight, None, rest, grads=(False, True, False),
-                     keep_logits=keep_logits)
+        check_linear(
+            backend, hidden, weight, None, rest, grads=(True, False, False), keep_logits=keep_logits
+        )
+        check_linear(
+            backend, hidden, weight, None, rest, grads=(False, True, False), keep_logits=keep_logits
+        )
 
 
 def test_linear_nothing_masked_and_one_row(backend):
@@ -224,7 +271,8 @@ def test_linear_extreme_and_non_contiguous(backend):
 
 def test_linear_errors():
     hidden, weight, bias, (targets, mask, weights, sample_index, n) = make_linear_case(
-        2, 3, 8, 19, seed=13, p_mask=1.0)
+        2, 3, 8, 19, seed=13, p_mask=1.0
+    )
     bad = targets.clone()
     bad[1, 2] = 19
     with pytest.raises(ValueError, match="target 19 at copy 1, position 2"):
@@ -238,14 +286,26 @@ def test_linear_errors():
 def test_custom_ops_opcheck():
     logits, targets, mask, weights, sample_index, n = make_case(3, 4, 10, seed=14)
     logits.requires_grad_()
-    torch.library.opcheck(torch.ops.elbokto.fused_elbo.default,
-                          (logits, targets, mask, weights, sample_index, n, "torch"))
+    torch.library.opcheck(
+        torch.ops.elbokto.fused_elbo.default,
+        (logits, targets, mask, weights, sample_index, n, "torch"),
+    )
     hidden, weight, bias, rest = make_linear_case(3, 4, 8, 10, seed=14, bias=True)
     for keep_logits, filter_eps in ((False, None), (True, None), (False, 1e-3), (True, 1e-3)):
-        torch.library.opcheck(torch.ops.elbokto.fused_linear_elbo.default,
-                              (hidden.requires_grad_(), weight.requires_grad_(),
-                               bias.requires_grad_(), *rest, 2.0, 4, keep_logits, filter_eps,
-                               "torch"))
+        torch.library.opcheck(
+            torch.ops.elbokto.fused_linear_elbo.default,
+            (
+                hidden.requires_grad_(),
+                weight.requires_grad_(),
+                bias.requires_grad_(),
+                *rest,
+                2.0,
+                4,
+                keep_logits,
+                filter_eps,
+                "torch",
+            ),
+        )
 
 
 def test_torch_compile_sees_opaque_ops():
@@ -255,11 +315,15 @@ def test_torch_compile_sees_opaque_ops():
     upstream = torch.tensor([1.0, -2.0, 0.5])
 
     def step(x, h, w):
-        return ((fused_elbo(x, targets, mask, weights, sample_index, n, backend="torch")
-                 + fused_linear_elbo(h, w, *rest, backend="torch")
-                 + fused_linear_elbo(h, w, *rest, keep_logits=True, backend="torch")
-                 + fused_linear_elbo(h, w, *rest, filter_eps=1e-3, backend="torch"))
-                * upstream).sum()
+        return (
+            (
+                fused_elbo(x, targets, mask, weights, sample_index, n, backend="torch")
+                + fused_linear_elbo(h, w, *rest, backend="torch")
+                + fused_linear_elbo(h, w, *rest, keep_logits=True, backend="torch")
+                + fused_linear_elbo(h, w, *rest, filter_eps=1e-3, backend="torch")
+            )
+            * upstream
+        ).sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     leaves = [t.clone().requires_grad_() for t in (logits, hidden, weight)]
@@ -280,15 +344,19 @@ def test_keep_logits_only_for_a_backward(monkeypatch):
     store = 2 * 3 * 11  # M * V floats; the chunk workspace is M * 4
     sizes = []
     allocate = linear_elbo.memory.empty
-    monkeypatch.setattr(linear_elbo.memory, "empty",
-                        lambda shape, *a: sizes.append(tuple(shape)) or allocate(shape, *a))
+    monkeypatch.setattr(
+        linear_elbo.memory,
+        "empty",
+        lambda shape, *a: sizes.append(tuple(shape)) or allocate(shape, *a),
+    )
     with torch.no_grad():
         fused_linear_elbo(hidden, weight, *rest, chunk_size=4, keep_logits=True, backend="torch")
     # No tensor requires grad: no backward either.
     fused_linear_elbo(hidden, weight, *rest, chunk_size=4, keep_logits=True, backend="torch")
     assert sizes and (store,) not in sizes
-    fused_linear_elbo(hidden.requires_grad_(), weight, *rest, chunk_size=4, keep_logits=True,
-                      backend="torch")
+    fused_linear_elbo(
+        hidden.requires_grad_(), weight, *rest, chunk_size=4, keep_logits=True, backend="torch"
+    )
     assert (store,) in sizes
 
 
@@ -300,8 +368,9 @@ def test_non_finite_inputs_propagate_as_in_the_oracle(backend, value):
     the gradients are what the float64 oracle gives (NaN where it has NaN), on every backend."""
     logits, targets, mask, weights, sample_index, n = make_case(3, 4, 37, seed=20, p_mask=1.0)
     logits[0, 1, 5] = value  # sample of copy 0: its ELBO is NaN or -inf
-    logits, targets, mask, weights, sample_index = on_device(logits, targets, mask, weights,
-                                                             sample_index)
+    logits, targets, mask, weights, sample_index = on_device(
+        logits, targets, mask, weights, sample_index
+    )
     x = logits.clone().requires_grad_()
     out = fused_elbo(x, targets, mask, weights, sample_index, n, backend=backend)
     x64 = logits.double().requires_grad_()
@@ -328,8 +397,11 @@ def test_non_finite_inputs_propagate_as_in_the_oracle(backend, value):
 
 def test_float64_is_refused_not_downcast():
     logits, targets, mask, weights, sample_index, n = make_case(2, 3, 11, seed=22)
-    with pytest.raises(ValueError, match=r"logits must be float32, bfloat16 or float16, got "
-                                         r"torch.float64 \(the kernels compute in float32"):
+    with pytest.raises(
+        ValueError,
+        match=r"logits must be float32, bfloat16 or float16, got "
+        r"torch.float64 \(the kernels compute in float32",
+    ):
         fused_elbo(logits.double(), targets, mask, weights, sample_index, n)
     hidden, weight, _, rest = make_linear_case(2, 3, 8, 11, seed=22)
     with pytest.raises(ValueError, match="hidden must be float32, bfloat16 or float16"):
@@ -346,8 +418,9 @@ def test_linear_follows_autocast_like_nn_linear(backend):
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out = fused_linear_elbo(leaves[0], leaves[1], *rest, bias=leaves[2], backend=backend)
-    want = fused_linear_elbo(hidden.bfloat16(), weight.bfloat16(), *rest, bias=bias.bfloat16(),
-                             backend=backend)
+    want = fused_linear_elbo(
+        hidden.bfloat16(), weight.bfloat16(), *rest, bias=bias.bfloat16(), backend=backend
+    )
     assert torch.equal(out, want)
     grads = torch.autograd.grad(out.sum(), leaves)
     assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)

@@ -22,20 +22,34 @@ def good_bad(question, answer):
 
 
 def judge_config(server, **kwargs):
-    return JudgeConfig(judge_model=["rule"], judge_base_url=server.base_url,
-                       judge_timeout=kwargs.pop("judge_timeout", 0.5), judge_backoff=0.01,
-                       **kwargs)
+    return JudgeConfig(
+        judge_model=["rule"],
+        judge_base_url=server.base_url,
+        judge_timeout=kwargs.pop("judge_timeout", 0.5),
+        judge_backoff=0.01,
+        **kwargs,
+    )
 
 
 def serve(rule=good_bad, **kwargs):
-    return RuleJudgeServer(rule, template=load_template(kind="pointwise"), slots=POINTWISE_SLOTS,
-                           **kwargs)
+    return RuleJudgeServer(
+        rule, template=load_template(kind="pointwise"), slots=POINTWISE_SLOTS, **kwargs
+    )
 
 
-@pytest.mark.parametrize("text, verdict", [
-    ("fine. [[GOOD]]", "GOOD"), ("[[BAD]]", "BAD"), ("[[GOOD]] ... [[GOOD]]", "GOOD"),
-    ("good", None), ("[[GOOD]] or [[BAD]]", None), ("[GOOD]", None), ("", None), (None, None),
-])
+@pytest.mark.parametrize(
+    "text, verdict",
+    [
+        ("fine. [[GOOD]]", "GOOD"),
+        ("[[BAD]]", "BAD"),
+        ("[[GOOD]] ... [[GOOD]]", "GOOD"),
+        ("good", None),
+        ("[[GOOD]] or [[BAD]]", None),
+        ("[GOOD]", None),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_parse_good_bad_is_strict(text, verdict):
     assert parse_good_bad(text) == verdict
 
@@ -43,8 +57,10 @@ def test_parse_good_bad_is_strict(text, verdict):
 def test_pointwise_template_roundtrip_and_slots(tmp_path):
     template = load_template(kind="pointwise")
     message = render(template, "q {answer}", "a {question}")
-    assert unrender(template, message, POINTWISE_SLOTS) == {"question": "q {answer}",
-                                                            "answer": "a {question}"}
+    assert unrender(template, message, POINTWISE_SLOTS) == {
+        "question": "q {answer}",
+        "answer": "a {question}",
+    }
     pairwise_file = tmp_path / "pairwise.txt"
     pairwise_file.write_text(load_template())
     with pytest.raises(ValueError, match="pointwise judge template"):
@@ -59,8 +75,11 @@ def test_callable_labeller_by_name_and_its_refusals():
     assert unsure.desirable is None and unsure.final and "None" in unsure.error
     with pytest.raises(ValueError, match="expected True, False or None"):
         CallableLabeller(lambda p, r: 0.7, name="score")([("a", "b")])
-    for spec, match in (("operator", "module:function"), ("no_such_module_x:f", "cannot import"),
-                        ("operator:no_such_function", "no function")):
+    for spec, match in (
+        ("operator", "module:function"),
+        ("no_such_module_x:f", "cannot import"),
+        ("operator:no_such_function", "no function"),
+    ):
         with pytest.raises(ValueError, match=match):
             CallableLabeller(spec)
 
@@ -95,8 +114,9 @@ def test_garbage_is_dropped_never_labelled_bad(tmp_path):
 
 def test_transient_failures_are_dropped_and_asked_again_later(tmp_path):
     with serve(faults=["429"] * 3) as server:
-        store = LabelStore(JudgeLabeller(judge_config(server, judge_max_retries=2,
-                                                      judge_concurrency=1)), tmp_path)
+        store = LabelStore(
+            JudgeLabeller(judge_config(server, judge_max_retries=2, judge_concurrency=1)), tmp_path
+        )
         first = store(ITEMS[:1])[0][0]
     assert first.desirable is None and not first.final and "429" in first.error
     assert not (tmp_path / "labels-rank0.jsonl").exists()
@@ -108,17 +128,21 @@ def test_transient_failures_are_dropped_and_asked_again_later(tmp_path):
 
 def test_store_answers_across_ranks_and_keys_on_the_labeller(tmp_path):
     rank0 = LabelStore(CallableLabeller(reversed_upper, name="rev"), tmp_path, rank=0)
-    assert [(label.desirable, cached) for label, cached in rank0(ITEMS)] == \
-        [(w, False) for w in WANT]
+    assert [(label.desirable, cached) for label, cached in rank0(ITEMS)] == [
+        (w, False) for w in WANT
+    ]
     # Another rank (a resume with another world size) finds them; nothing is asked.
     rank1 = LabelStore(CallableLabeller(reversed_upper, name="rev"), tmp_path, rank=1)
-    assert [(label.desirable, cached) for label, cached in rank1(ITEMS)] == \
-        [(w, True) for w in WANT]
+    assert [(label.desirable, cached) for label, cached in rank1(ITEMS)] == [
+        (w, True) for w in WANT
+    ]
     assert rank1.asked == 0
     # Another labeller's labels are not this one's.
     other = LabelStore(CallableLabeller(lambda p, r: True, name="yes"), tmp_path, rank=1)
     assert [label.desirable for label, _ in other(ITEMS)] == [True] * 4 and other.asked == 4
-    records = [json.loads(line) for line in (tmp_path / "labels-rank0.jsonl").read_text()
-               .splitlines()]
-    assert [(r["prompt"], r["response"], r["desirable"]) for r in records] == \
-        [(p, r, w) for (p, r), w in zip(ITEMS, WANT)]
+    records = [
+        json.loads(line) for line in (tmp_path / "labels-rank0.jsonl").read_text().splitlines()
+    ]
+    assert [(r["prompt"], r["response"], r["desirable"]) for r in records] == [
+        (p, r, w) for (p, r), w in zip(ITEMS, WANT)
+    ]

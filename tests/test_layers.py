@@ -18,8 +18,12 @@ def _module_name(path: Path) -> str:
 def import_graph() -> dict[str, set[str]]:
     """module -> the package modules it imports (``from a.b import c`` counts a.b, and a.b.c
     when that is a module), by reading the sources."""
-    files = [p for package in ("elbokto", "elbokto_kernels") for p in (ROOT / package).rglob("*.py")
-             if "build" not in p.relative_to(ROOT).parts]
+    files = [
+        p
+        for package in ("elbokto", "elbokto_kernels")
+        for p in (ROOT / package).rglob("*.py")
+        if "build" not in p.relative_to(ROOT).parts
+    ]
     modules = {_module_name(p): p for p in files}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
@@ -31,7 +35,7 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:  # relative: from .x import y
-                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join([*anchor, *([base] if base else [])])
                 targets.add(base)
                 targets.update(f"{base}.{alias.name}" for alias in node.names)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from devices import DEVICE, on_device
+
 from elbokto_kernels import fused_linear_elbo
 from elbokto_kernels.backends import row_ops
 from elbokto_kernels.grad_filter import resolve_filter_eps
@@ -25,7 +25,7 @@ def trained_case(C, L, D, V, *, seed, dtype=torch.float32, bias=False, device=DE
     Returns (hidden, weight, bias, (targets, mask, weights, sample_index, num_samples),
     upstream), on ``device``."""
     g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(V, D, generator=g) / D ** 0.5
+    weight = torch.randn(V, D, generator=g) / D**0.5
     pointed = torch.randint(0, V, (C, L), generator=g)
     hidden = 6.0 * weight[pointed] + 0.3 * torch.randn(C, L, D, generator=g)
     mask = torch.rand(C, L, generator=g) < 0.7
@@ -36,50 +36,64 @@ def trained_case(C, L, D, V, *, seed, dtype=torch.float32, bias=False, device=DE
     sample_index = torch.arange(C) % 3
     b = 0.1 * torch.randn(V, generator=g) if bias else None
     upstream = torch.randn(3, generator=g)
-    cast = (lambda t: None if t is None else t.to(device, dtype))
+
+    def cast(t):
+        return None if t is None else t.to(device, dtype)
+
     targets, mask, weights, sample_index, upstream = (
-        t.to(device) for t in (targets, mask, weights, sample_index, upstream))
+        t.to(device) for t in (targets, mask, weights, sample_index, upstream)
+    )
     return cast(hidden), cast(weight), cast(b), (targets, mask, weights, sample_index, 3), upstream
 
 
 def grads(backend, hidden, weight, bias, rest, upstream, **options):
     """(out, [dH, dW, db or nothing]) of fused_linear_elbo, forward and backward once."""
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
-    out = fused_linear_elbo(leaves[0], leaves[1], *rest, bias=leaves[2] if bias is not None
-                            else None, backend=backend, **options)
+    out = fused_linear_elbo(
+        leaves[0],
+        leaves[1],
+        *rest,
+        bias=leaves[2] if bias is not None else None,
+        backend=backend,
+        **options,
+    )
     return out, list(torch.autograd.grad(out, leaves, upstream))
 
 
-def check_filtered(backend, hidden, weight, bias, rest, upstream, eps, *, softcap=None,
-                   **options):
+def check_filtered(backend, hidden, weight, bias, rest, upstream, eps, *, softcap=None, **options):
     """The filtered op against the float64 oracle: values at §4's tolerance, each gradient within
     the filtered bound (``oracle.filter_bounds``) plus §4's gradient tolerance. Returns the
     gradients."""
     value_tol, grad_tol = tolerances(hidden.dtype)
-    out, got = grads(backend, hidden, weight, bias, rest, upstream, softcap=softcap,
-                     filter_eps=eps, **options)
-    leaves64 = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)
-                if t is not None]
-    ref = linear_elbo_oracle(leaves64[0], leaves64[1], leaves64[2] if bias is not None else None,
-                             softcap, *rest)
+    out, got = grads(
+        backend, hidden, weight, bias, rest, upstream, softcap=softcap, filter_eps=eps, **options
+    )
+    leaves64 = [
+        t.detach().double().requires_grad_() for t in (hidden, weight, bias) if t is not None
+    ]
+    ref = linear_elbo_oracle(
+        leaves64[0], leaves64[1], leaves64[2] if bias is not None else None, softcap, *rest
+    )
     assert_close(out, ref, value_tol, "values")
     exact = torch.autograd.grad(ref, leaves64, upstream.double())
-    bounds = filter_bounds(hidden.double(), weight.double(), bias, softcap, *rest[:4], upstream,
-                           eps)
+    bounds = filter_bounds(
+        hidden.double(), weight.double(), bias, softcap, *rest[:4], upstream, eps
+    )
     for name, g, e, bound in zip(("dH", "dW", "db"), got, exact, bounds):
         assert g.dtype == hidden.dtype and g.shape == e.shape
         excess = ((g.double() - e).abs() - bound).max().item()
-        assert excess <= grad_tol * e.abs().max().item(), f"{name} exceeds the filtered bound " \
-                                                          f"by {excess:.3g}"
+        assert excess <= grad_tol * e.abs().max().item(), (
+            f"{name} exceeds the filtered bound by {excess:.3g}"
+        )
     return got
 
 
 def test_resolve_filter_eps():
     assert resolve_filter_eps(None, torch.bfloat16) is None
     assert resolve_filter_eps(0.0, torch.float32) is None  # skips nothing: the exact op
-    assert resolve_filter_eps("auto", torch.bfloat16) == 2.0 ** -12
-    assert resolve_filter_eps("auto", torch.float16) == 2.0 ** -15
-    assert resolve_filter_eps("auto", torch.float32) == 2.0 ** -28
+    assert resolve_filter_eps("auto", torch.bfloat16) == 2.0**-12
+    assert resolve_filter_eps("auto", torch.float16) == 2.0**-15
+    assert resolve_filter_eps("auto", torch.float32) == 2.0**-28
     assert resolve_filter_eps(1e-3, torch.float32) == 1e-3
     for bad in (-1e-3, float("nan"), "bf16"):
         with pytest.raises(ValueError, match="filter_eps must be"):
@@ -119,24 +133,43 @@ def todays_linear_elbo(hidden, weight, bias, rest, upstream, softcap, chunk):
 
 @pytest.mark.parametrize("softcap", [None, 2.5])
 def test_unfiltered_is_todays_op_bit_for_bit(softcap):
-    hidden, weight, bias, rest, upstream = trained_case(4, 6, 16, 37, seed=1, bias=True,
-                                                        device="cpu")
+    hidden, weight, bias, rest, upstream = trained_case(
+        4, 6, 16, 37, seed=1, bias=True, device="cpu"
+    )
     want_out, want = todays_linear_elbo(hidden, weight, bias, rest, upstream, softcap, 16)
     for eps in (None, 0.0):
-        out, got = grads("torch", hidden, weight, bias, rest, upstream, softcap=softcap,
-                         chunk_size=16, filter_eps=eps)
+        out, got = grads(
+            "torch",
+            hidden,
+            weight,
+            bias,
+            rest,
+            upstream,
+            softcap=softcap,
+            chunk_size=16,
+            filter_eps=eps,
+        )
         assert torch.equal(out, want_out)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("dtype,softcap,keep_logits", [
-    (torch.float32, None, False), (torch.float32, 3.0, False), (torch.float32, None, True),
-    (torch.bfloat16, None, False), (torch.float16, 3.0, True)], ids=str)
+@pytest.mark.parametrize(
+    "dtype,softcap,keep_logits",
+    [
+        (torch.float32, None, False),
+        (torch.float32, 3.0, False),
+        (torch.float32, None, True),
+        (torch.bfloat16, None, False),
+        (torch.float16, 3.0, True),
+    ],
+    ids=str,
+)
 def test_filtered_within_bound(backend, dtype, softcap, keep_logits):
-    hidden, weight, bias, rest, upstream = trained_case(3, 6, 16, 100, seed=2, dtype=dtype,
-                                                        bias=True)
+    hidden, weight, bias, rest, upstream = trained_case(
+        3, 6, 16, 100, seed=2, dtype=dtype, bias=True
+    )
     options = dict(softcap=softcap, chunk_size=32, keep_logits=keep_logits)
-    got = check_filtered(backend, hidden, weight, bias, rest, upstream, 2.0 ** -8, **options)
+    got = check_filtered(backend, hidden, weight, bias, rest, upstream, 2.0**-8, **options)
     _, exact = grads(backend, hidden, weight, bias, rest, upstream, **options)
     # Something was dropped: otherwise the bound tested nothing.
     assert not torch.equal(got[1], exact[1])
@@ -149,8 +182,9 @@ def test_filter_tests_soft_capped_logits(backend):
     raw logits would see probabilities ~1300 times smaller and drop them all."""
     hidden, weight, _, rest, upstream = trained_case(2, 4, 16, 60, seed=6)
     bias = torch.full((60,), -30.0, device=DEVICE)
-    check_filtered(backend, hidden / 6, weight, bias, rest, upstream, 2.0 ** -8, softcap=30.0,
-                   chunk_size=16)
+    check_filtered(
+        backend, hidden / 6, weight, bias, rest, upstream, 2.0**-8, softcap=30.0, chunk_size=16
+    )
 
 
 def test_filtered_frozen_head_one_row_nothing_masked(backend):
@@ -159,18 +193,34 @@ def test_filtered_frozen_head_one_row_nothing_masked(backend):
     out = fused_linear_elbo(*leaves, *rest, filter_eps=1e-3, chunk_size=16, backend=backend)
     (grad_h,) = torch.autograd.grad(out, hidden, upstream)
     _, (exact_h, _) = grads(backend, hidden, weight, None, rest, upstream, chunk_size=16)
-    bound = filter_bounds(hidden.double(), weight.double(), None, None, *rest[:4], upstream,
-                          1e-3)[0]
+    bound = filter_bounds(hidden.double(), weight.double(), None, None, *rest[:4], upstream, 1e-3)[
+        0
+    ]
     assert ((grad_h.double() - exact_h.double()).abs() - bound).max() <= 1e-5
     targets, mask, weights, sample_index, n = rest
-    one = mask & (torch.arange(mask.numel(), device=DEVICE).view(mask.shape)
-                  == mask.nonzero()[0, 0] * 5
-                  + mask.nonzero()[0, 1])
-    check_filtered(backend, hidden.detach(), weight, None, (targets, one, weights, sample_index,
-                                                             n), upstream, 1e-3, chunk_size=16)
-    _, nothing = grads(backend, hidden.detach(), weight, None,
-                       (targets, torch.zeros_like(mask), weights, sample_index, n), upstream,
-                       filter_eps=1e-3)
+    one = mask & (
+        torch.arange(mask.numel(), device=DEVICE).view(mask.shape)
+        == mask.nonzero()[0, 0] * 5 + mask.nonzero()[0, 1]
+    )
+    check_filtered(
+        backend,
+        hidden.detach(),
+        weight,
+        None,
+        (targets, one, weights, sample_index, n),
+        upstream,
+        1e-3,
+        chunk_size=16,
+    )
+    _, nothing = grads(
+        backend,
+        hidden.detach(),
+        weight,
+        None,
+        (targets, torch.zeros_like(mask), weights, sample_index, n),
+        upstream,
+        filter_eps=1e-3,
+    )
     assert all(torch.equal(g, torch.zeros_like(g)) for g in nothing)
 
 
@@ -186,7 +236,7 @@ def test_sorted_walk_leaves_unused_entries_exactly_zero(backend, softcap):
     C, L, D, V, chunk = 4, 8, 32, 320, 32
     g = torch.Generator().manual_seed(4)
     tokens = torch.randperm(V, generator=g)[:8]
-    weight = torch.randn(V, D, generator=g) / D ** 0.5
+    weight = torch.randn(V, D, generator=g) / D**0.5
     weight[:, :8] = 0
     weight[tokens] = torch.eye(8, D)
     position = torch.arange(C * L).view(C, L)
@@ -201,23 +251,29 @@ def test_sorted_walk_leaves_unused_entries_exactly_zero(backend, softcap):
     upstream = torch.randn(2, generator=g)
     bias = torch.zeros(V).index_fill_(0, lone_targets[lone], -10.0)
     hidden, weight, bias, upstream, tokens, lone_targets, lone, mask = on_device(
-        hidden, weight, bias, upstream, tokens, lone_targets, lone, mask)
+        hidden, weight, bias, upstream, tokens, lone_targets, lone, mask
+    )
     rest = (*on_device(*rest[:4]), rest[4])
-    got = check_filtered(backend, hidden, weight, bias, rest, upstream, 1e-2, softcap=softcap,
-                         chunk_size=chunk)
+    got = check_filtered(
+        backend, hidden, weight, bias, rest, upstream, 1e-2, softcap=softcap, chunk_size=chunk
+    )
     zero_rows = (got[1] == 0).all(1)
     reached = lone_targets[lone & mask].unique()
     assert not zero_rows[tokens].any() and not zero_rows[reached].any()
     assert zero_rows.sum() >= V - chunk - reached.numel()
-    _, exact = grads(backend, hidden, weight, bias, rest, upstream, softcap=softcap,
-                     chunk_size=chunk)
+    _, exact = grads(
+        backend, hidden, weight, bias, rest, upstream, softcap=softcap, chunk_size=chunk
+    )
     assert not (exact[1] == 0).all(1).any()
 
 
 def test_mean_logit_order():
     g = torch.Generator().manual_seed(5)
-    h, weight, bias = torch.randn(9, 6, generator=g), torch.randn(40, 6, generator=g), \
-        torch.randn(40, generator=g)
+    h, weight, bias = (
+        torch.randn(9, 6, generator=g),
+        torch.randn(40, 6, generator=g),
+        torch.randn(40, generator=g),
+    )
     want = (h.double() @ weight.double().T + bias.double()).mean(0)
     order = mean_logit_order(h, weight, bias)
     assert torch.equal(torch.sort(order).values, torch.arange(40))

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from devices import DEVICE, MODEL_BACKEND, on_device
 from distributed import TESTS, assert_every_rank_matched, torchrun
 from head_models import TinyLM, case, lora_tiny_lm
+from torch import nn
+
 from elbokto_kernels import fused_elbo, fused_lm_head, lm_head_unsupported
 
 
@@ -24,7 +24,7 @@ def _assert_exact(model, scored, ids, targets, weights, rtol=1e-5):
         return want
     upstream = torch.rand(want.shape, generator=torch.Generator().manual_seed(9)).to(want)
     got_grads = torch.autograd.grad(scored, params, upstream)
-    for got, expected, p in zip(got_grads, torch.autograd.grad(want, params, upstream), params):
+    for got, expected in zip(got_grads, torch.autograd.grad(want, params, upstream)):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
     return want
 
@@ -74,9 +74,16 @@ def test_a_head_that_computes_more_than_its_weight_is_refused():
     assert lm_head_unsupported(TinyLM()) is None and lm_head_unsupported(nn.Linear(2, 3)) is None
 
 
-@pytest.mark.parametrize("config", [
-    {"scale_logits": True}, {"logits_scaling": 3.0}, {"final_logit_softcapping": 0.3},
-    {"scale_logits": True, "final_logit_softcapping": 0.5}], ids=str)
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"scale_logits": True},
+        {"logits_scaling": 3.0},
+        {"final_logit_softcapping": 0.3},
+        {"scale_logits": True, "final_logit_softcapping": 0.5},
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("tied", [False, True], ids=["linear", "tied"])
 def test_the_logit_transforms_a_config_declares(config, tied):
     """Given the model, its config's scale (LLaDA's scale_logits, Granite's logits_scaling) and
@@ -86,8 +93,7 @@ def test_the_logit_transforms_a_config_declares(config, tied):
     with fused_lm_head(model, targets, weights=weights, backend=MODEL_BACKEND) as result:
         model(ids)
     want = _assert_exact(model, result[0], ids, targets, weights)
-    plain = fused_elbo(TinyLM(tied=tied).to(DEVICE)(ids), targets, weights=weights,
-                       backend="torch")
+    plain = fused_elbo(TinyLM(tied=tied).to(DEVICE)(ids), targets, weights=weights, backend="torch")
     assert not torch.allclose(want, plain, rtol=1e-3)  # the transform mattered
     with pytest.raises(ValueError, match="come from its config"):
         with fused_lm_head(model, targets, logit_scale=0.5):
@@ -107,7 +113,7 @@ def test_a_scaled_head():
     """A model that scales its head's logits (LLaDA's scale_logits: 1 / sqrt(d_model)) is scored
     on the scaled logits: logit_scale folds the factor into the hidden states and the bias."""
     model = on_device(TinyLM())
-    scale = 16 ** -0.5
+    scale = 16**-0.5
     g = torch.Generator().manual_seed(2)
     ids = on_device(torch.randint(0, 29, (2, 5), generator=g))
     targets = ids.masked_fill(on_device(torch.rand(2, 5, generator=g) < 0.4), -100)

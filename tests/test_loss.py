@@ -26,7 +26,9 @@ KTO_METRICS = {
 
 def _batch(m: int = 7, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    policy = (torch.randn(m, generator=gen, dtype=torch.float64) * 20 - 300).float().requires_grad_()
+    policy = (
+        (torch.randn(m, generator=gen, dtype=torch.float64) * 20 - 300).float().requires_grad_()
+    )
     noise = torch.randn(m, generator=gen, dtype=torch.float64) * 15
     ref = (policy.detach().double() + noise).float().requires_grad_()
     desirable = torch.rand(m, generator=gen) < 0.5
@@ -50,7 +52,14 @@ def test_kto_loss_value_and_gradient(baseline, beta, lambda_d, lambda_u):
     policy, ref, desirable = _batch()
     kl = torch.tensor(3.25) if baseline == "kl" else None
     loss, metrics = elbo_kto_loss(
-        policy, ref, desirable, beta=beta, lambda_d=lambda_d, lambda_u=lambda_u, baseline=baseline, kl=kl
+        policy,
+        ref,
+        desirable,
+        beta=beta,
+        lambda_d=lambda_d,
+        lambda_u=lambda_u,
+        baseline=baseline,
+        kl=kl,
     )
     r = policy.detach().double() - ref.detach().double()
     b0 = {"batch_mean": float(r.mean()), "none": 0.0, "kl": 3.25}[baseline]
@@ -58,11 +67,14 @@ def test_kto_loss_value_and_gradient(baseline, beta, lambda_d, lambda_u):
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert math.isclose(float(loss.detach()), float(value), rel_tol=1e-5)
     loss.backward()
-    # The baseline is a constant: the gradient is the formula's with b0 frozen, not through the mean.
+    # The baseline is a constant: the gradient is the formula's with b0 frozen, not through the
+    # mean.
     torch.testing.assert_close(policy.grad.double(), grad, rtol=1e-4, atol=1e-8)
     assert ref.grad is None
     assert set(metrics) == KTO_METRICS | ({"kl"} if baseline == "kl" else set())
-    assert all(not v.requires_grad and v.shape == () and v.is_floating_point() for v in metrics.values())
+    assert all(
+        not v.requires_grad and v.shape == () and v.is_floating_point() for v in metrics.values()
+    )
     assert math.isclose(float(metrics["baseline"]), b0, rel_tol=1e-5, abs_tol=1e-6)
 
 
@@ -71,8 +83,9 @@ def test_kto_metrics():
     ref = torch.tensor([-12.0, -19.0, -100.0, -40.0])
     desirable = torch.tensor([True, True, False, False])
     # A non-zero baseline: rewards are beta * r, without b0; saturation is measured on r - b0.
-    _, metrics = elbo_kto_loss(policy, ref, desirable, beta=0.5, baseline="kl",
-                               kl=torch.tensor(13.0))
+    _, metrics = elbo_kto_loss(
+        policy, ref, desirable, beta=0.5, baseline="kl", kl=torch.tensor(13.0)
+    )
     expected = {
         "rewards/chosen": 0.5 * (2 - 1) / 2,
         "rewards/rejected": 0.5 * (70 + 0) / 2,
@@ -108,8 +121,9 @@ def test_kto_empty_batch_gives_zero_loss():
     policy = torch.zeros(0, requires_grad=True)
     loss, metrics = elbo_kto_loss(policy, torch.zeros(0), torch.zeros(0, dtype=torch.bool))
     assert float(loss.detach()) == 0
-    assert {k for k, v in metrics.items() if torch.isnan(v)} == \
-        ABSENT_IF_NO_CHOSEN | ABSENT_IF_NO_REJECTED
+    assert {
+        k for k, v in metrics.items() if torch.isnan(v)
+    } == ABSENT_IF_NO_CHOSEN | ABSENT_IF_NO_REJECTED
     assert all(float(v) == 0 for v in metrics.values() if not torch.isnan(v))
     loss.backward()
     assert policy.grad.shape == (0,)
@@ -177,7 +191,9 @@ def test_kto_kl_baseline_is_clamped():
     policy, ref, desirable = _batch()
     loss, metrics = elbo_kto_loss(policy, ref, desirable, baseline="kl", kl=torch.tensor(-4.0))
     value, _ = _expected(policy, ref, desirable, 0.1, 1.0, 1.0, 0.0)
-    assert math.isclose(float(loss.detach()), float(value), rel_tol=1e-5) and float(metrics["kl"]) == 0
+    assert (
+        math.isclose(float(loss.detach()), float(value), rel_tol=1e-5) and float(metrics["kl"]) == 0
+    )
 
 
 def test_kto_float64_stays_float64():
@@ -192,8 +208,9 @@ def test_kto_float64_class_weights_are_not_rounded_to_float32(lambda_d, lambda_u
     # ~1e-8 relative, far above float64's rounding.
     policy, ref, desirable = _batch()
     policy, ref = policy.detach().double(), ref.detach().double()
-    loss, _ = elbo_kto_loss(policy, ref, desirable, lambda_d=lambda_d, lambda_u=lambda_u,
-                            baseline="none")
+    loss, _ = elbo_kto_loss(
+        policy, ref, desirable, lambda_d=lambda_d, lambda_u=lambda_u, baseline="none"
+    )
     value, _ = _expected(policy, ref, desirable, 0.1, lambda_d, lambda_u, 0.0)
     assert math.isclose(float(loss), float(value), rel_tol=1e-14)
 
@@ -233,7 +250,10 @@ def test_dpo_loss_value_gradient_and_metrics():
     pc, rc, pr, rr = (torch.randn(6, generator=gen) * 10 - 200 for _ in range(4))
     pc.requires_grad_(), pr.requires_grad_(), rc.requires_grad_(), rr.requires_grad_()
     loss, metrics = elbo_dpo_loss(pc, rc, pr, rr, beta=0.2)
-    logits = 0.2 * ((pc.detach().double() - rc.detach().double()) - (pr.detach().double() - rr.detach().double()))
+    logits = 0.2 * (
+        (pc.detach().double() - rc.detach().double())
+        - (pr.detach().double() - rr.detach().double())
+    )
     expected = -torch.nn.functional.logsigmoid(logits).mean()
     assert math.isclose(float(loss.detach()), float(expected), rel_tol=1e-5)
     loss.backward()
@@ -241,8 +261,14 @@ def test_dpo_loss_value_gradient_and_metrics():
     torch.testing.assert_close(pc.grad.double(), -0.2 * sig / 6, rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(pr.grad.double(), 0.2 * sig / 6, rtol=1e-4, atol=1e-9)
     assert rc.grad is None and rr.grad is None  # the reference never gets a gradient
-    assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                            "logps/chosen", "logps/rejected"}
+    assert set(metrics) == {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    }
     assert math.isclose(float(metrics["logps/chosen"]), float(pc.detach().mean()), rel_tol=1e-6)
     assert math.isclose(float(metrics["logps/rejected"]), float(pr.detach().mean()), rel_tol=1e-6)
     accuracy = float((logits > 0).double().mean())
@@ -253,12 +279,16 @@ def test_dpo_loss_value_gradient_and_metrics():
 
 # --- data parallel: the baseline is the mean over all ranks -------------------------------------
 
-RANK_MARGINS = ([1.0, 2.0, 6.0], [-4.0, 10.0, 0.5, 3.0, 7.5])  # different sizes: sum / count matters
+RANK_MARGINS = (
+    [1.0, 2.0, 6.0],
+    [-4.0, 10.0, 0.5, 3.0, 7.5],
+)  # different sizes: sum / count matters
 
 
 def _worker(rank: int, world_size: int, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
     try:
         margins = torch.tensor(RANK_MARGINS[rank])
         policy = (margins - 50).requires_grad_()
@@ -268,7 +298,10 @@ def _worker(rank: int, world_size: int, init_file: str) -> None:
         everything = torch.tensor(RANK_MARGINS[0] + RANK_MARGINS[1], dtype=torch.float64)
         b0 = float(everything.mean())
         assert math.isclose(float(metrics["baseline"]), b0, rel_tol=1e-6), (
-            rank, float(metrics["baseline"]), b0)
+            rank,
+            float(metrics["baseline"]),
+            b0,
+        )
         value, grad = _expected(policy, ref, desirable, 0.3, 1.0, 1.0, b0)  # the LOCAL m
         assert math.isclose(float(loss.detach()), float(value), rel_tol=1e-5)
         loss.backward()

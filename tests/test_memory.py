@@ -7,15 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from devices import on_device
+
 from elbokto_kernels import fused_elbo, memory
 from elbokto_kernels.oracle import assert_close, elbo_oracle, tolerances
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 needs_thp = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not THP_MODE.exists()
-    or "[never]" in THP_MODE.read_text(), reason="needs Linux with transparent huge pages")
+    not sys.platform.startswith("linux")
+    or not THP_MODE.exists()
+    or "[never]" in THP_MODE.read_text(),
+    reason="needs Linux with transparent huge pages",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +79,9 @@ def test_gradient_is_the_same_either_way(monkeypatch, backend, setting):
     targets = torch.randint(0, V, (C, L), generator=gen).masked_fill(~mask, -100)
     weights = torch.rand(C, generator=gen) + 0.5
     sample_index = torch.tensor([0, 0])
-    logits, mask, targets, weights, sample_index = on_device(logits, mask, targets, weights,
-                                                             sample_index)
+    logits, mask, targets, weights, sample_index = on_device(
+        logits, mask, targets, weights, sample_index
+    )
     logits.requires_grad_()
     out = fused_elbo(logits, targets, mask, weights, sample_index, 1, backend=backend)
     (grad,) = torch.autograd.grad(out.sum(), logits)

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
+from devices import on_device
+from tiny_models import tiny_batch, tiny_gemma
 
 from elbokto import LossConfig, MCConfig, estimate_gradient_noise
-from devices import on_device
 from elbokto.objective import ELBOKTOObjective, mismatched_batch
-from tiny_models import tiny_batch, tiny_gemma
 
 
 def policy_and_reference(seed=0, on_test_device=False):
@@ -25,8 +25,9 @@ def policy_and_reference(seed=0, on_test_device=False):
 
 
 def param_grads(model):
-    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-            for p in model.parameters()]
+    return [
+        p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()
+    ]
 
 
 def test_loss_is_the_formula_on_the_estimates():
@@ -45,15 +46,21 @@ def test_loss_is_the_formula_on_the_estimates():
     out.loss.backward()
     assert all(p.grad is None for p in reference.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
-    assert set(out.metrics) >= {"rewards/chosen", "rewards/rejected", "rewards/margins",
-                                "logps/chosen", "logps/rejected"}
+    assert set(out.metrics) >= {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    }
     assert "kl" not in out.metrics  # only the KL baseline logs kl
 
 
-@pytest.mark.parametrize("keep_logits, chunk", [(False, 5), (True, 5), (False, 1), (False, 6),
-                                                (False, 24), (False, 100)],
-                         ids=["recompute", "keep-logits", "one-copy", "one-example", "all",
-                              "more-than-all"])
+@pytest.mark.parametrize(
+    "keep_logits, chunk",
+    [(False, 5), (True, 5), (False, 1), (False, 6), (False, 24), (False, 100)],
+    ids=["recompute", "keep-logits", "one-copy", "one-example", "all", "more-than-all"],
+)
 def test_mc_chunk_size_equals_one_pass(keep_logits, chunk):
     """B * K = 24 copies in chunks of 5 (a chunk splits an example), 1, 6 (= K: chunks follow the
     examples), 24 (one chunk) and 100 (larger than the batch)."""
@@ -65,7 +72,8 @@ def test_mc_chunk_size_equals_one_pass(keep_logits, chunk):
     expected = param_grads(policy)
     policy.zero_grad(set_to_none=True)
     chunked = ELBOKTOObjective(mc=mc, mc_chunk_size=chunk, keep_logits=keep_logits)(
-        policy, batch, reference=reference)
+        policy, batch, reference=reference
+    )
     torch.testing.assert_close(chunked.loss, whole.loss)
     torch.testing.assert_close(chunked.policy_elbo, whole.policy_elbo)
     (chunked.loss * 0.5).backward()  # the incoming gradient scales the deferred backward
@@ -93,8 +101,9 @@ def test_peft_reference_is_the_policy_without_adapters():
     peft = pytest.importorskip("peft")
     base = tiny_gemma(seed=2)
     frozen = copy.deepcopy(base)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                           init_lora_weights=False)
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
     policy = peft.get_peft_model(base, lora)
     batch = tiny_batch(seed=2)
     obj = ELBOKTOObjective(mc=MCConfig(n_t=2))
@@ -152,9 +161,9 @@ def test_mismatched_batch_pairs_prompt_with_next_response():
         j = (i + 1) % 4
         pi, pj, rj = int(p[i]), int(p[j]), int(r[j])
         assert torch.equal(mm["input_ids"][i, :pi], ids[i, :pi])
-        assert torch.equal(mm["input_ids"][i, pi:pi + rj], ids[j, pj:pj + rj])
+        assert torch.equal(mm["input_ids"][i, pi : pi + rj], ids[j, pj : pj + rj])
         assert int(mm["attention_mask"][i].sum()) == pi + rj
-        assert torch.all(mm["input_ids"][i, pi + rj:] == 0)
+        assert torch.all(mm["input_ids"][i, pi + rj :] == 0)
     assert torch.equal(mm["response_lengths"], r.roll(-1))
     assert len(set(mm["uid"].tolist()) & set(batch["uid"].tolist())) == 0
 
@@ -181,13 +190,15 @@ def test_gradient_noise_of_a_model_setting():
     batch = tiny_batch(seed=5)
     for p in policy.parameters():
         p.grad = torch.full_like(p, 3.0)
-    small = ELBOKTOObjective(mc=MCConfig(n_t=1)).gradient_noise(policy, batch, reference=reference,
-                                                              redraws=6)
+    small = ELBOKTOObjective(mc=MCConfig(n_t=1)).gradient_noise(
+        policy, batch, reference=reference, redraws=6
+    )
     assert all(torch.all(p.grad == 3.0) for p in policy.parameters())  # .grad restored
     assert small.num_redraws == 6 and small.variance > 0
     # A bigger budget averages more copies: less noise around the same mean gradient.
-    large = ELBOKTOObjective(mc=MCConfig(n_t=16)).gradient_noise(policy, batch,
-                                                               reference=reference, redraws=6)
+    large = ELBOKTOObjective(mc=MCConfig(n_t=16)).gradient_noise(
+        policy, batch, reference=reference, redraws=6
+    )
     assert large.variance < 0.5 * small.variance
     # One seed for every redraw: the gradients coincide.
     fixed = ELBOKTOObjective(mc=MCConfig(n_t=1))
@@ -199,7 +210,8 @@ def test_gradient_noise_of_a_model_setting():
     assert estimate_gradient_noise(grads).variance < 1e-12 * max(1.0, small.variance)
     # The chunked backward (mc_chunk_size) gives the same spread.
     chunked = ELBOKTOObjective(mc=MCConfig(n_t=1), mc_chunk_size=1).gradient_noise(
-        policy, batch, reference=reference, redraws=6)
+        policy, batch, reference=reference, redraws=6
+    )
     assert chunked.variance == pytest.approx(small.variance, rel=1e-4)
 
 
@@ -217,7 +229,7 @@ def test_pairs_share_their_draws_and_crn_off_does_not():
     mask = draws.mask.view(4, K, -1)
     for a, b in ((0, 1), (2, 3)):
         length = int(batch["response_lengths"][a])
-        assert torch.equal(mask[a, :, p[a]:p[a] + length], mask[b, :, p[b]:p[b] + length])
+        assert torch.equal(mask[a, :, p[a] : p[a] + length], mask[b, :, p[b] : p[b] + length])
     # Without CRN the reference of the same model scores other copies: the margins move.
     policy, _ = policy_and_reference(seed=6)
     off = ELBOKTOObjective(mc=MCConfig(n_t=2), crn=False)
@@ -249,17 +261,21 @@ def test_filter_eps_reaches_the_fused_head(monkeypatch):
 
     seen = []
     real = lm_head.fused_linear_elbo
-    monkeypatch.setattr(lm_head, "fused_linear_elbo",
-                        lambda *a, **kw: seen.append(kw["filter_eps"]) or real(*a, **kw))
+    monkeypatch.setattr(
+        lm_head,
+        "fused_linear_elbo",
+        lambda *a, **kw: seen.append(kw["filter_eps"]) or real(*a, **kw),
+    )
     policy, reference = policy_and_reference(seed=2)
     batch = tiny_batch(seed=2)
     grads = []
-    for eps in (None, 2.0 ** -12):
+    for eps in (None, 2.0**-12):
         policy.zero_grad()
         ELBOKTOObjective(mc=MCConfig(n_t=2), filter_eps=eps, backend="torch")(
-            policy, batch, reference=reference).loss.backward()
+            policy, batch, reference=reference
+        ).loss.backward()
         grads.append(param_grads(policy))
     # Reference and policy alike: without a backward (the reference) the op ignores it.
-    assert seen == [None, None, 2.0 ** -12, 2.0 ** -12]
+    assert seen == [None, None, 2.0**-12, 2.0**-12]
     for exact, filtered in zip(*grads):
         assert (filtered - exact).abs().max() <= 1e-3 * exact.abs().max() + 1e-8

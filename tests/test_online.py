@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from distributed import torchrun
 
 from elbokto.eval import RuleJudgeServer
 from elbokto.eval.template import POINTWISE_SLOTS, load_template
 from elbokto.labellers import CallableLabeller
 from elbokto.models import build_tiny_model
 from elbokto.online import OnlineConfig, OnlineELBOKTOTrainer, balanced_lambda_d, load_prompts
-from distributed import torchrun
 from elbokto.tiny import SPECIAL_TOKENS, build_tiny_tokenizer
 
 
@@ -26,8 +26,10 @@ def ascii_start(prompt, response):
 def write_prompts(path: Path, n=16, seed=0) -> Path:
     rng = np.random.default_rng(seed)
     rows = [{"prompt": "".join(rng.choice(list("abcdefgh"), 4))} for _ in range(n // 2)]
-    rows += [{"prompt": [{"role": "user", "content": "".join(rng.choice(list("abcdefgh"), 5))}]}
-             for _ in range(n - n // 2)]
+    rows += [
+        {"prompt": [{"role": "user", "content": "".join(rng.choice(list("abcdefgh"), 5))}]}
+        for _ in range(n - n // 2)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
@@ -38,12 +40,26 @@ def tokenizer():
 
 def config(tmp_path, **changes):
     tok = tokenizer()
-    kwargs = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8,
-                  num_samples_per_prompt=2, learning_rate=1e-2, beta=1.0, n_t=2,
-                  logging_steps=1, save_strategy="no", use_cpu=True, report_to="none",
-                  lr_scheduler_type="constant", kernel_backend="torch", gen_length=2,
-                  temperature=1.0, remasking="random", mask_token_id=tok.mask_token_id,
-                  max_steps=24, online=True)
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        num_samples_per_prompt=2,
+        learning_rate=1e-2,
+        beta=1.0,
+        n_t=2,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        report_to="none",
+        lr_scheduler_type="constant",
+        kernel_backend="torch",
+        gen_length=2,
+        temperature=1.0,
+        remasking="random",
+        mask_token_id=tok.mask_token_id,
+        max_steps=24,
+        online=True,
+    )
     return OnlineConfig(**{**kwargs, **changes})
 
 
@@ -52,14 +68,34 @@ def trainer(tmp_path, labeller, **changes):
 
     tok = tokenizer()
     prompts = load_prompts(DataConfig(dataset=str(write_prompts(tmp_path / "prompts.jsonl"))), tok)
-    policy = build_tiny_model(len(tok), tok.mask_token_id, hidden_size=32, num_layers=1,
-                              num_heads=2, num_kv_heads=1, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id)
-    reference = build_tiny_model(len(tok), tok.mask_token_id, hidden_size=32, num_layers=1,
-                                 num_heads=2, num_kv_heads=1, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
-    return OnlineELBOKTOTrainer(policy, config(tmp_path, **changes), labeller, ref_model=reference,
-                                train_dataset=prompts, processing_class=tok)
+    policy = build_tiny_model(
+        len(tok),
+        tok.mask_token_id,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    reference = build_tiny_model(
+        len(tok),
+        tok.mask_token_id,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return OnlineELBOKTOTrainer(
+        policy,
+        config(tmp_path, **changes),
+        labeller,
+        ref_model=reference,
+        train_dataset=prompts,
+        processing_class=tok,
+    )
 
 
 def history(trainer, key):
@@ -99,13 +135,23 @@ def test_faulty_judge_loses_no_step_and_mislabels_nothing(tmp_path):
         return "GOOD" if ascii_start(question, answer) else "BAD"
 
     faults = ["429", "500", "timeout", "garbage"] * 3
-    with RuleJudgeServer(rule, template=load_template(kind="pointwise"), slots=POINTWISE_SLOTS,
-                         faults=faults, delay=2.0) as server:
+    with RuleJudgeServer(
+        rule,
+        template=load_template(kind="pointwise"),
+        slots=POINTWISE_SLOTS,
+        faults=faults,
+        delay=2.0,
+    ) as server:
         from elbokto.eval import JudgeConfig
         from elbokto.labellers import JudgeLabeller
 
-        judge = JudgeConfig(judge_model=["rule"], judge_base_url=server.base_url,
-                            judge_timeout=1.5, judge_backoff=0.01, judge_parse_retries=1)
+        judge = JudgeConfig(
+            judge_model=["rule"],
+            judge_base_url=server.base_url,
+            judge_timeout=1.5,
+            judge_backoff=0.01,
+            judge_parse_retries=1,
+        )
         run = trainer(tmp_path, JudgeLabeller(judge), max_steps=3)
         run.train()
     assert run.state.global_step == 3
@@ -115,8 +161,9 @@ def test_faulty_judge_loses_no_step_and_mislabels_nothing(tmp_path):
     # A call that still fails after the retries (a machine so loaded that every try times out)
     # drops its sample for the step, with the error: no label, never a wrong one.
     decided = [s for s in logged if not s["response"].startswith("\ufffd")]
-    wrong = [s for s in decided
-             if s["desirable"] not in (None, ascii_start(s["prompt"], s["response"]))]
+    wrong = [
+        s for s in decided if s["desirable"] not in (None, ascii_start(s["prompt"], s["response"]))
+    ]
     assert not wrong, wrong
     assert all(s["error"] for s in logged if s["desirable"] is None)
     assert sum(s["desirable"] is not None for s in decided) >= len(decided) - 2
@@ -132,22 +179,34 @@ def test_resume_replays_no_labeller_call(tmp_path, accumulation):
         return ascii_start(prompt, response)
 
     labeller = CallableLabeller(counting, name="ascii")
-    first = trainer(tmp_path, labeller, max_steps=4, save_strategy="steps", save_steps=2,
-                    gradient_accumulation_steps=accumulation,
-                    per_device_train_batch_size=8 // accumulation)
+    first = trainer(
+        tmp_path,
+        labeller,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        gradient_accumulation_steps=accumulation,
+        per_device_train_batch_size=8 // accumulation,
+    )
     first.train()
     asked = len(calls)
     assert asked == first.labels.asked > 0
     before = [s for s in samples(tmp_path) if s["step"] >= 2]
-    second = trainer(tmp_path, labeller, max_steps=4, save_strategy="no",
-                     gradient_accumulation_steps=accumulation,
-                     per_device_train_batch_size=8 // accumulation)
+    second = trainer(
+        tmp_path,
+        labeller,
+        max_steps=4,
+        save_strategy="no",
+        gradient_accumulation_steps=accumulation,
+        per_device_train_batch_size=8 // accumulation,
+    )
     second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert second.state.global_step == 4
     assert second.labels.asked == 0 and len(calls) == asked
-    replayed = samples(tmp_path)[-len(before):]
-    assert [(s["prompt"], s["response"], s["stored"]) for s in replayed] == \
-        [(s["prompt"], s["response"], True) for s in before]
+    replayed = samples(tmp_path)[-len(before) :]
+    assert [(s["prompt"], s["response"], s["stored"]) for s in replayed] == [
+        (s["prompt"], s["response"], True) for s in before
+    ]
 
 
 @pytest.mark.slow
@@ -167,8 +226,9 @@ dist.barrier()
 os._exit(0)  # skip teardown: gloo's threads sometimes abort at interpreter exit
 """)
     torchrun(script)
-    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "prompts.jsonl").read_text()
-               .splitlines()]
+    prompts = [
+        json.loads(line)["prompt"] for line in (tmp_path / "prompts.jsonl").read_text().splitlines()
+    ]
     texts = [p if isinstance(p, str) else p[0]["content"] for p in prompts]
     rank0, rank1 = ({s["prompt"] for s in samples(tmp_path, rank)} for rank in (0, 1))
     assert len(rank0) == len(rank1) == 8  # 2 steps x 4 prompts each, none seen twice
@@ -180,18 +240,45 @@ def test_cli_train_online(tmp_path, capsys):
 
     prompts = write_prompts(tmp_path / "prompts.jsonl", n=8)
     out = tmp_path / "cli"
-    common = ["train", "--online", "--dataset", str(prompts), "--output_dir", str(out),
-              "--max_steps", "2", "--per_device_train_batch_size", "4", "--n_t", "2",
-              "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--gen_length", "4",
-              "--temperature", "1", "--remasking", "random", "--kernel_backend", "torch"]
+    common = [
+        "train",
+        "--online",
+        "--dataset",
+        str(prompts),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--n_t",
+        "2",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--gen_length",
+        "4",
+        "--temperature",
+        "1",
+        "--remasking",
+        "random",
+        "--kernel_backend",
+        "torch",
+    ]
     assert main([*common, "--labeller", "test_online:ascii_start"]) == 0
     assert (out / "config.json").exists()
     assert len((out / "online" / "samples-rank0.jsonl").read_text().splitlines()) == 2 * 4 * 2
     capsys.readouterr()
-    for extra, message in ((["--labeller", "judge"], "--judge_model"),
-                           ([], "no labeller"),
-                           (["--labeller", "x:y", "--temperature", "0", "--remasking",
-                             "low_confidence"], "same response every time")):
+    for extra, message in (
+        (["--labeller", "judge"], "--judge_model"),
+        ([], "no labeller"),
+        (
+            ["--labeller", "x:y", "--temperature", "0", "--remasking", "low_confidence"],
+            "same response every time",
+        ),
+    ):
         assert main([*common, *extra]) == 2
         assert message in capsys.readouterr().err
 

@@ -4,12 +4,12 @@ import dataclasses
 
 import pytest
 import torch
+from kill_points import Killed, armed, torn_torch_save
+from tiny_models import tiny_batch, tiny_gemma
 
 from elbokto import MCConfig
 from elbokto.objective import ELBOKTOObjective
 from elbokto.precompute import ReferenceTable, precompute_reference, reference_meta
-from kill_points import Killed, armed, torn_torch_save
-from tiny_models import tiny_batch, tiny_gemma
 
 
 def online_reference(objective, reference, batch, epoch):
@@ -30,13 +30,15 @@ def test_table_holds_each_epochs_values_looked_up_by_uid(tmp_path):
 
     per_epoch = []
     for epoch in range(3):
-        expected = torch.cat([online_reference(objective, reference, b, epoch)
-                              for b in (first, second)])
+        expected = torch.cat(
+            [online_reference(objective, reference, b, epoch) for b in (first, second)]
+        )
         per_epoch.append(expected)
         torch.testing.assert_close(table.lookup(uids, epoch), expected, rtol=1e-6, atol=1e-6)
         perm = torch.tensor([5, 0, 7, 2, 3, 6, 1, 4])  # any order, any batch composition
-        torch.testing.assert_close(table.lookup(uids[perm], epoch), expected[perm], rtol=1e-6,
-                                   atol=1e-6)
+        torch.testing.assert_close(
+            table.lookup(uids[perm], epoch), expected[perm], rtol=1e-6, atol=1e-6
+        )
     # Epochs draw afresh, so a lookup in the wrong epoch would be visibly wrong.
     assert (per_epoch[0] - per_epoch[1]).abs().min() > 1e-3
     assert (per_epoch[1] - per_epoch[2]).abs().min() > 1e-3

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from authors_code import authors_elbo, authors_loss, authors_masks, authors_rows
+
 from elbokto.cli import _parse
 from elbokto.data import DataConfig, PreferenceCollator, build_dataset
 from elbokto.models import ModelConfig, load_model
@@ -24,44 +24,88 @@ SHORT = 48
 
 
 def official(tmp_path, dataset="data.jsonl", **train_kw):
-    return apply_preset("official", ModelConfig(), DataConfig(dataset=str(dataset)),
-                        ELBOKTOConfig(output_dir=str(tmp_path / "out"), use_cpu=True,
-                                      report_to="none", **train_kw))
+    return apply_preset(
+        "official",
+        ModelConfig(),
+        DataConfig(dataset=str(dataset)),
+        ELBOKTOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", **train_kw),
+    )
 
 
 def settings(model_cfg, data_cfg, train_cfg) -> dict:
     """Everything the authors' run fixes, as the configs hold it."""
-    return {"torch_dtype": model_cfg.torch_dtype, "uid_source": data_cfg.uid_source,
-            "joined_tokenization": data_cfg.joined_tokenization,
-            "draw_source": train_cfg.draw_source, "append_eos": data_cfg.append_eos,
-            "llada_padding": data_cfg.llada_padding, "max_length": data_cfg.max_length,
-            "pad_to_multiple_of": data_cfg.pad_to_multiple_of, "estimator": train_cfg.estimator,
-            "n_t": train_cfg.n_t, "n_yt": train_cfg.n_yt, "antithetic": train_cfg.antithetic,
-            "fixed_draws": train_cfg.fixed_draws, "baseline": train_cfg.baseline,
-            "beta": train_cfg.beta, "lambda_d": train_cfg.lambda_d,
-            "lambda_u": train_cfg.lambda_u, "head_filter": train_cfg.lm_head_filter_eps,
-            "bf16": train_cfg.bf16, "optim": str(train_cfg.optim.value),
-            "learning_rate": train_cfg.learning_rate, "weight_decay": train_cfg.weight_decay,
-            "adam_betas": (train_cfg.adam_beta1, train_cfg.adam_beta2),
-            "adam_epsilon": train_cfg.adam_epsilon, "max_grad_norm": train_cfg.max_grad_norm,
-            "warmup": train_cfg.warmup_steps,
-            "lr_scheduler_type": str(train_cfg.lr_scheduler_type.value),
-            "num_train_epochs": train_cfg.num_train_epochs, "seed": train_cfg.seed}
+    return {
+        "torch_dtype": model_cfg.torch_dtype,
+        "uid_source": data_cfg.uid_source,
+        "joined_tokenization": data_cfg.joined_tokenization,
+        "draw_source": train_cfg.draw_source,
+        "append_eos": data_cfg.append_eos,
+        "llada_padding": data_cfg.llada_padding,
+        "max_length": data_cfg.max_length,
+        "pad_to_multiple_of": data_cfg.pad_to_multiple_of,
+        "estimator": train_cfg.estimator,
+        "n_t": train_cfg.n_t,
+        "n_yt": train_cfg.n_yt,
+        "antithetic": train_cfg.antithetic,
+        "fixed_draws": train_cfg.fixed_draws,
+        "baseline": train_cfg.baseline,
+        "beta": train_cfg.beta,
+        "lambda_d": train_cfg.lambda_d,
+        "lambda_u": train_cfg.lambda_u,
+        "head_filter": train_cfg.lm_head_filter_eps,
+        "bf16": train_cfg.bf16,
+        "optim": str(train_cfg.optim.value),
+        "learning_rate": train_cfg.learning_rate,
+        "weight_decay": train_cfg.weight_decay,
+        "adam_betas": (train_cfg.adam_beta1, train_cfg.adam_beta2),
+        "adam_epsilon": train_cfg.adam_epsilon,
+        "max_grad_norm": train_cfg.max_grad_norm,
+        "warmup": train_cfg.warmup_steps,
+        "lr_scheduler_type": str(train_cfg.lr_scheduler_type.value),
+        "num_train_epochs": train_cfg.num_train_epochs,
+        "seed": train_cfg.seed,
+    }
 
 
-AUTHORS = {"torch_dtype": "bfloat16", "uid_source": "row", "joined_tokenization": True,
-           "draw_source": "authors", "append_eos": False, "llada_padding": True,
-           "max_length": 4096, "pad_to_multiple_of": 4096, "estimator": "fixed_count", "n_t": 8,
-           "n_yt": 1, "antithetic": False, "fixed_draws": True, "baseline": "batch_mean",
-           "beta": 0.1, "lambda_d": 1.0, "lambda_u": 1.0, "head_filter": 0.0, "bf16": True,
-           "optim": "adamw_torch", "learning_rate": 1e-6, "weight_decay": 0.01,
-           "adam_betas": (0.9, 0.95), "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "warmup": 0.03,
-           "lr_scheduler_type": "cosine", "num_train_epochs": 1.0, "seed": 42}
+AUTHORS = {
+    "torch_dtype": "bfloat16",
+    "uid_source": "row",
+    "joined_tokenization": True,
+    "draw_source": "authors",
+    "append_eos": False,
+    "llada_padding": True,
+    "max_length": 4096,
+    "pad_to_multiple_of": 4096,
+    "estimator": "fixed_count",
+    "n_t": 8,
+    "n_yt": 1,
+    "antithetic": False,
+    "fixed_draws": True,
+    "baseline": "batch_mean",
+    "beta": 0.1,
+    "lambda_d": 1.0,
+    "lambda_u": 1.0,
+    "head_filter": 0.0,
+    "bf16": True,
+    "optim": "adamw_torch",
+    "learning_rate": 1e-6,
+    "weight_decay": 0.01,
+    "adam_betas": (0.9, 0.95),
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "warmup": 0.03,
+    "lr_scheduler_type": "cosine",
+    "num_train_epochs": 1.0,
+    "seed": 42,
+}
 
 
 def test_official_preset_is_the_authors_setup(tmp_path):
-    base = (ModelConfig(), DataConfig(dataset="d"),
-            ELBOKTOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    base = (
+        ModelConfig(),
+        DataConfig(dataset="d"),
+        ELBOKTOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+    )
     before = settings(*base)
     assert settings(*apply_preset("official", *base)) == AUTHORS
     assert settings(*base) == before != AUTHORS  # the caller's configs are not changed
@@ -69,8 +113,11 @@ def test_official_preset_is_the_authors_setup(tmp_path):
     argv = ["--dataset", "d", "--output_dir", str(tmp_path), "--use_cpu", "--preset", "official"]
     *parsed, preset = _parse("train", [ModelConfig, DataConfig, ELBOKTOConfig, PresetArgs], argv)
     assert preset.preset == "official" and settings(*parsed) == AUTHORS
-    *parsed, _ = _parse("train", [ModelConfig, DataConfig, ELBOKTOConfig, PresetArgs],
-                        argv + ["--weight_decay", "0.1", "--append_eos"])
+    *parsed, _ = _parse(
+        "train",
+        [ModelConfig, DataConfig, ELBOKTOConfig, PresetArgs],
+        argv + ["--weight_decay", "0.1", "--append_eos"],
+    )
     assert settings(*parsed) == {**AUTHORS, "weight_decay": 0.1, "append_eos": True}
     with pytest.raises(ValueError, match="none of the given configs"):
         apply_preset("official", base[2])
@@ -89,9 +136,13 @@ def write_rows(path, n=9, seed=0, empty=3):
         size = int(torch.randint(40, 81, (), generator=gen))
         picks = torch.randint(0, len(letters), (size,), generator=gen)
         text = "".join(letters[j] for j in picks).strip() if i != empty else ""
-        rows.append({"prompt": [{"role": "user", "content": f"write {i}"}],
-                     "completion": [{"role": "assistant", "content": text}],
-                     "label": i % 2 == 0})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"write {i}"}],
+                "completion": [{"role": "assistant", "content": text}],
+                "label": i % 2 == 0,
+            }
+        )
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
@@ -155,10 +206,13 @@ def test_official_preset_reproduces_the_authors_computation(tmp_path):
     torch.testing.assert_close(out.loss, want_loss.detach(), rtol=1e-5, atol=1e-7)
     # precompute-ref: batches of three in the file's order give every example the same masks,
     # hence the values the training batch computes online.
-    loader = [collate([dataset[i] for i in range(j, min(j + 3, len(dataset)))])
-              for j in range(0, len(dataset), 3)]
-    table = precompute_reference(reference, loader, objective,
-                                 reference_meta(objective, "fingerprint", epochs=1))
+    loader = [
+        collate([dataset[i] for i in range(j, min(j + 3, len(dataset)))])
+        for j in range(0, len(dataset), 3)
+    ]
+    table = precompute_reference(
+        reference, loader, objective, reference_meta(objective, "fingerprint", epochs=1)
+    )
     torch.testing.assert_close(table.lookup(batch["uid"], 0), want_ref, rtol=1e-5, atol=1e-5)
     # The gradient, the LM head's included: exact under the preset although it trains in bf16.
     out.loss.backward()
@@ -189,11 +243,13 @@ def test_official_levels_are_drawn_independently(tmp_path):
     example in one stratum (each example does with probability 1 - 8!/8^8 = 0.998)."""
     _, _, train_cfg = official(tmp_path)
     length, batch = 64, 64
-    batch_dict = {"input_ids": torch.zeros(batch, length + 1, dtype=torch.long),
-                  "prompt_lengths": torch.ones(batch, dtype=torch.long),
-                  "response_lengths": torch.full((batch,), length),
-                  "desirable": torch.ones(batch, dtype=torch.bool),
-                  "uid": torch.arange(batch)}
+    batch_dict = {
+        "input_ids": torch.zeros(batch, length + 1, dtype=torch.long),
+        "prompt_lengths": torch.ones(batch, dtype=torch.long),
+        "response_lengths": torch.full((batch,), length),
+        "desirable": torch.ones(batch, dtype=torch.bool),
+        "uid": torch.arange(batch),
+    }
     counts = train_cfg.objective().draws(batch_dict).mask.sum(-1).view(batch, train_cfg.n_t)
     strata = ((counts - 1) * train_cfg.n_t) // length
     one_per_stratum = (strata.sort(-1).values == torch.arange(train_cfg.n_t)).all(-1)

@@ -28,8 +28,9 @@ LINKED_DOCS = [README, ROOT / "DESIGN.md", *DOCS]
 def blocks(path: Path, language: str) -> list[str]:
     """The fenced code blocks of one language, dedented (a block may sit in a list item)."""
     found = re.findall(rf"^( *)```{language}\n(.*?)^\1```", path.read_text(), re.S | re.M)
-    return ["".join(line[len(indent):] + "\n" for line in body.splitlines())
-            for indent, body in found]
+    return [
+        "".join(line[len(indent) :] + "\n" for line in body.splitlines()) for indent, body in found
+    ]
 
 
 def name(path: Path) -> str:
@@ -38,8 +39,12 @@ def name(path: Path) -> str:
 
 # --- the kernel examples ----------------------------------------------------------------------
 
-KERNEL_EXAMPLES = [(path, block) for path in USER_DOCS for block in blocks(path, "python")
-                   if "from elbokto_kernels import" in block]
+KERNEL_EXAMPLES = [
+    (path, block)
+    for path in USER_DOCS
+    for block in blocks(path, "python")
+    if "from elbokto_kernels import" in block
+]
 
 
 def test_readme_first_screen_has_the_kernel_example():
@@ -50,8 +55,11 @@ def test_readme_first_screen_has_the_kernel_example():
     assert any(path.name == "kernels.md" for path, _ in KERNEL_EXAMPLES)
 
 
-@pytest.mark.parametrize("path, example", KERNEL_EXAMPLES,
-                         ids=[f"{name(p)}-{i}" for i, (p, _) in enumerate(KERNEL_EXAMPLES)])
+@pytest.mark.parametrize(
+    "path, example",
+    KERNEL_EXAMPLES,
+    ids=[f"{name(p)}-{i}" for i, (p, _) in enumerate(KERNEL_EXAMPLES)],
+)
 def test_kernel_example_runs(path, example):
     scope: dict = {}
     exec(compile(example, name(path), "exec"), scope)
@@ -65,6 +73,7 @@ def test_every_python_block_compiles(path):
 
 
 # --- links -----------------------------------------------------------------------------------
+
 
 def slug(heading: str) -> str:
     """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
@@ -101,6 +110,7 @@ def test_readme_links_every_docs_page():
 
 # --- commands --------------------------------------------------------------------------------
 
+
 def commands(path: Path) -> list[list[str]]:
     """The argv of every `elbokto ...` or `... -m elbokto.cli ...` line of the bash blocks."""
     found = []
@@ -110,7 +120,7 @@ def commands(path: Path) -> list[list[str]]:
             if words[:1] == ["elbokto"]:
                 found.append(words[1:])
             elif "elbokto.cli" in words and words[words.index("elbokto.cli") - 1] == "-m":
-                found.append(words[words.index("elbokto.cli") + 1:])
+                found.append(words[words.index("elbokto.cli") + 1 :])
     return found
 
 
@@ -136,16 +146,36 @@ def stubbed_jobs(monkeypatch, tmp_path):
     monkeypatch.setattr(training_args, "is_torch_bf16_gpu_available", lambda: True)
     ran = []
     for module, job, result in [
-            (run, "train", None), (run, "generate_text", []), (run, "diagnose", []),
-            (run, "merge", "merged"),
-            (run, "precompute_ref", SimpleNamespace(uids=torch.zeros(0), meta={"epochs": 1})),
-            (demo, "run_seeds", None), (online, "train_online", None),
-            (online_demo, "run_online_demo", None),
-            (winrate, "run_winrate", {k: 0 for k in ("awr", "ci_low", "ci_high", "n", "wins",
-                                                     "ties", "losses", "inconsistent",
-                                                     "errors")})]:
-        monkeypatch.setattr(module, job, lambda *a, _job=job, _result=result, **k:
-                            ran.append(_job) or _result)
+        (run, "train", None),
+        (run, "generate_text", []),
+        (run, "diagnose", []),
+        (run, "merge", "merged"),
+        (run, "precompute_ref", SimpleNamespace(uids=torch.zeros(0), meta={"epochs": 1})),
+        (demo, "run_seeds", None),
+        (online, "train_online", None),
+        (online_demo, "run_online_demo", None),
+        (
+            winrate,
+            "run_winrate",
+            {
+                k: 0
+                for k in (
+                    "awr",
+                    "ci_low",
+                    "ci_high",
+                    "n",
+                    "wins",
+                    "ties",
+                    "losses",
+                    "inconsistent",
+                    "errors",
+                )
+            },
+        ),
+    ]:
+        monkeypatch.setattr(
+            module, job, lambda *a, _job=job, _result=result, **k: ran.append(_job) or _result
+        )
     return ran
 
 
@@ -154,8 +184,10 @@ LM_EVAL_COMMANDS = [c for c in COMMANDS if c[1][:2] == ["eval", "lm-eval"]]
 
 
 def ids(commands):
-    return [f"{name(path)}-{' '.join(argv[:2] if argv[0] == 'eval' else argv[:1])}-{i}"
-            for i, (path, argv) in enumerate(commands)]
+    return [
+        f"{name(path)}-{' '.join(argv[:2] if argv[0] == 'eval' else argv[:1])}-{i}"
+        for i, (path, argv) in enumerate(commands)
+    ]
 
 
 @pytest.mark.parametrize("path, argv", CLI_COMMANDS, ids=ids(CLI_COMMANDS))

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-
 from devices import DEVICE, on_device
+
 from elbokto_kernels.backends import BACKENDS, resolve_backend, row_ops, usable_backends
 from elbokto_kernels.oracle import assert_close, row_grad_oracle, row_lse_oracle, tolerances
 
@@ -22,13 +22,14 @@ def make_x(n, v, dtype, layout, gen, scale=4.0):
     """[n, v] logits on the test device, laid out as asked: contiguous, a column slice of a wider
     tensor, every other row of a taller one, or the transpose of a [v, n] tensor (column stride
     n). The layout is made on the device (a copy across devices may not keep it)."""
+
     def random(*shape):
         return on_device((torch.randn(*shape, generator=gen) * scale).to(dtype))
 
     if layout == "contiguous":
         return random(n, v)
     if layout == "column_slice":
-        return random(n, v + 7)[:, 3:v + 3]
+        return random(n, v + 7)[:, 3 : v + 3]
     if layout == "row_strided":
         return random(2 * n, v)[::2]
     assert layout == "transposed"
@@ -81,8 +82,9 @@ def check_row_ops(backend, x, rows, targets, softcap, out_dtype=None):
     out = torch.full(x.shape, 7.0, dtype=out_dtype, device=DEVICE)
     ops.row_grad(x, rows, targets, want_lse.float(), scale, softcap, out)
     selected, untouched = selected_and_untouched(x.shape[0], rows)
-    assert_close(out[selected], row_grad_oracle(x, rows, targets, scale, softcap), grad_tol,
-                 "gradient")
+    assert_close(
+        out[selected], row_grad_oracle(x, rows, targets, scale, softcap), grad_tol, "gradient"
+    )
     assert (out[untouched] == 7.0).all(), "rows outside `rows` must be left untouched"
     return lse, target_logit
 
@@ -170,9 +172,9 @@ def test_extreme_logits(backend, dtype, softcap):
     gen = torch.Generator().manual_seed(0)
     n, v = 6, 333
     x = torch.randn(n, v, generator=gen)
-    x[0, 5] = 1e4        # one dominant logit, at the target: p = 1, gradient 0
-    x[1, 7] = 1e4        # dominant logit away from the target
-    x[2, :] = -1e4       # all equal and very negative
+    x[0, 5] = 1e4  # one dominant logit, at the target: p = 1, gradient 0
+    x[1, 7] = 1e4  # dominant logit away from the target
+    x[2, :] = -1e4  # all equal and very negative
     x[3, ::3] = -1e4
     x[4, 10:20] = float("-inf")  # masked-out vocabulary entries
     x[5, 0], x[5, 1] = 1e4, -1e4
@@ -187,8 +189,11 @@ def test_extreme_logits(backend, dtype, softcap):
 
 # ------------------------------------------------------------------------------- the registry
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="checks the interpreter's registry entry (--device cpu)")
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="checks the interpreter's registry entry (--device cpu)",
+)
 def test_usable_backends_on_cpu(monkeypatch):
     usable = usable_backends(CPU)
     assert usable == [name for name in BACKENDS[1:] if name in usable]  # registry order
@@ -196,8 +201,10 @@ def test_usable_backends_on_cpu(monkeypatch):
     assert resolve_backend("auto", CPU) == usable[1]  # the interpreter is never "auto"'s pick
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "triton" not in usable_backends(CPU)
-    with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors, or CPU tensors "
-                                         "with TRITON_INTERPRET=1"):
+    with pytest.raises(
+        ValueError,
+        match="backend 'triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1",
+    ):
         resolve_backend("triton", CPU)
 
 
@@ -216,12 +223,14 @@ def test_registry_errors():
 def test_importing_the_package_imports_no_triton():
     """So that TRITON_INTERPRET can still be set after ``import elbokto_kernels``."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    code = ("import sys, elbokto_kernels, elbokto_kernels.selfcheck; "
-            "sys.exit('triton' in sys.modules)")
+    code = (
+        "import sys, elbokto_kernels, elbokto_kernels.selfcheck; sys.exit('triton' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=300).returncode == 0
 
 
 # ------------------------------------------------------------------------- non-finite logits
+
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
@@ -242,12 +251,12 @@ def test_non_finite_logits_as_the_oracle(backend, value, softcap):
     lse, target_logit = ops.row_lse(x, None, targets, softcap)
     want_lse, want_target = row_lse_oracle(x, None, targets, softcap)
     torch.testing.assert_close(lse.double(), want_lse, equal_nan=True, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(target_logit.double(), want_target, equal_nan=True, rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(
+        target_logit.double(), want_target, equal_nan=True, rtol=1e-5, atol=1e-5
+    )
     scale = torch.full((n,), 0.5, device=DEVICE)
     out = torch.empty_like(x)
     ops.row_grad(x, None, targets, lse, scale, softcap, out)
     want = row_grad_oracle(x, None, targets, scale, softcap)
     assert torch.equal(out.isnan(), want.isnan()), "NaN gradients where the oracle has them"
-    torch.testing.assert_close(out.double().nan_to_num(), want.nan_to_num(), rtol=1e-4,
-                               atol=1e-6)
+    torch.testing.assert_close(out.double().nan_to_num(), want.nan_to_num(), rtol=1e-4, atol=1e-6)

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import MASK_ID, NextTokenLogits, tiny_gemma
 from torch import nn
 from transformers import HfArgumentParser
 
 from elbokto import SamplingConfig, decode_responses, generate
-from tiny_models import MASK_ID, NextTokenLogits, tiny_gemma
 
 PAD = 0
 
@@ -76,8 +76,8 @@ def test_blocks_schedule_and_prompt(gemma):
         assert torch.equal(canvas[:, :6], expected_prompt)
         response = canvas[:, 6:]
         masked = response == MASK_ID
-        assert not masked[:, :5 * block].any()  # earlier blocks are complete
-        assert masked[:, 5 * (block + 1):].all()  # later blocks untouched
+        assert not masked[:, : 5 * block].any()  # earlier blocks are complete
+        assert masked[:, 5 * (block + 1) :].all()  # later blocks untouched
         filled = ~masked
         # A committed token is final: it equals the output.
         assert torch.equal(response[filled], out[filled])
@@ -101,8 +101,12 @@ def test_batch_equals_each_prompt_alone(gemma, remasking):
 
 def test_equal_lengths_pass_no_attention_mask(gemma):
     model = Recorder(gemma)
-    generate(model, prompts_of([3, 3]), SamplingConfig(gen_length=4, steps=2, block_length=4),
-             pad_token_id=PAD)
+    generate(
+        model,
+        prompts_of([3, 3]),
+        SamplingConfig(gen_length=4, steps=2, block_length=4),
+        pad_token_id=PAD,
+    )
     assert model.masks == [None, None]
 
 
@@ -111,8 +115,9 @@ def test_seeded_determinism(gemma, remasking):
     prompts = prompts_of([2, 5], seed=2)
 
     def run(seed):
-        config = SamplingConfig(gen_length=16, block_length=8, steps=8, temperature=1.0,
-                                  remasking=remasking, seed=seed)
+        config = SamplingConfig(
+            gen_length=16, block_length=8, steps=8, temperature=1.0, remasking=remasking, seed=seed
+        )
         return generate(gemma, prompts, config, pad_token_id=PAD)
 
     first = run(0)
@@ -127,8 +132,12 @@ def test_low_confidence_commits_most_probable_first():
     logits = torch.zeros(1 + gen, vocab + 1)
     logits[1:, 2] = weights
     model = FixedLogits(logits)
-    out = generate(model, [[1]], SamplingConfig(gen_length=gen, steps=gen, block_length=gen,
-                                                  mask_token_id=vocab), pad_token_id=PAD)
+    out = generate(
+        model,
+        [[1]],
+        SamplingConfig(gen_length=gen, steps=gen, block_length=gen, mask_token_id=vocab),
+        pad_token_id=PAD,
+    )
     assert out.tolist() == [[2] * gen]
     masked_before = [set((c[0, 1:] == vocab).nonzero().flatten().tolist()) for c in model.calls]
     committed = [sorted(a - b) for a, b in zip(masked_before, masked_before[1:] + [set()])]
@@ -141,8 +150,9 @@ def test_temperature_samples_softmax_over_temperature():
     logits = torch.zeros(2, vocab + 1)
     logits[1, :vocab] = torch.tensor([0.0, 1.0, 2.0, 3.0])
     logits[:, vocab] = -math.inf  # the mask token is never proposed
-    config = SamplingConfig(gen_length=1, steps=1, block_length=1, temperature=temperature,
-                              mask_token_id=vocab, seed=5)
+    config = SamplingConfig(
+        gen_length=1, steps=1, block_length=1, temperature=temperature, mask_token_id=vocab, seed=5
+    )
     out = generate(FixedLogits(logits), [[0]] * rows, config, pad_token_id=PAD)
     freq = torch.bincount(out[:, 0], minlength=vocab).double() / rows
     want = torch.softmax(logits[1, :vocab].double() / temperature, 0)
@@ -154,21 +164,25 @@ def test_shift_logits_undoes_a_next_token_head(gemma):
     config = SamplingConfig(gen_length=6, steps=3, block_length=6, mask_token_id=MASK_ID)
     prompts = prompts_of([2, 4], seed=3)
     want = generate(gemma, prompts, config, pad_token_id=PAD)
-    shifted = SamplingConfig(gen_length=6, steps=3, block_length=6, mask_token_id=MASK_ID,
-                               shift_logits=True)
+    shifted = SamplingConfig(
+        gen_length=6, steps=3, block_length=6, mask_token_id=MASK_ID, shift_logits=True
+    )
     got = generate(NextTokenLogits(gemma), prompts, shifted, pad_token_id=PAD)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(gen_length=10, block_length=4), "not a multiple of block_length"),
-    (dict(gen_length=8, block_length=4, steps=3), "not a multiple of the number of blocks"),
-    (dict(gen_length=8, block_length=8, steps=16), "steps=16 > gen_length=8"),
-    (dict(gen_length=0), "gen_length=0"),
-    (dict(temperature=-1.0), "temperature=-1.0"),
-    (dict(remasking="top_k"), "remasking='top_k'"),
-    (dict(mask_token_id=-3), "mask_token_id=-3"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(gen_length=10, block_length=4), "not a multiple of block_length"),
+        (dict(gen_length=8, block_length=4, steps=3), "not a multiple of the number of blocks"),
+        (dict(gen_length=8, block_length=8, steps=16), "steps=16 > gen_length=8"),
+        (dict(gen_length=0), "gen_length=0"),
+        (dict(temperature=-1.0), "temperature=-1.0"),
+        (dict(remasking="top_k"), "remasking='top_k'"),
+        (dict(mask_token_id=-3), "mask_token_id=-3"),
+    ],
+)
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**kwargs)
@@ -188,10 +202,31 @@ def test_bad_inputs():
 
 def test_config_fields_are_cli_flags():
     (config,) = HfArgumentParser(SamplingConfig).parse_args_into_dataclasses(
-        ["--gen_length", "32", "--block_length", "8", "--steps", "16", "--remasking", "random",
-         "--temperature", "0.5", "--mask_token_id", "126336", "--shift_logits"])
-    assert config == SamplingConfig(gen_length=32, block_length=8, steps=16, remasking="random",
-                                      temperature=0.5, mask_token_id=126336, shift_logits=True)
+        [
+            "--gen_length",
+            "32",
+            "--block_length",
+            "8",
+            "--steps",
+            "16",
+            "--remasking",
+            "random",
+            "--temperature",
+            "0.5",
+            "--mask_token_id",
+            "126336",
+            "--shift_logits",
+        ]
+    )
+    assert config == SamplingConfig(
+        gen_length=32,
+        block_length=8,
+        steps=16,
+        remasking="random",
+        temperature=0.5,
+        mask_token_id=126336,
+        shift_logits=True,
+    )
     (default,) = HfArgumentParser(SamplingConfig).parse_args_into_dataclasses([])
     assert default == SamplingConfig() and default.mask_token_id is None
 
@@ -212,6 +247,7 @@ def test_decode_responses_cuts_at_first_eos():
 
 # --- confidence-threshold parallel decoding (Fast-dLLM) ---------------------------------------
 
+
 class PeakedLogits(nn.Module):
     """Response position j proposes token 1 with probability probs[j] (the rest spread evenly
     over the other tokens); counts its calls."""
@@ -225,7 +261,7 @@ class PeakedLogits(nn.Module):
         gen = len(self.probs)
         rest = (1 - self.probs) / (self.vocab - 1)
         probs = torch.full((input_ids.shape[1], self.vocab + 1), 1e-30, dtype=torch.float64)
-        probs[-gen:, :self.vocab] = rest[:, None]
+        probs[-gen:, : self.vocab] = rest[:, None]
         probs[-gen:, 1] = self.probs
         return probs.log().expand(input_ids.shape[0], -1, -1)
 
@@ -238,8 +274,7 @@ def committed_per_call(model, mask_id):
 def test_commits_everything_above_the_threshold_and_at_least_one():
     probs = [0.9, 0.3, 0.95, 0.6, 0.25]
     model = PeakedLogits(probs)
-    config = SamplingConfig(gen_length=5, steps=5, block_length=5, mask_token_id=6,
-                              threshold=0.5)
+    config = SamplingConfig(gen_length=5, steps=5, block_length=5, mask_token_id=6, threshold=0.5)
     out = generate(model, [[2]], config, pad_token_id=PAD)
     assert out.tolist() == [[1] * 5]
     # Step 1: 0.95, 0.9, 0.6 pass; then one per step, most confident first.
@@ -249,8 +284,7 @@ def test_commits_everything_above_the_threshold_and_at_least_one():
 def test_schedule_count_is_the_floor():
     # 4 tokens in 2 steps: the schedule asks for 2 per step even when none passes.
     model = PeakedLogits([0.3, 0.2, 0.4, 0.1])
-    config = SamplingConfig(gen_length=4, steps=2, block_length=4, mask_token_id=6,
-                              threshold=0.9)
+    config = SamplingConfig(gen_length=4, steps=2, block_length=4, mask_token_id=6, threshold=0.9)
     generate(model, [[2]], config, pad_token_id=PAD)
     assert committed_per_call(model, 6) == [[0, 2], [1, 3]]
 
@@ -259,8 +293,12 @@ def test_threshold_one_is_the_schedule(gemma):
     prompts = [[5, 9, 11], [7, 3, 8, 2, 4], [6]]
     base = SamplingConfig(gen_length=8, steps=8, block_length=4)
     strict = SamplingConfig(gen_length=8, steps=8, block_length=4, threshold=1.0)
-    torch.testing.assert_close(generate(gemma, prompts, strict, pad_token_id=PAD),
-                               generate(gemma, prompts, base, pad_token_id=PAD), rtol=0, atol=0)
+    torch.testing.assert_close(
+        generate(gemma, prompts, strict, pad_token_id=PAD),
+        generate(gemma, prompts, base, pad_token_id=PAD),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_batch_with_padding_equals_each_prompt_alone(gemma):
@@ -275,17 +313,19 @@ def test_batch_with_padding_equals_each_prompt_alone(gemma):
 
 def test_fewer_model_calls_when_confident():
     model = PeakedLogits([0.99] * 8)
-    config = SamplingConfig(gen_length=8, steps=8, block_length=4, mask_token_id=6,
-                              threshold=0.9)
+    config = SamplingConfig(gen_length=8, steps=8, block_length=4, mask_token_id=6, threshold=0.9)
     generate(model, [[2], [3]], config, pad_token_id=PAD)
     assert len(model.calls) == 2  # one per block
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(threshold=0.0), "threshold=0.0"),
-    (dict(threshold=1.5), "threshold=1.5"),
-    (dict(threshold=0.5, remasking="random"), "low_confidence"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(threshold=0.0), "threshold=0.0"),
+        (dict(threshold=1.5), "threshold=1.5"),
+        (dict(threshold=0.5, remasking="random"), "low_confidence"),
+    ],
+)
 def test_bad_threshold(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingConfig(**kwargs)
@@ -314,8 +354,7 @@ def test_rows_that_finish_early_keep_their_tokens():
     # Row 0 fills its block at the first call; row 1 needs all four. Row 0 must keep the tokens
     # of call 0 through the calls that row 1 still needs.
     model = CountingLogits([0.99, 0.3])
-    config = SamplingConfig(gen_length=4, steps=4, block_length=4, mask_token_id=8,
-                              threshold=0.9)
+    config = SamplingConfig(gen_length=4, steps=4, block_length=4, mask_token_id=8, threshold=0.9)
     out = generate(model, [[2], [3]], config, pad_token_id=PAD)
     assert model.calls == 4
     assert out[0].tolist() == [1, 1, 1, 1] and sorted(out[1].tolist()) == [1, 2, 3, 4]

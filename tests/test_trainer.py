@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed import torchrun
+from training_runs import configs, history, write_kto_mix, write_ultrafeedback
 
 from elbokto.models import ModelConfig
 from elbokto.run import precompute_ref, train
 from elbokto.trainer import ELBOKTOConfig
-from distributed import torchrun
-from training_runs import configs, history, write_kto_mix, write_ultrafeedback
 
 
 @pytest.mark.parametrize("writer", [write_kto_mix, write_ultrafeedback], ids=["kto-mix", "ufb"])
@@ -47,11 +47,19 @@ def test_elbo_dpo_precomputed_reference_equals_online(tmp_path):
     table = precompute_ref(model_cfg, data_cfg, train_cfg, str(tmp_path / "ref.pt"))
     assert table.uids.numel() == 16 and table.meta["paired_draws"] is True
     online = train(*configs(tmp_path / "online", data, max_steps=2, loss_type="elbo_dpo"))
-    offline = train(*configs(tmp_path / "offline", data, max_steps=2, loss_type="elbo_dpo",
-                             ref_elbo_file=str(tmp_path / "ref.pt")))
+    offline = train(
+        *configs(
+            tmp_path / "offline",
+            data,
+            max_steps=2,
+            loss_type="elbo_dpo",
+            ref_elbo_file=str(tmp_path / "ref.pt"),
+        )
+    )
     for key in ("loss", "rewards/margins"):
-        torch.testing.assert_close(history(offline, key), history(online, key), rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(
+            history(offline, key), history(online, key), rtol=1e-4, atol=1e-5
+        )
     # Unpaired training keys its draws by example: the paired file does not match it.
     with pytest.raises(ValueError, match="paired_draws"):
         train(*configs(tmp_path / "bad", data, max_steps=1, ref_elbo_file=str(tmp_path / "ref.pt")))
@@ -60,13 +68,15 @@ def test_elbo_dpo_precomputed_reference_equals_online(tmp_path):
 def test_resume_replays_the_same_next_step(tmp_path):
     data = write_kto_mix(tmp_path / "data.jsonl")
     straight = train(*configs(tmp_path / "a", data, max_steps=4))
-    first = train(*configs(tmp_path / "b", data, max_steps=2, save_strategy="steps",
-                           save_steps=2))
+    first = train(*configs(tmp_path / "b", data, max_steps=2, save_strategy="steps", save_steps=2))
     assert (tmp_path / "b" / "out" / "checkpoint-2").is_dir()
-    resumed = train(*configs(tmp_path / "b", data, max_steps=4),
-                    resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-2"))
-    torch.testing.assert_close(history(resumed, "loss")[-2:], history(straight, "loss")[-2:],
-                               rtol=1e-4, atol=1e-6)
+    resumed = train(
+        *configs(tmp_path / "b", data, max_steps=4),
+        resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-2"),
+    )
+    torch.testing.assert_close(
+        history(resumed, "loss")[-2:], history(straight, "loss")[-2:], rtol=1e-4, atol=1e-6
+    )
     assert history(first, "loss") == history(straight, "loss")[:2]
 
 
@@ -76,14 +86,19 @@ def test_precomputed_reference_equals_online(tmp_path):
     table = precompute_ref(model_cfg, data_cfg, train_cfg, str(tmp_path / "ref.pt"))
     assert table.uids.numel() == 16 and table.meta["epochs"] == 1
     online = train(*configs(tmp_path / "online", data, max_steps=3))
-    offline = train(*configs(tmp_path / "offline", data, max_steps=3,
-                             ref_elbo_file=str(tmp_path / "ref.pt")))
+    offline = train(
+        *configs(tmp_path / "offline", data, max_steps=3, ref_elbo_file=str(tmp_path / "ref.pt"))
+    )
     for key in ("loss", "elbo/reference", "rewards/margins"):
-        torch.testing.assert_close(history(offline, key), history(online, key), rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(
+            history(offline, key), history(online, key), rtol=1e-4, atol=1e-5
+        )
     with pytest.raises(ValueError, match="mc: file has"):
-        train(*configs(tmp_path / "bad", data, max_steps=1, n_t=4,
-                       ref_elbo_file=str(tmp_path / "ref.pt")))
+        train(
+            *configs(
+                tmp_path / "bad", data, max_steps=1, n_t=4, ref_elbo_file=str(tmp_path / "ref.pt")
+            )
+        )
 
 
 def test_kl_baseline_with_a_precomputed_reference(tmp_path):
@@ -94,11 +109,19 @@ def test_kl_baseline_with_a_precomputed_reference(tmp_path):
     model_cfg, data_cfg, train_cfg = configs(tmp_path, data, max_steps=1)
     precompute_ref(model_cfg, data_cfg, train_cfg, str(tmp_path / "ref.pt"))
     with pytest.raises(ValueError, match="--baseline kl.*--ref_elbo_file"):
-        train(*configs(tmp_path / "full", data, max_steps=1, baseline="kl",
-                       ref_elbo_file=str(tmp_path / "ref.pt")))
+        train(
+            *configs(
+                tmp_path / "full",
+                data,
+                max_steps=1,
+                baseline="kl",
+                ref_elbo_file=str(tmp_path / "ref.pt"),
+            )
+        )
     assert not (tmp_path / "full" / "out").exists()  # refused at start-up, not at a step
-    model_cfg, data_cfg, train_cfg = configs(tmp_path / "lora", data, max_steps=1,
-                                             baseline="kl", ref_elbo_file=str(tmp_path / "ref.pt"))
+    model_cfg, data_cfg, train_cfg = configs(
+        tmp_path / "lora", data, max_steps=1, baseline="kl", ref_elbo_file=str(tmp_path / "ref.pt")
+    )
     model_cfg.lora_r = 4
     trainer = train(model_cfg, data_cfg, train_cfg)
     assert history(trainer, "kl")
@@ -113,8 +136,13 @@ def test_logs_pool_classes_by_count(tmp_path):
     steps = [entry for entry in single if "loss" in entry]
     assert len(steps) == 4 and all("rewards/margins" not in entry for entry in steps)
     assert all(("rewards/chosen" in entry) != ("rewards/rejected" in entry) for entry in steps)
-    paired = [entry for entry in train(*configs(tmp_path / "two", data, logging_steps=2, **kw))
-              .state.log_history if "loss" in entry]
+    paired = [
+        entry
+        for entry in train(
+            *configs(tmp_path / "two", data, logging_steps=2, **kw)
+        ).state.log_history
+        if "loss" in entry
+    ]
     for window, entry in zip((steps[:2], steps[2:]), paired):
         for side in ("chosen", "rejected"):
             own = [e[f"rewards/{side}"] for e in window if f"rewards/{side}" in e]
@@ -197,8 +225,9 @@ def test_precompute_follows_max_steps_and_refuses_a_short_file(tmp_path):
     # Refused at start-up, before any step: a 6-step run reaches epoch 1, which the file lacks.
     with pytest.raises(ValueError, match="epochs: file covers 1, training runs 2"):
         train(*configs(tmp_path / "run", data, max_steps=6, ref_elbo_file=str(tmp_path / "one.pt")))
-    trainer = train(*configs(tmp_path / "ok", data, max_steps=6,
-                             ref_elbo_file=str(tmp_path / "two.pt")))
+    trainer = train(
+        *configs(tmp_path / "ok", data, max_steps=6, ref_elbo_file=str(tmp_path / "two.pt"))
+    )
     assert trainer.state.global_step == 6
 
 
@@ -254,16 +283,17 @@ def test_evaluation_split_during_training(tmp_path):
 def test_filter_eps_default_follows_the_precision(tmp_path):
     """--filter_eps unset: "auto" when training in bf16 / fp16, exact in fp32; '0' is exact; the
     objective receives the resolved value; a malformed value raises at once."""
+
     def config(**kw):
         return ELBOKTOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kw)
 
     assert config().objective().filter_eps is None
     assert config(bf16=True).objective().filter_eps == "auto"
     assert config(bf16=True, filter_eps="0").objective().filter_eps == 0.0
-    assert config(filter_eps="0.000244140625").objective().filter_eps == 2.0 ** -12
+    assert config(filter_eps="0.000244140625").objective().filter_eps == 2.0**-12
     assert config(filter_eps="auto").objective().filter_eps == "auto"
-    assert config(filter_eps="2**-12").objective().filter_eps == 2.0 ** -12
-    assert config(filter_eps="2^-15").objective().filter_eps == 2.0 ** -15
+    assert config(filter_eps="2**-12").objective().filter_eps == 2.0**-12
+    assert config(filter_eps="2^-15").objective().filter_eps == 2.0**-15
     for bad in ("2**x", "-0.1", "tiny", "1", "inf", "nan"):
         with pytest.raises(ValueError, match=f"--filter_eps '{re.escape(bad)}'"):
             config(filter_eps=bad)

@@ -24,9 +24,13 @@ def write_kto_mix(path: Path, n=16, seed=0) -> Path:
     rows = []
     for i, s in enumerate(_strings(n, seed)):
         good = i % 2 == 0
-        rows.append({"prompt": [{"role": "user", "content": f"reverse {s}"}],
-                     "completion": [{"role": "assistant", "content": s[::-1] if good else s}],
-                     "label": good})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"reverse {s}"}],
+                "completion": [{"role": "assistant", "content": s[::-1] if good else s}],
+                "label": good,
+            }
+        )
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
 
@@ -36,20 +40,37 @@ def write_ultrafeedback(path: Path, n=8, seed=1) -> Path:
     rows = []
     for s in _strings(n, seed):
         user = {"role": "user", "content": f"reverse {s}"}
-        rows.append({"prompt": f"reverse {s}",
-                     "chosen": [user, {"role": "assistant", "content": s[::-1]}],
-                     "rejected": [user, {"role": "assistant", "content": s}]})
+        rows.append(
+            {
+                "prompt": f"reverse {s}",
+                "chosen": [user, {"role": "assistant", "content": s[::-1]}],
+                "rejected": [user, {"role": "assistant", "content": s}],
+            }
+        )
     path.write_text(json.dumps(rows))
     return path
 
 
 def configs(tmp_path, data_file, **train_kw):
-    train_kw = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4,
-                "learning_rate": 3e-3, "beta": 1.0, "n_t": 2, "logging_steps": 1,
-                "save_strategy": "no", "use_cpu": True, "report_to": "none",
-                "lr_scheduler_type": "constant", "kernel_backend": "torch", **train_kw}
-    return (ModelConfig(), DataConfig(dataset=str(data_file), max_length=64),
-            ELBOKTOConfig(**train_kw))
+    train_kw = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "learning_rate": 3e-3,
+        "beta": 1.0,
+        "n_t": 2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "use_cpu": True,
+        "report_to": "none",
+        "lr_scheduler_type": "constant",
+        "kernel_backend": "torch",
+        **train_kw,
+    }
+    return (
+        ModelConfig(),
+        DataConfig(dataset=str(data_file), max_length=64),
+        ELBOKTOConfig(**train_kw),
+    )
 
 
 def history(trainer, key):

@@ -34,18 +34,36 @@ from elbokto.demo.ablations import ABLATION_FIGURES, ABLATIONS, CONTROLS, write_
 from elbokto.demo.config import QUICK, DemoConfig
 from elbokto.demo.runs import run_demo, run_seeds
 from elbokto.demo.task import (
-                               DESIRABLE,
-                               OTHER,
-                               UNDESIRABLE,
-                               Encoder,
-                               answer,
-                               classify,
-                               kto_rows,
-                               sample_prompts,
+    DESIRABLE,
+    OTHER,
+    UNDESIRABLE,
+    Encoder,
+    answer,
+    classify,
+    kto_rows,
+    sample_prompts,
 )
 from elbokto.demo.training import build_model, sft_model, train_kto, train_sft
 
-__all__ = ["ABLATIONS", "ABLATION_FIGURES", "CONTROLS", "DESIRABLE", "OTHER", "QUICK",
-           "UNDESIRABLE", "DemoConfig", "Encoder", "answer", "build_model", "classify",
-           "kto_rows", "run_demo", "run_seeds", "sample_prompts", "sft_model", "train_kto",
-           "train_sft", "write_ablations"]
+__all__ = [
+    "ABLATIONS",
+    "ABLATION_FIGURES",
+    "CONTROLS",
+    "DESIRABLE",
+    "OTHER",
+    "QUICK",
+    "UNDESIRABLE",
+    "DemoConfig",
+    "Encoder",
+    "answer",
+    "build_model",
+    "classify",
+    "kto_rows",
+    "run_demo",
+    "run_seeds",
+    "sample_prompts",
+    "sft_model",
+    "train_kto",
+    "train_sft",
+    "write_ablations",
+]

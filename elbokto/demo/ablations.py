@@ -31,9 +31,20 @@ logger = logging.getLogger(__name__)
 
 
 # What ablations.json summarises over the seeds, per setting.
-ABLATION_FIGURES = ("desirable_rate", "undesirable_rate", "other_rate", "psi", "v", "c",
-                    "gradient_noise", "start_psi", "start_gradient_noise", "late_saturation",
-                    "reward_drift", "kto_seconds")
+ABLATION_FIGURES = (
+    "desirable_rate",
+    "undesirable_rate",
+    "other_rate",
+    "psi",
+    "v",
+    "c",
+    "gradient_noise",
+    "start_psi",
+    "start_gradient_noise",
+    "late_saturation",
+    "reward_drift",
+    "kto_seconds",
+)
 
 
 def write_ablations(out: Path, per_seed: dict[int, dict]) -> None:
@@ -44,18 +55,27 @@ def write_ablations(out: Path, per_seed: dict[int, dict]) -> None:
     is the one that tells a setting's effect from the seed's); ``out/ablations.png``: the rates of
     every setting, seed by seed, with their mean and standard deviation."""
     settings = list(next(iter(per_seed.values())))
-    table = {"seeds": list(per_seed),
-             "settings": {name: {"per_seed": {seed: results[name]
-                                              for seed, results in per_seed.items()},
-                                 **{key: spread([results[name][key]
-                                                 for results in per_seed.values()])
-                                    for key in ABLATION_FIGURES},
-                                 "control": CONTROLS.get(name, "default"),
-                                 "desirable_rate_change": spread(
-                                     [results[name]["desirable_rate"]
-                                      - results[CONTROLS.get(name, "default")]["desirable_rate"]
-                                      for results in per_seed.values()])}
-                          for name in settings}}
+    table = {
+        "seeds": list(per_seed),
+        "settings": {
+            name: {
+                "per_seed": {seed: results[name] for seed, results in per_seed.items()},
+                **{
+                    key: spread([results[name][key] for results in per_seed.values()])
+                    for key in ABLATION_FIGURES
+                },
+                "control": CONTROLS.get(name, "default"),
+                "desirable_rate_change": spread(
+                    [
+                        results[name]["desirable_rate"]
+                        - results[CONTROLS.get(name, "default")]["desirable_rate"]
+                        for results in per_seed.values()
+                    ]
+                ),
+            }
+            for name in settings
+        },
+    }
     atomic_write(out / "ablations.json", json.dumps(table, indent=1))
     plot_ablations(table, out / "ablations.png")
 
@@ -71,8 +91,9 @@ ABLATIONS: dict[str, Callable[[DemoConfig], DemoConfig]] = {
     # of ELBO-KTO (docs/demo-and-ablations.md), so that CRN and the baseline have noise to act on.
     "n_t=1": lambda c: replace(c, mc=MCConfig(n_t=1)),
     "n_t=1,crn=off": lambda c: replace(c, mc=MCConfig(n_t=1), crn=False),
-    "n_t=1,crn=off,baseline=none": lambda c: replace(c, mc=MCConfig(n_t=1), crn=False,
-                                                     loss=replace(c.loss, baseline="none")),
+    "n_t=1,crn=off,baseline=none": lambda c: replace(
+        c, mc=MCConfig(n_t=1), crn=False, loss=replace(c.loss, baseline="none")
+    ),
     "fewer desirable (1/4)": lambda c: replace(c, desirable_fraction=0.25),
     "fewer undesirable (1/4)": lambda c: replace(c, undesirable_fraction=0.25),
 }
@@ -83,10 +104,17 @@ ABLATIONS: dict[str, Callable[[DemoConfig], DemoConfig]] = {
 CONTROLS = {"n_t=1,crn=off": "n_t=1", "n_t=1,crn=off,baseline=none": "n_t=1,crn=off"}
 
 
-def run_ablations(config: DemoConfig, encoder: Encoder, sft_state: dict, reference: nn.Module,
-                  train_prompts: list[str], eval_prompts: list[str],
-                  psi_batch: dict[str, Tensor],
-                  aligned: nn.Module, main: dict) -> dict:
+def run_ablations(
+    config: DemoConfig,
+    encoder: Encoder,
+    sft_state: dict,
+    reference: nn.Module,
+    train_prompts: list[str],
+    eval_prompts: list[str],
+    psi_batch: dict[str, Tensor],
+    aligned: nn.Module,
+    main: dict,
+) -> dict:
     """Each variant: KTO from the same SFT weights, its class rates, how its training went
     (:func:`_training_figures`), and the Monte-Carlo noise of its setting (:func:`mc_noise`)
     measured on fixed policies and one fixed batch, so that the noise columns compare
@@ -96,26 +124,41 @@ def run_ablations(config: DemoConfig, encoder: Encoder, sft_state: dict, referen
     start.load_state_dict(sft_state)
 
     def noise(variant: DemoConfig) -> dict:
-        return {**mc_noise(aligned, reference, psi_batch, variant),
-                **{f"start_{k}": v for k, v in mc_noise(start, reference, psi_batch, variant)
-                   .items() if k in ("psi", "gradient_noise")}}
+        return {
+            **mc_noise(aligned, reference, psi_batch, variant),
+            **{
+                f"start_{k}": v
+                for k, v in mc_noise(start, reference, psi_batch, variant).items()
+                if k in ("psi", "gradient_noise")
+            },
+        }
 
-    results = {"default": {**_class_rates(main["aligned_rates"]),
-                           "kto_seconds": main["kto_seconds"],
-                           "kto_examples": sum(main["kto_examples"].values()),
-                           **_training_figures(main["curves"]), **noise(config)}}
+    results = {
+        "default": {
+            **_class_rates(main["aligned_rates"]),
+            "kto_seconds": main["kto_seconds"],
+            "kto_examples": sum(main["kto_examples"].values()),
+            **_training_figures(main["curves"]),
+            **noise(config),
+        }
+    }
     for name, change in ABLATIONS.items():
         variant = change(config)
         variant_rows = kto_rows(encoder, variant, train_prompts)
         policy = build_model(variant, encoder.tokenizer)
         policy.load_state_dict(sft_state)
         tick = time.perf_counter()
-        history = train_kto(policy, reference, encoder, variant_rows,
-                            replace(variant, eval_checkpoints=0))
+        history = train_kto(
+            policy, reference, encoder, variant_rows, replace(variant, eval_checkpoints=0)
+        )
         seconds = time.perf_counter() - tick
-        results[name] = {**_class_rates(evaluate(policy, encoder, eval_prompts, variant)),
-                         "kto_seconds": seconds, "kto_examples": len(variant_rows),
-                         **_training_figures(history), **noise(variant)}
+        results[name] = {
+            **_class_rates(evaluate(policy, encoder, eval_prompts, variant)),
+            "kto_seconds": seconds,
+            "kto_examples": len(variant_rows),
+            **_training_figures(history),
+            **noise(variant),
+        }
         logger.info("ablation %s: %s", name, results[name])
     return results
 
@@ -125,12 +168,17 @@ def _training_figures(history: dict) -> dict:
     steps (how much of the batch still drives the gradient once training has run);
     reward_drift: the mean over the steps of |beta * mean_i r_i|, how far the batch-mean
     baseline moves the value function's argument (the sigmoid's scale is 1)."""
-    late = history["saturated"][-max(1, len(history["saturated"]) // 4):]
-    return {"late_saturation": float(np.mean(late)),
-            "reward_drift": float(np.mean(np.abs(history["mean_reward"])))}
+    late = history["saturated"][-max(1, len(history["saturated"]) // 4) :]
+    return {
+        "late_saturation": float(np.mean(late)),
+        "reward_drift": float(np.mean(np.abs(history["mean_reward"]))),
+    }
 
 
 def _class_rates(rates: dict) -> dict:
     """The rates of :func:`evaluate` under the names ablations.json uses."""
-    return {"desirable_rate": rates[DESIRABLE], "undesirable_rate": rates[UNDESIRABLE],
-            "other_rate": rates[OTHER]}
+    return {
+        "desirable_rate": rates[DESIRABLE],
+        "undesirable_rate": rates[UNDESIRABLE],
+        "other_rate": rates[OTHER],
+    }

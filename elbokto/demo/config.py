@@ -67,6 +67,18 @@ class DemoConfig:
         return self.max_letters + 1
 
 
-QUICK = dict(sft_steps=30, sft_batch_size=16, kto_examples=64, kto_batch_size=16,
-             eval_prompts=32, eval_checkpoints=1, psi_batch_size=8, psi_redraws=2,
-             mc=MCConfig(n_t=2), hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+QUICK = dict(
+    sft_steps=30,
+    sft_batch_size=16,
+    kto_examples=64,
+    kto_batch_size=16,
+    eval_prompts=32,
+    eval_checkpoints=1,
+    psi_batch_size=8,
+    psi_redraws=2,
+    mc=MCConfig(n_t=2),
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+)

@@ -45,29 +45,51 @@ logger = logging.getLogger(__name__)
 
 def rule_labeller(config: DemoConfig) -> CallableLabeller:
     """The demo's rule as a labeller: desirable iff the answer is the reversal."""
-    return CallableLabeller(lambda prompt, text: classify(prompt, text, config.upper) == DESIRABLE,
-                            name=f"demo-rule:upper={config.upper}")
+    return CallableLabeller(
+        lambda prompt, text: classify(prompt, text, config.upper) == DESIRABLE,
+        name=f"demo-rule:upper={config.upper}",
+    )
 
 
 def online_config(config: DemoConfig, output_dir: Path, tokenizer) -> OnlineConfig:
     """The offline demo's ELBO-KTO stage as online flags: its steps, batch, optimizer (AdamW
     without weight decay or clipping, 10 % warmup then cosine), loss, MC setting and sampler."""
     if not config.crn:
-        raise ValueError("the online demo runs the trainer's objective, which always uses common "
-                         "random numbers: crn=False is an offline ablation")
+        raise ValueError(
+            "the online demo runs the trainer's objective, which always uses common "
+            "random numbers: crn=False is an offline ablation"
+        )
     steps = config.kto_examples // config.kto_batch_size * config.kto_epochs
     return OnlineConfig(
-        online=True, output_dir=str(output_dir), max_steps=steps,
-        per_device_train_batch_size=config.kto_batch_size, num_samples_per_prompt=1,
-        learning_rate=config.kto_lr, lr_scheduler_type="cosine", warmup_steps=0.1,
-        weight_decay=0.0, max_grad_norm=0.0, **asdict(config.loss), **asdict(config.mc),
-        draw_seed=config.seed, seed=config.seed, kernel_backend=config.backend,
+        online=True,
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=config.kto_batch_size,
+        num_samples_per_prompt=1,
+        learning_rate=config.kto_lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        **asdict(config.loss),
+        **asdict(config.mc),
+        draw_seed=config.seed,
+        seed=config.seed,
+        kernel_backend=config.backend,
         filter_eps=config.filter_eps,
         # The demo's answers are EOS-padded to gen_length, in SFT as in the offline rows.
-        online_keep_padding=True, gen_length=config.gen_length, steps=config.gen_length,
-        temperature=config.temperature, remasking=config.remasking,
-        mask_token_id=tokenizer.mask_token_id, logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=True, disable_tqdm=True)
+        online_keep_padding=True,
+        gen_length=config.gen_length,
+        steps=config.gen_length,
+        temperature=config.temperature,
+        remasking=config.remasking,
+        mask_token_id=tokenizer.mask_token_id,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
 
 
 class _Checkpoints(TrainerCallback):
@@ -96,46 +118,84 @@ def run_online(config: DemoConfig, output_dir: Path, sft_cache: str, offline: di
     model = build_model(config, encoder.tokenizer)
     sft_model(model, encoder, config, rng, sft_cache)
     reference = copy.deepcopy(model).requires_grad_(False)
-    prompts = [{"prompt": p, "prompt_ids": ids}
-               for p, ids in zip(train_prompts, encoder.prompt_ids(train_prompts))]
+    prompts = [
+        {"prompt": p, "prompt_ids": ids}
+        for p, ids in zip(train_prompts, encoder.prompt_ids(train_prompts))
+    ]
     args = online_config(config, output_dir, encoder.tokenizer)
     every = args.max_steps // config.eval_checkpoints if config.eval_checkpoints else 0
-    checkpoints = _Checkpoints(lambda m: evaluate(m, encoder, eval_prompts, config), every,
-                               args.max_steps)
-    trainer = OnlineELBOKTOTrainer(model, args, rule_labeller(config), ref_model=reference,
-                                   collator=encoder.collator, train_dataset=prompts,
-                                   processing_class=encoder.tokenizer, callbacks=[checkpoints])
+    checkpoints = _Checkpoints(
+        lambda m: evaluate(m, encoder, eval_prompts, config), every, args.max_steps
+    )
+    trainer = OnlineELBOKTOTrainer(
+        model,
+        args,
+        rule_labeller(config),
+        ref_model=reference,
+        collator=encoder.collator,
+        train_dataset=prompts,
+        processing_class=encoder.tokenizer,
+        callbacks=[checkpoints],
+    )
     tick = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - tick
     model.eval()
     aligned = evaluate(model, encoder, eval_prompts, config)
     log = trainer.state.log_history
-    per_step = {key: [e[key] for e in log if key in e]
-                for key in ("online/desirable_rate", "online/lambda_d", "loss", "rewards/margins",
-                            "time/sampling", "time/labelling", "time/training")}
+    per_step = {
+        key: [e[key] for e in log if key in e]
+        for key in (
+            "online/desirable_rate",
+            "online/lambda_d",
+            "loss",
+            "rewards/margins",
+            "time/sampling",
+            "time/labelling",
+            "time/training",
+        )
+    }
     summary = {
         "base_desirable_rate": offline["base_desirable_rate"],
-        "aligned_desirable_rate": aligned[DESIRABLE], "aligned_rates": aligned,
-        "labelled_samples": trainer.labels.asked, "optimizer_steps": trainer.state.global_step,
+        "aligned_desirable_rate": aligned[DESIRABLE],
+        "aligned_rates": aligned,
+        "labelled_samples": trainer.labels.asked,
+        "optimizer_steps": trainer.state.global_step,
         "kto_seconds": seconds,
-        "seconds": {name: float(sum(per_step[f"time/{name}"]))
-                    for name in ("sampling", "labelling", "training")},
+        "seconds": {
+            name: float(sum(per_step[f"time/{name}"]))
+            for name in ("sampling", "labelling", "training")
+        },
         "winrate": demo_winrate(model, reference, encoder, eval_prompts, config, output_dir),
-        "curves": {**per_step, "checkpoints": [[0, offline["base_desirable_rate"]],
-                                               *checkpoints.points,
-                                               [trainer.state.global_step, aligned[DESIRABLE]]]},
+        "curves": {
+            **per_step,
+            "checkpoints": [
+                [0, offline["base_desirable_rate"]],
+                *checkpoints.points,
+                [trainer.state.global_step, aligned[DESIRABLE]],
+            ],
+        },
     }
     atomic_write(output_dir / "summary.json", json.dumps(summary, indent=1))
-    logger.info("seed %d online: reverse rate %.3f -> %.3f, win rate %.3f (offline %.3f, %.3f)",
-                config.seed, summary["base_desirable_rate"], aligned[DESIRABLE],
-                summary["winrate"]["awr"], offline["aligned_desirable_rate"],
-                offline["winrate"]["awr"])
+    logger.info(
+        "seed %d online: reverse rate %.3f -> %.3f, win rate %.3f (offline %.3f, %.3f)",
+        config.seed,
+        summary["base_desirable_rate"],
+        aligned[DESIRABLE],
+        summary["winrate"]["awr"],
+        offline["aligned_desirable_rate"],
+        offline["winrate"]["awr"],
+    )
     return summary
 
 
-def run_online_demo(output_dir: str, seeds: list[int], quick: bool = False,
-                    config: DemoConfig | None = None, sft_cache: str | None = None) -> dict:
+def run_online_demo(
+    output_dir: str,
+    seeds: list[int],
+    quick: bool = False,
+    config: DemoConfig | None = None,
+    sft_cache: str | None = None,
+) -> dict:
     """Offline then online, per seed (module docstring); returns the content of online.json."""
     config = config or DemoConfig()
     if quick:
@@ -159,10 +219,14 @@ def run_online_demo(output_dir: str, seeds: list[int], quick: bool = False,
             "online_labels": online["labelled_samples"],
             "offline_steps": len(offline["curves"]["loss"]),
             "online_steps": online["optimizer_steps"],
-            "offline_kto_seconds": offline["kto_seconds"], "online_seconds": online["seconds"],
-            "curves": {"offline": offline["curves"]["checkpoints"],
-                       "online": online["curves"]["checkpoints"],
-                       "online_training_rate": online["curves"]["online/desirable_rate"]}}
+            "offline_kto_seconds": offline["kto_seconds"],
+            "online_seconds": online["seconds"],
+            "curves": {
+                "offline": offline["curves"]["checkpoints"],
+                "online": online["curves"]["checkpoints"],
+                "online_training_rate": online["curves"]["online/desirable_rate"],
+            },
+        }
     for key in ("sft", "offline", "online", "offline_winrate", "online_winrate"):
         table[key] = spread([row[key] for row in table["seeds"].values()])
     out.mkdir(parents=True, exist_ok=True)
@@ -181,10 +245,15 @@ def plot_online(table: dict, path: Path) -> bool:
     for k, (seed, row) in enumerate(table["seeds"].items()):
         for name, style in (("offline", "--"), ("online", "-")):
             steps, rates = zip(*row["curves"][name])
-            axes[0].plot(steps, rates, style, color=f"C{k}", marker="o", ms=3,
-                         label=f"seed {seed} {name}")
-        axes[1].plot(range(1, len(row["curves"]["online_training_rate"]) + 1),
-                     row["curves"]["online_training_rate"], color=f"C{k}", label=f"seed {seed}")
+            axes[0].plot(
+                steps, rates, style, color=f"C{k}", marker="o", ms=3, label=f"seed {seed} {name}"
+            )
+        axes[1].plot(
+            range(1, len(row["curves"]["online_training_rate"]) + 1),
+            row["curves"]["online_training_rate"],
+            color=f"C{k}",
+            label=f"seed {seed}",
+        )
     axes[0].set_title("held-out reverse rate (dashed: offline, solid: online)", fontsize=10)
     axes[1].set_title("online: desirable share of the step's own samples", fontsize=10)
     for ax in axes:

@@ -31,9 +31,11 @@ def plot_curves(summary: dict, path: Path) -> bool:
         return False
     curves = summary["curves"]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    panels = [("SFT loss (nats / token)", curves["sft_loss"]),
-              ("ELBO-KTO loss", curves["loss"]),
-              ("rewards/margins (chosen - rejected)", curves["margins"])]
+    panels = [
+        ("SFT loss (nats / token)", curves["sft_loss"]),
+        ("ELBO-KTO loss", curves["loss"]),
+        ("rewards/margins (chosen - rejected)", curves["margins"]),
+    ]
     for ax, (title, values) in zip(axes, panels):
         ax.plot(values, lw=0.6, alpha=0.5)
         ax.plot(_smooth(values), lw=1.5)
@@ -60,15 +62,21 @@ def plot_ablations(table: dict, path: Path) -> bool:
         return False
     names = list(table["settings"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(names) + 1.5), sharey=True)
-    for ax, (key, title) in zip(axes, [("desirable_rate", "desirable (reverse) rate"),
-                                       ("undesirable_rate", "undesirable (copy) rate"),
-                                       ("other_rate", "malformed rate")]):
+    for ax, (key, title) in zip(
+        axes,
+        [
+            ("desirable_rate", "desirable (reverse) rate"),
+            ("undesirable_rate", "undesirable (copy) rate"),
+            ("other_rate", "malformed rate"),
+        ],
+    ):
         for y, name in enumerate(names):
             entry = table["settings"][name]
             seeds = [r[key] for r in entry["per_seed"].values()]
             ax.plot(seeds, [y] * len(seeds), "o", color="0.6", ms=4)
-            ax.errorbar(entry[key]["mean"], y, xerr=entry[key]["std"], fmt="D", color="C0",
-                        capsize=3)
+            ax.errorbar(
+                entry[key]["mean"], y, xerr=entry[key]["std"], fmt="D", color="C0", capsize=3
+            )
         ax.set_title(f"{title}, seeds {table['seeds']}", fontsize=10)
         ax.set_xlim(0, 1)
         ax.grid(axis="x", alpha=0.3)

@@ -33,8 +33,13 @@ from elbokto.durable import atomic_write
 logger = logging.getLogger(__name__)
 
 
-def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = False,
-             config: DemoConfig | None = None, sft_cache: str | None = None) -> dict:
+def run_demo(
+    output_dir: str = "runs/demo",
+    ablate: bool = False,
+    quick: bool = False,
+    config: DemoConfig | None = None,
+    sft_cache: str | None = None,
+) -> dict:
     """Run SFT, sample, ELBO-KTO, sample again; write summary.json and curves.png.
 
     Args:
@@ -81,8 +86,11 @@ def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = 
     kto_seconds = time.perf_counter() - tick
     aligned = rate(model)
     logger.info("aligned model: %s", _rates(aligned))
-    history["checkpoints"] = [[0, base[DESIRABLE]], *history["checkpoints"],
-                              [len(history["loss"]), aligned[DESIRABLE]]]
+    history["checkpoints"] = [
+        [0, base[DESIRABLE]],
+        *history["checkpoints"],
+        [len(history["loss"]), aligned[DESIRABLE]],
+    ]
 
     summary = {
         "base_desirable_rate": base[DESIRABLE],
@@ -93,33 +101,58 @@ def run_demo(output_dir: str = "runs/demo", ablate: bool = False, quick: bool = 
         "sft_seconds": sft_seconds,
         "kto_seconds": kto_seconds,
         "sample_seconds": sample_seconds,
-        "kto_examples": {"desirable": sum(r["desirable"] for r in rows),
-                         "undesirable": sum(not r["desirable"] for r in rows)},
+        "kto_examples": {
+            "desirable": sum(r["desirable"] for r in rows),
+            "undesirable": sum(not r["desirable"] for r in rows),
+        },
         "noise": mc_noise(model, reference, psi_batch, config),
         "config": _jsonable(config),
         "quick": quick,
         "curves": {"sft_loss": sft_loss, **history},
     }
     if ablate:
-        summary["ablations"] = run_ablations(config, encoder, sft_state, reference,
-                                             train_prompts, eval_prompts, psi_batch, model,
-                                             summary)
+        summary["ablations"] = run_ablations(
+            config,
+            encoder,
+            sft_state,
+            reference,
+            train_prompts,
+            eval_prompts,
+            psi_batch,
+            model,
+            summary,
+        )
 
     summary["winrate"] = demo_winrate(model, reference, encoder, eval_prompts, config, out)
     summary["total_seconds"] = time.perf_counter() - start
     atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     plot_curves(summary, out / "curves.png")
-    logger.info("base desirable rate %.3f -> aligned %.3f (train %.0f s, total %.0f s); "
-                "wrote %s", base[DESIRABLE], aligned[DESIRABLE], summary["train_seconds"],
-                summary["total_seconds"], out)
-    logger.info("win rate of the aligned model against the SFT model (rule judge, both orders): "
-                "%.3f, 95%% CI [%.3f, %.3f]", summary["winrate"]["awr"],
-                summary["winrate"]["ci_low"], summary["winrate"]["ci_high"])
+    logger.info(
+        "base desirable rate %.3f -> aligned %.3f (train %.0f s, total %.0f s); wrote %s",
+        base[DESIRABLE],
+        aligned[DESIRABLE],
+        summary["train_seconds"],
+        summary["total_seconds"],
+        out,
+    )
+    logger.info(
+        "win rate of the aligned model against the SFT model (rule judge, both orders): "
+        "%.3f, 95%% CI [%.3f, %.3f]",
+        summary["winrate"]["awr"],
+        summary["winrate"]["ci_low"],
+        summary["winrate"]["ci_high"],
+    )
     return summary
 
 
-def run_seeds(output_dir: str, seeds: list[int], ablate: bool = False, quick: bool = False,
-              config: DemoConfig | None = None, sft_cache: str | None = None) -> dict:
+def run_seeds(
+    output_dir: str,
+    seeds: list[int],
+    ablate: bool = False,
+    quick: bool = False,
+    config: DemoConfig | None = None,
+    sft_cache: str | None = None,
+) -> dict:
     """:func:`run_demo` once per seed; with more than one seed, each writes under
     ``output_dir/seed<k>`` and ``output_dir/seeds.json`` gathers the base and aligned desirable
     rates per seed with their spread (:func:`spread`). With ``ablate``,
@@ -132,23 +165,34 @@ def run_seeds(output_dir: str, seeds: list[int], ablate: bool = False, quick: bo
         raise ValueError(f"--seeds {seeds}: each seed once")
     out = Path(output_dir)
     if len(seeds) == 1:
-        runs = {seeds[0]: run_demo(output_dir, ablate, quick, replace(config, seed=seeds[0]),
-                                   sft_cache)}
+        runs = {
+            seeds[0]: run_demo(output_dir, ablate, quick, replace(config, seed=seeds[0]), sft_cache)
+        }
         result = runs[seeds[0]]
     else:
-        runs = {seed: run_demo(str(out / f"seed{seed}"), ablate, quick, replace(config, seed=seed),
-                               sft_cache)
-                for seed in seeds}
-        result = {"seeds": {seed: {"base": r["base_desirable_rate"],
-                                   "aligned": r["aligned_desirable_rate"]}
-                            for seed, r in runs.items()},
-                  "filter_eps": config.filter_eps, "quick": quick}
+        runs = {
+            seed: run_demo(
+                str(out / f"seed{seed}"), ablate, quick, replace(config, seed=seed), sft_cache
+            )
+            for seed in seeds
+        }
+        result = {
+            "seeds": {
+                seed: {"base": r["base_desirable_rate"], "aligned": r["aligned_desirable_rate"]}
+                for seed, r in runs.items()
+            },
+            "filter_eps": config.filter_eps,
+            "quick": quick,
+        }
         for key in ("base", "aligned"):
             result[key] = spread([r[key] for r in result["seeds"].values()])
         atomic_write(out / "seeds.json", json.dumps(result, indent=1))
-        logger.info("seeds %s: aligned desirable rate %.3f +- %.3f (min %.3f, max %.3f), base "
-                    "%.3f", seeds, *(result["aligned"][k] for k in ("mean", "std", "min", "max")),
-                    result["base"]["mean"])
+        logger.info(
+            "seeds %s: aligned desirable rate %.3f +- %.3f (min %.3f, max %.3f), base %.3f",
+            seeds,
+            *(result["aligned"][k] for k in ("mean", "std", "min", "max")),
+            result["base"]["mean"],
+        )
     if ablate:
         write_ablations(out, {seed: r["ablations"] for seed, r in runs.items()})
     return result
@@ -156,7 +200,7 @@ def run_seeds(output_dir: str, seeds: list[int], ablate: bool = False, quick: bo
 
 def _psi_examples(config: DemoConfig, prompts: list[str]) -> tuple[list[str], list[bool]]:
     """A fixed, balanced batch for Psi(S): held-out prompts, alternating labels."""
-    chosen = prompts[:config.psi_batch_size]
+    chosen = prompts[: config.psi_batch_size]
     return chosen, [i % 2 == 0 for i in range(len(chosen))]
 
 

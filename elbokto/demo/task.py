@@ -31,8 +31,13 @@ def answer(prompt: str, desirable: bool, upper: bool = True) -> str:
     return prompt[::-1].upper() if upper else prompt[::-1]
 
 
-def sample_prompts(rng: np.random.Generator, n: int, config: DemoConfig,
-                   exclude: set[str] = frozenset(), unique: bool = True) -> list[str]:
+def sample_prompts(
+    rng: np.random.Generator,
+    n: int,
+    config: DemoConfig,
+    exclude: set[str] = frozenset(),
+    unique: bool = True,
+) -> list[str]:
     """``n`` random non-palindromic strings, none in ``exclude`` (distinct when ``unique``)."""
     prompts: list[str] = []
     seen = set(exclude)
@@ -66,14 +71,22 @@ class Encoder:
         answers = [answer(p, d, self.upper) for p, d in zip(prompts, desirable)]
         eos = self.tokenizer.eos_token_id
         rows = []
-        for prompt, ids, text, label in zip(prompts, self.prompt_ids(prompts),
-                                            self.tokenizer(answers, add_special_tokens=False)
-                                            ["input_ids"], desirable):
+        for prompt, ids, text, label in zip(
+            prompts,
+            self.prompt_ids(prompts),
+            self.tokenizer(answers, add_special_tokens=False)["input_ids"],
+            desirable,
+        ):
             response = text + [eos] * (self.gen_length - len(text))
-            rows.append({"input_ids": ids + response, "prompt_length": len(ids),
-                         "response_length": len(response), "desirable": label,
-                         "uid": example_uid([_user(prompt)], answer(prompt, label, self.upper),
-                                           label)})
+            rows.append(
+                {
+                    "input_ids": ids + response,
+                    "prompt_length": len(ids),
+                    "response_length": len(response),
+                    "desirable": label,
+                    "uid": example_uid([_user(prompt)], answer(prompt, label, self.upper), label),
+                }
+            )
         return rows
 
     def batch(self, rows: list[dict]) -> dict[str, Tensor]:
@@ -92,6 +105,6 @@ def kto_rows(encoder: Encoder, config: DemoConfig, prompts: list[str]) -> list[d
     keep = []
     for cls, fraction in ((True, config.desirable_fraction), (False, config.undesirable_fraction)):
         members = [i for i, label in enumerate(labels) if label == cls]
-        keep += members[:round(fraction * len(members))]
+        keep += members[: round(fraction * len(members))]
     keep = sorted(keep)
     return encoder.rows([prompts[i] for i in keep], [labels[i] for i in keep])

@@ -33,12 +33,19 @@ logger = logging.getLogger(__name__)
 
 def build_model(config: DemoConfig, tokenizer) -> nn.Module:
     """A randomly initialised bidirectional GemmaForCausalLM (float32, no dropout)."""
-    return build_tiny_model(len(tokenizer), tokenizer.mask_token_id, hidden_size=config.hidden_size,
-                            intermediate_size=config.intermediate_size,
-                            num_layers=config.num_layers, num_heads=config.num_heads,
-                            num_kv_heads=config.num_heads, max_position_embeddings=64,
-                            pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, seed=config.seed)
+    return build_tiny_model(
+        len(tokenizer),
+        tokenizer.mask_token_id,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        num_kv_heads=config.num_heads,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        seed=config.seed,
+    )
 
 
 def _optimizer(model: nn.Module, lr: float, steps: int, warmup: float = 0.05):
@@ -54,8 +61,9 @@ def _optimizer(model: nn.Module, lr: float, steps: int, warmup: float = 0.05):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_sft(model: nn.Module, encoder: Encoder, config: DemoConfig,
-              rng: np.random.Generator) -> list[float]:
+def train_sft(
+    model: nn.Module, encoder: Encoder, config: DemoConfig, rng: np.random.Generator
+) -> list[float]:
     """Masked-diffusion SFT on fresh 50/50 examples: minimise -ELBO / response length.
 
     Returns the loss (nats per response token) of every step."""
@@ -67,12 +75,24 @@ def train_sft(model: nn.Module, encoder: Encoder, config: DemoConfig,
         prompts = sample_prompts(rng, config.sft_batch_size, config, unique=False)
         styles = (rng.random(len(prompts)) < 0.5).tolist()
         batch = encoder.batch(encoder.rows(prompts, styles))
-        draws = sample_draws(config.sft_mc, batch["prompt_lengths"], batch["response_lengths"],
-                             batch["input_ids"].shape[1], uids=batch["uid"], seed=config.seed,
-                             step=step)
-        elbo = elbo_estimate(model, batch["input_ids"], draws, mask_token_id=mask_id,
-                             attention_mask=batch["attention_mask"], backend=config.backend,
-                             filter_eps=config.filter_eps)
+        draws = sample_draws(
+            config.sft_mc,
+            batch["prompt_lengths"],
+            batch["response_lengths"],
+            batch["input_ids"].shape[1],
+            uids=batch["uid"],
+            seed=config.seed,
+            step=step,
+        )
+        elbo = elbo_estimate(
+            model,
+            batch["input_ids"],
+            draws,
+            mask_token_id=mask_id,
+            attention_mask=batch["attention_mask"],
+            backend=config.backend,
+            filter_eps=config.filter_eps,
+        )
         loss = -(elbo / batch["response_lengths"]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -84,13 +104,34 @@ def train_sft(model: nn.Module, encoder: Encoder, config: DemoConfig,
 
 
 # What the SFT model depends on: a cached one is reused only when all of these match.
-SFT_FIELDS = ("seed", "alphabet", "min_letters", "max_letters", "upper", "hidden_size",
-              "intermediate_size", "num_layers", "num_heads", "sft_steps", "sft_batch_size",
-              "sft_lr", "sft_mc", "backend", "filter_eps", "eval_prompts", "kto_examples")
+SFT_FIELDS = (
+    "seed",
+    "alphabet",
+    "min_letters",
+    "max_letters",
+    "upper",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "sft_steps",
+    "sft_batch_size",
+    "sft_lr",
+    "sft_mc",
+    "backend",
+    "filter_eps",
+    "eval_prompts",
+    "kto_examples",
+)
 
 
-def sft_model(model: nn.Module, encoder: Encoder, config: DemoConfig, rng: np.random.Generator,
-              cache: str | None = None) -> tuple[list[float], float]:
+def sft_model(
+    model: nn.Module,
+    encoder: Encoder,
+    config: DemoConfig,
+    rng: np.random.Generator,
+    cache: str | None = None,
+) -> tuple[list[float], float]:
     """Train ``model`` with :func:`train_sft`, or load it from ``cache``.
 
     The cache file is named by a hash of the configuration's :data:`SFT_FIELDS` (the prompts
@@ -130,19 +171,32 @@ def _read_sft_cache(path: Path, model: nn.Module) -> dict | None:
         if not expected <= saved.keys() or saved["state"].keys() != model.state_dict().keys():
             raise ValueError("not the entries of this model's SFT cache")
     except Exception as err:  # empty, truncated, foreign: anything torch.load or the keys reject
-        logger.warning("unreadable SFT cache %s (%s: %s); training SFT again", path,
-                       type(err).__name__, err)
+        logger.warning(
+            "unreadable SFT cache %s (%s: %s); training SFT again", path, type(err).__name__, err
+        )
         return None
     return saved
 
 
 def kto_objective(config: DemoConfig) -> ELBOKTOObjective:
-    return ELBOKTOObjective(mc=config.mc, loss=config.loss, seed=config.seed, crn=config.crn,
-                            filter_eps=config.filter_eps, backend=config.backend)
+    return ELBOKTOObjective(
+        mc=config.mc,
+        loss=config.loss,
+        seed=config.seed,
+        crn=config.crn,
+        filter_eps=config.filter_eps,
+        backend=config.backend,
+    )
 
 
-def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: list[dict],
-              config: DemoConfig, evaluate_fn: Callable[[nn.Module], dict] | None = None) -> dict:
+def train_kto(
+    policy: nn.Module,
+    reference: nn.Module,
+    encoder: Encoder,
+    rows: list[dict],
+    config: DemoConfig,
+    evaluate_fn: Callable[[nn.Module], dict] | None = None,
+) -> dict:
     """ELBO-KTO with AdamW, ``kto_epochs`` passes over ``rows`` in seeded random batches.
 
     The draws of step s use ``step=s``. With ``crn=False`` the reference scores independent
@@ -156,12 +210,20 @@ def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: l
     """
     objective = kto_objective(config)
     order_rng = np.random.default_rng([config.seed, 2])
-    batches = [rows_idx for _ in range(config.kto_epochs)
-               for rows_idx in _batches(order_rng.permutation(len(rows)), config.kto_batch_size)]
+    batches = [
+        rows_idx
+        for _ in range(config.kto_epochs)
+        for rows_idx in _batches(order_rng.permutation(len(rows)), config.kto_batch_size)
+    ]
     optimizer, schedule = _optimizer(policy, config.kto_lr, len(batches), warmup=0.1)
     every = len(batches) // config.eval_checkpoints if config.eval_checkpoints else 0
-    history: dict = {"loss": [], "margins": [], "saturated": [], "mean_reward": [],
-                     "checkpoints": []}
+    history: dict = {
+        "loss": [],
+        "margins": [],
+        "saturated": [],
+        "mean_reward": [],
+        "checkpoints": [],
+    }
     policy.train()
     for step, index in enumerate(batches):
         batch = encoder.batch([rows[i] for i in index])
@@ -171,12 +233,22 @@ def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: l
         optimizer.step()
         schedule.step()
         mean_reward = config.loss.beta * (out.policy_elbo - out.ref_elbo).mean()
-        figures = torch.stack([out.loss.detach(), out.metrics["rewards/margins"],
-                               out.metrics["saturated_fraction"], mean_reward]).tolist()
+        figures = torch.stack(
+            [
+                out.loss.detach(),
+                out.metrics["rewards/margins"],
+                out.metrics["saturated_fraction"],
+                mean_reward,
+            ]
+        ).tolist()
         for key, value in zip(("loss", "margins", "saturated", "mean_reward"), figures):
             history[key].append(value)
-        if evaluate_fn is not None and every and (step + 1) % every == 0 \
-                and step + 1 < len(batches):
+        if (
+            evaluate_fn is not None
+            and every
+            and (step + 1) % every == 0
+            and step + 1 < len(batches)
+        ):
             policy.eval()
             history["checkpoints"].append([step + 1, evaluate_fn(policy)[DESIRABLE]])
             policy.train()
@@ -186,7 +258,7 @@ def train_kto(policy: nn.Module, reference: nn.Module, encoder: Encoder, rows: l
 
 def _batches(order: np.ndarray, size: int) -> list[list[int]]:
     """Full batches only: the batch-mean baseline wants equal batch sizes."""
-    return [order[i:i + size].tolist() for i in range(0, len(order) - size + 1, size)]
+    return [order[i : i + size].tolist() for i in range(0, len(order) - size + 1, size)]
 
 
 def _jsonable_value(value):

@@ -32,21 +32,39 @@ def demo_rule(upper: bool = True) -> Rule:
     return rule
 
 
-def demo_winrate(policy: nn.Module, sft_model: nn.Module, encoder: Encoder, prompts: list[str],
-                 config: DemoConfig, output_dir: str | Path) -> dict:
+def demo_winrate(
+    policy: nn.Module,
+    sft_model: nn.Module,
+    encoder: Encoder,
+    prompts: list[str],
+    config: DemoConfig,
+    output_dir: str | Path,
+) -> dict:
     """Samples both models on ``prompts`` as the demo's evaluation does (one seeded sample each)
     and returns :func:`elbokto.eval.compute_winrate`'s summary of the policy against the SFT
     model; its files go to ``<output_dir>/winrate``."""
-    gen = SamplingConfig(gen_length=config.gen_length, steps=config.gen_length,
-                           block_length=config.gen_length, temperature=config.temperature,
-                           remasking=config.remasking, seed=config.seed,
-                           mask_token_id=encoder.tokenizer.mask_token_id)
+    gen = SamplingConfig(
+        gen_length=config.gen_length,
+        steps=config.gen_length,
+        block_length=config.gen_length,
+        temperature=config.temperature,
+        remasking=config.remasking,
+        seed=config.seed,
+        mask_token_id=encoder.tokenizer.mask_token_id,
+    )
     ids = encoder.prompt_ids(prompts)
     pad = encoder.tokenizer.pad_token_id
     policy_answers, sft_answers = (
         decode_responses(encoder.tokenizer, generate(model, ids, gen, pad_token_id=pad))
-        for model in (policy, sft_model))
+        for model in (policy, sft_model)
+    )
     with RuleJudgeServer(demo_rule(config.upper)) as server:
         judge = JudgeConfig(judge_model=["demo-rule"], judge_base_url=server.base_url)
-        return compute_winrate(prompts, policy_answers, sft_answers, judge,
-                               Path(output_dir) / "winrate", names=("aligned", "sft"))
+        return compute_winrate(
+            prompts,
+            policy_answers,
+            sft_answers,
+            judge,
+            Path(output_dir) / "winrate",
+            names=("aligned", "sft"),
+        )

@@ -1,11 +1,11 @@
 """`elbokto eval`: the evaluation subcommands.
 
-    elbokto eval winrate   adjusted win rate of a candidate against a baseline, judged by an
-                           OpenAI-compatible LLM judge (flags: `elbokto eval winrate --help`)
-    elbokto eval lm-eval   lm-evaluation-harness with the diffusion model `elbokto` registered;
-                           every argument goes to lm-eval's own CLI, e.g.
-                           --model elbokto --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct
-                           --tasks gsm8k
+elbokto eval winrate   adjusted win rate of a candidate against a baseline, judged by an
+                       OpenAI-compatible LLM judge (flags: `elbokto eval winrate --help`)
+elbokto eval lm-eval   lm-evaluation-harness with the diffusion model `elbokto` registered;
+                       every argument goes to lm-eval's own CLI, e.g.
+                       --model elbokto --model_args pretrained=GSAI-ML/LLaDA-8B-Instruct
+                       --tasks gsm8k
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def winrate(argv: list[str]) -> int:
     from elbokto.eval.winrate import WinrateArgs, run_winrate
     from elbokto.sampling import SamplingConfig
 
-    parser = HfArgumentParser([WinrateArgs, SamplingConfig, JudgeConfig],
-                              prog="elbokto eval winrate")
+    parser = HfArgumentParser(
+        [WinrateArgs, SamplingConfig, JudgeConfig], prog="elbokto eval winrate"
+    )
     args, gen_cfg, judge_cfg = parser.parse_args_into_dataclasses(argv)
     summary = run_winrate(args, gen_cfg, judge_cfg)
     keys = ("awr", "ci_low", "ci_high", "n", "wins", "ties", "losses", "inconsistent", "errors")

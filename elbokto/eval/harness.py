@@ -110,24 +110,44 @@ class DiffusionLM(TemplateLM):
             (LLaDA's: one token per step, most confident first); see the module docstring.
     """
 
-    def __init__(self, pretrained: str | nn.Module, tokenizer=None, trust_remote_code: bool = False,
-                 dtype: str = "auto", device: str | None = None, batch_size: int | str = 8,
-                 mc_num: int = 128, mc_chunk_size: int = 32, estimator: str | None = None,
-                 cfg_scale: float = 0.0, seed: int = 0, max_length: int | None = None,
-                 mask_token_id: int | None = None, add_bos_token: bool | None = None,
-                 max_gen_toks: int = 256, gen_length: int | None = None, block_length: int = 32,
-                 steps: int | None = None, threshold: float | None = None,
-                 remasking: str = "low_confidence", temperature: float = 0.0,
-                 kernel_backend: str = "auto", is_greedy_mode: str = "argmax",
-                 mc_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        pretrained: str | nn.Module,
+        tokenizer=None,
+        trust_remote_code: bool = False,
+        dtype: str = "auto",
+        device: str | None = None,
+        batch_size: int | str = 8,
+        mc_num: int = 128,
+        mc_chunk_size: int = 32,
+        estimator: str | None = None,
+        cfg_scale: float = 0.0,
+        seed: int = 0,
+        max_length: int | None = None,
+        mask_token_id: int | None = None,
+        add_bos_token: bool | None = None,
+        max_gen_toks: int = 256,
+        gen_length: int | None = None,
+        block_length: int = 32,
+        steps: int | None = None,
+        threshold: float | None = None,
+        remasking: str = "low_confidence",
+        temperature: float = 0.0,
+        kernel_backend: str = "auto",
+        is_greedy_mode: str = "argmax",
+        mc_batch_size: int | None = None,
+    ) -> None:
         super().__init__()
         if mc_batch_size is not None:  # the old name, for one release (DESIGN §8, "copy chunk")
-            warnings.warn("the lm-eval model arg mc_batch_size is now mc_chunk_size; the old "
-                          "name goes in the next release", FutureWarning, stacklevel=2)
+            warnings.warn(
+                "the lm-eval model arg mc_batch_size is now mc_chunk_size; the old "
+                "name goes in the next release",
+                FutureWarning,
+                stacklevel=2,
+            )
             mc_chunk_size = mc_batch_size
         if is_greedy_mode not in GREEDY_MODES:
-            raise ValueError(f"is_greedy_mode={is_greedy_mode!r}; expected one of "
-                             f"{GREEDY_MODES}")
+            raise ValueError(f"is_greedy_mode={is_greedy_mode!r}; expected one of {GREEDY_MODES}")
         self.is_greedy_mode = is_greedy_mode
         self.accelerator = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -142,22 +162,31 @@ class DiffusionLM(TemplateLM):
                 # lm-eval's CLI passes --device cuda:0 unless told otherwise.
                 logger.warning("device %s requested but CUDA is not available: using cpu", device)
                 device = "cpu"
-            self._device = torch.device(device or ("cuda" if torch.cuda.is_available()
-                                                   else "cpu"))
-        for name, value in (("mc_num", mc_num), ("mc_chunk_size", mc_chunk_size),
-                            ("max_gen_toks", max_gen_toks), ("block_length", block_length)):
+            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        for name, value in (
+            ("mc_num", mc_num),
+            ("mc_chunk_size", mc_chunk_size),
+            ("max_gen_toks", max_gen_toks),
+            ("block_length", block_length),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}; expected an integer >= 1")
         if isinstance(batch_size, str) and not batch_size.isdigit():
-            raise ValueError(f"batch_size={batch_size!r}; expected an integer ('auto' is not "
-                             f"supported: mc_chunk_size sets the memory use)")
+            raise ValueError(
+                f"batch_size={batch_size!r}; expected an integer ('auto' is not "
+                f"supported: mc_chunk_size sets the memory use)"
+            )
         self.batch_size = int(batch_size)
         if isinstance(pretrained, str):
-            model_cfg = ModelConfig(model_name_or_path=pretrained,
-                                    trust_remote_code=trust_remote_code, torch_dtype=dtype)
+            model_cfg = ModelConfig(
+                model_name_or_path=pretrained,
+                trust_remote_code=trust_remote_code,
+                torch_dtype=dtype,
+            )
             if tokenizer is None or isinstance(tokenizer, str):
-                tokenizer = load_tokenizer(replace(model_cfg, model_name_or_path=tokenizer
-                                                   or pretrained))
+                tokenizer = load_tokenizer(
+                    replace(model_cfg, model_name_or_path=tokenizer or pretrained)
+                )
             model = load_model(pretrained, model_cfg, tokenizer=tokenizer)
         elif tokenizer is None or isinstance(tokenizer, str):
             raise ValueError("a loaded model needs its tokenizer object: pass tokenizer=")
@@ -167,19 +196,31 @@ class DiffusionLM(TemplateLM):
         self.model = model.eval().to(self._device)
         self.mask_token_id = resolve_mask_token_id(self.model.config, tokenizer, mask_token_id)
         self.shift_logits = uses_shifted_logits(self.model.config)
-        self.mc = MCConfig(estimator=estimator or ("bernoulli" if self.shift_logits
-                                                   else "fixed_count"),
-                           n_t=mc_num, n_yt=1, antithetic=True)
+        self.mc = MCConfig(
+            estimator=estimator or ("bernoulli" if self.shift_logits else "fixed_count"),
+            n_t=mc_num,
+            n_yt=1,
+            antithetic=True,
+        )
         self.mc_chunk_size, self.cfg_scale, self.seed = mc_chunk_size, float(cfg_scale), seed
         self._max_length = max_length or _config_max_length(self.model.config)
         self.add_bos_token = add_bos_token
-        self.max_gen_toks, self.gen_length, self.block_length = max_gen_toks, gen_length, \
-            block_length
-        self.sampler = SamplingConfig(gen_length=block_length, steps=block_length,
-                                        block_length=block_length, temperature=temperature,
-                                        remasking=remasking, threshold=threshold, seed=seed,
-                                        mask_token_id=self.mask_token_id,
-                                        shift_logits=self.shift_logits)
+        self.max_gen_toks, self.gen_length, self.block_length = (
+            max_gen_toks,
+            gen_length,
+            block_length,
+        )
+        self.sampler = SamplingConfig(
+            gen_length=block_length,
+            steps=block_length,
+            block_length=block_length,
+            temperature=temperature,
+            remasking=remasking,
+            threshold=threshold,
+            seed=seed,
+            mask_token_id=self.mask_token_id,
+            shift_logits=self.shift_logits,
+        )
         self.steps, self.kernel_backend = steps, kernel_backend
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
@@ -202,21 +243,29 @@ class DiffusionLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return self.tokenizer.name_or_path.replace("/", "__")
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
-                   left_truncate_len: int | None = None, **kwargs) -> list[int]:
+    def tok_encode(
+        self,
+        string: str,
+        add_special_tokens: bool | None = None,
+        left_truncate_len: int | None = None,
+        **kwargs,
+    ) -> list[int]:
         add = self.add_bos_token if add_special_tokens is None else add_special_tokens
         bos = self.tokenizer.bos_token
         if add_special_tokens is None and bos and string.startswith(bos):
             add = False
-        ids = self.tokenizer.encode(string, **({} if add is None
-                                               else {"add_special_tokens": add}))
+        ids = self.tokenizer.encode(string, **({} if add is None else {"add_special_tokens": add}))
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
-    def apply_chat_template(self, chat_history: list[dict[str, str]],
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt)
+            chat_history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
 
     def all_gather(self, tensor: Tensor) -> Tensor:
         return tensor if self.accelerator is None else self.accelerator.gather(tensor)
@@ -234,8 +283,9 @@ class DiffusionLM(TemplateLM):
 
     # --- likelihoods -----------------------------------------------------------------------------
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs
-                              ) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
         """(ELBO, is_greedy) of ``((context, continuation), context_ids, continuation_ids)``."""
         pairs = [self._fit(context, continuation) for _, context, continuation in requests]
         elbos = self.elbo(pairs, disable_tqdm=disable_tqdm)
@@ -250,10 +300,15 @@ class DiffusionLM(TemplateLM):
         owners, pairs = [], []
         for i, request in enumerate(requests):
             (text,) = request.args
-            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+            for context, continuation in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
                     self.tok_encode(text, add_special_tokens=False),
                     prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length - 1, context_len=1)):
+                    max_seq_len=self.max_length - 1,
+                    context_len=1,
+                ),
+            ):
                 owners.append(i)
                 pairs.append((context, continuation))
         totals = [0.0] * len(requests)
@@ -268,13 +323,16 @@ class DiffusionLM(TemplateLM):
         if not continuation:
             raise ValueError("empty continuation: nothing to score")
         if len(continuation) >= self.max_length:
-            raise ValueError(f"continuation of {len(continuation)} tokens does not fit "
-                             f"max_length={self.max_length} with a context token")
-        return context[-(self.max_length - len(continuation)):], continuation
+            raise ValueError(
+                f"continuation of {len(continuation)} tokens does not fit "
+                f"max_length={self.max_length} with a context token"
+            )
+        return context[-(self.max_length - len(continuation)) :], continuation
 
     @torch.no_grad()
-    def elbo(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool = True
-             ) -> list[float]:
+    def elbo(
+        self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool = True
+    ) -> list[float]:
         """MC ELBO of each continuation given its context, float: ``mc_num`` copies per pair.
 
         Pairs are taken longest first and their copies cut into forwards of ``mc_chunk_size``
@@ -285,13 +343,15 @@ class DiffusionLM(TemplateLM):
             raise NotImplementedError(
                 f"{type(self.model).__name__} is a block-diffusion model: the lm-eval model "
                 "scores likelihoods of plain masked diffusion models only (generate_until "
-                "tasks work, block by block)")
+                "tasks work, block by block)"
+            )
         order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))
         draws = {}
         copies = [(i, k) for i in order for k in range(self.mc.num_copies)]
         totals = [0.0] * len(pairs)
-        chunks = [copies[s:s + self.mc_chunk_size]
-                  for s in range(0, len(copies), self.mc_chunk_size)]
+        chunks = [
+            copies[s : s + self.mc_chunk_size] for s in range(0, len(copies), self.mc_chunk_size)
+        ]
         for chunk in tqdm(chunks, desc="ELBO", disable=disable_tqdm or self.rank != 0):
             owners = list(dict.fromkeys(i for i, _ in chunk))
             for i in owners:
@@ -300,24 +360,30 @@ class DiffusionLM(TemplateLM):
             local = {i: j for j, i in enumerate(owners)}
             rows = [pairs[i][0] + pairs[i][1] for i in owners]
             width = max(map(len, rows))
-            input_ids, attention = _pad(rows, width, self.tokenizer.pad_token_id or 0,
-                                        self._device)
+            input_ids, attention = _pad(rows, width, self.tokenizer.pad_token_id or 0, self._device)
             mask = torch.zeros(len(chunk), width, dtype=torch.bool, device=self._device)
             weight = torch.empty(len(chunk), dtype=torch.float32, device=self._device)
             for c, (i, k) in enumerate(chunk):
-                mask[c, :draws[i].mask.shape[1]] = draws[i].mask[k]
+                mask[c, : draws[i].mask.shape[1]] = draws[i].mask[k]
                 weight[c] = draws[i].weight[k]
             index = torch.tensor([local[i] for i, _ in chunk], device=self._device)
-            chunk_draws = Draws(mask=mask, weight=weight, sample_index=index,
-                                t=torch.zeros_like(weight))
+            chunk_draws = Draws(
+                mask=mask, weight=weight, sample_index=index, t=torch.zeros_like(weight)
+            )
             model = self.model
             if self.cfg_scale:
                 lengths = torch.tensor([len(pairs[i][0]) for i, _ in chunk], device=self._device)
                 prompt = torch.arange(width, device=self._device) < lengths[:, None]
                 model = _Guided(self.model, self.cfg_scale, prompt, self.mask_token_id)
-            values = elbo_estimate(model, input_ids, chunk_draws, mask_token_id=self.mask_token_id,
-                                   attention_mask=attention, shift_logits=self.shift_logits,
-                                   backend=self.kernel_backend)
+            values = elbo_estimate(
+                model,
+                input_ids,
+                chunk_draws,
+                mask_token_id=self.mask_token_id,
+                attention_mask=attention,
+                shift_logits=self.shift_logits,
+                backend=self.kernel_backend,
+            )
             for i, value in zip(owners, values.tolist()):
                 totals[i] += value
             for i in owners[:-1]:  # finished: only the last pair may go on in the next chunk
@@ -328,10 +394,14 @@ class DiffusionLM(TemplateLM):
         """The pair's copies on the device: a pure function of its tokens and the seed."""
         digest = hashlib.blake2b(json.dumps([context, continuation]).encode(), digest_size=8)
         uid = int.from_bytes(digest.digest(), "big") >> 1
-        return sample_draws(self.mc, torch.tensor([len(context)], device=self._device),
-                            torch.tensor([len(continuation)], device=self._device),
-                            len(context) + len(continuation),
-                            uids=torch.tensor([uid], device=self._device), seed=self.seed)
+        return sample_draws(
+            self.mc,
+            torch.tensor([len(context)], device=self._device),
+            torch.tensor([len(continuation)], device=self._device),
+            len(context) + len(continuation),
+            uids=torch.tensor([uid], device=self._device),
+            seed=self.seed,
+        )
 
     @torch.no_grad()
     def is_greedy(self, pairs: list[tuple[list[int], list[int]]]) -> list[bool]:
@@ -342,17 +412,20 @@ class DiffusionLM(TemplateLM):
         decode = self._decode_llada if self.is_greedy_mode == "llada" else self._decode_argmax
         result = []
         for start in range(0, len(pairs), self.batch_size):
-            batch = pairs[start:start + self.batch_size]
+            batch = pairs[start : start + self.batch_size]
             rows = [ctx + [self.mask_token_id] * len(cont) for ctx, cont in batch]
             width, tail = max(map(len, rows)), max(len(cont) for _, cont in batch)
-            input_ids, attention = _pad(rows, width, self.tokenizer.pad_token_id or 0,
-                                        self._device, left=True)
+            input_ids, attention = _pad(
+                rows, width, self.tokenizer.pad_token_id or 0, self._device, left=True
+            )
             lengths = torch.tensor([len(cont) for _, cont in batch], device=self._device)
             # [B, tail]: the columns of the last ``tail`` that hold each row's continuation.
             open_ = torch.arange(tail, device=self._device) >= tail - lengths[:, None]
             predict = self._tail_predictor(batch, attention, width, tail)
             predicted = decode(predict, input_ids, open_).tolist()
-            result += [predicted[b][tail - len(cont):] == cont for b, (_, cont) in enumerate(batch)]
+            result += [
+                predicted[b][tail - len(cont) :] == cont for b, (_, cont) in enumerate(batch)
+            ]
         return result
 
     def _tail_predictor(self, batch, attention: Tensor | None, width: int, tail: int):
@@ -375,7 +448,7 @@ class DiffusionLM(TemplateLM):
             full = out if isinstance(out, Tensor) else out.logits
             # Position p is predicted at p (or at p - 1 with shifted logits).
             end = full.shape[1] - shift
-            return full[:, end - tail:end]
+            return full[:, end - tail : end]
 
         return predict
 
@@ -410,25 +483,38 @@ class DiffusionLM(TemplateLM):
             context, gen_kwargs = request.args
             groups[json.dumps(gen_kwargs, sort_keys=True, default=str)].append(i)
         results: list[str | None] = [None] * len(requests)
-        progress = tqdm(total=len(requests), desc="generate_until",
-                        disable=disable_tqdm or self.rank != 0)
+        progress = tqdm(
+            total=len(requests), desc="generate_until", disable=disable_tqdm or self.rank != 0
+        )
         for indices in groups.values():
             kwargs = normalize_gen_kwargs(requests[indices[0]].args[1], self.max_gen_toks)
             until = handle_stop_sequences(kwargs.get("until"), self._eos_text())
-            temperature = (kwargs.get("temperature", 0.0) if kwargs.get("do_sample")
-                           else self.sampler.temperature)
-            config, sampler = sampler_for(self.model,
-                                          self._sampler_config(kwargs["max_gen_toks"], temperature))
+            temperature = (
+                kwargs.get("temperature", 0.0)
+                if kwargs.get("do_sample")
+                else self.sampler.temperature
+            )
+            config, sampler = sampler_for(
+                self.model, self._sampler_config(kwargs["max_gen_toks"], temperature)
+            )
             budget = self.max_length - config.gen_length
-            contexts = {i: (self.tok_encode(requests[i].args[0],
-                                            left_truncate_len=budget) or [self.prefix_token_id])
-                        for i in indices}
+            contexts = {
+                i: (
+                    self.tok_encode(requests[i].args[0], left_truncate_len=budget)
+                    or [self.prefix_token_id]
+                )
+                for i in indices
+            }
             ordered = sorted(indices, key=lambda i: -len(contexts[i]))
             for start in range(0, len(ordered), self.batch_size):
-                batch = ordered[start:start + self.batch_size]
-                tokens = sampler(self.model, [contexts[i] for i in batch], config,
-                                 pad_token_id=self.tokenizer.pad_token_id or 0)
-                texts = decode_responses(self.tokenizer, tokens[:, :kwargs["max_gen_toks"]])
+                batch = ordered[start : start + self.batch_size]
+                tokens = sampler(
+                    self.model,
+                    [contexts[i] for i in batch],
+                    config,
+                    pad_token_id=self.tokenizer.pad_token_id or 0,
+                )
+                texts = decode_responses(self.tokenizer, tokens[:, : kwargs["max_gen_toks"]])
                 for i, text in zip(batch, texts):
                     results[i] = postprocess_generated_text(text, until, None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
@@ -444,10 +530,16 @@ class DiffusionLM(TemplateLM):
         block = min(self.block_length, max_gen_toks)
         length = self.gen_length or -(-max_gen_toks // block) * block
         if length >= self.max_length:
-            raise ValueError(f"gen_length {length} leaves no room for a prompt in "
-                             f"max_length={self.max_length}")
-        return replace(self.sampler, gen_length=length, block_length=block,
-                       steps=self.steps or length, temperature=float(temperature))
+            raise ValueError(
+                f"gen_length {length} leaves no room for a prompt in max_length={self.max_length}"
+            )
+        return replace(
+            self.sampler,
+            gen_length=length,
+            block_length=block,
+            steps=self.steps or length,
+            temperature=float(temperature),
+        )
 
 
 class _Guided(nn.Module):
@@ -456,8 +548,12 @@ class _Guided(nn.Module):
 
     def __init__(self, model: nn.Module, scale: float, prompt: Tensor, mask_token_id: int) -> None:
         super().__init__()
-        self.model, self.scale, self.prompt, self.mask_token_id = model, scale, prompt, \
-            mask_token_id
+        self.model, self.scale, self.prompt, self.mask_token_id = (
+            model,
+            scale,
+            prompt,
+            mask_token_id,
+        )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         both = torch.cat([input_ids, input_ids.masked_fill(self.prompt, self.mask_token_id)])
@@ -467,8 +563,9 @@ class _Guided(nn.Module):
         return uncond + (self.scale + 1) * (cond - uncond)
 
 
-def _pad(rows: list[list[int]], width: int, pad_id: int, device: torch.device,
-         left: bool = False) -> tuple[Tensor, Tensor | None]:
+def _pad(
+    rows: list[list[int]], width: int, pad_id: int, device: torch.device, left: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """int64 [B, width] padded rows and their attention mask (None when nothing is padded)."""
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     attention = torch.zeros(len(rows), width, dtype=torch.int64)

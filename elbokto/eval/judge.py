@@ -45,45 +45,72 @@ _VERDICT = re.compile(r"\[\[([ABC])\]\]")
 class JudgeConfig:
     """Which judge answers and how it is called (`elbokto eval winrate` flags)."""
 
-    judge_model: list[str] = field(default_factory=list, metadata={
-        "help": "Judge model name (e.g. gpt-4o-mini). Give it twice (--judge_model a "
-                "--judge_model b) for two judges and Cohen's kappa between them.",
-        "action": "append"})
-    judge_base_url: str | None = field(default=None, metadata={
-        "help": "Base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1); default: "
-                "OpenAI's. The key comes from OPENAI_API_KEY."})
-    judge_template: str | None = field(default=None, metadata={
-        "help": "A text file with {question}, {answer_a} and {answer_b} slots; default: the "
-                "packaged MT-Bench pairwise template."})
+    judge_model: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Judge model name (e.g. gpt-4o-mini). Give it twice (--judge_model a "
+            "--judge_model b) for two judges and Cohen's kappa between them.",
+            "action": "append",
+        },
+    )
+    judge_base_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base URL of an OpenAI-compatible API (e.g. http://127.0.0.1:8000/v1); "
+            "default: OpenAI's. The key comes from OPENAI_API_KEY."
+        },
+    )
+    judge_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file with {question}, {answer_a} and {answer_b} slots; default: the "
+            "packaged MT-Bench pairwise template."
+        },
+    )
     judge_concurrency: int = field(default=8, metadata={"help": "Judge calls in flight at once."})
     judge_timeout: float = field(default=120.0, metadata={"help": "Seconds per judge call."})
-    judge_max_retries: int = field(default=5, metadata={
-        "help": "Retries of a call that timed out, was rate-limited (429) or failed (5xx)."})
-    judge_parse_retries: int = field(default=2, metadata={
-        "help": "Times an answer without exactly one verdict is asked again before it is "
-                "recorded as an error."})
-    judge_backoff: float = field(default=1.0, metadata={
-        "help": "First retry delay in seconds; doubles at each retry (at most 60 s)."})
+    judge_max_retries: int = field(
+        default=5,
+        metadata={
+            "help": "Retries of a call that timed out, was rate-limited (429) or failed (5xx)."
+        },
+    )
+    judge_parse_retries: int = field(
+        default=2,
+        metadata={
+            "help": "Times an answer without exactly one verdict is asked again before it is "
+            "recorded as an error."
+        },
+    )
+    judge_backoff: float = field(
+        default=1.0,
+        metadata={"help": "First retry delay in seconds; doubles at each retry (at most 60 s)."},
+    )
     judge_max_tokens: int = field(default=1024, metadata={"help": "Judge answer length cap."})
     judge_temperature: float = field(default=0.0, metadata={"help": "Judge sampling temperature."})
 
     def __post_init__(self) -> None:
         # --judge_model appends one list per occurrence; a plain list of names stays as it is.
         names = [self.judge_model] if isinstance(self.judge_model, str) else self.judge_model
-        self.judge_model = [n for item in names
-                            for n in ([item] if isinstance(item, str) else item)]
+        self.judge_model = [
+            n for item in names for n in ([item] if isinstance(item, str) else item)
+        ]
         for name in ("judge_concurrency", "judge_max_retries", "judge_parse_retries"):
             value = getattr(self, name)
             if value < (1 if name == "judge_concurrency" else 0):
-                raise ValueError(f"{name}={value}; expected an integer >= "
-                                 f"{1 if name == 'judge_concurrency' else 0}")
+                raise ValueError(
+                    f"{name}={value}; expected an integer >= "
+                    f"{1 if name == 'judge_concurrency' else 0}"
+                )
         if self.judge_timeout <= 0 or self.judge_backoff < 0:
-            raise ValueError(f"judge_timeout={self.judge_timeout}, judge_backoff="
-                             f"{self.judge_backoff}; expected > 0 and >= 0")
+            raise ValueError(
+                f"judge_timeout={self.judge_timeout}, judge_backoff="
+                f"{self.judge_backoff}; expected > 0 and >= 0"
+            )
 
 
 def parse_verdict(text: str | None) -> str | None:
-    """"A", "B" or "C" when the answer names exactly one distinct verdict (``[[A]]`` ...), else
+    """ "A", "B" or "C" when the answer names exactly one distinct verdict (``[[A]]`` ...), else
     None (no verdict, or conflicting ones)."""
     found = set(_VERDICT.findall(text or ""))
     return found.pop() if len(found) == 1 else None
@@ -156,8 +183,9 @@ class PairwiseJudge:
             the key from ``OPENAI_API_KEY`` (a placeholder for a local server that needs none).
     """
 
-    def __init__(self, config: JudgeConfig, model: str, template: str, cache: JudgmentCache,
-                 client=None) -> None:
+    def __init__(
+        self, config: JudgeConfig, model: str, template: str, cache: JudgmentCache, client=None
+    ) -> None:
         self.config, self.model, self.template, self.cache = config, model, template, cache
         self.client = client or _client(config)
         self.calls = 0  # HTTP requests made (retries included), for logs and tests
@@ -176,11 +204,16 @@ class PairwiseJudge:
             if record is None:
                 todo.append(i)
             else:
-                results[i] = Judgment(record["verdict"], record.get("error"), record.get("answer"),
-                                      cached=True)
+                results[i] = Judgment(
+                    record["verdict"], record.get("error"), record.get("answer"), cached=True
+                )
         if todo:
-            logger.info("judge %s: %d judgments to ask, %d cached", self.model, len(todo),
-                        len(items) - len(todo))
+            logger.info(
+                "judge %s: %d judgments to ask, %d cached",
+                self.model,
+                len(todo),
+                len(items) - len(todo),
+            )
         with ThreadPoolExecutor(self.config.judge_concurrency) as pool:
             futures = {pool.submit(self._judge_one, items[i]): i for i in todo}
             try:
@@ -216,8 +249,15 @@ class PairwiseJudge:
                 judgment = Judgment(None, error=self._no_verdict, answer=answer)
         except _Transient as e:
             return Judgment(None, error=str(e), answer=answer, transient=True)
-        self.cache.put({"key": self._key(item), "judge": self.model, "verdict": judgment.verdict,
-                        "error": judgment.error, "answer": judgment.answer})
+        self.cache.put(
+            {
+                "key": self._key(item),
+                "judge": self.model,
+                "verdict": judgment.verdict,
+                "error": judgment.error,
+                "answer": judgment.answer,
+            }
+        )
         return judgment
 
     def _ask(self, message: str) -> str | None:
@@ -233,17 +273,25 @@ class PairwiseJudge:
             unreachable, retry_after = None, None
             try:
                 response = self.client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": message}],
-                    temperature=config.judge_temperature, max_tokens=config.judge_max_tokens)
+                    model=self.model,
+                    messages=[{"role": "user", "content": message}],
+                    temperature=config.judge_temperature,
+                    max_tokens=config.judge_max_tokens,
+                )
                 return response.choices[0].message.content if response.choices else None
             except openai.APITimeoutError:  # a subclass of APIConnectionError: caught first
                 failure = f"timed out after {config.judge_timeout:g} s"
             except openai.APIConnectionError as e:
                 failure, unreachable = _short(e), e
-            except (openai.AuthenticationError, openai.PermissionDeniedError,
-                    openai.NotFoundError) as e:
-                raise ValueError(f"the judge at {_where(config)} refused model {self.model!r}: "
-                                 f"HTTP {e.status_code} {_short(e)}") from None
+            except (
+                openai.AuthenticationError,
+                openai.PermissionDeniedError,
+                openai.NotFoundError,
+            ) as e:
+                raise ValueError(
+                    f"the judge at {_where(config)} refused model {self.model!r}: "
+                    f"HTTP {e.status_code} {_short(e)}"
+                ) from None
             except (openai.RateLimitError, openai.InternalServerError) as e:
                 failure, retry_after = f"HTTP {e.status_code} {_short(e)}", _retry_after(e)
             except openai.APIStatusError as e:  # another 4xx: this item only
@@ -258,8 +306,10 @@ class PairwiseJudge:
 
 def require_judge(config: JudgeConfig) -> None:
     if not config.judge_model:
-        raise ValueError("no judge: pass --judge_model (e.g. gpt-4o-mini), and --judge_base_url "
-                         "for a server other than OpenAI's")
+        raise ValueError(
+            "no judge: pass --judge_model (e.g. gpt-4o-mini), and --judge_base_url "
+            "for a server other than OpenAI's"
+        )
 
 
 def check_reachable(config: JudgeConfig, client=None) -> None:
@@ -287,11 +337,14 @@ def _client(config: JudgeConfig):
     key = os.environ.get("OPENAI_API_KEY")
     if not key:
         if config.judge_base_url is None:
-            raise ValueError("no judge API key: set OPENAI_API_KEY, or pass --judge_base_url for "
-                             "a server that needs none")
+            raise ValueError(
+                "no judge API key: set OPENAI_API_KEY, or pass --judge_base_url for "
+                "a server that needs none"
+            )
         key = "none"  # the client insists on a key; a keyless local server ignores it
-    return openai.OpenAI(base_url=config.judge_base_url, api_key=key,
-                         timeout=config.judge_timeout, max_retries=0)
+    return openai.OpenAI(
+        base_url=config.judge_base_url, api_key=key, timeout=config.judge_timeout, max_retries=0
+    )
 
 
 def _where(config: JudgeConfig) -> str:

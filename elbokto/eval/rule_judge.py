@@ -50,8 +50,14 @@ class RuleJudgeServer:
         requests: number of chat-completions requests received.
     """
 
-    def __init__(self, rule: Rule, template: str | None = None, faults: Iterable[str] = (),
-                 delay: float = 2.0, slots: tuple[str, ...] = SLOTS) -> None:
+    def __init__(
+        self,
+        rule: Rule,
+        template: str | None = None,
+        faults: Iterable[str] = (),
+        delay: float = 2.0,
+        slots: tuple[str, ...] = SLOTS,
+    ) -> None:
         faults = list(faults)
         unknown = [f for f in faults if f not in FAULTS]
         if unknown:
@@ -95,25 +101,42 @@ class RuleJudgeServer:
         """(HTTP status, JSON body) for one chat-completions request body."""
         fault = self._next_fault()
         if fault in ("429", "500"):
-            return int(fault), {"error": {"message": f"injected {fault}", "type": "server_error",
-                                          "code": fault}}
+            return int(fault), {
+                "error": {"message": f"injected {fault}", "type": "server_error", "code": fault}
+            }
         if fault == "timeout":
             time.sleep(self.delay)
         messages = body.get("messages") or [{}]
         fields = unrender(self.template, str(messages[-1].get("content", "")), self.slots)
         if fields is None:
-            return 400, {"error": {"message": "the message does not fit the judge template",
-                                   "type": "invalid_request_error"}}
-        verdict = None if fault == "garbage" else self.rule(*(fields[slot[1:-1]]
-                                                              for slot in self.slots))
-        text = ("I cannot decide." if verdict is None
-                else f"Judged by rule. Final verdict: [[{verdict}]]")
+            return 400, {
+                "error": {
+                    "message": "the message does not fit the judge template",
+                    "type": "invalid_request_error",
+                }
+            }
+        verdict = (
+            None if fault == "garbage" else self.rule(*(fields[slot[1:-1]] for slot in self.slots))
+        )
+        text = (
+            "I cannot decide."
+            if verdict is None
+            else f"Judged by rule. Final verdict: [[{verdict}]]"
+        )
         return 200, {
-            "id": f"rule-{self.requests}", "object": "chat.completion",
-            "created": int(time.time()), "model": body.get("model", "rule"),
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+            "id": f"rule-{self.requests}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "rule"),
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": text},
+                }
+            ],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }
 
 
 def _handler(server: RuleJudgeServer) -> type[BaseHTTPRequestHandler]:
@@ -122,8 +145,15 @@ def _handler(server: RuleJudgeServer) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path.rstrip("/").endswith("/models"):
-                self._send(200, {"object": "list", "data": [
-                    {"id": "rule", "object": "model", "created": 0, "owned_by": "elbokto"}]})
+                self._send(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [
+                            {"id": "rule", "object": "model", "created": 0, "owned_by": "elbokto"}
+                        ],
+                    },
+                )
             else:
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
 

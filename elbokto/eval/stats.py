@@ -39,8 +39,9 @@ def prompt_outcome(first: str | None, second: str | None) -> str:
     return a if a == b else INCONSISTENT
 
 
-def win_rate(outcomes: Sequence[str], *, samples: int = 10_000, confidence: float = 0.95,
-             seed: int = 0) -> dict:
+def win_rate(
+    outcomes: Sequence[str], *, samples: int = 10_000, confidence: float = 0.95, seed: int = 0
+) -> dict:
     """AWR of per-prompt outcomes with a percentile-bootstrap interval.
 
     Returns ``awr`` (mean score over the n scored prompts), ``ci_low`` / ``ci_high`` (bootstrap
@@ -57,11 +58,23 @@ def win_rate(outcomes: Sequence[str], *, samples: int = 10_000, confidence: floa
         raise ValueError(f"unknown outcomes {sorted(unknown)}; expected {sorted({*SCORES, ERROR})}")
     scores = np.array([SCORES[o] for o in outcomes if o != ERROR])
     n, errors = len(scores), counts[ERROR]
-    result = {"awr": None, "ci_low": None, "ci_high": None, "n": n, "wins": counts[WIN],
-              "ties": counts[TIE], "losses": counts[LOSS], "inconsistent": counts[INCONSISTENT],
-              "errors": errors}
-    for key, name in (("win_rate", WIN), ("tie_rate", TIE), ("loss_rate", LOSS),
-                      ("inconsistent_rate", INCONSISTENT)):
+    result = {
+        "awr": None,
+        "ci_low": None,
+        "ci_high": None,
+        "n": n,
+        "wins": counts[WIN],
+        "ties": counts[TIE],
+        "losses": counts[LOSS],
+        "inconsistent": counts[INCONSISTENT],
+        "errors": errors,
+    }
+    for key, name in (
+        ("win_rate", WIN),
+        ("tie_rate", TIE),
+        ("loss_rate", LOSS),
+        ("inconsistent_rate", INCONSISTENT),
+    ):
         result[key] = counts[name] / n if n else None
     result["error_rate"] = errors / (n + errors) if n + errors else None
     if n:
@@ -69,8 +82,9 @@ def win_rate(outcomes: Sequence[str], *, samples: int = 10_000, confidence: floa
         means = scores[rng.integers(0, n, size=(samples, n))].mean(axis=1)
         tail = (1 - confidence) / 2 * 100
         result["awr"] = float(scores.mean())
-        result["ci_low"], result["ci_high"] = (float(x) for x in
-                                               np.percentile(means, [tail, 100 - tail]))
+        result["ci_low"], result["ci_high"] = (
+            float(x) for x in np.percentile(means, [tail, 100 - tail])
+        )
     return result
 
 
@@ -79,8 +93,9 @@ def cohen_kappa(first: Sequence[str], second: Sequence[str]) -> float | None:
     loss) on the prompts both scored (no error from either). None when no prompt is shared or
     chance agreement is 1 (both raters always gave one and the same class)."""
     if len(first) != len(second):
-        raise ValueError(f"{len(first)} outcomes against {len(second)}; expected one per prompt "
-                         f"from each judge")
+        raise ValueError(
+            f"{len(first)} outcomes against {len(second)}; expected one per prompt from each judge"
+        )
     pairs = [(SCORES[a], SCORES[b]) for a, b in zip(first, second) if ERROR not in (a, b)]
     if not pairs:
         return None

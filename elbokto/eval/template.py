@@ -42,8 +42,10 @@ def check_template(text: str, name: str = "template", kind: str = "pairwise") ->
     question, *answers = KINDS[kind]
     counts = {slot: text.count(slot) for slot in KINDS[kind]}
     if any(counts[slot] != 1 for slot in answers) or counts[question] > 1:
-        raise ValueError(f"{kind} judge template {name} has slots {counts}; expected "
-                         f"{' and '.join(answers)} exactly once each and {question} at most once")
+        raise ValueError(
+            f"{kind} judge template {name} has slots {counts}; expected "
+            f"{' and '.join(answers)} exactly once each and {question} at most once"
+        )
 
 
 def render(template: str, question: str, *answers: str) -> str:
@@ -51,8 +53,9 @@ def render(template: str, question: str, *answers: str) -> str:
     Slots are filled in one pass, so a response that happens to contain ``{answer_b}`` is not
     filled again."""
     if len(answers) not in (1, 2):
-        raise ValueError(f"render takes one answer (pointwise) or two (pairwise), got "
-                         f"{len(answers)}")
+        raise ValueError(
+            f"render takes one answer (pointwise) or two (pairwise), got {len(answers)}"
+        )
     slots = POINTWISE_SLOTS if len(answers) == 1 else SLOTS
     values = dict(zip(slots, (question, *answers)))
     return re.sub("|".join(re.escape(s) for s in slots), lambda m: values[m.group(0)], template)

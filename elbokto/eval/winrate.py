@@ -41,29 +41,48 @@ logger = logging.getLogger(__name__)
 class WinrateArgs:
     """What `elbokto eval winrate` compares, on which prompts, and where it writes."""
 
-    candidate: str = field(metadata={
-        "help": "The model evaluated: a model name or folder (sampled here), or a JSONL file of "
-                "{\"prompt\", \"response\"} lines (e.g. `elbokto generate` output)."})
+    candidate: str = field(
+        metadata={
+            "help": "The model evaluated: a model name or folder (sampled here), or a JSONL file "
+            "of "
+            '{"prompt", "response"} lines (e.g. `elbokto generate` output).'
+        }
+    )
     baseline: str = field(metadata={"help": "What it is compared with; same forms."})
-    output_dir: str = field(default="runs/winrate", metadata={
-        "help": "Where responses, judgments, summary.json and winrate.png go."})
-    prompts: str | None = field(default=None, metadata={
-        "help": "A JSONL file of {\"prompt\": ...} lines (a string or chat messages)."})
-    dataset: str | None = field(default=None, metadata={
-        "help": "Or the prompts of a preference dataset (hub name or local files, as for "
-                "training; e.g. trl-lib/kto-mix-14k)."})
+    output_dir: str = field(
+        default="runs/winrate",
+        metadata={"help": "Where responses, judgments, summary.json and winrate.png go."},
+    )
+    prompts: str | None = field(
+        default=None,
+        metadata={"help": 'A JSONL file of {"prompt": ...} lines (a string or chat messages).'},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Or the prompts of a preference dataset (hub name or local files, as for "
+            "training; e.g. trl-lib/kto-mix-14k)."
+        },
+    )
     dataset_split: str = field(default="test", metadata={"help": "Split of --dataset."})
-    max_samples: int | None = field(default=None, metadata={
-        "help": "Evaluate the first N prompts only."})
+    max_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate the first N prompts only."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Prompts per sampler batch."})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "Allow model sources' own code (LLaDA, Dream)."})
-    torch_dtype: str = field(default="auto", metadata={
-        "help": "Model sources' weights dtype: auto, float32, bfloat16 or float16."})
-    device: str | None = field(default=None, metadata={
-        "help": "Where model sources run; default: cuda if available, else cpu."})
-    bootstrap_samples: int = field(default=10_000, metadata={
-        "help": "Bootstrap resamples for the 95%% interval."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model sources' own code (LLaDA, Dream)."}
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "Model sources' weights dtype: auto, float32, bfloat16 or float16."},
+    )
+    device: str | None = field(
+        default=None,
+        metadata={"help": "Where model sources run; default: cuda if available, else cpu."},
+    )
+    bootstrap_samples: int = field(
+        default=10_000, metadata={"help": "Bootstrap resamples for the 95%% interval."}
+    )
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
 
 
@@ -74,22 +93,37 @@ def run_winrate(args: WinrateArgs, gen_cfg: SamplingConfig, judge_cfg: JudgeConf
     template = load_template(judge_cfg.judge_template)
     check_reachable(judge_cfg)
     prompts = load_prompts(args.prompts, args.dataset, args.dataset_split, args.max_samples)
-    model_cfg = ModelConfig(trust_remote_code=args.trust_remote_code,
-                            torch_dtype=args.torch_dtype)
-    responses = [responses_from(source, prompts, args.output_dir, gen_cfg, model_cfg,
-                                args.batch_size, args.device)
-                 for source in (args.candidate, args.baseline)]
-    return compute_winrate([p.text for p in prompts], *responses, judge_cfg, args.output_dir,
-                           names=(source_name(args.candidate), source_name(args.baseline)),
-                           template=template, bootstrap_samples=args.bootstrap_samples,
-                           bootstrap_seed=args.bootstrap_seed)
+    model_cfg = ModelConfig(trust_remote_code=args.trust_remote_code, torch_dtype=args.torch_dtype)
+    responses = [
+        responses_from(
+            source, prompts, args.output_dir, gen_cfg, model_cfg, args.batch_size, args.device
+        )
+        for source in (args.candidate, args.baseline)
+    ]
+    return compute_winrate(
+        [p.text for p in prompts],
+        *responses,
+        judge_cfg,
+        args.output_dir,
+        names=(source_name(args.candidate), source_name(args.baseline)),
+        template=template,
+        bootstrap_samples=args.bootstrap_samples,
+        bootstrap_seed=args.bootstrap_seed,
+    )
 
 
-def compute_winrate(prompts: list[str], candidate: list[str], baseline: list[str],
-                    judge_cfg: JudgeConfig, output_dir: str | Path, *,
-                    names: tuple[str, str] = ("candidate", "baseline"),
-                    template: str | None = None, bootstrap_samples: int = 10_000,
-                    bootstrap_seed: int = 0) -> dict:
+def compute_winrate(
+    prompts: list[str],
+    candidate: list[str],
+    baseline: list[str],
+    judge_cfg: JudgeConfig,
+    output_dir: str | Path,
+    *,
+    names: tuple[str, str] = ("candidate", "baseline"),
+    template: str | None = None,
+    bootstrap_samples: int = 10_000,
+    bootstrap_seed: int = 0,
+) -> dict:
     """Judge every (prompt, candidate, baseline) triple in both orders and summarise.
 
     Returns (and writes to ``summary.json``) the first judge's figures at the top level —
@@ -103,52 +137,88 @@ def compute_winrate(prompts: list[str], candidate: list[str], baseline: list[str
     """
     require_judge(judge_cfg)
     if not len(prompts) == len(candidate) == len(baseline) or not prompts:
-        raise ValueError(f"{len(prompts)} prompts, {len(candidate)} candidate and "
-                         f"{len(baseline)} baseline responses; expected equal, non-zero counts")
+        raise ValueError(
+            f"{len(prompts)} prompts, {len(candidate)} candidate and "
+            f"{len(baseline)} baseline responses; expected equal, non-zero counts"
+        )
     template = template if template is not None else load_template(judge_cfg.judge_template)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = JudgmentCache(out / "judgments.jsonl")
     n = len(prompts)
     # Order 1: candidate as A; order 2: candidate as B.
-    items = ([(q, c, b) for q, c, b in zip(prompts, candidate, baseline)]
-             + [(q, b, c) for q, c, b in zip(prompts, candidate, baseline)])
+    items = [(q, c, b) for q, c, b in zip(prompts, candidate, baseline)] + [
+        (q, b, c) for q, c, b in zip(prompts, candidate, baseline)
+    ]
     outcomes, verdicts = {}, {}
     for model in judge_cfg.judge_model:
         judge = PairwiseJudge(judge_cfg, model, template, cache)
         judgments = judge.judge(items)
         verdicts[model] = [j.verdict for j in judgments]
-        outcomes[model] = [prompt_outcome(judgments[i].verdict, judgments[n + i].verdict)
-                           for i in range(n)]
+        outcomes[model] = [
+            prompt_outcome(judgments[i].verdict, judgments[n + i].verdict) for i in range(n)
+        ]
         logger.info("judge %s: %d calls made", model, judge.calls)
-    judges = {model: win_rate(o, samples=bootstrap_samples, seed=bootstrap_seed)
-              for model, o in outcomes.items()}
+    judges = {
+        model: win_rate(o, samples=bootstrap_samples, seed=bootstrap_seed)
+        for model, o in outcomes.items()
+    }
     first = judge_cfg.judge_model[0]
-    summary = {**judges[first], "judge": first, "judges": judges,
-               "candidate": names[0], "baseline": names[1], "prompts": n,
-               "mean_response_chars": {"candidate": _mean(len(r) for r in candidate),
-                                       "baseline": _mean(len(r) for r in baseline)},
-               "mean_response_words": {"candidate": _mean(len(r.split()) for r in candidate),
-                                       "baseline": _mean(len(r.split()) for r in baseline)},
-               "bootstrap": {"samples": bootstrap_samples, "seed": bootstrap_seed,
-                             "confidence": 0.95}}
-    pairs = {f"{a} vs {b}": cohen_kappa(outcomes[a], outcomes[b])
-             for a, b in combinations(outcomes, 2)}
+    summary = {
+        **judges[first],
+        "judge": first,
+        "judges": judges,
+        "candidate": names[0],
+        "baseline": names[1],
+        "prompts": n,
+        "mean_response_chars": {
+            "candidate": _mean(len(r) for r in candidate),
+            "baseline": _mean(len(r) for r in baseline),
+        },
+        "mean_response_words": {
+            "candidate": _mean(len(r.split()) for r in candidate),
+            "baseline": _mean(len(r.split()) for r in baseline),
+        },
+        "bootstrap": {"samples": bootstrap_samples, "seed": bootstrap_seed, "confidence": 0.95},
+    }
+    pairs = {
+        f"{a} vs {b}": cohen_kappa(outcomes[a], outcomes[b]) for a, b in combinations(outcomes, 2)
+    }
     if len(pairs) == 1:
         summary["cohen_kappa"] = next(iter(pairs.values()))
     elif pairs:
         summary["cohen_kappa_pairs"] = pairs
-    atomic_write(out / "outcomes.jsonl", "".join(
-        json.dumps({"prompt": prompt, **{
-            model: {"candidate_as_a": verdicts[model][i],
-                    "candidate_as_b": verdicts[model][n + i],
-                    "outcome": outcomes[model][i]} for model in outcomes}},
-            ensure_ascii=False) + "\n" for i, prompt in enumerate(prompts)))
+    atomic_write(
+        out / "outcomes.jsonl",
+        "".join(
+            json.dumps(
+                {
+                    "prompt": prompt,
+                    **{
+                        model: {
+                            "candidate_as_a": verdicts[model][i],
+                            "candidate_as_b": verdicts[model][n + i],
+                            "outcome": outcomes[model][i],
+                        }
+                        for model in outcomes
+                    },
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+            for i, prompt in enumerate(prompts)
+        ),
+    )
     atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     plot_winrate(summary, out / "winrate.png")
-    logger.info("AWR of %s against %s: %s (95%% CI %s - %s, n = %d, %d errors)", names[0],
-                names[1], *(_fmt(summary[k]) for k in ("awr", "ci_low", "ci_high")),
-                summary["n"], summary["errors"])
+    logger.info(
+        "AWR of %s against %s: %s (95%% CI %s - %s, n = %d, %d errors)",
+        names[0],
+        names[1],
+        *(_fmt(summary[k]) for k in ("awr", "ci_low", "ci_high")),
+        summary["n"],
+        summary["errors"],
+    )
     return summary
 
 

@@ -51,15 +51,29 @@ class RowOps(Protocol):
     with ``rows=None`` on each float32 [M, Vc] logit chunk, targets shifted by the chunk's start.
     """
 
-    def row_lse(self, x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None,
-                row_max: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def row_lse(
+        self,
+        x: Tensor,
+        rows: Tensor | None,
+        targets: Tensor,
+        softcap: float | None,
+        row_max: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """(lse, target_logit), float32 [M] each: the log-sum-exp of z over each row, and z at the
         row's target (0 where the target is outside [0, V)). ``row_max``, a contiguous float32
         [M] when given, receives the largest z of each row (the online log-sum-exp has it anyway;
         gradient filtering reads it)."""
 
-    def row_grad(self, x: Tensor, rows: Tensor | None, targets: Tensor, lse: Tensor,
-                 scale: Tensor, softcap: float | None, out: Tensor) -> None:
+    def row_grad(
+        self,
+        x: Tensor,
+        rows: Tensor | None,
+        targets: Tensor,
+        lse: Tensor,
+        scale: Tensor,
+        softcap: float | None,
+        out: Tensor,
+    ) -> None:
         """Writes ``out[rows] = scale * (onehot(target) - exp(z - lse)) * dz/dx`` in out's dtype.
 
         lse, scale: float32 [M] (lse as row_lse returned it). out: contiguous [N, V], of x's dtype
@@ -97,8 +111,11 @@ def resolve_backend(backend: str, device: _torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return next(name for name, entry in _REGISTRY.items()
-                    if _runs_on(entry, device, interpreted=False) and _loads(name))
+        return next(
+            name
+            for name, entry in _REGISTRY.items()
+            if _runs_on(entry, device, interpreted=False) and _loads(name)
+        )
     entry = _REGISTRY[backend]
     if not _runs_on(entry, device):
         wanted = " or ".join(f"{kind.upper()} tensors" for kind in entry.devices or ())
@@ -127,15 +144,21 @@ def usable_backends(device: _torch.device | str) -> list[Backend]:
         _torch.empty(0, device=device)
     except (RuntimeError, AssertionError):  # AssertionError: torch built without that device
         return []
-    return [cast(Backend, name) for name, entry in _REGISTRY.items()
-            if _runs_on(entry, device) and _loads(name)]
+    return [
+        cast(Backend, name)
+        for name, entry in _REGISTRY.items()
+        if _runs_on(entry, device) and _loads(name)
+    ]
 
 
 def _runs_on(entry: _Backend, device: _torch.device, interpreted: bool = True) -> bool:
     if entry.devices is None or device.type in entry.devices:
         return True
-    return (interpreted and device.type in entry.interpreted
-            and os.environ.get("TRITON_INTERPRET") == "1")
+    return (
+        interpreted
+        and device.type in entry.interpreted
+        and os.environ.get("TRITON_INTERPRET") == "1"
+    )
 
 
 def _loads(name: str) -> bool:

@@ -36,8 +36,15 @@ _SOURCE = "elbo_cpu.cpp"
 
 # Compiler flags that select at::vec's AVX512 / AVX2 Vectorized<float> (as ATen's own kernels do).
 _SIMD_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
 }
 # at::parallel_for is header code over OpenMP: without -fopenmp it runs serially.
@@ -52,16 +59,23 @@ def _source() -> Path:
     for candidate in (package / "csrc" / _SOURCE, package.parent / "csrc" / _SOURCE):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"{_SOURCE} is neither in {package / 'csrc'} nor in "
-                            f"{package.parent / 'csrc'}")
+    raise FileNotFoundError(
+        f"{_SOURCE} is neither in {package / 'csrc'} nor in {package.parent / 'csrc'}"
+    )
 
 
 def build_key(source: bytes, cflags: list[str], ldflags: list[str]) -> str:
     """12 hex digits of sha256 over what the binary depends on: the C++ source, the compiler and
     linker flags, the torch and Python versions (headers and ABI), the machine and the compiler."""
     digest = hashlib.sha256(source)
-    for part in (cflags, ldflags, torch.__version__, sys.version, platform.machine(),
-                 os.environ.get("CXX", "c++")):
+    for part in (
+        cflags,
+        ldflags,
+        torch.__version__,
+        sys.version,
+        platform.machine(),
+        os.environ.get("CXX", "c++"),
+    ):
         digest.update(repr(part).encode())
     return digest.hexdigest()[:12]
 
@@ -119,8 +133,10 @@ def _exclusive(lock: Path):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info("elbokto: waiting for another process that is building the C++ CPU "
-                        "kernel (%s)", lock)
+            logger.info(
+                "elbokto: waiting for another process that is building the C++ CPU kernel (%s)",
+                lock,
+            )
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield  # closing the file releases the lock
 
@@ -140,14 +156,22 @@ def _compile(name: str, directory: Path, cflags: list[str], ldflags: list[str]) 
     (a minute or more of silence would look like a hang)."""
     from torch.utils import cpp_extension
 
-    logger.warning("elbokto: building the C++ CPU kernel %s (once per machine and version; a "
-                   "minute or more; `python -m elbokto_kernels.build` does it ahead) in %s",
-                   name, directory)
+    logger.warning(
+        "elbokto: building the C++ CPU kernel %s (once per machine and version; a "
+        "minute or more; `python -m elbokto_kernels.build` does it ahead) in %s",
+        name,
+        directory,
+    )
     start = time.perf_counter()
     directory.mkdir(parents=True)
-    module = cpp_extension.load(name=name, sources=[str(_source())],
-                                build_directory=str(directory), extra_cflags=cflags,
-                                extra_ldflags=ldflags, verbose=False)
+    module = cpp_extension.load(
+        name=name,
+        sources=[str(_source())],
+        build_directory=str(directory),
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
+        verbose=False,
+    )
     write_stamp(Path(module.__file__))
     logger.warning("elbokto: built the C++ CPU kernel in %.0f s", time.perf_counter() - start)
     return module
@@ -166,8 +190,11 @@ def _load_or_build() -> ModuleType:
         if problem is None:
             return _import(name, library)
         if library.exists():
-            logger.warning("elbokto: the cached C++ CPU kernel %s is unusable (%s); rebuilding it",
-                           library, problem)
+            logger.warning(
+                "elbokto: the cached C++ CPU kernel %s is unusable (%s); rebuilding it",
+                library,
+                problem,
+            )
         # Removing (not overwriting) keeps a library mapped by a running process intact.
         shutil.rmtree(directory, ignore_errors=True)
         return _compile(name, directory, cflags, ldflags)
@@ -180,9 +207,12 @@ def _build() -> tuple[ModuleType | None, str]:
         module = _load_or_build()
     except Exception as err:  # no compiler, no ninja, missing headers: any failure means no kernel
         reason = f"{type(err).__name__}: {err}".strip()
-        warnings.warn(f"elbokto: the C++ CPU kernel did not build ({reason.splitlines()[0]}); "
-                      "backend 'auto' falls back to the torch path on CPU", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"elbokto: the C++ CPU kernel did not build ({reason.splitlines()[0]}); "
+            "backend 'auto' falls back to the torch path on CPU",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None, reason
     return module, ""
 
@@ -208,16 +238,36 @@ def _kernel() -> ModuleType:
     return module
 
 
-def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None,
-            row_max: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def row_lse(
+    x: Tensor,
+    rows: Tensor | None,
+    targets: Tensor,
+    softcap: float | None,
+    row_max: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """(lse, target_logit), float32 [M] each, of rows of x [N, V], and their largest logits into
     ``row_max`` when given; see ``RowOps.row_lse``."""
-    return _kernel().row_lse(x, rows, targets.contiguous(),
-                             None if softcap is None else float(softcap), row_max)
+    return _kernel().row_lse(
+        x, rows, targets.contiguous(), None if softcap is None else float(softcap), row_max
+    )
 
 
-def row_grad(x: Tensor, rows: Tensor | None, targets: Tensor, lse: Tensor, scale: Tensor,
-             softcap: float | None, out: Tensor) -> None:
+def row_grad(
+    x: Tensor,
+    rows: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    scale: Tensor,
+    softcap: float | None,
+    out: Tensor,
+) -> None:
     """Writes the logit gradient of rows of x into out [N, V]; see ``RowOps.row_grad``."""
-    _kernel().row_grad(x, rows, targets.contiguous(), lse.contiguous(), scale.contiguous(),
-                       None if softcap is None else float(softcap), out)
+    _kernel().row_grad(
+        x,
+        rows,
+        targets.contiguous(),
+        lse.contiguous(),
+        scale.contiguous(),
+        None if softcap is None else float(softcap),
+        out,
+    )

@@ -32,8 +32,13 @@ def _target_onehot(targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     return inside, targets.clamp(0, max(vocab - 1, 0)).unsqueeze(1)
 
 
-def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None,
-            row_max: Tensor | None = None):
+def row_lse(
+    x: Tensor,
+    rows: Tensor | None,
+    targets: Tensor,
+    softcap: float | None,
+    row_max: Tensor | None = None,
+):
     num_rows, vocab = targets.numel(), x.shape[1]
     lse = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     target_logit = torch.empty_like(lse)
@@ -47,8 +52,15 @@ def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | No
     return lse, target_logit
 
 
-def row_grad(x: Tensor, rows: Tensor | None, targets: Tensor, lse: Tensor, scale: Tensor,
-             softcap: float | None, out: Tensor) -> None:
+def row_grad(
+    x: Tensor,
+    rows: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    scale: Tensor,
+    softcap: float | None,
+    out: Tensor,
+) -> None:
     num_rows, vocab = targets.numel(), x.shape[1]
     for start, end in _chunks(num_rows, vocab):
         z, th = _load(x, rows, start, end, softcap)

@@ -81,8 +81,11 @@ GPU_LAUNCHES = (
     *(Launch("row_lse", dtype, None, True, False) for dtype in _DTYPES),
     *(Launch("row_grad", dtype, dtype, True, False) for dtype in _DTYPES),
     *(Launch("row_lse", torch.float32, None, False, cap) for cap in (False, True)),
-    *(Launch("row_grad", torch.float32, dtype, False, cap) for dtype in _DTYPES
-      for cap in (False, True)),
+    *(
+        Launch("row_grad", torch.float32, dtype, False, cap)
+        for dtype in _DTYPES
+        for cap in (False, True)
+    ),
 )
 
 
@@ -104,9 +107,21 @@ def _row_of(rows_ptr, pid, HAS_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _row_lse_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr, tlogit_ptr,
-                    max_ptr, vocab, softcap,
-                    HAS_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+def _row_lse_kernel(
+    x_ptr,
+    stride_xr,
+    stride_xv,
+    rows_ptr,
+    targets_ptr,
+    lse_ptr,
+    tlogit_ptr,
+    max_ptr,
+    vocab,
+    softcap,
+    HAS_ROWS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     row = _row_of(rows_ptr, pid, HAS_ROWS)
     x_row = x_ptr + row * stride_xr
@@ -139,9 +154,22 @@ def _row_lse_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr,
 
 
 @triton.jit
-def _row_grad_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr, scale_ptr,
-                     out_ptr, stride_or, vocab, softcap,
-                     HAS_ROWS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+def _row_grad_kernel(
+    x_ptr,
+    stride_xr,
+    stride_xv,
+    rows_ptr,
+    targets_ptr,
+    lse_ptr,
+    scale_ptr,
+    out_ptr,
+    stride_or,
+    vocab,
+    softcap,
+    HAS_ROWS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
     row = _row_of(rows_ptr, pid, HAS_ROWS)
     x_row = x_ptr + row * stride_xr
@@ -165,13 +193,22 @@ def _row_grad_kernel(x_ptr, stride_xr, stride_xv, rows_ptr, targets_ptr, lse_ptr
 def _launch_args(x: Tensor, rows: Tensor | None, softcap: float | None):
     vocab = x.shape[1]
     block = _block_v(vocab)
-    meta = dict(HAS_ROWS=rows is not None, HAS_SOFTCAP=softcap is not None, BLOCK_V=block,
-                num_warps=8 if block >= GPU_BLOCK_V else 4)
+    meta = dict(
+        HAS_ROWS=rows is not None,
+        HAS_SOFTCAP=softcap is not None,
+        BLOCK_V=block,
+        num_warps=8 if block >= GPU_BLOCK_V else 4,
+    )
     return vocab, 0.0 if softcap is None else float(softcap), meta
 
 
-def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | None,
-            row_max: Tensor | None = None):
+def row_lse(
+    x: Tensor,
+    rows: Tensor | None,
+    targets: Tensor,
+    softcap: float | None,
+    row_max: Tensor | None = None,
+):
     num_rows = targets.numel()
     lse = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     target_logit = torch.empty_like(lse)
@@ -180,17 +217,45 @@ def row_lse(x: Tensor, rows: Tensor | None, targets: Tensor, softcap: float | No
     vocab, cap, meta = _launch_args(x, rows, softcap)
     # The row maxima cost one store per row: written always, into a scratch vector when unwanted.
     _row_lse_kernel[(num_rows,)](
-        x, x.stride(0), x.stride(1), rows if rows is not None else targets, targets, lse,
-        target_logit, torch.empty_like(lse) if row_max is None else row_max, vocab, cap, **meta)
+        x,
+        x.stride(0),
+        x.stride(1),
+        rows if rows is not None else targets,
+        targets,
+        lse,
+        target_logit,
+        torch.empty_like(lse) if row_max is None else row_max,
+        vocab,
+        cap,
+        **meta,
+    )
     return lse, target_logit
 
 
-def row_grad(x: Tensor, rows: Tensor | None, targets: Tensor, lse: Tensor, scale: Tensor,
-             softcap: float | None, out: Tensor) -> None:
+def row_grad(
+    x: Tensor,
+    rows: Tensor | None,
+    targets: Tensor,
+    lse: Tensor,
+    scale: Tensor,
+    softcap: float | None,
+    out: Tensor,
+) -> None:
     num_rows = targets.numel()
     if num_rows == 0:
         return
     vocab, cap, meta = _launch_args(x, rows, softcap)
     _row_grad_kernel[(num_rows,)](
-        x, x.stride(0), x.stride(1), rows if rows is not None else targets, targets, lse, scale,
-        out, out.stride(0), vocab, cap, **meta)
+        x,
+        x.stride(0),
+        x.stride(1),
+        rows if rows is not None else targets,
+        targets,
+        lse,
+        scale,
+        out,
+        out.stride(0),
+        vocab,
+        cap,
+        **meta,
+    )
