@@ -29,7 +29,7 @@ def write_jsonl(path, rows):
 
 def test_cli_model_against_file_then_reuse(folder, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-    baseline = write_jsonl(
+    opponent = write_jsonl(
         tmp_path / "base.jsonl",
         [{"prompt": p, "response": "x"} for p in reversed(PROMPTS)]
         + [{"prompt": "unused", "response": "y"}],
@@ -41,8 +41,8 @@ def test_cli_model_against_file_then_reuse(folder, tmp_path, capsys):
             "winrate",
             "--candidate",
             str(folder),
-            "--baseline",
-            str(baseline),
+            "--opponent",
+            str(opponent),
             "--prompts",
             str(prompts),
             "--output_dir",
@@ -76,7 +76,7 @@ def test_cli_model_against_file_then_reuse(folder, tmp_path, capsys):
             / 3
         )
         assert summary["awr"] == pytest.approx(want)
-        assert summary["mean_response_chars"]["baseline"] == 1.0
+        assert summary["mean_response_chars"]["opponent"] == 1.0
         asked = server.requests
         # Repeated: nothing sampled, nothing judged.
         mtime = responses.stat().st_mtime_ns
@@ -85,7 +85,7 @@ def test_cli_model_against_file_then_reuse(folder, tmp_path, capsys):
         # More prompts: only the new one is sampled and judged (2 orders).
         write_jsonl(prompts, [{"prompt": p} for p in PROMPTS + ["Which is a fruit?"]])
         write_jsonl(
-            baseline, [{"prompt": p, "response": "x"} for p in PROMPTS + ["Which is a fruit?"]]
+            opponent, [{"prompt": p, "response": "x"} for p in PROMPTS + ["Which is a fruit?"]]
         )
         assert main(argv) == 0
         assert server.requests == asked + 2
@@ -96,7 +96,7 @@ def test_cli_model_against_file_then_reuse(folder, tmp_path, capsys):
             f.write('{"prompt": "Which is a fr')
         write_jsonl(prompts, [{"prompt": p} for p in PROMPTS + ["Which is a fruit?", "Hi"]])
         write_jsonl(
-            baseline,
+            opponent,
             [{"prompt": p, "response": "x"} for p in PROMPTS + ["Which is a fruit?", "Hi"]],
         )
         assert main(argv) == 0
@@ -118,7 +118,7 @@ def test_prompts_from_a_dataset_split(tmp_path, folder):
         summary = run_winrate(
             WinrateArgs(
                 candidate=str(write_jsonl(tmp_path / "a.jsonl", answers)),
-                baseline=str(write_jsonl(tmp_path / "b.jsonl", answers)),
+                opponent=str(write_jsonl(tmp_path / "b.jsonl", answers)),
                 dataset=str(data),
                 dataset_split="train",
                 max_samples=2,
@@ -155,7 +155,7 @@ def test_clear_errors(case, message, tmp_path, capsys):
         "winrate",
         "--candidate",
         str(good),
-        "--baseline",
+        "--opponent",
         str(good),
         "--prompts",
         str(prompts),
@@ -169,7 +169,7 @@ def test_clear_errors(case, message, tmp_path, capsys):
     if case == "no mask token":
         save_tiny_model(tmp_path / "m", mask=False)
     argv += {
-        "mismatch": ["--judge_model", "rule", "--baseline", str(other)],
+        "mismatch": ["--judge_model", "rule", "--opponent", str(other)],
         "no judge": [],
         "dead judge": ["--judge_model", "rule"],
         "bad template": ["--judge_model", "rule", "--judge_template", str(template)],
@@ -204,7 +204,7 @@ def test_help_lists_the_flags(capsys):
     text = capsys.readouterr().out
     for flag in (
         "--candidate",
-        "--baseline",
+        "--opponent",
         "--prompts",
         "--dataset",
         "--max_samples",
@@ -215,3 +215,22 @@ def test_help_lists_the_flags(capsys):
     ):
         assert flag in text
     assert main(["eval"]) == 2
+
+
+def test_the_old_baseline_flag_still_works_and_warns(tmp_path, capsys):
+    """--baseline was renamed --opponent (glossary): accepted for one release, with a warning."""
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"prompt": p, "response": p} for p in PROMPTS])
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
+    with RuleJudgeServer(longer_wins) as server:
+        flags = ["--prompts", str(prompts), "--judge_model", "rule"]
+        flags += ["--judge_base_url", server.base_url]
+        for old, where in (("--baseline", "old"), ("--opponent", "new")):
+            argv = ["eval", "winrate", "--candidate", str(answers), f"{old}={answers}", *flags]
+            argv += ["--output_dir", str(tmp_path / where)]
+            if old == "--baseline":
+                with pytest.warns(FutureWarning, match="--baseline is now --opponent"):
+                    assert main(argv) == 0
+            else:
+                assert main(argv) == 0
+    old, new = (json.loads((tmp_path / w / "summary.json").read_text()) for w in ("old", "new"))
+    assert old["opponent"] == new["opponent"] == "a" and old["awr"] == new["awr"] == 0.5

@@ -1,6 +1,6 @@
 """Evaluation of masked diffusion LMs: judged win rates and lm-evaluation-harness.
 
-- `elbokto eval winrate`: :func:`run_winrate` (responses of a candidate and a baseline, judged in
+- `elbokto eval winrate`: :func:`run_winrate` (responses of a candidate and an opponent, judged in
   both orders by an OpenAI-compatible LLM judge; AWR with a bootstrap interval).
 - `elbokto eval lm-eval`: lm-eval's own CLI with the model ``elbokto`` (:class:`DiffusionLM`),
   which importing :mod:`elbokto.eval.harness` registers (or reading ``elbokto.eval.DiffusionLM``;

@@ -1,6 +1,6 @@
 """`elbokto eval`: the evaluation subcommands.
 
-elbokto eval winrate   adjusted win rate of a candidate against a baseline, judged by an
+elbokto eval winrate   adjusted win rate of a candidate against an opponent, judged by an
                        OpenAI-compatible LLM judge (flags: `elbokto eval winrate --help`)
 elbokto eval lm-eval   lm-evaluation-harness with the diffusion model `elbokto` registered;
                        every argument goes to lm-eval's own CLI, e.g.
@@ -30,6 +30,7 @@ def main(argv: list[str]) -> int:
 def winrate(argv: list[str]) -> int:
     from transformers import HfArgumentParser
 
+    from elbokto.cli_args import renamed_flags
     from elbokto.eval.judge import JudgeConfig
     from elbokto.eval.winrate import WinrateArgs, run_winrate
     from elbokto.sampling import SamplingConfig
@@ -37,7 +38,9 @@ def winrate(argv: list[str]) -> int:
     parser = HfArgumentParser(
         [WinrateArgs, SamplingConfig, JudgeConfig], prog="elbokto eval winrate"
     )
-    args, gen_cfg, judge_cfg = parser.parse_args_into_dataclasses(argv)
+    args, gen_cfg, judge_cfg = parser.parse_args_into_dataclasses(
+        renamed_flags(argv, {"--baseline": "--opponent"})
+    )
     summary = run_winrate(args, gen_cfg, judge_cfg)
     keys = ("awr", "ci_low", "ci_high", "n", "wins", "ties", "losses", "inconsistent", "errors")
     print(json.dumps({k: summary[k] for k in keys}))

@@ -1,4 +1,4 @@
-"""`elbokto eval winrate`: the adjusted win rate (AWR) of a candidate against a baseline.
+"""`elbokto eval winrate`: the adjusted win rate (AWR) of a candidate against an opponent.
 
 Responses of both sources to the same prompts (:mod:`elbokto.eval.sources`), every pair judged in
 both orders by one or two judges (:mod:`elbokto.eval.judge`), per-prompt outcomes and the AWR with
@@ -44,11 +44,12 @@ class WinrateArgs:
     candidate: str = field(
         metadata={
             "help": "The model evaluated: a model name or folder (sampled here), or a JSONL file "
-            "of "
-            '{"prompt", "response"} lines (e.g. `elbokto generate` output).'
+            'of {"prompt", "response"} lines (e.g. `elbokto generate` output).'
         }
     )
-    baseline: str = field(metadata={"help": "What it is compared with; same forms."})
+    opponent: str = field(
+        metadata={"help": "What it is judged against; same forms (was --baseline)."}
+    )
     output_dir: str = field(
         default="runs/winrate",
         metadata={"help": "Where responses, judgments, summary.json and winrate.png go."},
@@ -98,14 +99,14 @@ def run_winrate(args: WinrateArgs, gen_cfg: SamplingConfig, judge_cfg: JudgeConf
         responses_from(
             source, prompts, args.output_dir, gen_cfg, model_cfg, args.batch_size, args.device
         )
-        for source in (args.candidate, args.baseline)
+        for source in (args.candidate, args.opponent)
     ]
     return compute_winrate(
         [p.text for p in prompts],
         *responses,
         judge_cfg,
         args.output_dir,
-        names=(source_name(args.candidate), source_name(args.baseline)),
+        names=(source_name(args.candidate), source_name(args.opponent)),
         template=template,
         bootstrap_samples=args.bootstrap_samples,
         bootstrap_seed=args.bootstrap_seed,
@@ -115,16 +116,16 @@ def run_winrate(args: WinrateArgs, gen_cfg: SamplingConfig, judge_cfg: JudgeConf
 def compute_winrate(
     prompts: list[str],
     candidate: list[str],
-    baseline: list[str],
+    opponent: list[str],
     judge_cfg: JudgeConfig,
     output_dir: str | Path,
     *,
-    names: tuple[str, str] = ("candidate", "baseline"),
+    names: tuple[str, str] = ("candidate", "opponent"),
     template: str | None = None,
     bootstrap_samples: int = 10_000,
     bootstrap_seed: int = 0,
 ) -> dict:
-    """Judge every (prompt, candidate, baseline) triple in both orders and summarise.
+    """Judge every (prompt, candidate, opponent) triple in both orders and summarise.
 
     Returns (and writes to ``summary.json``) the first judge's figures at the top level —
     ``awr``, ``ci_low``, ``ci_high`` (95% bootstrap), the counts ``n`` (prompts scored), ``wins``,
@@ -132,14 +133,14 @@ def compute_winrate(
     ``tie_rate``, ``loss_rate``, ``inconsistent_rate`` (of n), ``error_rate`` (of all prompts)
     (see :func:`elbokto.eval.stats.win_rate`) — then ``judge``, ``judges`` (the same figures per
     judge model), ``cohen_kappa`` (two judges: a float or None; more: one per pair under
-    ``cohen_kappa_pairs``), ``candidate`` / ``baseline`` names, ``prompts`` (count),
-    ``mean_response_chars`` and ``mean_response_words`` ({candidate, baseline}).
+    ``cohen_kappa_pairs``), ``candidate`` / ``opponent`` names, ``prompts`` (count),
+    ``mean_response_chars`` and ``mean_response_words`` ({candidate, opponent}).
     """
     require_judge(judge_cfg)
-    if not len(prompts) == len(candidate) == len(baseline) or not prompts:
+    if not len(prompts) == len(candidate) == len(opponent) or not prompts:
         raise ValueError(
             f"{len(prompts)} prompts, {len(candidate)} candidate and "
-            f"{len(baseline)} baseline responses; expected equal, non-zero counts"
+            f"{len(opponent)} opponent responses; expected equal, non-zero counts"
         )
     template = template if template is not None else load_template(judge_cfg.judge_template)
     out = Path(output_dir)
@@ -147,8 +148,8 @@ def compute_winrate(
     cache = JudgmentCache(out / "judgments.jsonl")
     n = len(prompts)
     # Order 1: candidate as A; order 2: candidate as B.
-    items = [(q, c, b) for q, c, b in zip(prompts, candidate, baseline)] + [
-        (q, b, c) for q, c, b in zip(prompts, candidate, baseline)
+    items = [(q, c, b) for q, c, b in zip(prompts, candidate, opponent)] + [
+        (q, b, c) for q, c, b in zip(prompts, candidate, opponent)
     ]
     outcomes, verdicts = {}, {}
     for model in judge_cfg.judge_model:
@@ -169,15 +170,15 @@ def compute_winrate(
         "judge": first,
         "judges": judges,
         "candidate": names[0],
-        "baseline": names[1],
+        "opponent": names[1],
         "prompts": n,
         "mean_response_chars": {
             "candidate": _mean(len(r) for r in candidate),
-            "baseline": _mean(len(r) for r in baseline),
+            "opponent": _mean(len(r) for r in opponent),
         },
         "mean_response_words": {
             "candidate": _mean(len(r.split()) for r in candidate),
-            "baseline": _mean(len(r.split()) for r in baseline),
+            "opponent": _mean(len(r.split()) for r in opponent),
         },
         "bootstrap": {"samples": bootstrap_samples, "seed": bootstrap_seed, "confidence": 0.95},
     }
@@ -236,7 +237,7 @@ def plot_winrate(summary: dict, path: Path) -> None:
     ax.set_xticks(range(len(names)), names, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("adjusted win rate")
-    ax.set_title(f"{summary['candidate']}\nvs {summary['baseline']}", fontsize=8)
+    ax.set_title(f"{summary['candidate']}\nvs {summary['opponent']}", fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
