@@ -14,7 +14,7 @@ import pytest
 import torch
 from kill_points import Killed, armed
 from safetensors.torch import load_file
-from test_trainer import configs, write_kto_mix
+from training_runs import configs, write_kto_mix
 
 from elbokto import durable
 from elbokto.run import train

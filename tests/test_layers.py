@@ -1,10 +1,11 @@
 """The layers point one way (DESIGN.md §3): no import cycle among the package's modules (imports
 inside functions count: they close cycles at run time), the kernels import nothing of elbokto,
-and only the CLI imports the demo."""
+and only the CLI imports the demo; tests take shared helpers from helper modules."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +95,16 @@ def test_the_layers_point_one_way():
             assert not {t for t in targets if t.startswith("elbokto.")}, module
         if not module.startswith(("elbokto.demo", "elbokto.cli")):
             assert not {t for t in targets if t.startswith("elbokto.demo")}, module
+
+
+def test_tests_take_helpers_from_helper_modules():
+    """A test module imports shared helpers from a helper module (training_runs, online_runs,
+    distributed, ...), never from another test module (which pytest then imports a second time):
+    scripts the tests write for other processes included, so the source text is searched."""
+    pattern = re.compile(r"^\s*(from|import)\s+test_\w+", re.MULTILINE)
+    offenders = [
+        f"{path.name}: {match.group(0).strip()}"
+        for path in sorted((ROOT / "tests").glob("*.py"))
+        for match in pattern.finditer(path.read_text())
+    ]
+    assert not offenders, offenders
