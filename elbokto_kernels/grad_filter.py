@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor
 
+# None or 0: exact; "auto": the compute dtype's eps / 32; a float: that threshold.
+FilterEps = Union[None, float, Literal["auto"]]
 
-def resolve_filter_eps(filter_eps: Union[None, float, str], dtype: torch.dtype) -> Optional[float]:
+
+def resolve_filter_eps(filter_eps: FilterEps, dtype: torch.dtype) -> Optional[float]:
     """The threshold for a compute ``dtype``: None (and 0, which skips nothing) for the exact op;
     "auto" for ``torch.finfo(dtype).eps / 32`` (2^-12 for bfloat16, 2^-15 for float16, 2^-28 for
     float32); a positive float as given."""

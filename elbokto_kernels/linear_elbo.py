@@ -24,7 +24,7 @@ passes share one chunk loop each with the exact op, whose tiles are all live.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ from torch import Tensor
 from . import memory
 from .backends import Backend, resolve_backend, row_ops
 from .call_forms import Reduction, check_reduction, normalise, reduce
-from .grad_filter import FilterPlan, plan, resolve_filter_eps
+from .grad_filter import FilterEps, FilterPlan, plan, resolve_filter_eps
 from .masked_rows import (
     check_compute_dtype,
     check_elbo_inputs,
@@ -57,7 +57,7 @@ def fused_linear_elbo(
     softcap: float | None = None,
     chunk_size: int | None = None,
     keep_logits: bool = False,
-    filter_eps: Union[None, float, str] = None,
+    filter_eps: FilterEps = None,
     reduction: Reduction = "none",
     backend: Backend = "auto",
 ) -> Tensor:

@@ -22,7 +22,7 @@ Three kinds of head, each caught where the model applies it:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from .backends import Backend
 from .call_forms import Reduction
+from .grad_filter import FilterEps
 from .linear_elbo import fused_linear_elbo
 
 _MISSING = object()
@@ -48,7 +49,7 @@ def fused_lm_head(
     logit_scale: float | None = None,
     softcap: float | None = None,
     keep_logits: bool = False,
-    filter_eps: Union[None, float, str] = None,
+    filter_eps: FilterEps = None,
     reduction: Reduction = "none",
     backend: Backend = "auto",
 ) -> Iterator[list[Tensor]]:
