@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from elbokto.draws import MCConfig
 from elbokto.loss import LossConfig
+from elbokto_kernels.backends import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +48,11 @@ class DemoConfig:
     # the model likes most, which turns a slight preference for one style into a large one.)
     eval_prompts: int = 512
     temperature: float = 1.0
-    remasking: str = "random"
+    remasking: Literal["low_confidence", "random"] = "random"
     eval_checkpoints: int = 4  # desirable rate measured this many times during KTO (0: none)
     psi_batch_size: int = 64
     psi_redraws: int = 8
-    backend: str = "torch"  # the tiny vocabulary needs no compiled kernel
+    backend: Backend = "torch"  # the tiny vocabulary needs no compiled kernel
     filter_eps: float | str | None = None  # gradient filtering of the LM head, SFT and ELBO-KTO
 
     def __post_init__(self) -> None:
@@ -67,7 +69,8 @@ class DemoConfig:
         return self.max_letters + 1
 
 
-QUICK = dict(
+# Overrides of DemoConfig's fields, for ``dataclasses.replace(config, **QUICK)``.
+QUICK: dict[str, Any] = dict(
     sft_steps=30,
     sft_batch_size=16,
     kto_examples=64,

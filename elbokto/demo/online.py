@@ -76,7 +76,8 @@ def online_config(config: DemoConfig, output_dir: Path, tokenizer) -> OnlineConf
         draw_seed=config.seed,
         seed=config.seed,
         kernel_backend=config.backend,
-        filter_eps=config.filter_eps,
+        # The flag's text form (a float's str reads back as the same float; "auto" as it is).
+        filter_eps=None if config.filter_eps is None else str(config.filter_eps),
         # The demo's answers are EOS-padded to gen_length, in SFT as in the offline rows.
         online_keep_padding=True,
         gen_length=config.gen_length,

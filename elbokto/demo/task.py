@@ -4,6 +4,7 @@ and their token ids."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import numpy as np
 from torch import Tensor
@@ -35,7 +36,7 @@ def sample_prompts(
     rng: np.random.Generator,
     n: int,
     config: DemoConfig,
-    exclude: set[str] = frozenset(),
+    exclude: Iterable[str] = (),
     unique: bool = True,
 ) -> list[str]:
     """``n`` random non-palindromic strings, none in ``exclude`` (distinct when ``unique``)."""

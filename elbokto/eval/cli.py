@@ -35,8 +35,10 @@ def winrate(argv: list[str]) -> int:
     from elbokto.eval.winrate import WinrateArgs, run_winrate
     from elbokto.sampling import SamplingConfig
 
+    # transformers annotates the dataclasses as DataClassType, a NewType that no class matches.
     parser = HfArgumentParser(
-        [WinrateArgs, SamplingConfig, JudgeConfig], prog="elbokto eval winrate"
+        [WinrateArgs, SamplingConfig, JudgeConfig],  # type: ignore[list-item]
+        prog="elbokto eval winrate",
     )
     args, gen_cfg, judge_cfg = parser.parse_args_into_dataclasses(
         renamed_flags(argv, {"--baseline": "--opponent"})

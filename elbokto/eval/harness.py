@@ -43,6 +43,7 @@ import os
 import warnings
 from collections import defaultdict
 from dataclasses import replace
+from typing import Literal
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -120,7 +121,7 @@ class DiffusionLM(TemplateLM):
         batch_size: int | str = 8,
         mc_num: int = 128,
         mc_chunk_size: int = 32,
-        estimator: str | None = None,
+        estimator: Literal["fixed_count", "bernoulli"] | None = None,
         cfg_scale: float = 0.0,
         seed: int = 0,
         max_length: int | None = None,
@@ -131,7 +132,7 @@ class DiffusionLM(TemplateLM):
         block_length: int = 32,
         steps: int | None = None,
         threshold: float | None = None,
-        remasking: str = "low_confidence",
+        remasking: Literal["low_confidence", "random"] = "low_confidence",
         temperature: float = 0.0,
         kernel_backend: str = "auto",
         is_greedy_mode: str = "argmax",
@@ -431,7 +432,7 @@ class DiffusionLM(TemplateLM):
     def _tail_predictor(self, batch, attention: Tensor | None, width: int, tail: int):
         """A function of input_ids [B, width] giving the logits [B, tail, V] that predict the
         last ``tail`` columns (classifier-free guided when cfg_scale is set)."""
-        kwargs = {} if attention is None else {"attention_mask": attention}
+        kwargs: dict[str, Tensor | int] = {} if attention is None else {"attention_mask": attention}
         shift = int(self.shift_logits)
         if self._keeps_logits and not self.cfg_scale:
             kwargs["logits_to_keep"] = tail + shift
@@ -482,7 +483,7 @@ class DiffusionLM(TemplateLM):
         for i, request in enumerate(requests):
             context, gen_kwargs = request.args
             groups[json.dumps(gen_kwargs, sort_keys=True, default=str)].append(i)
-        results: list[str | None] = [None] * len(requests)
+        results = [""] * len(requests)  # every request is in one group: each is filled below
         progress = tqdm(
             total=len(requests), desc="generate_until", disable=disable_tqdm or self.rank != 0
         )

@@ -192,8 +192,9 @@ class PairwiseJudge:
         self._calls_lock = threading.Lock()
         self._stop = threading.Event()  # set when the run must stop: in-flight calls give up
 
-    def judge(self, items: Sequence[tuple[str, str, str]]) -> list[Judgment]:
+    def judge(self, items: Sequence[tuple[str, ...]]) -> list[Judgment]:
         """Judgments of (question, answer A, answer B) items, in order; cached ones are not asked.
+        (A subclass's items may be shorter: the pointwise judge's are (question, answer).)
 
         Raises ValueError (and stops the pending calls) when the judge cannot be reached or
         refuses the key or the model; judgments finished until then are in the cache."""
@@ -223,14 +224,19 @@ class PairwiseJudge:
                 self._stop.set()
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
-        return results
+        done: list[Judgment] = []
+        for judgment in results:
+            assert judgment is not None  # every item is cached or asked; a failed ask raised above
+            done.append(judgment)
+        return done
 
     # What an answer without a verdict is recorded as; a judge of another kind (pointwise) changes
     # it with its verdict parser, :meth:`_parse`.
     _no_verdict = "no single [[A]]/[[B]]/[[C]] verdict in the answer"
 
-    def _key(self, item: tuple[str, str, str]) -> str:
-        return judgment_key(*item, self.model, self.template)
+    def _key(self, item: tuple[str, ...]) -> str:
+        question, answer_a, answer_b = item  # a pairwise item; a pointwise judge overrides this
+        return judgment_key(question, answer_a, answer_b, self.model, self.template)
 
     def _parse(self, answer: str | None) -> str | None:
         return parse_verdict(answer)

@@ -23,6 +23,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -207,14 +208,16 @@ def _sample_into(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(source, model_cfg, tokenizer=tokenizer).eval().to(device)
+    # A transformers config: its attributes depend on the model family, unknown to mypy.
+    model_config: Any = model.config
     gen_cfg = replace(
         gen_cfg,
         mask_token_id=(
             gen_cfg.mask_token_id
             if gen_cfg.mask_token_id is not None
-            else model.config.mask_token_id
+            else model_config.mask_token_id
         ),
-        shift_logits=gen_cfg.shift_logits or uses_shifted_logits(model.config),
+        shift_logits=gen_cfg.shift_logits or uses_shifted_logits(model_config),
     )
     gen_cfg, sampler = sampler_for(model, gen_cfg)
     ids = prompt_token_ids(tokenizer, [p.chat() for p in prompts])

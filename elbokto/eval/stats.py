@@ -58,7 +58,7 @@ def win_rate(
         raise ValueError(f"unknown outcomes {sorted(unknown)}; expected {sorted({*SCORES, ERROR})}")
     scores = np.array([SCORES[o] for o in outcomes if o != ERROR])
     n, errors = len(scores), counts[ERROR]
-    result = {
+    result: dict[str, float | int | None] = {
         "awr": None,
         "ci_low": None,
         "ci_high": None,

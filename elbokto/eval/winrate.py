@@ -103,7 +103,8 @@ def run_winrate(args: WinrateArgs, gen_cfg: SamplingConfig, judge_cfg: JudgeConf
     ]
     return compute_winrate(
         [p.text for p in prompts],
-        *responses,
+        responses[0],
+        responses[1],
         judge_cfg,
         args.output_dir,
         names=(source_name(args.candidate), source_name(args.opponent)),
