@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +68,7 @@ def resolve_block_size(model_config, block_size: int | None) -> int | None:
     whole-response ELBO would score a model it is not.
     """
     model_type = getattr(model_config, "model_type", None)
-    field = BLOCK_MODEL_TYPES.get(model_type)
+    field = BLOCK_MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
     from_config = getattr(model_config, field, None) if field else None
     if block_size is not None:
         if from_config is not None and from_config != block_size:
@@ -85,6 +87,13 @@ def resolve_block_size(model_config, block_size: int | None) -> int | None:
             "size: pass --block_size (LLaDA2.0: 32)"
         )
     return None
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    """The model's input embedding table, from transformers' ``get_input_embeddings()``."""
+    # nn.Module types its attributes as Tensor | Module: the method is looked up for its type.
+    get = cast(Callable[[], nn.Embedding], model.get_input_embeddings)
+    return get()
 
 
 def check_block_model(model: nn.Module) -> str:
@@ -201,7 +210,7 @@ def check_block_attention(model: nn.Module, block_size: int) -> None:
     in its own code fails with ValueError; so does one that :func:`check_block_model` refuses.
     """
     implementation = check_block_model(model)
-    embeddings = model.get_input_embeddings()
+    embeddings = input_embeddings(model)
     vocab, dtype = embeddings.num_embeddings, embeddings.weight.dtype
     device = embeddings.weight.device
     generator = torch.Generator().manual_seed(0)

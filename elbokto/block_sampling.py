@@ -36,12 +36,19 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
+from typing import cast
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import DynamicCache, PretrainedConfig
 
-from elbokto.block import check_block_attention, check_block_model, format_mask, resolve_block_size
+from elbokto.block import (
+    check_block_attention,
+    check_block_model,
+    format_mask,
+    input_embeddings,
+    resolve_block_size,
+)
 from elbokto.sampling import (
     SamplingConfig,
     build_canvas,
@@ -96,7 +103,7 @@ def block_generate(
             "own output; a shifted head is not supported by the block sampler"
         )
     mask_id = sampler_mask_id(model, config)
-    size = config.block_length
+    size = config.resolved_block_length
     rows = prompt_rows(prompts)
     first = max(row.numel() // size for row in rows)  # F, the first response block
     tails = [row.numel() % size for row in rows]
@@ -112,7 +119,7 @@ def block_generate(
     generator = torch.Generator(device=canvas.device).manual_seed(config.seed)
     prefix = _Prefix(model, canvas, real, size, use_cache)
     prefix.extend(first * size)
-    steps = config.steps // config.num_blocks
+    steps = config.steps_per_block
     for block in range(first, num_blocks):
         start, end = block * size, (block + 1) * size
         masks = [size - tail for tail in tails] if block == first else [size] * len(rows)
@@ -138,7 +145,7 @@ def check_block_cache(model: nn.Module, block_size: int) -> None:
     computation: a random batch of three blocks (one row left-padded by a block) is scored block
     by block both ways, in the model's current mode. A model whose code keeps its own cache, or
     that builds its own mask when a cache is passed, fails with the reason."""
-    embeddings = model.get_input_embeddings()
+    embeddings = input_embeddings(model)
     device, dtype = embeddings.weight.device, embeddings.weight.dtype
     generator = torch.Generator().manual_seed(0)
     canvas = torch.randint(
@@ -179,8 +186,11 @@ class _Prefix:
         self.model, self.canvas, self.real, self.block_size = model, canvas, real, block_size
         self.positions = (real.long().cumsum(1) - 1).clamp(min=0)  # padding is on the left
         self.implementation = check_block_model(model)
-        self.dtype = model.get_input_embeddings().weight.dtype
-        self.cache = DynamicCache(config=model.config) if use_cache else None
+        self.dtype = input_embeddings(model).weight.dtype
+        # nn.Module types attributes as Tensor | Module: model.config is a transformers config.
+        self.cache = (
+            DynamicCache(config=cast(PretrainedConfig, model.config)) if use_cache else None
+        )
         parameters = inspect.signature(model.forward).parameters
         # Logits are needed for the block's b columns only: V x (prefix length) would be waste.
         self.takes_logits_to_keep = "logits_to_keep" in parameters
@@ -212,7 +222,9 @@ class _Prefix:
         query = key[start:end, None]
         allowed = (block[None, :] <= block[start:end, None]) & self.real[:, None, :end]
         allowed |= key[None, :] == query  # a padding query sees itself: no empty attention row
-        extra = {"logits_to_keep": keep} if self.takes_logits_to_keep else {}
+        extra: dict[str, int | DynamicCache] = (
+            {"logits_to_keep": keep} if self.takes_logits_to_keep else {}
+        )
         if self.cache is not None:
             extra[self.cache_argument] = self.cache
         out = self.model(
@@ -225,6 +237,7 @@ class _Prefix:
         return out.logits[:, -keep:]
 
     def _check_cached(self, end: int) -> None:
+        assert self.cache is not None, "called after a forward with the cache only"
         if self.cache.get_seq_length() != end:
             raise ValueError(
                 f"{type(self.model).__name__} holds {self.cache.get_seq_length()} "

@@ -335,7 +335,7 @@ def load_source(source: str | os.PathLike | Dataset | DatasetDict, split: str = 
         try:
             return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
         except Exception as err:  # datasets wraps the parser's error: report the root cause
-            cause = err
+            cause: BaseException = err
             while cause.__cause__ is not None:
                 cause = cause.__cause__
             raise ValueError(
@@ -709,7 +709,8 @@ def _tokenize_batch(
         whole = tokenizer(
             [t + c for t, c in zip(texts, batch["completion"])], add_special_tokens=False
         )["input_ids"]
-        prompts, responses = zip(*[(w[: len(p)], w[len(p) :]) for w, p in zip(whole, prompts)])
+        responses = [w[len(p) :] for w, p in zip(whole, prompts)]
+        prompts = [w[: len(p)] for w, p in zip(whole, prompts)]
     else:
         responses = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
     out: dict[str, list] = {k: [] for k in (*features()["token"], "status")}

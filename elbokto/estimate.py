@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
-from elbokto.block import block_model_inputs, check_block_model
+from elbokto.block import block_model_inputs, check_block_model, input_embeddings
 from elbokto.draws import Draws
 from elbokto_kernels import fused_elbo, fused_lm_head, lm_head_unsupported
+from elbokto_kernels.backends import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def elbo_estimate(
     shift_logits: bool = False,
     keep_logits: bool = False,
     filter_eps: float | str | None = None,
-    backend: str = "auto",
+    backend: Backend = "auto",
 ) -> Tensor:
     """Monte-Carlo ELBO of every example: float32 [B], differentiable w.r.t. the model.
 
@@ -85,6 +87,7 @@ def elbo_estimate(
     # DDP / FSDP / DeepSpeed wrappers are called as they are (their hooks must run); the head and
     # the config are looked up on the wrapped model.
     inner = extract_model_from_parallel(model)
+    inputs: Mapping[str, Tensor | None]
     if draws.block_size is None:
         inputs = {"input_ids": noisy, "attention_mask": copy_attention}
     else:
@@ -131,4 +134,4 @@ def _say_unfused(model_name: str, problem: str) -> None:
 
 def _dtype_of(model: nn.Module) -> torch.dtype:
     """The dtype of the model's activations: that of its input embedding."""
-    return model.get_input_embeddings().weight.dtype
+    return input_embeddings(model).weight.dtype

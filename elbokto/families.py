@@ -18,7 +18,9 @@ Adding a family:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
+
+import transformers
 
 from elbokto import fixups
 from elbokto_kernels.versions import installed, release
@@ -49,10 +51,16 @@ class ModelFamily:
     """The transformers Auto class that loads the model, as its model card does."""
     config_fixups: tuple[Callable[..., None], ...] = ()
     """``fix(model_config)``, run after the config is loaded, before the model code is imported."""
-    class_fixups: tuple[Callable[[type], None], ...] = ()
+    class_fixups: tuple[Callable[[type[Any]], None], ...] = ()
     """``fix(model_class)``, run on the model class (remote code) before it is instantiated."""
     min_transformers: tuple[str, str] | None = None
     """(version, why): the oldest transformers that builds the family right, and the reason."""
+
+
+def transformers_version() -> str:
+    """The installed transformers' version: its distribution's, else (a source tree on the path
+    has no distribution metadata) the module's ``__version__``."""
+    return installed("transformers") or transformers.__version__
 
 
 def check_transformers(family: ModelFamily) -> None:
@@ -60,7 +68,7 @@ def check_transformers(family: ModelFamily) -> None:
     if family.min_transformers is None:
         return
     minimum, why = family.min_transformers
-    found = installed("transformers")
+    found = transformers_version()
     if release(found) < release(minimum):
         raise ValueError(
             f"{family.name} models need transformers >= {minimum} ({why}); found "

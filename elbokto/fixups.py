@@ -22,6 +22,7 @@ import importlib.util
 import inspect
 import sys
 import types
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -55,7 +56,7 @@ def attention_mask_converter(model_config) -> None:
         ATTN_MASK_UTILS,
         "elbokto stand-in for the module transformers 5 removed (see elbokto.fixups)",
     )
-    module.AttentionMaskConverter = AttentionMaskConverter
+    vars(module)["AttentionMaskConverter"] = AttentionMaskConverter
     sys.modules[ATTN_MASK_UTILS] = module
 
 
@@ -114,7 +115,7 @@ class AttentionMaskConverter:
 # --- class fix-ups --------------------------------------------------------------------------------
 
 
-def default_rope(model_class: type) -> None:
+def default_rope(model_class: type[Any]) -> None:
     """Dream and LLaDA-MoE build their rotary embedding with ``ROPE_INIT_FUNCTIONS["default"]``,
     which transformers 5 removed (plain RoPE moved into each model's own code): KeyError at model
     construction. The model's module gets its own copy of the table with a "default" entry
@@ -124,10 +125,10 @@ def default_rope(model_class: type) -> None:
     module = sys.modules[model_class.__module__]
     table = getattr(module, "ROPE_INIT_FUNCTIONS", None)
     if isinstance(table, dict) and "default" not in table:
-        module.ROPE_INIT_FUNCTIONS = {**table, "default": standard_rope_parameters}
+        vars(module)["ROPE_INIT_FUNCTIONS"] = {**table, "default": standard_rope_parameters}
 
 
-def tied_weights_bookkeeping(model_class: type) -> None:
+def tied_weights_bookkeeping(model_class: type[Any]) -> None:
     """LLaDA's model never calls ``post_init()``, where transformers 5 sets the
     ``all_tied_weights_keys`` that ``from_pretrained`` reads after loading (AttributeError). Its
     ``__init__`` now sets the attribute when missing, as post_init would; nothing else of post_init
@@ -142,11 +143,11 @@ def tied_weights_bookkeeping(model_class: type) -> None:
         if not hasattr(self, "all_tied_weights_keys"):
             self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=False)
 
-    __init__._sets_tied_weights_keys = True
+    vars(__init__)["_sets_tied_weights_keys"] = True
     model_class.__init__ = __init__
 
 
-def tie_weights_signature(model_class: type) -> None:
+def tie_weights_signature(model_class: type[Any]) -> None:
     """LLaDA overrides ``tie_weights(self)``; transformers 5 calls it with ``missing_keys`` and
     ``recompute_mapping`` (TypeError). The override now accepts and ignores them: LLaDA ties by
     its own ``weight_tying`` flag, not by transformers' mapping."""
@@ -164,7 +165,7 @@ def tie_weights_signature(model_class: type) -> None:
     owner.tie_weights = tie_weights
 
 
-def tied_weights_mapping(model_class: type) -> None:
+def tied_weights_mapping(model_class: type[Any]) -> None:
     """Dream and LLaDA-MoE declare ``_tied_weights_keys = ["lm_head.weight"]``, transformers 4's
     list of parameters tied to the input embeddings; transformers 5 reads a ``{tied: source}``
     mapping (AttributeError: 'list' object has no attribute 'keys', in save_pretrained). The list
@@ -172,13 +173,15 @@ def tied_weights_mapping(model_class: type) -> None:
     ``<base_model_prefix>.embed_tokens.weight``. Whether to tie stays the config's
     ``tie_word_embeddings`` (false in their published checkpoints)."""
     owner = _definer(model_class, "_tied_weights_keys")
-    keys = owner.__dict__["_tied_weights_keys"] if owner else None
+    if owner is None:
+        return
+    keys = owner.__dict__["_tied_weights_keys"]
     if isinstance(keys, (list, tuple)):
         source = f"{model_class.base_model_prefix}.embed_tokens.weight"
         owner._tied_weights_keys = {key: source for key in keys}
 
 
-def generation_config_validate(model_class: type) -> None:
+def generation_config_validate(model_class: type[Any]) -> None:
     """Dream's ``DreamGenerationConfig`` overrides ``validate(self, is_init=False)``; transformers
     5 calls ``validate(strict=..., user_set_attributes=...)`` (TypeError when Dream's
     ``from_pretrained`` reads its generation config). The GenerationConfig subclasses of the
@@ -194,7 +197,7 @@ def generation_config_validate(model_class: type) -> None:
             _accept_any_arguments(value, "validate")
 
 
-def _accept_any_arguments(cls: type, name: str) -> None:
+def _accept_any_arguments(cls: type[Any], name: str) -> None:
     method = cls.__dict__[name]
     if getattr(method, "_accepts_any_arguments", False):
         return
@@ -204,11 +207,11 @@ def _accept_any_arguments(cls: type, name: str) -> None:
     def wrapper(self, **kwargs):
         return method(self, **{k: v for k, v in kwargs.items() if k in accepted})
 
-    wrapper._accepts_any_arguments = True
+    vars(wrapper)["_accepts_any_arguments"] = True
     setattr(cls, name, wrapper)
 
 
-def rope_buffers_on_load(model_class: type) -> None:
+def rope_buffers_on_load(model_class: type[Any]) -> None:
     """transformers 5 builds a model on the meta device, loads the checkpoint, re-creates the
     non-persistent buffers *empty* and leaves refilling them to ``_init_weights``. Dream's and
     LLaDA-MoE's ``_init_weights`` predate that and skip their rotary modules, so the RoPE inverse
@@ -236,11 +239,11 @@ def rope_buffers_on_load(model_class: type) -> None:
             module.register_buffer("inv_freq", inv_freq, persistent=False)
             module.original_inv_freq = module.inv_freq
 
-    _init_weights._recomputes_rope = True
+    vars(_init_weights)["_recomputes_rope"] = True
     owner._init_weights = _init_weights
 
 
-def _definer(model_class: type, name: str) -> type | None:
+def _definer(model_class: type[Any], name: str) -> type[Any] | None:
     """The class of the model's own code that defines ``name``, None when only transformers (or
     nobody) does: a fix-up patches there, so every class that inherits it is fixed and
     transformers' classes never are."""

@@ -260,7 +260,7 @@ def pool_metrics(
     sums, weights = [], []
     for name in names:
         values = stacked(name)
-        if name in _COUNTS or not counted:
+        if name in _COUNTS or examples is None:  # None exactly when not counted
             weight = torch.ones_like(values)
         else:
             weight = stacked(_CLASS_COUNT[name]) if name in _CLASS_COUNT else examples

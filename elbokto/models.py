@@ -17,13 +17,20 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, GemmaConfig, GemmaForCausalLM
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from elbokto.families import ALL_LINEAR, FAMILIES, ModelFamily, check_transformers, family_of
-from elbokto_kernels.versions import installed, release
+from elbokto.families import (
+    ALL_LINEAR,
+    FAMILIES,
+    ModelFamily,
+    check_transformers,
+    family_of,
+    transformers_version,
+)
+from elbokto_kernels.versions import release
 
 # Diffusion LMs whose forward process is not masking: the masked-diffusion ELBO does not apply.
 UNIFORM_NOISE_MODEL_TYPES = {"diffusion_gemma", "diffusion_gemma_text"}
 TINY = "tiny"
-TRANSFORMERS = release(installed("transformers"))
+TRANSFORMERS = release(transformers_version())
 TRANSFORMERS_5 = TRANSFORMERS >= (5,)
 # from_pretrained's dtype argument: "dtype" from transformers 4.56 on; before, "torch_dtype" (an
 # unknown "dtype" would reach the model's __init__).
@@ -322,7 +329,8 @@ def disable_dropout(model: nn.Module) -> None:
         if isinstance(module, nn.Dropout):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+            # torch types Module.__setattr__ for tensors and modules; a float attribute is fine.
+            module.attention_dropout = 0.0  # type: ignore[assignment]
     for name in (
         "attention_dropout",
         "hidden_dropout",
@@ -360,7 +368,9 @@ def build_tiny_model(
             f"hidden_size {hidden_size}, num_heads {num_heads}, num_kv_heads "
             f"{num_kv_heads}: heads must divide hidden_size and kv heads the heads"
         )
-    config = GemmaConfig(
+    # transformers 5's dataclass-style config signature leaves out the extra attributes it still
+    # takes as keyword arguments (is_causal, mask_token_id).
+    config = GemmaConfig(  # type: ignore[call-arg]
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size or 4 * hidden_size,

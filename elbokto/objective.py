@@ -22,8 +22,8 @@ PEFT adapters disabled, or a precomputed ``ref_elbo``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Mapping
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -34,6 +34,7 @@ from elbokto.draws import Draws, MCConfig, pair_uid, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.guards import check_step_values
 from elbokto.loss import LossConfig, compute_loss, kl_baseline
+from elbokto_kernels.backends import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class ELBOKTOObjective:
     crn: bool = True
     keep_logits: bool = False
     filter_eps: float | str | None = None
-    backend: str = "auto"
+    backend: Backend = "auto"
     _warned_self_pairs: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -134,7 +135,8 @@ class ELBOKTOObjective:
             raise ValueError("pass either reference or ref_elbo, not both")
         ref_elbo = ref_elbo.detach().float()
         kl = self._kl(policy, reference, batch, step) if self.loss.baseline == "kl" else None
-        if self.mc_chunk_size is None:
+        chunk_size = self.mc_chunk_size
+        if chunk_size is None:
             policy_elbo = self.elbo(policy, batch, draws)
             loss, metrics = self._loss(policy_elbo, ref_elbo, batch, kl)
             check_step_values(batch["uid"], loss=loss, policy=policy_elbo, **{ref_source: ref_elbo})
@@ -148,7 +150,7 @@ class ELBOKTOObjective:
         check_step_values(batch["uid"], loss=loss, policy=policy_elbo, **{ref_source: ref_elbo})
 
         def backward(grad: Tensor) -> None:
-            for chunk in _copy_chunks(draws, self.mc_chunk_size):
+            for chunk in _copy_chunks(draws, chunk_size):
                 part = self._estimate(policy, batch, chunk)
                 torch.autograd.backward((part * (scale * grad)).sum())
 
@@ -174,9 +176,13 @@ class ELBOKTOObjective:
         """B_hat float32 [B] of ``model``, in chunks of mc_chunk_size copies when set."""
         if self.mc_chunk_size is None:
             return self._estimate(model, batch, draws)
-        return sum(
-            self._estimate(model, batch, chunk) for chunk in _copy_chunks(draws, self.mc_chunk_size)
-        )
+        total: Tensor | None = None
+        for chunk in _copy_chunks(draws, self.mc_chunk_size):
+            part = self._estimate(model, batch, chunk)
+            total = part if total is None else total + part
+        if total is None:
+            raise ValueError("the batch has no examples: no ELBO to estimate")
+        return total
 
     def _reference_draws(self, batch: Mapping[str, Tensor], step: int, draws: Draws) -> Draws:
         if self.crn:
@@ -243,7 +249,8 @@ class ELBOKTOObjective:
         psi_baseline for the baseline this objective uses (batch_mean: equal to psi)."""
         _check_batch(batch)
         margins = self.margins(policy, batch, reference=reference, redraws=redraws, step=step)
-        baseline = {"batch_mean": margins.mean(1), "none": 0.0}.get(self.loss.baseline)
+        baselines: dict[str, Tensor | float] = {"batch_mean": margins.mean(1), "none": 0.0}
+        baseline = baselines.get(self.loss.baseline)
         if baseline is None:  # kl: the KL estimate redrawn alongside the margins
             baseline = torch.stack(
                 [
@@ -378,7 +385,7 @@ def mismatched_batch(batch: Mapping[str, Tensor], pad_token_id: int) -> dict[str
     return out
 
 
-def _copy_chunks(draws: Draws, size: int):
+def _copy_chunks(draws: Draws, size: int) -> Iterator[Draws]:
     for start in range(0, draws.mask.shape[0], size):
         part = slice(start, start + size)
         yield replace(

@@ -154,9 +154,31 @@ class SamplingConfig:
         if not isinstance(self.shift_logits, bool):
             raise ValueError(f"shift_logits={self.shift_logits!r}; expected a bool")
 
+    # steps and block_length are None only until __post_init__ fills them in: these properties
+    # read them as the ints they then are.
+    @property
+    def resolved_block_length(self) -> int:
+        """``block_length`` after ``__post_init__`` (``gen_length`` when it was None)."""
+        if self.block_length is None:
+            raise ValueError(
+                "block_length=None set after construction; None means gen_length only "
+                "when a SamplingConfig is built"
+            )
+        return self.block_length
+
     @property
     def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
+        return self.gen_length // self.resolved_block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        """The steps of each block of ``resolved_block_length``: ``steps / num_blocks``."""
+        if self.steps is None:
+            raise ValueError(
+                "steps=None set after construction; None means gen_length only when a "
+                "SamplingConfig is built"
+            )
+        return self.steps // self.num_blocks
 
 
 @torch.no_grad()
@@ -204,15 +226,18 @@ def generate(
         device_of(model),
     )
     generator = torch.Generator(device=canvas.device).manual_seed(config.seed)
-    model_kwargs = {} if bool(real.all()) else {"attention_mask": real.long()}
+    model_kwargs: dict[str, Tensor | bool] = (
+        {} if bool(real.all()) else {"attention_mask": real.long()}
+    )
     if isinstance(model, PreTrainedModel):
         model_kwargs["use_cache"] = False  # every step is a fresh full pass: a cache is waste
-    schedule = schedules([config.block_length] * len(rows), config.steps // config.num_blocks)
+    block_length = config.resolved_block_length
+    schedule = schedules([block_length] * len(rows), config.steps_per_block)
     # With a shift, position p reads the output at p - 1 (start >= 1: prompts are non-empty).
     offset = int(config.shift_logits)
     for block in range(config.num_blocks):
-        start = canvas.shape[1] - config.gen_length + block * config.block_length
-        end = start + config.block_length
+        start = canvas.shape[1] - config.gen_length + block * block_length
+        end = start + block_length
         fill_block(
             canvas[:, start:end],
             partial(_canvas_logits, model, canvas, model_kwargs, start - offset, end - offset),

@@ -414,6 +414,15 @@ def test_native_bidirectional_models_need_transformers5(monkeypatch):
         models._accepted_family(config, "a-bidirectional-llama", assume_bidirectional=False)
 
 
+def test_transformers_without_distribution_metadata_reads_its_version(monkeypatch):
+    """A transformers source tree on the path has no distribution metadata: its version is then
+    the module's __version__ (the version check used to fail on release(None))."""
+    monkeypatch.setattr(families, "installed", lambda name: None)
+    assert families.transformers_version() == transformers.__version__
+    if models.TRANSFORMERS_5:
+        assert build_tiny_model(40, 2, num_layers=1).config.use_bidirectional_attention
+
+
 def test_reference_is_a_frozen_copy_none_with_lora_or_the_named_model(tmp_path):
     policy = build_tiny_model(40, 2, num_layers=1)
     reference = frozen_reference(policy, ModelConfig())
