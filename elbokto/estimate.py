@@ -26,6 +26,7 @@ from elbokto.block import block_model_inputs, check_block_model, input_embedding
 from elbokto.draws import Draws
 from elbokto_kernels import fused_elbo, fused_lm_head, lm_head_unsupported
 from elbokto_kernels.backends import Backend
+from elbokto_kernels.grad_filter import FilterEps
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def elbo_estimate(
     attention_mask: Tensor | None = None,
     shift_logits: bool = False,
     keep_logits: bool = False,
-    filter_eps: float | str | None = None,
+    filter_eps: FilterEps = None,
     backend: Backend = "auto",
 ) -> Tensor:
     """Monte-Carlo ELBO of every example: float32 [B], differentiable w.r.t. the model.

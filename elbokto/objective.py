@@ -35,6 +35,7 @@ from elbokto.estimate import elbo_estimate
 from elbokto.guards import check_step_values
 from elbokto.loss import LossConfig, compute_loss, kl_baseline
 from elbokto_kernels.backends import Backend
+from elbokto_kernels.grad_filter import FilterEps
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class ELBOKTOObjective:
     pad_token_id: int = 0
     crn: bool = True
     keep_logits: bool = False
-    filter_eps: float | str | None = None
+    filter_eps: FilterEps = None
     backend: Backend = "auto"
     _warned_self_pairs: bool = field(default=False, init=False, repr=False, compare=False)
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from elbokto.draws import MCConfig
 from elbokto.loss import LossConfig
 from elbokto_kernels.backends import Backend
+from elbokto_kernels.grad_filter import FilterEps
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class DemoConfig:
     psi_batch_size: int = 64
     psi_redraws: int = 8
     backend: Backend = "torch"  # the tiny vocabulary needs no compiled kernel
-    filter_eps: float | str | None = None  # gradient filtering of the LM head, SFT and ELBO-KTO
+    filter_eps: FilterEps = None  # gradient filtering of the LM head, SFT and ELBO-KTO
 
     def __post_init__(self) -> None:
         for name in ("sft_lr", "kto_lr"):

@@ -69,6 +69,7 @@ from elbokto.models import (
     uses_shifted_logits,
 )
 from elbokto.sampling import SamplingConfig, decode_responses
+from elbokto_kernels.backends import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class DiffusionLM(TemplateLM):
         threshold: float | None = None,
         remasking: Literal["low_confidence", "random"] = "low_confidence",
         temperature: float = 0.0,
-        kernel_backend: str = "auto",
+        kernel_backend: Backend = "auto",
         is_greedy_mode: str = "argmax",
         mc_batch_size: int | None = None,
     ) -> None:
