@@ -7,7 +7,6 @@ JudgeConfig and WinrateArgs, read by the same parser). One home, so that ``elbok
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass, field
 
 
@@ -181,21 +180,3 @@ def filter_eps_flag(value: str | float | None, half: bool) -> float | str | None
             "(0, 1) such as 2**-12 or 0.000244140625"
         )
     return eps
-
-
-def renamed_flags(argv: list[str], renames: dict[str, str]) -> list[str]:
-    """``argv`` with each old flag of ``renames`` (``--old`` or ``--old=value``) spelled the new
-    way; every old spelling found raises a FutureWarning that names the new one. Flags renamed
-    to the glossary's word (DESIGN.md §8) keep their old spelling this way for one release."""
-    out = []
-    for arg in argv:
-        flag, eq, value = arg.partition("=")
-        if flag in renames:
-            warnings.warn(
-                f"{flag} is now {renames[flag]}; the old name goes in the next release",
-                FutureWarning,
-                stacklevel=2,
-            )
-            arg = renames[flag] + eq + value
-        out.append(arg)
-    return out

@@ -1,8 +1,8 @@
 """Deterministic Monte-Carlo draws: which response tokens each copy masks, and with what weight.
 
 A batch of B examples becomes B*K *copies* (K = n_t * n_yt: n_t noise levels, n_yt masks per level).
-Every random number is a pure function of (seed, step, uid, copy, relative position) computed by a
-counter-based integer hash (splitmix64's finaliser in wrapping int64 arithmetic) on the inputs'
+Every random number is a pure function of (seed, draw index, uid, copy, relative position) computed
+by a counter-based integer hash (splitmix64's finaliser in wrapping int64 arithmetic) on the inputs'
 device. There is no RNG state, so a draw does not depend on the batch order or its companions, the
 reference ELBO can be precomputed offline and matched exactly, a resumed run replays its draws, and
 CPU and CUDA give identical draws (integer ops and correctly rounded float64 ops only).
@@ -43,14 +43,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from elbokto.renames import renamed_keywords
+
 __all__ = ["Draws", "MCConfig", "sample_draws"]
 
 
 @dataclass
 class MCConfig:
     """How the Monte-Carlo ELBO estimate draws its copies. The estimator, n_t and n_yt are the
-    ELBO-KTO paper's; antithetic levels and per-step redraws are elbokto's own defaults (the
-    authors' code has neither: ``elbokto.presets``, "official")."""
+    ELBO-KTO paper's; antithetic levels and redraws at each draw index are elbokto's own defaults
+    (the authors' code has neither: ``elbokto.presets``, "official")."""
 
     estimator: Literal["fixed_count", "bernoulli"] = field(
         default="fixed_count",
@@ -72,9 +74,9 @@ class MCConfig:
     fixed_draws: bool = field(
         default=False,
         metadata={
-            "help": "Draw each example's copies once and reuse them at every step (the authors' "
-            "code seeds an example's masks by the example alone); default: the draw index (the "
-            "epoch in training) redraws them, so that revisits see fresh masks."
+            "help": "Draw each example's copies once and reuse them at every draw index (the "
+            "authors' code seeds an example's masks by the example alone); default: the draw "
+            "index (the epoch in training) redraws them, so that revisits see fresh masks."
         },
     )
     share_across_batch: bool = field(
@@ -82,7 +84,7 @@ class MCConfig:
         metadata={
             "help": "Give every example of a batch the same noise levels and the same uniform per "
             "relative response position (common random numbers across items; the draws then depend "
-            "on (seed, step) only, not on the example uid)."
+            "on (seed, draw index) only, not on the example uid)."
         },
     )
     eps: float = field(
@@ -99,9 +101,9 @@ class MCConfig:
         default="hash",
         metadata={
             "help": "Where the random numbers come from. 'hash': elbokto's counter-based hash of "
-            "(seed, step, uid, copy, position), the same on every device. 'authors': the ELBO-KTO "
-            "authors' recipe (precompute_bref.py, train.py), each example's K levels and masks "
-            "seeded by its uid, which must then be its row number (--uid_source row); masks "
+            "(seed, draw index, uid, copy, position), the same on every device. 'authors': the "
+            "ELBO-KTO authors' recipe (precompute_bref.py, train.py), each example's K levels and "
+            "masks seeded by its uid, which must then be its row number (--uid_source row); masks "
             "from a torch.Generator on the draws' device, so CUDA and CPU draw different masks. "
             "Needs fixed_count, n_yt 1, no antithetic levels, fixed_draws, no shared or block "
             "draws. Seed 0 is the authors' run."
@@ -271,6 +273,7 @@ def _unit(h: Tensor) -> Tensor:
     return _shr(h, 11).to(torch.float64) * 2.0**-53
 
 
+@renamed_keywords(step="draw_index")
 def sample_draws(
     config: MCConfig,
     prompt_lengths: Tensor,
@@ -279,7 +282,7 @@ def sample_draws(
     *,
     uids: Tensor,
     seed: int,
-    step: int = 0,
+    draw_index: int = 0,
     validate: bool = True,
 ) -> Draws:
     """Draw the K masked copies of every example of a batch, vectorised on the inputs' device.
@@ -292,7 +295,8 @@ def sample_draws(
         uids: int64 [B]. Example ids, any int64 (negative or hashed ids are fine); the draws of an
             example depend on its uid, never on its place in the batch.
         seed: any Python int (reduced modulo 2^64).
-        step: any Python int, e.g. the epoch or optimizer step, so that revisits draw afresh.
+        draw_index: any Python int, e.g. the epoch or optimizer step, so that revisits draw
+            afresh (the old keyword ``step=`` works, with a warning, for one release).
         validate: check the length values; that costs one host sync when the inputs live on an
             accelerator, so a hot loop with trusted inputs may pass False.
 
@@ -300,7 +304,7 @@ def sample_draws(
         Draws with C = B * K copies; the K copies of example b are rows b*K .. b*K + K - 1.
 
     Noise levels (level j of n_t, shared by the n_yt masks of that level): with ``antithetic``,
-    one u ~ U[0, 1) per (uid, step) and level j uses the stratum j: fixed_count takes
+    one u ~ U[0, 1) per (uid, draw index) and level j uses the stratum j: fixed_count takes
     a_j = (j + u) / n_t and l = floor(a_j * L) + 1; bernoulli takes t_j = (j + 1 - u) / n_t in
     (0, 1].
     Otherwise each level has its own u_j (a_j = u_j, t_j = 1 - u_j). Every copy's t (or l) thus
@@ -325,8 +329,8 @@ def sample_draws(
     positions get no mask. ``weight`` and ``t`` are then per position, [C, seq_len].
 
     ``draw_source="authors"`` replaces all of the above by the authors' random calls
-    (``_authors_draws``): the step is not used, seed 0 is their global seed, and the masks come
-    from a ``torch.Generator`` on the inputs' device (one host sync).
+    (``_authors_draws``): the draw index is not used, seed 0 is their global seed, and the masks
+    come from a ``torch.Generator`` on the inputs' device (one host sync).
     """
     _check_inputs(prompt_lengths, response_lengths, seq_len, uids, validate)
     if config.draw_source == "authors":
@@ -344,11 +348,13 @@ def sample_draws(
     lengths = (torch.minimum(response_end, first + width) - starts).clamp(min=0)  # [B, G]
 
     def stream(tag: int) -> Tensor:
-        """Hash of (seed, stream, step[, uid][, block]): int64 [B, G]."""
+        """Hash of (seed, stream, draw index[, uid][, block]): int64 [B, G]."""
         if config.share_across_batch:
-            h = torch.full((batch, 1), _host_key(seed, tag | _STREAM_SHARED, step), device=device)
+            h = torch.full(
+                (batch, 1), _host_key(seed, tag | _STREAM_SHARED, draw_index), device=device
+            )
         else:
-            h = _combine(_host_key(seed, tag, step), uids)[:, None]
+            h = _combine(_host_key(seed, tag, draw_index), uids)[:, None]
         # Whole-response draws keep the hash without a block index (their values predate blocks).
         return _combine(h, torch.arange(num_windows, device=device)) if config.block_size else h
 

@@ -13,6 +13,8 @@ One call is one training step's loss for a batch dict:
                                     :class:`elbokto.PreferenceCollator` sets it for pairs)
 
 The loss is the one ``loss.loss_type`` names in :data:`elbokto.loss.LOSSES` (ELBO-KTO by default).
+The draws are a pure function of the seed, each row's uid and the call's ``draw_index`` (the
+trainer passes the epoch, so that a revisited example draws afresh).
 
 The reference sees exactly the policy's noisy copies (common random numbers, unless ``crn`` is
 turned off for an ablation), without gradients. It is a frozen model, the policy itself with its
@@ -34,6 +36,7 @@ from elbokto.draws import Draws, MCConfig, pair_uid, sample_draws
 from elbokto.estimate import elbo_estimate
 from elbokto.guards import check_step_values
 from elbokto.loss import LossConfig, compute_loss, kl_baseline
+from elbokto.renames import renamed_keywords
 from elbokto_kernels.backends import Backend
 from elbokto_kernels.grad_filter import FilterEps
 
@@ -70,7 +73,7 @@ class ELBOKTOObjective:
     Attributes:
         mc: how the Monte-Carlo copies are drawn.
         loss: which loss (``loss_type``) and its beta, lambda_d, lambda_u, baseline.
-        seed: seed of the draws (with uid and step they fix every mask).
+        seed: seed of the draws (with uid and draw index they fix every mask).
         mc_chunk_size: copies per forward. None: all B*K copies in one pass with the graph kept
             for backward. An int: memory stays flat in K. The forward is a no-grad pass giving B_hat
             and dLoss/dB_hat; ``loss.backward()`` then re-runs each chunk of copies forward and
@@ -111,6 +114,7 @@ class ELBOKTOObjective:
                 f"mc_chunk_size must be a positive int or None, got {self.mc_chunk_size}"
             )
 
+    @renamed_keywords(step="draw_index")
     def __call__(
         self,
         policy: nn.Module,
@@ -118,10 +122,10 @@ class ELBOKTOObjective:
         *,
         reference: nn.Module | None = None,
         ref_elbo: Tensor | None = None,
-        step: int = 0,
+        draw_index: int = 0,
     ) -> ObjectiveOutput:
         _check_batch(batch)
-        draws = self.draws(batch, step)
+        draws = self.draws(batch, draw_index)
         ref_source = "reference" if ref_elbo is None else "precomputed reference"
         check_kl_reference(
             self.loss.baseline,
@@ -130,12 +134,12 @@ class ELBOKTOObjective:
         )
         if ref_elbo is None:
             ref_elbo = self.reference_elbo(
-                policy, batch, self._reference_draws(batch, step, draws), reference
+                policy, batch, self._reference_draws(batch, draw_index, draws), reference
             )
         elif reference is not None:
             raise ValueError("pass either reference or ref_elbo, not both")
         ref_elbo = ref_elbo.detach().float()
-        kl = self._kl(policy, reference, batch, step) if self.loss.baseline == "kl" else None
+        kl = self._kl(policy, reference, batch, draw_index) if self.loss.baseline == "kl" else None
         chunk_size = self.mc_chunk_size
         if chunk_size is None:
             policy_elbo = self.elbo(policy, batch, draws)
@@ -160,8 +164,9 @@ class ELBOKTOObjective:
         loss = _DeferredBackward.apply(loss.detach(), anchor, backward)
         return ObjectiveOutput(loss, metrics, policy_elbo.detach(), ref_elbo)
 
-    def draws(self, batch: Mapping[str, Tensor], step: int = 0) -> Draws:
-        """The B*K copies of the batch at this step: a pure function of seed, step (0 with
+    @renamed_keywords(step="draw_index")
+    def draws(self, batch: Mapping[str, Tensor], draw_index: int = 0) -> Draws:
+        """The B*K copies of the batch: a pure function of seed, the draw index (0 with
         ``mc.fixed_draws``) and each row's pair_uid (when the batch has one) or uid."""
         return sample_draws(
             self.mc,
@@ -170,7 +175,7 @@ class ELBOKTOObjective:
             batch["input_ids"].shape[1],
             uids=batch.get("pair_uid", batch["uid"]),
             seed=self.seed,
-            step=0 if self.mc.fixed_draws else step,
+            draw_index=0 if self.mc.fixed_draws else draw_index,
         )
 
     def elbo(self, model: nn.Module, batch: Mapping[str, Tensor], draws: Draws) -> Tensor:
@@ -185,10 +190,10 @@ class ELBOKTOObjective:
             raise ValueError("the batch has no examples: no ELBO to estimate")
         return total
 
-    def _reference_draws(self, batch: Mapping[str, Tensor], step: int, draws: Draws) -> Draws:
+    def _reference_draws(self, batch: Mapping[str, Tensor], draw_index: int, draws: Draws) -> Draws:
         if self.crn:
             return draws
-        return replace(self, seed=self.seed + _INDEPENDENT_SEED).draws(batch, step)
+        return replace(self, seed=self.seed + _INDEPENDENT_SEED).draws(batch, draw_index)
 
     @torch.no_grad()
     def reference_elbo(
@@ -211,6 +216,7 @@ class ELBOKTOObjective:
             return self.elbo(policy, batch, draws)
 
     @torch.no_grad()
+    @renamed_keywords(step="draw_index")
     def margins(
         self,
         policy: nn.Module,
@@ -218,7 +224,7 @@ class ELBOKTOObjective:
         *,
         reference: nn.Module | None = None,
         redraws: int = 4,
-        step: int = 0,
+        draw_index: int = 0,
     ) -> Tensor:
         """float32 [redraws, B]: r = B_hat_policy - B_hat_ref under independent redraws (seed + k).
 
@@ -228,15 +234,16 @@ class ELBOKTOObjective:
         rows = []
         for k in range(redraws):
             redraw = replace(self, seed=self.seed + k)
-            draws = redraw.draws(batch, step)
+            draws = redraw.draws(batch, draw_index)
             rows.append(
                 redraw.elbo(policy, batch, draws)
                 - redraw.reference_elbo(
-                    policy, batch, redraw._reference_draws(batch, step, draws), reference
+                    policy, batch, redraw._reference_draws(batch, draw_index, draws), reference
                 )
             )
         return torch.stack(rows)
 
+    @renamed_keywords(step="draw_index")
     def psi(
         self,
         policy: nn.Module,
@@ -244,23 +251,26 @@ class ELBOKTOObjective:
         *,
         reference: nn.Module | None = None,
         redraws: int = 4,
-        step: int = 0,
+        draw_index: int = 0,
     ) -> PsiEstimate:
         """Psi(S), v(S), c(S) of this objective's MC setting on one batch (DESIGN.md §2), with
         psi_baseline for the baseline this objective uses (batch_mean: equal to psi)."""
         _check_batch(batch)
-        margins = self.margins(policy, batch, reference=reference, redraws=redraws, step=step)
+        margins = self.margins(
+            policy, batch, reference=reference, redraws=redraws, draw_index=draw_index
+        )
         baselines: dict[str, Tensor | float] = {"batch_mean": margins.mean(1), "none": 0.0}
         baseline = baselines.get(self.loss.baseline)
         if baseline is None:  # kl: the KL estimate redrawn alongside the margins
             baseline = torch.stack(
                 [
-                    replace(self, seed=self.seed + k)._kl(policy, reference, batch, step)
+                    replace(self, seed=self.seed + k)._kl(policy, reference, batch, draw_index)
                     for k in range(redraws)
                 ]
             )
         return estimate_psi(margins, baseline)
 
+    @renamed_keywords(step="draw_index")
     def gradient_noise(
         self,
         policy: nn.Module,
@@ -268,7 +278,7 @@ class ELBOKTOObjective:
         *,
         reference: nn.Module | None = None,
         redraws: int = 4,
-        step: int = 0,
+        draw_index: int = 0,
     ) -> GradientNoise:
         """Spread of this objective's gradient (over the policy's trainable parameters) under
         independent redraws (seed + k) of one batch: what n_t, n_yt, CRN and the baseline leave
@@ -282,7 +292,7 @@ class ELBOKTOObjective:
             for p in params:
                 p.grad = None
             replace(self, seed=self.seed + k)(
-                policy, batch, reference=reference, step=step
+                policy, batch, reference=reference, draw_index=draw_index
             ).loss.backward()
             return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
@@ -321,7 +331,7 @@ class ELBOKTOObjective:
         return compute_loss(self.loss, policy_elbo, ref_elbo, batch["desirable"], kl)
 
     @torch.no_grad()
-    def _kl(self, policy, reference, batch, step) -> Tensor:
+    def _kl(self, policy, reference, batch, draw_index) -> Tensor:
         """KTO's z0: detached ELBO margin of mismatched pairs (prompt i, response of i + 1)."""
         if batch["input_ids"].shape[0] == 1 and not self._warned_self_pairs:
             # A last partial batch may hold one example: go on, but say so once.
@@ -333,7 +343,7 @@ class ELBOKTOObjective:
                 "batch with --dataloader_drop_last)"
             )
         mismatched = mismatched_batch(batch, self.pad_token_id)
-        draws = self.draws(mismatched, step)
+        draws = self.draws(mismatched, draw_index)
         policy_elbo = self.elbo(policy, mismatched, draws)
         return kl_baseline(policy_elbo, self.reference_elbo(policy, mismatched, draws, reference))
 

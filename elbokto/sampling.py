@@ -21,7 +21,6 @@ Block-diffusion models (LLaDA2.0, SDAR) are sampled by :mod:`elbokto.block_sampl
 the same steps over the model's own blocks with a KV cache.
 """
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,6 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
+
+from elbokto.renames import warn_renamed
 
 __all__ = ["SamplingConfig", "decode_responses", "generate"]
 
@@ -397,11 +398,6 @@ def device_of(model: nn.Module) -> torch.device:
 def __getattr__(name: str):
     # The old name, for one release: it shadowed transformers' GenerationConfig (DESIGN §8).
     if name == "GenerationConfig":
-        warnings.warn(
-            "elbokto.sampling.GenerationConfig is now SamplingConfig; the old name goes "
-            "in the next release",
-            FutureWarning,
-            stacklevel=2,
-        )
+        warn_renamed("elbokto.sampling.GenerationConfig", "SamplingConfig")
         return SamplingConfig
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -219,7 +219,7 @@ class ELBOKTOTrainer(Trainer):
         ref_elbo = None if self.ref_table is None else self.ref_table.lookup(inputs["uid"], epoch)
         try:
             out = self.objective(
-                model, inputs, reference=self.ref_model, ref_elbo=ref_elbo, step=epoch
+                model, inputs, reference=self.ref_model, ref_elbo=ref_elbo, draw_index=epoch
             )
         except NonFiniteError as err:
             self._skip_nonfinite(err, f"step {self.state.global_step}")

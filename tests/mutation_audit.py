@@ -100,18 +100,18 @@ MUTANTS: list[Mutant] = [
     M(
         "draws_uid_ignored",
         "elbokto/draws.py",
-        "h = _combine(_host_key(seed, tag, step), uids)[:, None]",
-        "h = _combine(_host_key(seed, tag, step), uids * 0)[:, None]",
+        "h = _combine(_host_key(seed, tag, draw_index), uids)[:, None]",
+        "h = _combine(_host_key(seed, tag, draw_index), uids * 0)[:, None]",
         ("tests/test_draws.py",),
         "draws: the example uid is left out of the hash",
     ),
     M(
-        "draws_step_ignored",
+        "draws_draw_index_ignored",
         "elbokto/draws.py",
-        "h = _combine(_host_key(seed, tag, step), uids)[:, None]",
+        "h = _combine(_host_key(seed, tag, draw_index), uids)[:, None]",
         "h = _combine(_host_key(seed, tag, 0), uids)[:, None]",
         ("tests/test_draws.py",),
-        "draws: the step is left out of the hash (epochs replay draws)",
+        "draws: the draw index is left out of the hash (epochs replay draws)",
     ),
     M(
         "draws_level_per_copy",

@@ -96,7 +96,7 @@ NUM_EXAMPLES = 12_000
 def test_unbiased_against_enumeration(config, length):
     prompt_lengths, response_lengths, uids = toy_batch(NUM_EXAMPLES, length)
     draws = sample_draws(
-        config, prompt_lengths, response_lengths, 2 + length + 1, uids=uids, seed=11, step=3
+        config, prompt_lengths, response_lengths, 2 + length + 1, uids=uids, seed=11, draw_index=3
     )
     assert_unbiased(estimates(draws, prompt_lengths, length, config.num_copies), exact_elbo(length))
 
@@ -196,7 +196,7 @@ def block_draws(config: MCConfig, n: int = NUM_EXAMPLES) -> Draws:
         PROMPT + RESPONSE + 1,
         uids=uids,
         seed=13,
-        step=1,
+        draw_index=1,
     )
 
 
@@ -270,7 +270,7 @@ def test_block_draws_depend_on_uid_not_on_the_batch(estimator):
     prompt_lengths, response_lengths, uids, seq_len = _ragged_batch()
     k = config.num_copies
     base = sample_draws(
-        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=7, step=2
+        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=7, draw_index=2
     )
     perm = torch.tensor([3, 0, 4, 1, 2])
     other = sample_draws(
@@ -280,7 +280,7 @@ def test_block_draws_depend_on_uid_not_on_the_batch(estimator):
         seq_len + 4,
         uids=torch.cat([uids[perm], torch.tensor([99])]),
         seed=7,
-        step=2,
+        draw_index=2,
     )
     for new, old in enumerate(perm.tolist()):
         for field in ("mask", "weight", "t"):
@@ -288,7 +288,7 @@ def test_block_draws_depend_on_uid_not_on_the_batch(estimator):
             theirs = getattr(other, field)[new * k : (new + 1) * k]
             assert torch.equal(mine, theirs[:, :seq_len]) and not theirs[:, seq_len:].any()
     again = sample_draws(
-        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=8, step=2
+        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=8, draw_index=2
     )
     assert not torch.equal(again.mask, base.mask)
 
@@ -331,7 +331,7 @@ def test_fixed_count_masks_exactly_l_tokens():
     config = MCConfig(n_t=4, n_yt=3)
     k = config.num_copies
     draws = sample_draws(
-        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=1, step=9
+        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=1, draw_index=9
     )
     length = response_lengths.repeat_interleave(k)
     count = draws.mask.sum(-1)
@@ -406,7 +406,7 @@ def test_draws_depend_on_uid_not_on_the_batch(estimator):
     config = MCConfig(estimator=estimator, n_t=2, n_yt=2, eps=0.2)
     k = config.num_copies
     base = sample_draws(
-        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=7, step=2
+        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=7, draw_index=2
     )
     perm = torch.tensor([3, 0, 4, 1, 2])
     # A shuffled batch, with the prompts shifted by one and two extra companions.
@@ -418,7 +418,7 @@ def test_draws_depend_on_uid_not_on_the_batch(estimator):
         seq_len + 1,
         uids=torch.cat([uids[perm], torch.tensor([99, 100])]),
         seed=7,
-        step=2,
+        draw_index=2,
     )
     for new, old in enumerate(perm.tolist()):
         mine = _rows(base, k, old, int(prompt_lengths[old]), int(response_lengths[old]))
@@ -431,10 +431,18 @@ def test_draws_depend_on_uid_not_on_the_batch(estimator):
 def test_step_and_seed_change_the_draws(estimator):
     prompt_lengths, response_lengths, uids = toy_batch(64, 20)
     config = MCConfig(estimator=estimator)
-    base = sample_draws(config, prompt_lengths, response_lengths, 23, uids=uids, seed=0, step=0)
-    again = sample_draws(config, prompt_lengths, response_lengths, 23, uids=uids, seed=0, step=0)
+    base = sample_draws(
+        config, prompt_lengths, response_lengths, 23, uids=uids, seed=0, draw_index=0
+    )
+    again = sample_draws(
+        config, prompt_lengths, response_lengths, 23, uids=uids, seed=0, draw_index=0
+    )
     assert torch.equal(base.mask, again.mask) and torch.equal(base.weight, again.weight)
-    for kwargs in ({"seed": 0, "step": 1}, {"seed": 1, "step": 0}, {"seed": 2**64 + 1, "step": 0}):
+    for kwargs in (
+        {"seed": 0, "draw_index": 1},
+        {"seed": 1, "draw_index": 0},
+        {"seed": 2**64 + 1, "draw_index": 0},
+    ):
         changed = sample_draws(config, prompt_lengths, response_lengths, 23, uids=uids, **kwargs)
         assert (changed.t != base.t).any()
         assert (changed.mask != base.mask).any(-1).float().mean() > 0.9
@@ -529,7 +537,7 @@ def test_authors_draws_are_their_random_calls():
         draws.weight, torch.where(length > 0, length / (count.clamp(min=1) * k), 0.0).float()
     )
     assert torch.equal(draws.t, torch.where(length > 0, count / length.clamp(min=1), 0.0).float())
-    # Any batch composition: a shuffled batch, prompts shifted, a companion, a step.
+    # Any batch composition: a shuffled batch, prompts shifted, a companion, a draw index.
     perm = torch.tensor([5, 3, 0, 4, 1, 2])
     other = sample_draws(
         config,
@@ -538,7 +546,7 @@ def test_authors_draws_are_their_random_calls():
         seq_len + 1,
         uids=torch.cat([uids[perm], torch.tensor([99])]),
         seed=0,
-        step=4,
+        draw_index=4,
     )
     for new, old in enumerate(perm.tolist()):
         mine = draws.mask[old * k : (old + 1) * k]
@@ -607,7 +615,9 @@ def test_input_validation():
 def test_cuda_draws_match_cpu(estimator, share):
     prompt_lengths, response_lengths, uids, seq_len = _ragged_batch()
     config = MCConfig(estimator=estimator, n_t=3, n_yt=2, share_across_batch=share, eps=0.2)
-    cpu = sample_draws(config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=8, step=5)
+    cpu = sample_draws(
+        config, prompt_lengths, response_lengths, seq_len, uids=uids, seed=8, draw_index=5
+    )
     cuda = sample_draws(
         config,
         prompt_lengths.cuda(),
@@ -615,7 +625,7 @@ def test_cuda_draws_match_cpu(estimator, share):
         seq_len,
         uids=uids.cuda(),
         seed=8,
-        step=5,
+        draw_index=5,
     )
     for name in ("mask", "weight", "sample_index", "t"):
         assert torch.equal(getattr(cuda, name).cpu(), getattr(cpu, name)), name

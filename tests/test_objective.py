@@ -34,8 +34,8 @@ def test_loss_is_the_formula_on_the_estimates():
     policy, reference = policy_and_reference(on_test_device=True)
     batch = on_device(tiny_batch())
     obj = ELBOKTOObjective(mc=MCConfig(n_t=4), loss=LossConfig(beta=0.5, lambda_u=1.5))
-    out = obj(policy, batch, reference=reference, step=2)
-    draws = obj.draws(batch, step=2)
+    out = obj(policy, batch, reference=reference, draw_index=2)
+    draws = obj.draws(batch, draw_index=2)
     ref_elbo = obj.elbo(reference, batch, draws)
     torch.testing.assert_close(out.ref_elbo, ref_elbo)  # same draws: common random numbers
     r = out.policy_elbo.double() - ref_elbo.double()
@@ -279,3 +279,20 @@ def test_filter_eps_reaches_the_fused_head(monkeypatch):
     assert seen == [None, None, 2.0**-12, 2.0**-12]
     for exact, filtered in zip(*grads):
         assert (filtered - exact).abs().max() <= 1e-3 * exact.abs().max() + 1e-8
+
+
+def test_the_old_step_keyword_still_works_and_warns():
+    """``step=`` was renamed ``draw_index=`` (glossary): accepted for one release, with a warning;
+    both at once is an error."""
+    policy, reference = policy_and_reference()
+    batch = tiny_batch()
+    obj = ELBOKTOObjective(mc=MCConfig(n_t=2))
+    with pytest.warns(FutureWarning, match=r"ELBOKTOObjective.draws\(step=\) is now draw_index="):
+        old = obj.draws(batch, step=3)
+    assert torch.equal(old.mask, obj.draws(batch, draw_index=3).mask)
+    assert not torch.equal(old.mask, obj.draws(batch).mask)
+    with pytest.warns(FutureWarning, match="draw_index="):
+        loss = obj(policy, batch, reference=reference, step=3).loss
+    assert loss == obj(policy, batch, reference=reference, draw_index=3).loss
+    with pytest.raises(TypeError, match="pass draw_index="):
+        obj.draws(batch, step=3, draw_index=3)

@@ -193,11 +193,11 @@ def test_official_preset_reproduces_the_authors_computation(tmp_path):
 
     # The masks: the authors' own random calls, seeded by the row numbers; the same every epoch.
     masks = authors_masks(rows, prompt_len, comp_len, SHORT, k)  # [K, B, T]
-    draws = objective.draws(batch, step=0)
+    draws = objective.draws(batch, draw_index=0)
     assert torch.equal(draws.mask.view(len(rows), k, SHORT).transpose(0, 1), masks)
-    assert torch.equal(objective.draws(batch, step=3).mask, draws.mask)
+    assert torch.equal(objective.draws(batch, draw_index=3).mask, draws.mask)
 
-    out = objective(policy, batch, reference=reference, step=2)
+    out = objective(policy, batch, reference=reference, draw_index=2)
     want_policy = authors_elbo(policy, ids, masks, comp_len, mask_id)
     want_ref = authors_elbo(reference, ids, masks, comp_len, mask_id)
     torch.testing.assert_close(out.policy_elbo, want_policy.detach(), rtol=1e-5, atol=1e-5)

@@ -82,7 +82,7 @@ def train_sft(
             batch["input_ids"].shape[1],
             uids=batch["uid"],
             seed=config.seed,
-            step=step,
+            draw_index=step,
         )
         elbo = elbo_estimate(
             model,
@@ -199,8 +199,8 @@ def train_kto(
 ) -> dict:
     """ELBO-KTO with AdamW, ``kto_epochs`` passes over ``rows`` in seeded random batches.
 
-    The draws of step s use ``step=s``. With ``crn=False`` the reference scores independent
-    noisy copies (see :class:`ELBOKTOObjective`).
+    The draws of optimizer step s use draw index s. With ``crn=False`` the reference scores
+    independent noisy copies (see :class:`ELBOKTOObjective`).
 
     Returns per-step ``loss``, ``margins`` (rewards/chosen - rewards/rejected, i.e.
     beta * (mean r over desirable - mean r over undesirable)), ``saturated`` (the share of the
@@ -227,7 +227,7 @@ def train_kto(
     policy.train()
     for step, index in enumerate(batches):
         batch = encoder.batch([rows[i] for i in index])
-        out = objective(policy, batch, reference=reference, step=step)
+        out = objective(policy, batch, reference=reference, draw_index=step)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()

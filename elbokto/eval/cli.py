@@ -30,9 +30,9 @@ def main(argv: list[str]) -> int:
 def winrate(argv: list[str]) -> int:
     from transformers import HfArgumentParser
 
-    from elbokto.cli_args import renamed_flags
     from elbokto.eval.judge import JudgeConfig
     from elbokto.eval.winrate import WinrateArgs, run_winrate
+    from elbokto.renames import renamed_flags
     from elbokto.sampling import SamplingConfig
 
     # transformers annotates the dataclasses as DataClassType, a NewType that no class matches.

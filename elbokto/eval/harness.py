@@ -40,7 +40,6 @@ import inspect
 import json
 import logging
 import os
-import warnings
 from collections import defaultdict
 from dataclasses import replace
 from typing import Literal
@@ -68,6 +67,7 @@ from elbokto.models import (
     resolve_mask_token_id,
     uses_shifted_logits,
 )
+from elbokto.renames import warn_renamed
 from elbokto.sampling import SamplingConfig, decode_responses
 from elbokto_kernels.backends import Backend
 
@@ -141,12 +141,7 @@ class DiffusionLM(TemplateLM):
     ) -> None:
         super().__init__()
         if mc_batch_size is not None:  # the old name, for one release (DESIGN §8, "copy chunk")
-            warnings.warn(
-                "the lm-eval model arg mc_batch_size is now mc_chunk_size; the old "
-                "name goes in the next release",
-                FutureWarning,
-                stacklevel=2,
-            )
+            warn_renamed("the lm-eval model arg mc_batch_size", "mc_chunk_size")
             mc_chunk_size = mc_batch_size
         if is_greedy_mode not in GREEDY_MODES:
             raise ValueError(f"is_greedy_mode={is_greedy_mode!r}; expected one of {GREEDY_MODES}")
