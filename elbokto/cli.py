@@ -18,7 +18,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from elbokto.cli_args import (
     DemoArgs,
@@ -33,14 +35,18 @@ from elbokto.presets import PresetArgs, preset_values
 COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "merge", "demo", "eval", "selfcheck")
 
 
-def _parse(prog: str, dataclasses, argv):
+def _parse(prog: str, dataclasses: Sequence[type], argv: list[str]) -> tuple[Any, ...]:
     """One instance per dataclass, from argv. With :class:`PresetArgs` among the dataclasses,
     ``--preset NAME`` makes the preset's values the defaults, so that explicit flags win."""
     from transformers import HfArgumentParser
+    from transformers.hf_argparser import DataClassType
 
-    parser = HfArgumentParser(dataclasses, prog=f"elbokto {prog}")
+    # DataClassType is the parser's NewType for "a dataclass"; it wraps nothing at run time.
+    parser = HfArgumentParser([DataClassType(d) for d in dataclasses], prog=f"elbokto {prog}")
     if PresetArgs in dataclasses:
-        known, _ = HfArgumentParser([PresetArgs], add_help=False).parse_known_args(argv)
+        known, _ = HfArgumentParser([DataClassType(PresetArgs)], add_help=False).parse_known_args(
+            argv
+        )
         if known.preset is not None:
             parser.set_defaults(**preset_values(known.preset))
     return parser.parse_args_into_dataclasses(argv)

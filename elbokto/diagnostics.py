@@ -130,7 +130,7 @@ def estimate_gradient_noise(gradients: Iterable[Sequence[Tensor]]) -> GradientNo
     for grads in gradients:
         grads = [g.detach().float() for g in grads]
         num_redraws += 1
-        if num_redraws == 1:
+        if deviations is None:  # the first redraw
             mean = [g.clone() for g in grads]
             deviations = torch.zeros((), dtype=torch.float64, device=grads[0].device)
             continue
@@ -140,11 +140,15 @@ def estimate_gradient_noise(gradients: Iterable[Sequence[Tensor]]) -> GradientNo
             delta = g - m
             m.add_(delta, alpha=1 / num_redraws)
             deviations += (delta * (g - m)).sum(dtype=torch.float64).to(deviations.device)
-    if num_redraws < 2:
+    if deviations is None or num_redraws < 2:
         raise ValueError(f"got {num_redraws} redraws; need R >= 2")
-    mean_sq = sum(m.square().sum(dtype=torch.float64).to(deviations.device) for m in mean)
-    variance, mean_sq = (float(x) for x in torch.stack([deviations / (num_redraws - 1), mean_sq]))
-    signal = mean_sq - variance / num_redraws
+    # A float64 zero to start from (0 + x is exact): the sum is a tensor even without parameters.
+    mean_sq = sum(
+        (m.square().sum(dtype=torch.float64).to(deviations.device) for m in mean),
+        torch.zeros_like(deviations),
+    )
+    variance, norm_sq = torch.stack([deviations / (num_redraws - 1), mean_sq]).tolist()
+    signal = norm_sq - variance / num_redraws
     return GradientNoise(
         variance=variance,
         signal=signal,

@@ -205,6 +205,8 @@ def _move_in(staging: Path, dest: Path) -> None:
     files, weights last, then the new marker. Until the marker, ``dest`` is unmarked and holds
     the whole old model, or no weights, or the whole new model: never a mix that loads."""
     files = _manifest(staging)
+    if files is None:
+        raise RuntimeError(f"{staging}: no readable {MARKER}; only a sealed folder is moved in")
     if (dest / MARKER).exists():
         os.replace(dest / MARKER, staging / _PREVIOUS)
         fsync_dir(staging)

@@ -135,7 +135,9 @@ class JudgeLabeller:
                 j.error,
                 final=not j.transient,
             )
-            for j in self.judge.judge(list(items))
+            # PairwiseJudge.judge is annotated for its (question, A, B) items; its loop takes
+            # items of any length (_judge_one, _key), here (question, answer).
+            for j in self.judge.judge(list(items))  # type: ignore[arg-type]
         ]
 
 
@@ -183,6 +185,7 @@ def import_function(spec: str) -> Callable:
             f"--labeller {spec!r}: expected 'judge' or 'module:function', e.g. "
             "'my_checks:exact_match'"
         )
+    target: object
     try:
         target = importlib.import_module(module_name)
     except ImportError as err:

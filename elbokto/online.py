@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from transformers import PreTrainedTokenizerBase
 
 from elbokto import durable
 from elbokto.block_sampling import sampler_for
@@ -250,6 +252,10 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
             callbacks, ...
     """
 
+    # Narrower than ELBOKTOTrainer's: __init__ takes an OnlineConfig and requires the tokenizer.
+    args: OnlineConfig
+    processing_class: PreTrainedTokenizerBase
+
     def __init__(
         self,
         model: nn.Module,
@@ -278,17 +284,24 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         tokenizer = self.processing_class
         self.collator = collator or PreferenceCollator(tokenizer.pad_token_id or 0)
         self.generation, self.sampler = sampler_for(model, args.generation, args.block_size)
+        assert args.output_dir is not None  # TrainingArguments.__post_init__ sets it
         folder = Path(args.output_dir) / "online"
         rank = self.args.process_index
         self.labels = LabelStore(labeller, folder, rank)
         self.samples_file = folder / f"samples-rank{rank}.jsonl"
         self.base_objective = self.objective
+        # The loop's own metrics are host numbers (counts, seconds): floats until logging, where
+        # they cross to the device once. A device tensor made from each per micro-step would be
+        # a host-to-device copy that waits for the queued backward (a host sync) per metric.
+        self._online_metrics: defaultdict[str, list[float]] = defaultdict(list)
         self._warned_balance = False
         self._micro = (-1, 0)  # (optimizer step, micro-batch within it) of the last micro-step
 
     def training_step(
-        self, model: nn.Module, inputs: dict[str, list], num_items_in_batch=None
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None
     ) -> torch.Tensor:
+        """One micro-step on a batch of :func:`collate_prompts` (lists of prompts, not tensors):
+        sample, label, then the ELBO-KTO step on the labelled samples."""
         start = time.perf_counter()
         step = self.state.global_step
         self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
@@ -297,7 +310,7 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         labels = self.labels([(s.prompt, s.response) for s in samples])
         labelled = time.perf_counter()
         kept = [(s, label) for s, (label, _) in zip(samples, labels) if label.desirable is not None]
-        n_desirable = sum(label.desirable for _, label in kept)
+        n_desirable = sum(1 for _, label in kept if label.desirable)
         counts = torch.tensor(
             [
                 n_desirable,
@@ -308,6 +321,8 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
             dtype=torch.float64,
             device=self.args.device,
         )
+        # The loop's one round trip to the device (cheap: the sampler's tokens.tolist() has
+        # drained the stream): lambda_D, a number of the loss config, needs the global counts.
         n_d, n_u, dropped, stored = self.accelerator.reduce(counts, reduction="sum").tolist()
         self.objective = replace(
             self.base_objective,
@@ -332,7 +347,7 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
             ("time/labelling", labelled - sampled),
             ("time/training", trained - labelled),
         ):
-            self._metrics["train"][name].append(torch.tensor(value, device=self.args.device))
+            self._online_metrics[name].append(value)
         self._log_samples(samples, labels)
         return loss
 
@@ -440,6 +455,23 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         loss = loss + sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
         return (loss, None) if return_outputs else loss
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's logs with the loop's metrics of a training log: each the mean over the
+        micro-steps since the last log (and the processes), every micro-step weighing the same,
+        an empty one included."""
+        if self._online_metrics and not any(k.startswith("eval_") for k in logs):
+            names = sorted(self._online_metrics)
+            values = self._online_metrics
+            totals = torch.tensor(
+                [[sum(values[name]), len(values[name])] for name in names],
+                dtype=torch.float64,
+                device=self.args.device,
+            )
+            totals = self.accelerator.reduce(totals, reduction="sum")
+            logs.update({name: total / n for name, (total, n) in zip(names, totals.tolist())})
+            self._online_metrics.clear()
+        super().log(logs, start_time)
+
     def _log_samples(self, samples: list[Sample], labels: list[tuple[Label, bool]]) -> None:
         append_lines(
             self.samples_file,
@@ -474,6 +506,7 @@ def train_online(
     from elbokto.models import load_model, prepare_policy
     from elbokto.run import _reference, _settle_model_fields, tokenizer_for
 
+    assert config.output_dir is not None  # TrainingArguments.__post_init__ sets it
     if config.should_save:
         durable.recover(config.output_dir)
     resume_from_checkpoint = resume_checkpoint(config.output_dir, resume_from_checkpoint)

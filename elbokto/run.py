@@ -12,10 +12,11 @@ import logging
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar, cast
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import IntervalStrategy
+from transformers import IntervalStrategy, PreTrainedModel
 
 from elbokto import durable
 from elbokto.block import check_block_attention, resolve_block_size
@@ -57,6 +58,8 @@ from elbokto.tiny import build_tiny_tokenizer
 from elbokto.trainer import ELBOKTOConfig, ELBOKTOTrainer, resume_checkpoint
 
 logger = logging.getLogger(__name__)
+
+_Config = TypeVar("_Config", bound=ELBOKTOConfig)
 
 
 def tokenizer_for(model_cfg: ModelConfig, data_cfg: DataConfig | None = None):
@@ -100,7 +103,7 @@ def check_draw_keys(data_cfg: DataConfig, train_cfg: ELBOKTOConfig) -> None:
         )
 
 
-def _settle_model_fields(train_cfg: ELBOKTOConfig, model, tokenizer) -> ELBOKTOConfig:
+def _settle_model_fields(train_cfg: _Config, model, tokenizer) -> _Config:
     """A copy of ``train_cfg`` with the mask token, logit shift and block size from the model
     where the flags leave them open; a block-diffusion model is checked end to end
     (:func:`check_block_attention`). The caller's config is left as it was."""
@@ -140,6 +143,7 @@ def train(
         can_score=model_cfg.lora_r > 0,
     )
     check_draw_keys(data_cfg, train_cfg)
+    assert train_cfg.output_dir is not None  # TrainingArguments.__post_init__ sets it
     if train_cfg.should_save:
         durable.recover(train_cfg.output_dir)
     resume_from_checkpoint = resume_checkpoint(train_cfg.output_dir, resume_from_checkpoint)
@@ -308,7 +312,10 @@ def generate_text(
     if model_cfg.model_name_or_path == TINY:
         raise ValueError("generate needs a trained model: pass --model_name_or_path")
     tokenizer = load_tokenizer(model_cfg)
-    model = load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
+    # load_model's models are transformers models (a typed config; save_pretrained).
+    model = cast(
+        PreTrainedModel, load_model(model_cfg.model_name_or_path, model_cfg, tokenizer=tokenizer)
+    )
     model = model.eval().to(device)
     gen_cfg = copy.copy(gen_cfg)  # settled from the model below; the caller's stays as it was
     if gen_cfg.mask_token_id is None:
@@ -343,10 +350,13 @@ def merge(model_cfg: ModelConfig, args: MergeArgs) -> Path:
             "merged model needs a folder of its own"
         )
     tokenizer = load_tokenizer(model_cfg)
-    model = load_model(adapter, model_cfg, tokenizer=tokenizer)
-    durable.publish(
-        out, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging))
-    )
+    model = cast(PreTrainedModel, load_model(adapter, model_cfg, tokenizer=tokenizer))
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    durable.publish(out, write)
     return out
 
 
@@ -408,6 +418,7 @@ def diagnose(
                 ).relative_variance
                 for b in batches
             ) / len(batches)
+    assert train_cfg.output_dir is not None  # TrainingArguments.__post_init__ sets it
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     durable.atomic_write(out / "diagnose.json", json.dumps(rows, indent=1))

@@ -173,6 +173,10 @@ class ELBOKTOTrainer(Trainer):
             callbacks, ...).
     """
 
+    # Narrower than the Trainer's own: __init__ takes exactly these.
+    args: ELBOKTOConfig
+    model: nn.Module
+
     def __init__(
         self,
         model: nn.Module,
@@ -197,7 +201,7 @@ class ELBOKTOTrainer(Trainer):
         # The loss is a per-micro-batch mean: the Trainer must divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         pad_token_id = getattr(self.processing_class, "pad_token_id", None) or 0
-        self.objective = args.objective(pad_token_id=pad_token_id)
+        self.objective: ELBOKTOObjective = args.objective(pad_token_id=pad_token_id)
         self.ref_table = ref_table
         if ref_table is not None:
             if self.train_dataset is not None:
@@ -258,6 +262,7 @@ class ELBOKTOTrainer(Trainer):
         if _internal_call:
             super().save_model(output_dir, _internal_call)
             return
+        assert self.args.output_dir is not None  # TrainingArguments.__post_init__ sets it
         dest = Path(output_dir or self.args.output_dir)
         staging = durable.staging_folder(dest)
         if self.args.should_save:
@@ -317,9 +322,9 @@ def resume_checkpoint(output_dir: str, checkpoint: str | bool | None) -> str | b
     that is complete (:func:`elbokto.durable.check_complete`: sealed after its save, every file
     it listed there with its size); each newer folder it falls back past is named in a warning
     with the reason. A named folder must be complete too."""
-    if checkpoint in (None, False):
+    if checkpoint is None or checkpoint is False:
         return checkpoint
-    if checkpoint not in ("last", True):
+    if isinstance(checkpoint, str) and checkpoint != "last":
         problem = durable.check_complete(checkpoint)
         if problem is not None:
             raise ValueError(

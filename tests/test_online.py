@@ -80,6 +80,24 @@ def test_faulty_judge_loses_no_step_and_mislabels_nothing(tmp_path):
     assert sum(history(run, "online/judge_errors")) == sum(s["desirable"] is None for s in logged)
 
 
+def test_a_step_without_labels_logs_with_the_others(tmp_path):
+    # Every sample of the second step goes unlabelled; a log covers three steps. That step's
+    # loop metrics count like the others' (its batch is empty, its judge errors are not), and
+    # the objective's metrics pool the labelled steps only.
+    calls = []
+
+    def flaky(prompt, response):
+        calls.append(prompt)
+        return None if 16 < len(calls) <= 32 else ascii_start(prompt, response)
+
+    run = trainer(tmp_path, CallableLabeller(flaky, name="flaky"), max_steps=6, logging_steps=3)
+    run.train()
+    assert run.state.global_step == 6
+    assert history(run, "online/judge_errors")[0] == pytest.approx(16 / 3)  # 0, 16, 0
+    first = next(e for e in run.state.log_history if "online/judge_errors" in e)
+    assert first["count/chosen"] + first["count/rejected"] == 2 * 16
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_resume_replays_no_labeller_call(tmp_path, accumulation):
     calls = []
