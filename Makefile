@@ -41,7 +41,7 @@ lint: EXTRAS = dev
 lint: install
 	$(PY) -m ruff format --check $(PY_SOURCES)
 	$(PY) -m ruff check $(PY_SOURCES)
-	$(PY) -m mypy elbokto_kernels
+	$(PY) -m mypy elbokto_kernels elbokto
 
 # The compat lane on the other stacks of the supported matrix (tests/compat.py: venvs of their own,
 # cached under ~/.cache/elbokto/compat); stdlib-only, so no install step.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from elbokto_kernels.grad_filter import FilterEps
+
 
 @dataclass
 class GenerateArgs:
@@ -161,14 +163,14 @@ class DemoArgs:
     )
 
 
-def filter_eps_flag(value: str | float | None, half: bool) -> float | str | None:
+def filter_eps_flag(value: str | float | None, half: bool) -> FilterEps:
     """--filter_eps as the objective takes it: unset -> "auto" in half precision, else None;
     "auto" as it is; a number (a float, its text, or a power written ``2**-12`` / ``2^-12``) as a
     float."""
     if value is None:
         return "auto" if half else None
     if value == "auto":
-        return value
+        return "auto"
     power = re.fullmatch(r"\s*([0-9.]+)\s*(?:\*\*|\^)\s*([-+]?[0-9]+)\s*", str(value))
     try:
         eps = float(power[1]) ** int(power[2]) if power else float(value)

@@ -38,6 +38,7 @@ from elbokto.objective import ELBOKTOObjective, check_kl_reference  # noqa: E402
 from elbokto.precompute import ReferenceTable  # noqa: E402
 from elbokto_kernels import BACKENDS  # noqa: E402
 from elbokto_kernels.backends import Backend  # noqa: E402
+from elbokto_kernels.grad_filter import FilterEps  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class ELBOKTOConfig(TrainingArguments, MCConfig, LossConfig):
         filter_eps_flag(self.filter_eps, self.bf16 or self.fp16)  # a bad --filter_eps raises now
 
     @property
-    def lm_head_filter_eps(self) -> float | str | None:
+    def lm_head_filter_eps(self) -> FilterEps:
         """--filter_eps resolved: unset -> "auto" with --bf16 / --fp16, else None (exact)."""
         return filter_eps_flag(self.filter_eps, self.bf16 or self.fp16)
 
