@@ -9,10 +9,12 @@ One optimizer micro-step of :class:`OnlineELBOKTOTrainer`, per process:
    block KV cache), seeded by (seed, step, process);
 3. a label each (:mod:`elbokto.labellers`, through a :class:`LabelStore`); unlabelled samples are
    dropped and counted;
-4. the labelled samples as token rows, padded by :class:`elbokto.data.PreferenceCollator`, and
-   the ELBO-KTO step of :class:`elbokto.ELBOKTOTrainer` on them against the frozen reference
-   (the same objective, draws, kernels and per-batch baseline), with lambda_D set by the class
-   balance of the step's global batch (:func:`balanced_lambda_d`).
+4. the labelled samples as token rows, shared out evenly between the processes (:func:`share_rows`:
+   labels drop unevenly, and a process without a row would skip collectives the others run),
+   padded by :class:`elbokto.data.PreferenceCollator`, and the ELBO-KTO step of
+   :class:`elbokto.ELBOKTOTrainer` on them against the frozen reference (the same objective,
+   draws, kernels and per-batch baseline), with lambda_D set by the class balance of the step's
+   global batch (:func:`balanced_lambda_d`).
 
 Files under ``<output_dir>/online/``: ``labels-rank<r>.jsonl`` (the label store) and
 ``samples-rank<r>.jsonl`` (every sample: step, prompt, response, label, verdict). Metrics, beside
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedTokenizerBase
@@ -173,6 +176,23 @@ def balanced_lambda_d(
     return lambda_d * min(max(ratio, low), high) / ratio
 
 
+def share_rows(rows: list[list[Any]], rank: int) -> tuple[list[Any], float]:
+    """This process's share of the step's labelled rows and the factor on its loss, from every
+    process's rows (``rows[k]``: process k's, in order).
+
+    With N rows over W processes, N >= W: process k takes rows k, k + W, ... of the concatenation
+    (floor or ceil of N / W each), and its local mean loss is scaled by m_k W / N, so that the
+    data-parallel average of the gradients is that of the mean over the N rows. 0 < N < W: every
+    process takes all N rows at factor 1 (W equal gradients; the batch-mean baseline over W
+    copies of each row is the N rows' mean). N = 0: nothing, factor 1."""
+    every = [row for process in rows for row in process]
+    world = len(rows)
+    if len(every) >= world:
+        mine = every[rank::world]
+        return mine, len(mine) * world / len(every)
+    return every, 1.0
+
+
 @dataclass
 class Sample:
     """One sampled response: the prompt's text (what a labeller sees) and tokens, the response's
@@ -295,6 +315,7 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         # a host-to-device copy that waits for the queued backward (a host sync) per metric.
         self._online_metrics: defaultdict[str, list[float]] = defaultdict(list)
         self._warned_balance = False
+        self._loss_factor = 1.0  # this process's share of the step's rows (share_rows)
         self._micro = (-1, 0)  # (optimizer step, micro-batch within it) of the last micro-step
 
     def training_step(
@@ -334,8 +355,8 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
                 step,
                 int(dropped),
             )
-        batch = self._batch(kept)
-        loss = super().training_step(model, batch, num_items_in_batch)
+        rows, self._loss_factor = self._share(self._rows(kept))
+        loss = super().training_step(model, self._collate(rows), num_items_in_batch)
         trained = time.perf_counter()
         total = n_d + n_u + dropped
         for name, value in (
@@ -412,42 +433,55 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
             )
         return lambda_d
 
-    def _batch(self, kept: list[tuple[Sample, Label]]) -> dict[str, torch.Tensor]:
-        """The collated token rows of the labelled samples; uid (the key of their draws) is
-        unique per (micro-step, process, sample), so every sample gets fresh draws. Without any: an
-        empty batch (:meth:`compute_loss` handles it)."""
-        if not kept:
-            empty = torch.zeros(0, dtype=torch.long)
-            return {
-                "input_ids": torch.zeros(0, 1, dtype=torch.long),
-                "prompt_lengths": empty,
-                "response_lengths": empty,
-                "uid": empty,
-                "desirable": torch.zeros(0, dtype=torch.bool),
-            }
+    def _rows(self, kept: list[tuple[Sample, Label]]) -> list[dict[str, Any]]:
+        """The collator's rows of the labelled samples; uid (the key of their draws) is unique per
+        (micro-step, process, sample), so every sample gets fresh draws."""
         first = (
             (self._micro_step() * self.args.world_size + self.args.process_index)
             * self.args.per_device_train_batch_size
             * self.args.num_samples_per_prompt
         )
-        return self.collator(
-            [
-                {
-                    "input_ids": s.prompt_ids + s.response_ids,
-                    "prompt_length": len(s.prompt_ids),
-                    "response_length": len(s.response_ids),
-                    "desirable": label.desirable,
-                    "uid": first + i,
-                }
-                for i, (s, label) in enumerate(kept)
-            ]
-        )
+        return [
+            {
+                "input_ids": s.prompt_ids + s.response_ids,
+                "prompt_length": len(s.prompt_ids),
+                "response_length": len(s.response_ids),
+                "desirable": label.desirable,
+                "uid": first + i,
+            }
+            for i, (s, label) in enumerate(kept)
+        ]
+
+    def _share(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
+        """This process's share of every process's rows, and its loss factor (:func:`share_rows`).
+        One gather of the rows (token lists) per micro-step, only with several processes."""
+        if self.args.world_size == 1:
+            return rows, 1.0
+        return share_rows(gather_object([rows]), self.args.process_index)
+
+    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The padded batch of the rows; without any, an empty batch (:meth:`compute_loss`)."""
+        if rows:
+            return self.collator(rows)
+        empty = torch.zeros(0, dtype=torch.long)
+        return {
+            "input_ids": torch.zeros(0, 1, dtype=torch.long),
+            "prompt_lengths": empty,
+            "response_lengths": empty,
+            "uid": empty,
+            "desirable": torch.zeros(0, dtype=torch.bool),
+        }
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if inputs["input_ids"].shape[0]:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # Every sample of this process lost its label: it still joins the baseline's all-reduce
-        # and the gradient average, adding nothing.
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self._loss_factor == 1.0:
+                return out
+            if return_outputs:
+                return out[0] * self._loss_factor, out[1]
+            return out * self._loss_factor
+        # No process has a labelled row (share_rows gives every process one when any has): all
+        # take this path, the baseline's all-reduce included, and add nothing.
         empty = torch.zeros(0, device=self.args.device)
         config = self.objective.loss
         kl = kl_baseline(empty, empty) if config.baseline == "kl" else None

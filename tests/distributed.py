@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -30,7 +31,27 @@ def torchrun(
         str(script),
         *args,
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    # Output to files, not pipes: a rank outliving the launcher would hold a pipe open. On a
+    # hang, SIGTERM makes torchrun stop its ranks (they run in sessions of their own); then the
+    # launcher goes.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        launcher = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        hung = False
+        try:
+            launcher.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            hung = True
+            launcher.terminate()
+            try:
+                launcher.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                launcher.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    assert not hung, f"the ranks hung past {timeout} s: {stderr[-3000:]}"
+    result = subprocess.CompletedProcess(cmd, launcher.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from distributed import torchrun
 from online_runs import ascii_start, samples, trainer, write_prompts
 from training_runs import history
@@ -14,7 +15,7 @@ from training_runs import history
 from elbokto.eval import RuleJudgeServer
 from elbokto.eval.template import POINTWISE_SLOTS, load_template
 from elbokto.labellers import CallableLabeller
-from elbokto.online import balanced_lambda_d
+from elbokto.online import balanced_lambda_d, share_rows
 
 
 def test_online_loop_raises_the_desirable_rate(tmp_path):
@@ -137,23 +138,53 @@ def test_resume_replays_no_labeller_call(tmp_path, accumulation):
     ]
 
 
+@pytest.mark.parametrize("counts", [(3, 0), (0, 5), (4, 4), (2, 7, 0), (1, 0), (0, 1, 0), (0, 0)])
+def test_shared_rows_keep_the_global_mean(counts):
+    """Every process gets a row when any has one, and the data-parallel average of the processes'
+    factor-scaled local means is the mean over the step's rows, for any split of the labels."""
+    world = len(counts)
+    values = iter(torch.randn(sum(counts), dtype=torch.float64).tolist())
+    rows = [[next(values) for _ in range(n)] for n in counts]
+    shares = [share_rows(rows, rank) for rank in range(world)]
+    every = [v for process in rows for v in process]
+    if not every:
+        assert shares == [([], 1.0)] * world
+        return
+    assert all(mine for mine, _ in shares)
+    averaged = sum(factor * sum(mine) / len(mine) for mine, factor in shares) / world
+    assert averaged == pytest.approx(sum(every) / len(every), rel=1e-12)
+    if len(every) >= world:  # a partition, as even as it goes
+        assert sorted(v for mine, _ in shares for v in mine) == sorted(every)
+        assert max(len(m) for m, _ in shares) - min(len(m) for m, _ in shares) <= 1
+
+
 @pytest.mark.slow
-def test_two_ranks_split_the_prompts(tmp_path):
+def test_two_ranks_split_the_prompts_and_share_the_labelled_rows(tmp_path):
+    """Rank 1's labeller answers nothing: its process still trains, on its share of rank 0's
+    rows (a process without rows skipped the collectives and hung the run), and the two ranks'
+    weights stay equal (both joined every gradient all-reduce)."""
     script = tmp_path / "rank.py"
     script.write_text(f"""
 import os, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from pathlib import Path
-import torch.distributed as dist
+import torch, torch.distributed as dist
 from elbokto.labellers import CallableLabeller
 from online_runs import ascii_start, trainer
-run = trainer(Path({str(tmp_path)!r}), CallableLabeller(ascii_start, name="ascii"), max_steps=2,
+rank = int(os.environ["RANK"])
+label = (lambda prompt, response: None) if rank == 1 else ascii_start
+run = trainer(Path({str(tmp_path)!r}), CallableLabeller(label, name="ascii"), max_steps=2,
               per_device_train_batch_size=4, num_samples_per_prompt=1)
 run.train()
+weights = torch.cat([p.detach().flatten() for p in run.model.parameters()])
+torch.save(weights, Path({str(tmp_path)!r}, f"weights{{rank}}.pt"))
 dist.barrier()
 os._exit(0)  # skip teardown: gloo's threads sometimes abort at interpreter exit
 """)
-    torchrun(script)
+    torchrun(script, timeout=300)
+    w0, w1 = (torch.load(tmp_path / f"weights{rank}.pt") for rank in (0, 1))
+    assert torch.equal(w0, w1) and torch.isfinite(w0).all()
+    assert all(s["desirable"] is None for s in samples(tmp_path, 1))
     prompts = [
         json.loads(line)["prompt"] for line in (tmp_path / "prompts.jsonl").read_text().splitlines()
     ]
