@@ -12,6 +12,7 @@ replay the very draws of an uninterrupted one.
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -316,7 +317,9 @@ class ELBOKTOTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def resume_checkpoint(output_dir: str, checkpoint: str | bool | None) -> str | bool | None:
+def resume_checkpoint(
+    output_dir: str, checkpoint: str | os.PathLike[str] | bool | None
+) -> str | bool | None:
     """The checkpoint that ``--resume_from_checkpoint`` names, checked before anything loads.
 
     "last" (or True, the Trainer's spelling): the newest ``checkpoint-N`` folder under output_dir
@@ -325,14 +328,14 @@ def resume_checkpoint(output_dir: str, checkpoint: str | bool | None) -> str | b
     with the reason. A named folder must be complete too."""
     if checkpoint is None or checkpoint is False:
         return checkpoint
-    if isinstance(checkpoint, str) and checkpoint != "last":
+    if checkpoint is not True and checkpoint != "last":
         problem = durable.check_complete(checkpoint)
         if problem is not None:
             raise ValueError(
                 f"--resume_from_checkpoint {checkpoint}: {problem}; resume from an "
                 'earlier checkpoint (or "last", which finds the newest complete)'
             )
-        return checkpoint
+        return os.fspath(checkpoint)
     folders = sorted(
         Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"),
         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,

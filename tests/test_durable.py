@@ -201,3 +201,18 @@ def test_discard_unmarks_before_removing(tmp_path):
         durable.discard(folder)
     assert not folder.exists()
     assert seen[0] == ("unlink", str(folder / durable.MARKER))
+
+
+def test_resume_checkpoint_checks_a_named_folder_given_as_text_or_path(tmp_path):
+    from elbokto.trainer import resume_checkpoint
+
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    for named in (folder, str(folder)):
+        with pytest.raises(ValueError, match="completion marker"):
+            resume_checkpoint(str(tmp_path), named)
+    durable.seal(folder)
+    assert resume_checkpoint(str(tmp_path), folder) == str(folder)
+    assert resume_checkpoint(str(tmp_path), "last") == str(folder)
+    assert resume_checkpoint(str(tmp_path), None) is None
