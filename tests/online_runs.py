@@ -64,25 +64,18 @@ def config(tmp_path, **changes):
 def trainer(tmp_path, labeller, **changes):
     tok = tokenizer()
     prompts = load_prompts(DataConfig(dataset=str(write_prompts(tmp_path / "prompts.jsonl"))), tok)
-    policy = build_tiny_model(
-        len(tok),
-        tok.mask_token_id,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    reference = build_tiny_model(
-        len(tok),
-        tok.mask_token_id,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
+    policy, reference = (
+        build_tiny_model(
+            len(tok),
+            tok.mask_token_id,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        for _ in range(2)
     )
     return OnlineELBOKTOTrainer(
         policy,
