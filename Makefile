@@ -1,7 +1,7 @@
 # Two commands do all set-up: `make demo` and `make test`. Each creates .venv, installs torch 2.13.0
 # (the CPU build on these machines) only when no torch is importable, then the kernels
 # (elbokto-kernels) and the package with the extras its job needs, both editable: the demo's
-# plots for `make demo`; the judge, lm-eval, the plots and pytest for `make test`.
+# plots and judge client for `make demo`; the judge, lm-eval, the plots and pytest for `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
