@@ -49,5 +49,5 @@ def test_demo_winrate_of_a_reverser_against_a_copier(tmp_path, candidate_reverse
         tmp_path,
     )
     assert summary["awr"] == awr and summary["n"] == 6 and summary["errors"] == 0
-    assert (summary["candidate"], summary["baseline"]) == ("aligned", "sft")
+    assert (summary["candidate"], summary["opponent"]) == ("aligned", "sft")
     assert (tmp_path / "winrate" / "summary.json").exists()
