@@ -44,8 +44,9 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from elbokto.families import family_of
+
 __all__ = [
-    "BLOCK_MODEL_TYPES",
     "block_diffusion_mask",
     "block_model_inputs",
     "check_block_attention",
@@ -55,20 +56,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Block-diffusion model types -> the config field holding their block size (None: the config has
-# none; LLaDA2.0 was trained with block size 32, dFactory's default, so pass --block_size 32).
-BLOCK_MODEL_TYPES: dict[str, str | None] = {"sdar": "block_size", "llada2_moe": None}
 MASK_ATTENTION = ("eager", "sdpa")
 
 
 def resolve_block_size(model_config, block_size: int | None) -> int | None:
     """The block size to score with: the flag, else the config's (SDAR), else None (whole response).
 
-    Raises ValueError for a block-diffusion model type without either: scoring it with the
-    whole-response ELBO would score a model it is not.
+    Raises ValueError for a block-diffusion family (:class:`elbokto.families.ModelFamily`'s
+    ``block_diffusion``) without either: scoring it with the whole-response ELBO would score a
+    model it is not.
     """
-    model_type = getattr(model_config, "model_type", None)
-    field = BLOCK_MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
+    family = family_of(model_config)
+    field = family.block_size_field if family else None
     from_config = getattr(model_config, field, None) if field else None
     if block_size is not None:
         if from_config is not None and from_config != block_size:
@@ -81,10 +80,15 @@ def resolve_block_size(model_config, block_size: int | None) -> int | None:
         return block_size
     if from_config is not None:
         return int(from_config)
-    if model_type in BLOCK_MODEL_TYPES:
+    if family is not None and family.block_diffusion:
+        trained = (
+            f" ({family.name} was trained with {family.trained_block_size})"
+            if family.trained_block_size
+            else ""
+        )
         raise ValueError(
-            f"{model_type} is a block-diffusion model and its config has no block "
-            "size: pass --block_size (LLaDA2.0: 32)"
+            f"{family.name} is a block-diffusion model and its config has no block size: pass "
+            f"--block_size{trained}"
         )
     return None
 

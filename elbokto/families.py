@@ -55,6 +55,15 @@ class ModelFamily:
     """``fix(model_class)``, run on the model class (remote code) before it is instantiated."""
     min_transformers: tuple[str, str] | None = None
     """(version, why): the oldest transformers that builds the family right, and the reason."""
+    block_diffusion: bool = False
+    """Trained on the block ELBO: scored block by block (``MCConfig.block_size``), never with the
+    whole-response ELBO (:func:`elbokto.block.resolve_block_size`)."""
+    block_size_field: str | None = None
+    """Block diffusion: the config attribute that holds the block size (None: the config has
+    none, so --block_size must name it)."""
+    trained_block_size: int | None = None
+    """Block diffusion without ``block_size_field``: the block size it was trained with, named in
+    the error that asks for --block_size."""
 
 
 def transformers_version() -> str:
@@ -118,17 +127,22 @@ FAMILIES: tuple[ModelFamily, ...] = (
             fixups.generation_config_validate,
         ),
     ),
-    # Block-diffusion LMs (scored with MCConfig.block_size; the block size comes from
-    # elbokto.block). They take a custom 4D attention mask, checked end to end before training.
+    # Block-diffusion LMs (scored with MCConfig.block_size). They take a custom 4D attention mask,
+    # checked end to end before training.
     ModelFamily(
         name="llada2",
         model_types=("llada2_moe",),
         mask_token_id=156895,
         lora_targets=("query_key_value", "dense"),
+        block_diffusion=True,
+        # Its config holds no block size; it was trained with 32, dFactory's default.
+        trained_block_size=32,
     ),
     ModelFamily(
         name="sdar",
         model_types=("sdar",),
+        block_diffusion=True,
+        block_size_field="block_size",
     ),
     ModelFamily(
         name="bidirectional",

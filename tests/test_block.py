@@ -157,7 +157,9 @@ def test_block_size_from_the_config_or_the_flag(caplog):
     assert resolve_block_size(sdar, None) == 4
     assert resolve_block_size(sdar, 8) == 8 and "differs" in caplog.text
     assert resolve_block_size(SimpleNamespace(model_type="llada2_moe"), 32) == 32
-    with pytest.raises(ValueError, match="pass --block_size"):
+    with pytest.raises(ValueError, match=r"pass --block_size \(llada2 was trained with 32\)"):
         resolve_block_size(SimpleNamespace(model_type="llada2_moe"), None)
+    # The family record says which models are block diffusion (model type, in any case).
+    assert resolve_block_size(SimpleNamespace(model_type="SDAR", block_size=4), None) == 4
     # Another model type's block_size field means something else: never read.
     assert resolve_block_size(SimpleNamespace(model_type="big_bird", block_size=64), None) is None
