@@ -18,9 +18,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 from elbokto.cli_args import (
     DemoArgs,
@@ -29,27 +27,11 @@ from elbokto.cli_args import (
     MergeArgs,
     PrecomputeArgs,
     filter_eps_flag,
+    parse_flags,
 )
-from elbokto.presets import PresetArgs, preset_values
+from elbokto.presets import PresetArgs
 
 COMMANDS = ("train", "precompute-ref", "generate", "diagnose", "merge", "demo", "eval", "selfcheck")
-
-
-def _parse(prog: str, dataclasses: Sequence[type], argv: list[str]) -> tuple[Any, ...]:
-    """One instance per dataclass, from argv. With :class:`PresetArgs` among the dataclasses,
-    ``--preset NAME`` makes the preset's values the defaults, so that explicit flags win."""
-    from transformers import HfArgumentParser
-    from transformers.hf_argparser import DataClassType
-
-    # DataClassType is the parser's NewType for "a dataclass"; it wraps nothing at run time.
-    parser = HfArgumentParser([DataClassType(d) for d in dataclasses], prog=f"elbokto {prog}")
-    if PresetArgs in dataclasses:
-        known, _ = HfArgumentParser([DataClassType(PresetArgs)], add_help=False).parse_known_args(
-            argv
-        )
-        if known.preset is not None:
-            parser.set_defaults(**preset_values(known.preset))
-    return parser.parse_args_into_dataclasses(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +82,7 @@ def _run(command: str, rest: list[str]) -> int:
     if command == "demo":
         from elbokto.demo import DemoConfig, run_seeds
 
-        (args,) = _parse(command, [DemoArgs], rest)
+        (args,) = parse_flags(command, [DemoArgs], rest)
         config = DemoConfig(filter_eps=filter_eps_flag(args.filter_eps, half=False))
         if args.beta is not None:
             config = replace(config, loss=replace(config.loss, beta=args.beta))
@@ -147,7 +129,7 @@ def _run(command: str, rest: list[str]) -> int:
     if command == "train" and "--online" in rest:
         from elbokto.online import OnlineConfig, train_online
 
-        model_cfg, data_cfg, online_cfg = _parse(
+        model_cfg, data_cfg, online_cfg = parse_flags(
             command, [ModelConfig, DataConfig, OnlineConfig], rest
         )
         train_online(
@@ -157,7 +139,7 @@ def _run(command: str, rest: list[str]) -> int:
             resume_from_checkpoint=online_cfg.resume_from_checkpoint,
         )
     elif command == "train":
-        model_cfg, data_cfg, train_cfg, _ = _parse(
+        model_cfg, data_cfg, train_cfg, _ = parse_flags(
             command, [ModelConfig, DataConfig, ELBOKTOConfig, PresetArgs], rest
         )
         # --resume_from_checkpoint is TrainingArguments'; "last" resumes from the newest one.
@@ -165,7 +147,7 @@ def _run(command: str, rest: list[str]) -> int:
             model_cfg, data_cfg, train_cfg, resume_from_checkpoint=train_cfg.resume_from_checkpoint
         )
     elif command == "precompute-ref":
-        model_cfg, data_cfg, train_cfg, extras, _ = _parse(
+        model_cfg, data_cfg, train_cfg, extras, _ = parse_flags(
             command, [ModelConfig, DataConfig, ELBOKTOConfig, PrecomputeArgs, PresetArgs], rest
         )
         table = run.precompute_ref(
@@ -176,13 +158,13 @@ def _run(command: str, rest: list[str]) -> int:
             f"{extras.output_file}"
         )
     elif command == "generate":
-        model_cfg, gen_cfg, args = _parse(
+        model_cfg, gen_cfg, args = parse_flags(
             command, [ModelConfig, SamplingConfig, GenerateArgs], rest
         )
         for prompt, response in run.generate_text(model_cfg, gen_cfg, args):
             print(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False))
     elif command == "diagnose":
-        model_cfg, data_cfg, train_cfg, args, _ = _parse(
+        model_cfg, data_cfg, train_cfg, args, _ = parse_flags(
             command, [ModelConfig, DataConfig, ELBOKTOConfig, DiagnoseArgs, PresetArgs], rest
         )
         noise = args.gradient_noise
@@ -197,7 +179,7 @@ def _run(command: str, rest: list[str]) -> int:
                 + (f" {row['gradient_noise']:>11.4g}" if noise else "")
             )
     elif command == "merge":
-        model_cfg, args = _parse(command, [ModelConfig, MergeArgs], rest)
+        model_cfg, args = parse_flags(command, [ModelConfig, MergeArgs], rest)
         print(f"wrote the merged model to {run.merge(model_cfg, args)}")
     return 0
 

@@ -1,14 +1,18 @@
 """The command line's own arguments: every flag that fills no configuration of the library (the
 others are the fields of ModelConfig, DataConfig, ELBOKTOConfig, SamplingConfig, OnlineConfig,
 JudgeConfig and WinrateArgs, read by the same parser). One home, so that ``elbokto <command>
---help`` is the union of the dataclasses a command lists in :mod:`elbokto.cli`.
+--help`` is the union of the dataclasses a command lists in :mod:`elbokto.cli`; and
+:func:`parse_flags`, the one parser every command reads them with.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from elbokto.presets import PresetArgs, preset_values
 from elbokto_kernels.grad_filter import FilterEps
 
 
@@ -182,3 +186,21 @@ def filter_eps_flag(value: str | float | None, half: bool) -> FilterEps:
             "(0, 1) such as 2**-12 or 0.000244140625"
         )
     return eps
+
+
+def parse_flags(prog: str, dataclasses: Sequence[type], argv: list[str]) -> tuple[Any, ...]:
+    """One instance per dataclass, from argv, for ``elbokto <prog>``. With :class:`PresetArgs`
+    among the dataclasses, ``--preset NAME`` makes the preset's values the defaults, so that
+    explicit flags win."""
+    from transformers import HfArgumentParser
+    from transformers.hf_argparser import DataClassType
+
+    # DataClassType is the parser's NewType for "a dataclass"; it wraps nothing at run time.
+    parser = HfArgumentParser([DataClassType(d) for d in dataclasses], prog=f"elbokto {prog}")
+    if PresetArgs in dataclasses:
+        known, _ = HfArgumentParser([DataClassType(PresetArgs)], add_help=False).parse_known_args(
+            argv
+        )
+        if known.preset is not None:
+            parser.set_defaults(**preset_values(known.preset))
+    return parser.parse_args_into_dataclasses(argv)

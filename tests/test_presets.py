@@ -10,7 +10,7 @@ import pytest
 import torch
 from authors_code import authors_elbo, authors_loss, authors_masks, authors_rows
 
-from elbokto.cli import _parse
+from elbokto.cli_args import parse_flags
 from elbokto.data import DataConfig, PreferenceCollator, build_dataset
 from elbokto.models import ModelConfig, load_model
 from elbokto.precompute import precompute_reference, reference_meta
@@ -111,9 +111,10 @@ def test_official_preset_is_the_authors_setup(tmp_path):
     assert settings(*base) == before != AUTHORS  # the caller's configs are not changed
     # The command line: the same values; an explicit flag wins over the preset.
     argv = ["--dataset", "d", "--output_dir", str(tmp_path), "--use_cpu", "--preset", "official"]
-    *parsed, preset = _parse("train", [ModelConfig, DataConfig, ELBOKTOConfig, PresetArgs], argv)
+    classes = [ModelConfig, DataConfig, ELBOKTOConfig, PresetArgs]
+    *parsed, preset = parse_flags("train", classes, argv)
     assert preset.preset == "official" and settings(*parsed) == AUTHORS
-    *parsed, _ = _parse(
+    *parsed, _ = parse_flags(
         "train",
         [ModelConfig, DataConfig, ELBOKTOConfig, PresetArgs],
         argv + ["--weight_decay", "0.1", "--append_eos"],

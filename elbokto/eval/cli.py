@@ -28,20 +28,16 @@ def main(argv: list[str]) -> int:
 
 
 def winrate(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
-
+    from elbokto.cli_args import parse_flags
     from elbokto.eval.judge import JudgeConfig
     from elbokto.eval.winrate import WinrateArgs, run_winrate
     from elbokto.renames import renamed_flags
     from elbokto.sampling import SamplingConfig
 
-    # transformers annotates the dataclasses as DataClassType, a NewType that no class matches.
-    parser = HfArgumentParser(
-        [WinrateArgs, SamplingConfig, JudgeConfig],  # type: ignore[list-item]
-        prog="elbokto eval winrate",
-    )
-    args, gen_cfg, judge_cfg = parser.parse_args_into_dataclasses(
-        renamed_flags(argv, {"--baseline": "--opponent"})
+    args, gen_cfg, judge_cfg = parse_flags(
+        "eval winrate",
+        [WinrateArgs, SamplingConfig, JudgeConfig],
+        renamed_flags(argv, {"--baseline": "--opponent"}),
     )
     summary = run_winrate(args, gen_cfg, judge_cfg)
     keys = ("awr", "ci_low", "ci_high", "n", "wins", "ties", "losses", "inconsistent", "errors")
