@@ -331,31 +331,25 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
         labels = self.labels([(s.prompt, s.response) for s in samples])
         labelled = time.perf_counter()
         kept = [(s, label) for s, (label, _) in zip(samples, labels) if label.desirable is not None]
-        n_desirable = sum(1 for _, label in kept if label.desirable)
-        counts = torch.tensor(
-            [
-                n_desirable,
-                len(kept) - n_desirable,
-                len(samples) - len(kept),
-                sum(stored for _, stored in labels),
-            ],
-            dtype=torch.float64,
-            device=self.args.device,
-        )
-        # The loop's one round trip to the device (cheap: the sampler's tokens.tolist() has
-        # drained the stream): lambda_D, a number of the loss config, needs the global counts.
-        n_d, n_u, dropped, stored = self.accelerator.reduce(counts, reduction="sum").tolist()
+        mine = (self._rows(kept), len(samples) - len(kept), sum(stored for _, stored in labels))
+        # The loop's one exchange between processes: every process's labelled rows and counts,
+        # whence the global class counts (lambda_D is a number of the loss config) and each
+        # process's share of the rows.
+        every = [mine] if self.args.world_size == 1 else gather_object([mine])
+        n_d = sum(row["desirable"] for rows, _, _ in every for row in rows)
+        n_u = sum(len(rows) for rows, _, _ in every) - n_d
+        dropped = sum(d for _, d, _ in every)
+        stored = sum(s for _, _, s in every)
         self.objective = replace(
             self.base_objective,
-            loss=replace(self.base_objective.loss, lambda_d=self._lambda_d(int(n_d), int(n_u))),
+            loss=replace(self.base_objective.loss, lambda_d=self._lambda_d(n_d, n_u)),
         )
         if n_d + n_u == 0:
             logger.warning(
-                "step %d: no sample got a label (%d dropped): nothing to learn from",
-                step,
-                int(dropped),
+                "step %d: no sample got a label (%d dropped): nothing to learn from", step, dropped
             )
-        rows, self._loss_factor = self._share(self._rows(kept))
+        by_process = [rows for rows, _, _ in every]
+        rows, self._loss_factor = share_rows(by_process, self.args.process_index)
         loss = super().training_step(model, self._collate(rows), num_items_in_batch)
         trained = time.perf_counter()
         total = n_d + n_u + dropped
@@ -452,13 +446,6 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
             for i, (s, label) in enumerate(kept)
         ]
 
-    def _share(self, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
-        """This process's share of every process's rows, and its loss factor (:func:`share_rows`).
-        One gather of the rows (token lists) per micro-step, only with several processes."""
-        if self.args.world_size == 1:
-            return rows, 1.0
-        return share_rows(gather_object([rows]), self.args.process_index)
-
     def _collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """The padded batch of the rows; without any, an empty batch (:meth:`compute_loss`)."""
         if rows:
@@ -474,12 +461,9 @@ class OnlineELBOKTOTrainer(ELBOKTOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if inputs["input_ids"].shape[0]:
-            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if self._loss_factor == 1.0:
-                return out
-            if return_outputs:
-                return out[0] * self._loss_factor, out[1]
-            return out * self._loss_factor
+            loss, out = super().compute_loss(model, inputs, True, num_items_in_batch)
+            loss = loss * self._loss_factor  # share_rows: 1.0 with one process
+            return (loss, out) if return_outputs else loss
         # No process has a labelled row (share_rows gives every process one when any has): all
         # take this path, the baseline's all-reduce included, and add nothing.
         empty = torch.zeros(0, device=self.args.device)
